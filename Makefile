@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine: `make reproduce` and `make test`.
+# Each creates .venv when missing and installs the package with its dependencies.
+# torch==2.13.0 is installed first, and only where torch is not importable: that pins
+# the CPU build that lies on disk on our machines instead of a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pmpsolve-installed
+
+.PHONY: install reproduce test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m pmpsolve reproduce
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf results .pytest_cache build *.egg-info

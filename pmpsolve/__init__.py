@@ -1,0 +1,27 @@
+"""pmpsolve: optimal control and network training by Pontryagin's maximum principle.
+
+Optimise-then-discretise: the state is integrated forward and the co-state
+backward with adaptive torchdiffeq solvers, and the (augmented) Hamiltonian
+is maximised on every mesh interval at once. See docs/guide.md.
+
+    >>> import torch, pmpsolve as pmp
+    >>> problem = pmp.ControlProblem(
+    ...     dynamics=lambda t, x, u: torch.stack([x[..., 1], -x[..., 0] + u[..., 0]], -1),
+    ...     x0=torch.tensor([0.0, 1.0]), horizon=5.0, controls=pmp.Reals(1),
+    ...     running_cost=lambda t, x, u: 0.5 * ((x ** 2).sum(-1) + (u ** 2).sum(-1)))
+    >>> sol = pmp.solve(problem, mesh=50)
+    >>> round(sol.cost, 3)
+    0.674
+"""
+from .controls import Box, ControlSet, Reals
+from .errors import DivergenceError, NonFiniteError, SolveError
+from .problem import ControlProblem
+from .rules import RULES, UpdateRule, register_rule
+from .solution import IterationRecord, Solution
+from .solver import solve
+
+__all__ = [
+    "ControlProblem", "ControlSet", "Reals", "Box", "solve", "Solution", "IterationRecord",
+    "SolveError", "NonFiniteError", "DivergenceError", "RULES", "UpdateRule", "register_rule",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""Command line: ``python -m pmpsolve reproduce [STUDY] [options]``.
+
+Studies: ``reference`` (the reference problems of DESIGN.md section 5, solved
+and checked). ``python -m pmpsolve reproduce`` with no study runs the main job.
+"""
+from __future__ import annotations
+
+import sys
+
+STUDIES = {
+    "reference": "pmpsolve.studies.reference",
+}
+MAIN_STUDY = "reference"
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nstudies: " + ", ".join(STUDIES) + f" (default: {MAIN_STUDY})")
+        return
+    command, rest = argv[0], argv[1:]
+    if command != "reproduce":
+        raise SystemExit(f"unknown command {command!r}; usage: python -m pmpsolve reproduce [{'|'.join(STUDIES)}]")
+    study = MAIN_STUDY
+    if rest and not rest[0].startswith("-"):
+        study, rest = rest[0], rest[1:]
+    if study not in STUDIES:
+        raise SystemExit(f"unknown study {study!r}; choose one of {sorted(STUDIES)}")
+    import importlib
+
+    importlib.import_module(STUDIES[study]).main(rest)
+
+
+if __name__ == "__main__":
+    main()

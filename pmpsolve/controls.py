@@ -1,0 +1,155 @@
+"""Control sets U: where the control u(t) may take its values.
+
+A control set knows its shape ``(m,)``, how to project onto itself, whether a
+tensor lies in it, and a default starting control. The maximisers read its
+bounds; sets that no bound describes (finite sets, user sets) bring their own
+maximiser.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple, Union
+
+import torch
+
+Number = Union[int, float]
+
+__all__ = ["ControlSet", "Reals", "Box"]
+
+
+def _shape(shape, name: str) -> Tuple[int]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name}: `shape` must be an int m or a tuple (m,), got {shape!r}") from None
+    if len(shape) != 1 or shape[0] < 1:
+        raise ValueError(
+            f"{name}: `shape` must be (m,) with m >= 1 (controls are vectors of length m), got {shape!r}"
+        )
+    return shape
+
+
+class ControlSet:
+    """Base class of control sets. Subclasses set ``shape`` and implement the methods."""
+
+    shape: Tuple[int]
+
+    @property
+    def dim(self) -> int:
+        """m, the number of control components."""
+        return self.shape[0]
+
+    def bounds(self, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds, each [m] (``-inf``/``inf`` where unbounded)."""
+        raise NotImplementedError
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """Nearest point of U, componentwise, for u [..., m]."""
+        low, high = self.bounds(u.dtype, u.device)
+        return torch.maximum(torch.minimum(u, high), low)
+
+    def contains(self, u: torch.Tensor) -> torch.Tensor:
+        """Whether each u [..., m] lies in U: a bool tensor [...]."""
+        low, high = self.bounds(u.dtype, u.device)
+        return ((u >= low) & (u <= high)).all(dim=-1)
+
+    def default_point(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The default initial control value [m] (0 where 0 lies in U, else the midpoint)."""
+        low, high = self.bounds(dtype, device)
+        zero = torch.zeros(self.shape, dtype=dtype, device=device)
+        mid = torch.where(torch.isfinite(low) & torch.isfinite(high), (low + high) / 2, zero)
+        return torch.where((low <= 0) & (high >= 0), zero, mid)
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+
+class Reals(ControlSet):
+    """U = R^m: unconstrained controls.
+
+    Example:
+        >>> Reals(2).shape
+        (2,)
+    """
+
+    def __init__(self, m: Union[int, Sequence[int]] = 1):
+        self.shape = _shape(m, "Reals")
+
+    def bounds(self, dtype, device):
+        inf = torch.full(self.shape, math.inf, dtype=dtype, device=device)
+        return -inf, inf
+
+    def project(self, u):
+        return u
+
+    def contains(self, u):
+        return torch.isfinite(u).all(dim=-1)
+
+    def __repr__(self):
+        return f"Reals({self.dim})"
+
+    def to_dict(self):
+        return {"type": "Reals", "shape": list(self.shape)}
+
+
+class Box(ControlSet):
+    """U = [low, high] componentwise (a box in R^m).
+
+    Args:
+        low, high: numbers or sequences of length m (``-inf``/``inf`` allowed for
+            one-sided bounds); ``low <= high`` componentwise.
+        shape: ``(m,)``; may be left out when ``low`` or ``high`` is a sequence.
+
+    Example:
+        >>> Box(0.0, 1.0, shape=(1,))
+        Box(low=[0.0], high=[1.0])
+    """
+
+    def __init__(self, low: Union[Number, Sequence[Number]], high: Union[Number, Sequence[Number]],
+                 shape: Union[int, Tuple[int], None] = None):
+        low_t = torch.as_tensor(low, dtype=torch.float64)
+        high_t = torch.as_tensor(high, dtype=torch.float64)
+        if shape is None:
+            if low_t.ndim == 0 and high_t.ndim == 0:
+                shape = (1,)
+            else:
+                shape = tuple(torch.broadcast_shapes(low_t.shape, high_t.shape))
+        self.shape = _shape(shape, "Box")
+        try:
+            low_t, high_t = low_t.expand(self.shape).clone(), high_t.expand(self.shape).clone()
+        except RuntimeError:
+            raise ValueError(
+                f"Box: `low` (shape {tuple(low_t.shape)}) and `high` (shape {tuple(high_t.shape)}) "
+                f"must be numbers or have the control shape {self.shape}"
+            ) from None
+        if torch.isnan(low_t).any() or torch.isnan(high_t).any():
+            raise ValueError(f"Box: bounds must not be NaN, got low={low_t.tolist()}, high={high_t.tolist()}")
+        bad = (low_t > high_t).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(
+                f"Box: need low <= high in every component, but component {i} has "
+                f"low={low_t[i].item()} > high={high_t[i].item()}; swap them or fix the bounds"
+            )
+        self.low, self.high = low_t, high_t
+
+    def bounds(self, dtype, device):
+        return self.low.to(dtype=dtype, device=device), self.high.to(dtype=dtype, device=device)
+
+    def __repr__(self):
+        return f"Box(low={self.low.tolist()}, high={self.high.tolist()})"
+
+    def to_dict(self):
+        return {"type": "Box", "low": self.low.tolist(), "high": self.high.tolist(), "shape": list(self.shape)}
+
+
+def control_set_from_dict(d: dict) -> ControlSet:
+    """Inverse of ``ControlSet.to_dict`` (used when loading a saved Solution)."""
+    kind = d.get("type")
+    if kind == "Reals":
+        return Reals(tuple(d["shape"]))
+    if kind == "Box":
+        return Box(d["low"], d["high"], shape=tuple(d["shape"]))
+    raise ValueError(f"unknown control set type {kind!r} in saved data")

@@ -1,0 +1,64 @@
+"""The control mesh 0 = t_0 < t_1 < ... < t_N = T and lookups on it.
+
+Controls are piecewise constant: u(t) = u_n on [t_n, t_{n+1}). Time tensors
+always share the state's dtype and device (the dtype policy of the solver),
+so that lookups inside ODE right-hand sides are pure tensor ops.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+__all__ = ["make_mesh", "interval_index"]
+
+
+def make_mesh(mesh: Union[int, torch.Tensor, "list[float]"], horizon: float, dtype: torch.dtype,
+              device) -> torch.Tensor:
+    """Validate ``mesh`` and return the node times [N + 1].
+
+    Args:
+        mesh: N >= 1 (uniform intervals) or an increasing 1-D sequence of times from 0 to T.
+        horizon: T.
+    """
+    if isinstance(mesh, bool):
+        raise TypeError(f"`mesh` must be an int N >= 1 or a 1-D tensor of times, got {mesh!r}")
+    if isinstance(mesh, int):
+        if mesh < 1:
+            raise ValueError(f"`mesh` must be a number of intervals N >= 1, got {mesh}")
+        return torch.linspace(0.0, horizon, mesh + 1, dtype=dtype, device=device)
+    try:
+        nodes = torch.as_tensor(mesh, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"`mesh` must be an int N >= 1 or a 1-D tensor of times, got {type(mesh).__name__}") from None
+    if nodes.ndim != 1 or nodes.numel() < 2:
+        raise ValueError(f"`mesh` given as times must be 1-D with at least 2 entries, got shape {tuple(nodes.shape)}")
+    if not torch.isfinite(nodes).all():
+        raise ValueError("`mesh` has non-finite times")
+    steps = nodes[1:] - nodes[:-1]
+    if (steps <= 0).any():
+        i = int((steps <= 0).nonzero()[0])
+        raise ValueError(
+            f"`mesh` must be strictly increasing, but mesh[{i}] = {nodes[i].item():g} >= mesh[{i + 1}] = "
+            f"{nodes[i + 1].item():g}"
+        )
+    scale = max(1.0, abs(horizon))
+    if abs(nodes[0].item()) > 1e-12 * scale or abs(nodes[-1].item() - horizon) > 1e-12 * scale:
+        raise ValueError(
+            f"`mesh` must span [0, T] = [0, {horizon:g}], got [{nodes[0].item():g}, {nodes[-1].item():g}]; "
+            f"for example torch.linspace(0, {horizon:g}, N + 1)"
+        )
+    nodes = nodes.clone()
+    nodes[0], nodes[-1] = 0.0, horizon
+    return nodes.to(dtype=dtype, device=device)
+
+
+def interval_index(mesh: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Index n of the interval [t_n, t_{n+1}) holding t (clamped to 0..N-1); no host sync.
+
+    ``right=True`` makes a node belong to the interval on its right, which is what
+    the ODE solvers expect at a jump point: torchdiffeq evaluates just before a
+    node with t - ulp and just after it with t + ulp (its ``jump_t`` handling).
+    """
+    idx = torch.searchsorted(mesh, t.reshape(-1).to(mesh.dtype), right=True) - 1
+    return idx.clamp_(0, mesh.numel() - 2).reshape(t.shape)

@@ -1,0 +1,119 @@
+"""The user's f, L and Phi evaluated at many points at once, and the Hamiltonian.
+
+Shapes: a batch of P points carries one time each (``t`` [P]) and one control
+each (``u`` [P, m]); states and co-states are [P, *B, K, n] where K is the
+sample axis. The user's functions are written for one time (t 0-d): when f or
+L depend on t, the P points are mapped with ``torch.func.vmap`` so that each
+call still sees a 0-d t; when they do not (checked once, see
+``ControlProblem.check``), one plain call covers all points.
+
+Hamiltonian in the paper's scaling (DESIGN.md section 1): the K samples form
+one concatenated state, J is their mean, so
+
+    H(t, x, p, u) = sum_i p_i . f(t, x_i, u) - (1/K) sum_i L(t, x_i, u),
+
+and the co-state P_T = -grad_{X_T} J carries the 1/K of each sample.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .problem import ControlProblem
+
+__all__ = ["PointwiseProblem"]
+
+
+class PointwiseProblem:
+    """A ControlProblem bound to one dtype and device, with batched evaluations."""
+
+    def __init__(self, problem: ControlProblem, dtype: torch.dtype, device):
+        problem.check(dtype, device)
+        self.problem = problem
+        self.dtype, self.device = dtype, torch.device(device)
+        self.x0 = problem.initial_state(dtype, device)  # [K, n]
+        self.num_samples, self.state_dim = self.x0.shape
+        self.control_dim = problem.control_dim
+        self.has_running_cost = problem.running_cost is not None
+        self._time0 = torch.zeros((), dtype=dtype, device=device)
+
+    # ---------------------------------------------------------- user functions
+    def dynamics(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """f at t (0-d, or [P] with x [P, ..., n] and u [P, m] or [m]) -> like x."""
+        return self._map(self.problem.dynamics, self.problem.time_dependent_dynamics, t, x, u)
+
+    def running_cost(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """L per sample -> x.shape[:-1] (zeros when the problem has none)."""
+        if not self.has_running_cost:
+            return x.new_zeros(x.shape[:-1])
+        return self._map(self.problem.running_cost, self.problem.time_dependent_running_cost, t, x, u)
+
+    def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
+        """Phi per sample -> x.shape[:-1] (zeros when the problem has none)."""
+        if self.problem.terminal_cost is None:
+            return x.new_zeros(x.shape[:-1])
+        return self.problem.terminal_cost(x)
+
+    def _map(self, fn, time_dependent: bool, t, x, u):
+        u_full = _expand_control(u, x, batched=t.ndim > 0)
+        if t.ndim == 0 or not time_dependent:
+            return fn(t if t.ndim == 0 else self._time0, x, u_full)
+        # One 0-d time per point: flatten the point dims of t and map over them.
+        points = t.shape
+        flat = lambda a: a.reshape((-1,) + a.shape[len(points):])
+        out = torch.func.vmap(fn)(t.reshape(-1), flat(x), flat(u_full))
+        return out.reshape(points + out.shape[1:])
+
+    # -------------------------------------------------------------- Hamiltonian
+    def hamiltonian(self, t, x, p, u, *, with_grad_x: bool = False, create_graph: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """H summed over the K samples, f, and optionally grad_x H.
+
+        Args:
+            t: 0-d or [P]; x, p: [(P,) *B, K, n]; u: [(P,) m].
+            with_grad_x: also return grad_x H [(P,) *B, K, n] (one reverse pass).
+            create_graph: keep grad_x H differentiable (needed to maximise the
+                co-state penalty of the augmented Hamiltonian over u).
+        Returns:
+            H [(P,) *B], f [(P,) *B, K, n], grad_x H or None.
+        """
+        if with_grad_x and not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad() if with_grad_x else _nullcontext():
+            f = self.dynamics(t, x, u)
+            H = (p * f).sum(dim=(-1, -2))
+            if self.has_running_cost:
+                H = H - self.running_cost(t, x, u).sum(dim=-1) / self.num_samples
+            if not with_grad_x:
+                return H, f, None
+            (gx,) = torch.autograd.grad(H.sum(), x, create_graph=create_graph)
+        return H, f, gx
+
+    def costate_terminal(self, x_final: torch.Tensor) -> torch.Tensor:
+        """P_T = -grad_{X_T} mean_i Phi(X_T^i), [K, n]."""
+        if self.problem.terminal_cost is None:
+            return torch.zeros_like(x_final)
+        x = x_final.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.terminal_cost(x).mean(), x)
+        return -g
+
+
+def _expand_control(u: torch.Tensor, x: torch.Tensor, batched: bool) -> torch.Tensor:
+    """u [m] or [P, m] -> [..., m] with the leading dims of x (a view, no copy).
+
+    A batched u [P, m] pairs its first axis with the first axis of x [P, ..., n].
+    """
+    lead = x.shape[:-1]
+    if batched and u.ndim == 2:
+        u = u.reshape((u.shape[0],) + (1,) * (len(lead) - 1) + (u.shape[-1],))
+    return u.expand(lead + (u.shape[-1],))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

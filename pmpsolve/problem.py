@@ -1,0 +1,200 @@
+"""The optimal control problem (DESIGN.md section 1).
+
+    minimise  J(u) = mean_i [ Phi(X_T^i) + int_0^T L(t, X_t^i, u_t) dt ]
+    s.t.      dX^i/dt = f(t, X^i, u_t),  X_0^i = x0^i,  u_t in U,  i = 1..K
+
+The user writes f, L and Phi for ONE time: ``t`` is a 0-d tensor, ``x`` is
+[..., n] and ``u`` is [..., m] with the same leading dimensions (the engine
+expands u over the K samples, so ``torch.stack([x[..., 1], u[..., 0]], -1)``
+works). Every function is checked once here, with a trial call, so that a
+mistake is reported where it was made and not deep inside a solve.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .controls import ControlSet
+
+__all__ = ["ControlProblem"]
+
+Dynamics = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RunningCost = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TerminalCost = Callable[[torch.Tensor], torch.Tensor]
+
+_BATCH = 3  # leading size of the trial call that checks a function is batched
+
+
+class ControlProblem:
+    """A continuous-time optimal control problem, checked once on construction.
+
+    Args:
+        dynamics: ``f(t, x, u) -> dx/dt``; ``t`` 0-d, ``x`` [..., n], ``u`` [..., m]
+            (same leading dims), returns [..., n]. Use ``x[..., i]`` indexing and
+            ``torch.stack(..., dim=-1)`` so that it works on batches.
+        x0: initial state, [n] (one trajectory) or [K, n] (K samples sharing one control).
+        horizon: T > 0; time runs over [0, T].
+        controls: the control set, e.g. ``Reals(m)`` or ``Box(low, high, shape=(m,))``.
+        terminal_cost: ``Phi(x) -> [...]``, per-sample cost of the final state (x [..., n]).
+        running_cost: ``L(t, x, u) -> [...]``, per-sample running cost.
+        name: optional label used in plots and tables.
+
+    J is the mean over the K samples (DESIGN.md section 1).
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> lqr = pmp.ControlProblem(
+        ...     dynamics=lambda t, x, u: torch.stack([x[..., 1], -x[..., 0] + u[..., 0]], -1),
+        ...     x0=torch.tensor([0.0, 1.0]), horizon=5.0, controls=pmp.Reals(1),
+        ...     running_cost=lambda t, x, u: 0.5 * ((x ** 2).sum(-1) + (u ** 2).sum(-1)))
+        >>> lqr.state_dim, lqr.control_dim, lqr.num_samples
+        (2, 1, 1)
+    """
+
+    def __init__(self, dynamics: Dynamics, x0, horizon: float, controls: ControlSet,
+                 terminal_cost: Optional[TerminalCost] = None,
+                 running_cost: Optional[RunningCost] = None, *, name: Optional[str] = None):
+        if not callable(dynamics):
+            raise TypeError(f"ControlProblem: `dynamics` must be a callable f(t, x, u), got {type(dynamics).__name__}")
+        for label, fn in (("terminal_cost", terminal_cost), ("running_cost", running_cost)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"ControlProblem: `{label}` must be callable or None, got {type(fn).__name__}")
+        if not isinstance(controls, ControlSet):
+            raise TypeError(
+                "ControlProblem: `controls` must be a control set such as pmp.Reals(m) or "
+                f"pmp.Box(low, high, shape=(m,)), got {controls!r}"
+            )
+        try:
+            x0_t = torch.as_tensor(x0)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"ControlProblem: `x0` must be a tensor [n] or [K, n], got {type(x0).__name__} ({err})") from None
+        if not (x0_t.is_floating_point() or x0_t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"ControlProblem: `x0` must hold real numbers, got dtype {x0_t.dtype}")
+        if x0_t.ndim not in (1, 2) or x0_t.shape[-1] == 0 or x0_t.numel() == 0:
+            raise ValueError(
+                f"ControlProblem: `x0` must have shape [n] or [K, n] with n >= 1, got shape {tuple(x0_t.shape)}"
+            )
+        if not torch.isfinite(x0_t.double()).all():
+            raise ValueError("ControlProblem: `x0` has non-finite entries")
+        try:
+            horizon_f = float(horizon)
+        except (TypeError, ValueError):
+            raise TypeError(f"ControlProblem: `horizon` must be a number T > 0, got {horizon!r}") from None
+        if not (math.isfinite(horizon_f) and horizon_f > 0):
+            raise ValueError(f"ControlProblem: `horizon` must be a finite T > 0, got {horizon!r}")
+
+        self.dynamics = dynamics
+        self.x0 = x0_t if x0_t.is_floating_point() else x0_t.double()
+        self.horizon = horizon_f
+        self.controls = controls
+        self.terminal_cost = terminal_cost
+        self.running_cost = running_cost
+        self.name = name or "problem"
+        self.single_sample = self.x0.ndim == 1
+        if terminal_cost is None and running_cost is None:
+            raise ValueError(
+                "ControlProblem: give a `terminal_cost`, a `running_cost` or both; with neither, J = 0 for every control"
+            )
+        # Checked in float64 on the CPU now; `solve` checks again in its own dtype and device.
+        self.check(torch.float64, torch.device("cpu"))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def state_dim(self) -> int:
+        """n, the dimension of one sample's state."""
+        return self.x0.shape[-1]
+
+    @property
+    def control_dim(self) -> int:
+        """m, the dimension of the control."""
+        return self.controls.dim
+
+    @property
+    def num_samples(self) -> int:
+        """K, the number of samples (trajectories) that share the control."""
+        return 1 if self.single_sample else self.x0.shape[0]
+
+    def initial_state(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """x0 as [K, n] in the given dtype and device."""
+        return self.x0.reshape(self.num_samples, self.state_dim).to(dtype=dtype, device=device)
+
+    def __repr__(self):
+        return (f"ControlProblem(name={self.name!r}, n={self.state_dim}, m={self.control_dim}, "
+                f"K={self.num_samples}, T={self.horizon}, controls={self.controls!r})")
+
+    # ------------------------------------------------------------- checking
+    def check(self, dtype: torch.dtype, device) -> None:
+        """Trial-call every function in ``dtype`` on ``device``; raise a clear error on misuse.
+
+        Also records whether f and L depend on t (so the engine can skip the per-point
+        time batching when they do not).
+        """
+        K, n, m = self.num_samples, self.state_dim, self.control_dim
+        x = self.initial_state(dtype, device)
+        u = self.controls.default_point(dtype, device).expand(K, m)
+        t = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        where = f"in {dtype}" + ("" if torch.device(device).type == "cpu" else f" on {device}")
+
+        out = _call("dynamics", self.dynamics, (t, x, u), f"t 0-d, x [K={K}, n={n}], u [K={K}, m={m}] {where}")
+        if tuple(out.shape) != (K, n):
+            raise ValueError(
+                f"ControlProblem: `dynamics` returned shape {tuple(out.shape)} for x of shape {(K, n)}; "
+                f"it must return dx/dt with the shape of x (x0 has n={n} components)"
+            )
+        self.time_dependent_dynamics = _uses(out, t)
+        xb, ub = x.expand(_BATCH, K, n), u.expand(_BATCH, K, m)
+        out = _call("dynamics", self.dynamics, (t.detach(), xb, ub), f"x [{_BATCH}, {K}, {n}], u [{_BATCH}, {K}, {m}] {where}")
+        if tuple(out.shape) != (_BATCH, K, n):
+            raise ValueError(
+                f"ControlProblem: `dynamics` must work on batches (x [..., n], u [..., m]); for x of shape "
+                f"{(_BATCH, K, n)} it returned {tuple(out.shape)}. Index with x[..., i] and stack with dim=-1"
+            )
+        self.time_dependent_running_cost = False
+        if self.running_cost is not None:
+            out = _call("running_cost", self.running_cost, (t, x, u), f"t 0-d, x [{K}, {n}], u [{K}, {m}] {where}")
+            _check_per_sample("running_cost", out, (K,))
+            self.time_dependent_running_cost = _uses(out, t)
+            out = _call("running_cost", self.running_cost, (t.detach(), xb, ub), f"x [{_BATCH}, {K}, {n}] {where}")
+            _check_per_sample("running_cost", out, (_BATCH, K))
+        if self.terminal_cost is not None:
+            out = _call("terminal_cost", self.terminal_cost, (x,), f"x [{K}, {n}] {where}")
+            _check_per_sample("terminal_cost", out, (K,))
+
+
+def _call(label: str, fn, args, described: str) -> torch.Tensor:
+    try:
+        out = fn(*args)
+    except Exception as err:  # the user's code: re-raise, same type, saying what we called it with
+        message = (
+            f"ControlProblem: calling `{label}` with {described} failed: {err}. Functions must accept "
+            f"batched tensors x [..., n], u [..., m] (use x[..., i]) and any tensors they capture "
+            f"must match the solve dtype/device"
+        )
+        try:
+            new = type(err)(message)
+        except Exception:
+            new = RuntimeError(message)
+        raise new from err
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"ControlProblem: `{label}` must return a torch.Tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"ControlProblem: `{label}` returned dtype {out.dtype}; it must return real floats")
+    return out
+
+
+def _check_per_sample(label: str, out: torch.Tensor, expected) -> None:
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(
+            f"ControlProblem: `{label}` must return one cost per sample, shape {tuple(expected)} here, but "
+            f"returned {tuple(out.shape)}. Reduce over the state with .sum(-1), not .sum()"
+        )
+
+
+def _uses(out: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``out`` depends on ``t`` through the autograd graph."""
+    if not out.requires_grad:
+        return False
+    (g,) = torch.autograd.grad(out.sum(), t, allow_unused=True)
+    return g is not None

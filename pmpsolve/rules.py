@@ -1,0 +1,233 @@
+"""Update rules: what an iteration does with the sweep's interval data (DESIGN.md section 2, step 6).
+
+Each rule is a small object, registered by name in ``RULES``:
+
+* ``propose(data)`` returns new controls [N, m] from the interval data of the
+  current iterate (it may be called again after a rejection);
+* ``judge(old_cost, new_cost, gain)`` says whether the solver keeps them and
+  adapts the rule's own parameter (rho, the learning rate, ...).
+
+A new algorithm is a new class here (or in its own module) added to RULES.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict, Optional, Type
+
+import torch
+
+from .controls import ControlSet
+from .hamiltonian import IntervalData, IntervalHamiltonian
+from .maximisers import ProjectedLBFGS
+from .pointwise import PointwiseProblem
+
+__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "RULES", "register_rule"]
+
+
+class UpdateRule:
+    """Base class. Subclasses set ``name``, ``defaults`` (their options) and implement ``propose``."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[Dict[str, object]] = {}
+    #: whether the solver may stop with "no decrease possible" after repeated rejections
+    adaptive: bool = False
+
+    def __init__(self, pw: PointwiseProblem, controls: ControlSet, maximiser: ProjectedLBFGS,
+                 generator: Optional[torch.Generator], options: Optional[dict] = None):
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"method {self.name!r} got unknown option(s) {unknown}; its options are: {known}")
+        self.options = {**self.defaults, **options}
+        self.pw, self.controls, self.maximiser, self.generator = pw, controls, maximiser, generator
+        self.evaluations = 0  # objective evaluations of all maximisations so far
+
+    def propose(self, data: IntervalData) -> torch.Tensor:
+        raise NotImplementedError
+
+    def judge(self, old_cost: float, new_cost: float, gain: float) -> bool:
+        """Keep the proposal? Default: always (the paper's plain algorithms)."""
+        return True
+
+    def parameters(self) -> Dict[str, float]:
+        """The rule's current parameters, recorded in the history."""
+        return {}
+
+    def _maximise(self, data: IntervalData, rho: float) -> torch.Tensor:
+        objective = IntervalHamiltonian(self.pw, data, rho)
+        result = self.maximiser.maximise(objective, data.controls, self.controls, self.generator)
+        self.evaluations += result.evaluations
+        return result.controls
+
+
+class BasicMSA(UpdateRule):
+    """Basic MSA (paper Alg. 1): u_n <- argmax int_{I_n} H dt. Can diverge (Sec. 3.1); no safeguard."""
+
+    name = "msa"
+
+    def propose(self, data):
+        return self._maximise(data, 0.0)
+
+
+class ExtendedMSA(UpdateRule):
+    """Extended MSA (paper Alg. 2): maximise the augmented Hamiltonian of eq. (7).
+
+    With a fixed ``rho`` every step is taken, exactly as Alg. 2 (Theorem 2: J
+    decreases for rho large enough).
+
+    With ``rho=None`` (the default of ``solve``) two safeguards make it converge
+    without tuning:
+
+    * adaptive rho: a step is kept only if J decreases by at least ``eta`` times
+      the Hamiltonian gain mu_k (Theorem 2's bound with D = eta); then
+      rho <- ``shrink`` * rho, otherwise rho <- ``grow`` * rho and the
+      maximisation is redone from the same sweep;
+    * Anderson acceleration (memory ``anderson``; 0 turns it off): E-MSA is a
+      fixed-point iteration u <- g(u) that converges only linearly; the
+      Anderson mixture of the last steps is tried first and kept under the same
+      decrease test, else the plain E-MSA step g(u^k) is tried. rho is adapted
+      on plain steps only, and the Anderson memory restarts when rho changes
+      (the map g depends on rho).
+    """
+
+    name = "emsa"
+    defaults = {"rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
+                "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.5}
+
+    def __init__(self, pw, controls, maximiser, generator, options=None, rho: Optional[float] = None):
+        super().__init__(pw, controls, maximiser, generator, options)
+        o = self.options
+        if rho is not None and not (float(rho) >= 0):
+            raise ValueError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}")
+        for key in ("rho0", "rho_min", "rho_max"):
+            if not float(o[key]) > 0:
+                raise ValueError(f"emsa option {key!r} must be > 0, got {o[key]!r}")
+        if not (0 < float(o["shrink"]) <= 1 <= float(o["grow"])):
+            raise ValueError(f"emsa options need 0 < shrink <= 1 <= grow, got shrink={o['shrink']}, grow={o['grow']}")
+        if int(o["anderson"]) < 0:
+            raise ValueError(f"emsa option 'anderson' must be an int >= 0 (0: off), got {o['anderson']!r}")
+        self.adaptive = rho is None
+        self.rho = float(o["rho0"]) if rho is None else float(rho)
+        self._memory = int(o["anderson"]) if self.adaptive else 0
+        self._history = []  # (u_i, g(u_i)) of recent iterates, same rho
+        self._stage = None  # what the pending proposal is: "anderson" or "plain"
+        self._current = None  # (u^k, g(u^k)) of this iteration
+
+    def propose(self, data):
+        if self._stage is None or self._stage == "plain":
+            # A new iteration, or the plain step was rejected (rho has grown): maximise.
+            self._current = (data.controls, self._maximise(data, self.rho))
+            if self._stage is None and self._memory and self._history:
+                mixed = _anderson(self._history, self._current, data.lengths, self.controls)
+                if mixed is not None:
+                    self._stage = "anderson"
+                    return mixed
+        self._stage = "plain"
+        return self._current[1]
+
+    def judge(self, old_cost, new_cost, gain):
+        if not self.adaptive:
+            return True
+        o = self.options
+        accept = new_cost <= old_cost - float(o["eta"]) * max(gain, 0.0) and new_cost < old_cost
+        if self._stage == "anderson":
+            if accept:
+                self._remember()
+            return accept
+        # Trust-region style: compare the actual decrease of J with the Hamiltonian gain
+        # (its first-order prediction, Lemma 1); keep rho while the two agree.
+        ratio = (old_cost - new_cost) / gain if gain > 0 else (1.0 if accept else 0.0)
+        if not accept or ratio < float(o["low_ratio"]):
+            factor = float(o["grow"])
+        elif ratio > float(o["high_ratio"]):
+            factor = float(o["shrink"])
+        else:
+            factor = 1.0
+        rho = min(max(self.rho * factor, float(o["rho_min"])), float(o["rho_max"]))
+        if rho != self.rho:
+            self._history = []
+            self.rho = rho
+        if accept:
+            self._remember()
+        return accept
+
+    def _remember(self):
+        self._history = (self._history + [self._current])[-self._memory:] if self._memory else []
+        self._stage = None
+
+    def parameters(self):
+        return {"rho": self.rho}
+
+
+def _anderson(history, current, lengths, controls) -> Optional[torch.Tensor]:
+    """Anderson (type II) mixture of the fixed-point steps u_i -> g_i, projected onto U.
+
+    Residuals r_i = g_i - u_i are compared in L2(0, T) (weights sqrt(h_n)), the
+    least-squares problem min |r_k - sum_j gamma_j (r_k - r_j)| is solved by lstsq,
+    and the mixture g_k - sum_j gamma_j (g_k - g_j) is returned.
+    """
+    u_k, g_k = current
+    w = lengths.sqrt()[:, None]
+    r_k = ((g_k - u_k) * w).reshape(-1)
+    dR = torch.stack([r_k - ((g - u) * w).reshape(-1) for u, g in history], dim=1)  # [N m, j]
+    dG = torch.stack([g_k - g for _, g in history], dim=-1)  # [N, m, j]
+    if not bool(torch.isfinite(dR).all()) or float(dR.abs().max()) == 0.0:
+        return None
+    gamma = torch.linalg.lstsq(dR, r_k.unsqueeze(-1)).solution.squeeze(-1)  # [j]
+    if not bool(torch.isfinite(gamma).all()):
+        return None
+    return controls.project(g_k - dG @ gamma)
+
+
+class GradientStep(UpdateRule):
+    """The soft maximisation step of paper eq. (12): u_n <- P_U(u_n + lr * grad_u H_n).
+
+    Here grad_u H_n is the interval mean (1/h_n) int_{I_n} grad_u H dt, i.e. minus the
+    L2(0, T) gradient of J, so ``lr`` does not depend on the mesh (Prop. 2: this is
+    gradient descent). With ``adaptive=True`` (default) a step is kept only if
+    J decreases by ``c`` times the predicted decrease (Armijo), then lr <- 2 lr,
+    else lr <- lr / 2; with ``adaptive=False`` every step is taken.
+    """
+
+    name = "gradient"
+    defaults = {"lr": 1.0, "adaptive": True, "c": 1e-4}
+
+    def __init__(self, pw, controls, maximiser, generator, options=None):
+        super().__init__(pw, controls, maximiser, generator, options)
+        if not float(self.options["lr"]) > 0:
+            raise ValueError(f"gradient option 'lr' must be > 0, got {self.options['lr']!r}")
+        self.lr = float(self.options["lr"])
+        self.adaptive = bool(self.options["adaptive"])
+        self._predicted = 0.0
+
+    def propose(self, data):
+        grad_H = IntervalHamiltonian(self.pw, data, 0.0).gradient(data.controls)  # [N, m] = -dJ/du
+        self.evaluations += 1
+        ascent = grad_H / data.lengths[:, None]  # interval means: minus the L2 gradient of J
+        new = self.controls.project(data.controls + self.lr * ascent)
+        # Predicted decrease of J to first order: int grad_u H . (u_new - u) dt.
+        self._predicted = float((grad_H * (new - data.controls)).sum())
+        return new
+
+    def judge(self, old_cost, new_cost, gain):
+        if not self.adaptive:
+            return True
+        accept = new_cost <= old_cost - float(self.options["c"]) * max(self._predicted, 0.0) and new_cost < old_cost
+        self.lr = self.lr * 2.0 if accept else self.lr * 0.5
+        return accept
+
+    def parameters(self):
+        return {"lr": self.lr}
+
+
+RULES: Dict[str, Type[UpdateRule]] = {}
+
+
+def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
+    """Make ``rule`` available as ``solve(..., method=rule.name)``."""
+    RULES[rule.name] = rule
+    return rule
+
+
+for _rule in (BasicMSA, ExtendedMSA, GradientStep):
+    register_rule(_rule)

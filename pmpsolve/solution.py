@@ -1,0 +1,177 @@
+"""What a solve returns: controls, re-simulated cost, trajectories, history; save/load."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Union
+
+import torch
+
+from .controls import ControlSet, control_set_from_dict
+from .trajectory import HermiteTrajectory
+
+__all__ = ["IterationRecord", "Solution"]
+
+
+class IterationRecord(NamedTuple):
+    """One iteration of a solve (iteration 0 is the initial control).
+
+    cost: J(u^k), re-simulated by the forward sweep.
+    hamiltonian_gain: mu_k = int [H(u^k) - H(u^{k-1})] dt on the sweep of u^{k-1} (paper Sec. 3.3).
+    state_error, costate_error: the feasibility errors of Lemma 1,
+        int |f(u^k) - f(u^{k-1})|^2 dt and int |grad_x H(u^k) - grad_x H(u^{k-1})|^2 dt.
+    control_change: max_n |u^k_n - u^{k-1}_n| (inf-norm).
+    rejected: proposals rejected in this iteration before one was kept (adaptive rules).
+    parameters: the rule's parameters used for the kept step (e.g. rho, lr).
+    seconds: wall time of the iteration; elapsed: since the start of the solve.
+    forward_evals, backward_evals: right-hand-side evaluations of the sweeps of this iteration.
+    maximiser_evals: objective evaluations of the maximisation(s).
+    forward_seconds, backward_seconds, maximise_seconds: the split of ``seconds``.
+    """
+
+    iteration: int
+    cost: float
+    hamiltonian_gain: float = 0.0
+    state_error: float = 0.0
+    costate_error: float = 0.0
+    control_change: float = 0.0
+    rejected: int = 0
+    parameters: Dict[str, float] = {}
+    seconds: float = 0.0
+    elapsed: float = 0.0
+    forward_evals: int = 0
+    backward_evals: int = 0
+    maximiser_evals: int = 0
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+    maximise_seconds: float = 0.0
+
+
+@dataclass
+class Solution:
+    """The result of ``pmpsolve.solve``.
+
+    Attributes:
+        cost: J of ``controls``, re-simulated (never the optimiser's own estimate).
+        controls: [N, m]; row n is the control on [mesh[n], mesh[n + 1]).
+        mesh: [N + 1] node times.
+        history: one IterationRecord per iteration, starting with iteration 0.
+        converged: whether the stopping test was met (see ``message``).
+        message: why the solve stopped.
+        method: the update rule used.
+    """
+
+    cost: float
+    controls: torch.Tensor
+    mesh: torch.Tensor
+    history: List[IterationRecord]
+    converged: bool
+    message: str
+    method: str
+    states_trajectory: HermiteTrajectory
+    costates_trajectory: Optional[HermiteTrajectory]
+    control_set: ControlSet
+    single_sample: bool = True
+    problem_name: str = "problem"
+    settings: Dict[str, object] = field(default_factory=dict)
+    problem: object = None  # the ControlProblem (not saved)
+
+    # -------------------------------------------------------------- queries
+    @property
+    def iterations(self) -> int:
+        """Number of iterations performed (not counting iteration 0)."""
+        return len(self.history) - 1
+
+    def control(self, t) -> torch.Tensor:
+        """u(t), piecewise constant -> [*t.shape, m]."""
+        from .mesh import interval_index
+
+        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        return self.controls[interval_index(self.mesh, t)]
+
+    def state(self, t) -> torch.Tensor:
+        """X(t) by cubic Hermite interpolation between mesh nodes -> [*t.shape, n] ([*t.shape, K, n] for K samples)."""
+        return self._squeeze(self.states_trajectory(self._times(t)))
+
+    def costate(self, t) -> torch.Tensor:
+        """P(t) of the returned controls (same shapes as ``state``). In the paper's scaling P_T = -grad_{X_T} J."""
+        if self.costates_trajectory is None:
+            raise ValueError("this solution has no co-state trajectory")
+        return self._squeeze(self.costates_trajectory(self._times(t)))
+
+    def _times(self, t):
+        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        T = float(self.mesh[-1])
+        if bool(((t < 0) | (t > T * (1 + 1e-12))).any()):
+            raise ValueError(f"times must lie in [0, T] = [0, {T:g}], got values in "
+                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+        return t
+
+    def _squeeze(self, y):
+        return y.squeeze(-2) if self.single_sample else y
+
+    def history_dict(self) -> Dict[str, list]:
+        """The history as columns (JSON-friendly)."""
+        columns = {name: [getattr(r, name) for r in self.history] for name in IterationRecord._fields}
+        return columns
+
+    def __repr__(self):
+        return (f"Solution(method={self.method!r}, cost={self.cost:.10g}, iterations={self.iterations}, "
+                f"converged={self.converged}, N={self.controls.shape[0]}, m={self.controls.shape[1]}, "
+                f"message={self.message!r})")
+
+    # ------------------------------------------------------------- plotting
+    def plot(self, path: Union[str, Path, None] = None, *, samples: int = 5, points_per_interval: int = 8):
+        """Controls, states and co-states against time (matplotlib). Saves to ``path`` if given.
+
+        Returns the matplotlib Figure.
+        """
+        from .plotting import plot_solution
+
+        return plot_solution(self, path, samples=samples, points_per_interval=points_per_interval)
+
+    # ---------------------------------------------------------- save / load
+    def save(self, path: Union[str, Path]) -> None:
+        """Save to a file readable by ``Solution.load`` (torch format, tensors on the CPU)."""
+        data = {
+            "format": "pmpsolve.Solution/1",
+            "cost": self.cost, "controls": self.controls.detach().cpu(), "mesh": self.mesh.detach().cpu(),
+            "history": [r._asdict() for r in self.history], "converged": self.converged,
+            "message": self.message, "method": self.method, "control_set": self.control_set.to_dict(),
+            "single_sample": self.single_sample, "problem_name": self.problem_name,
+            "settings": _plain(self.settings),
+            "states": [x.detach().cpu() for x in self.states_trajectory.fields()],
+            "costates": None if self.costates_trajectory is None
+            else [x.detach().cpu() for x in self.costates_trajectory.fields()],
+        }
+        torch.save(data, Path(path))
+
+    @classmethod
+    def load(cls, path: Union[str, Path], *, device=None) -> "Solution":
+        """Load a Solution saved with ``save`` (its ``problem`` is None: functions are not saved)."""
+        data = torch.load(Path(path), map_location=device or "cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != "pmpsolve.Solution/1":
+            raise ValueError(f"{path} is not a saved pmpsolve Solution")
+        mesh = data["mesh"]
+        states = HermiteTrajectory(mesh, *data["states"])
+        costates = None if data["costates"] is None else HermiteTrajectory(mesh, *data["costates"])
+        return cls(cost=data["cost"], controls=data["controls"], mesh=mesh,
+                   history=[IterationRecord(**r) for r in data["history"]], converged=data["converged"],
+                   message=data["message"], method=data["method"], states_trajectory=states,
+                   costates_trajectory=costates, control_set=control_set_from_dict(data["control_set"]),
+                   single_sample=data["single_sample"], problem_name=data["problem_name"],
+                   settings=data["settings"])
+
+
+def _plain(value):
+    """Settings as plain Python values (so that a weights-only load can read them)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)

@@ -1,0 +1,173 @@
+"""Forward (state) and backward (co-state) sweeps (DESIGN.md section 2, steps 1-3).
+
+Forward:  dX/dt = f(t, X, u_t), X_0 = x0, with the running cost integrated
+alongside as one more component, so that J comes out of the same adaptive
+solve (paper eq. 5).
+Backward: dP/dt = -grad_x H(t, X(t), P, u_t), P_T = -grad Phi(X_T) (paper eq. 6),
+with X(t) read from the Hermite trajectory of the forward sweep.
+
+Controls are piecewise constant, so the interior mesh nodes are passed to the
+adaptive solvers as ``jump_t``: no step crosses a control discontinuity, and
+f is re-evaluated on the new side after each node. Fixed-grid solvers step
+node to node with ``perturb=True`` (their first and last stages look just
+inside the interval). Right-hand sides look the control up with
+``torch.searchsorted``: no host syncs inside them.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Optional
+
+import torch
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+from .errors import NonFiniteError
+from .mesh import interval_index
+from .ode import METHODS, integrate, is_adaptive
+from .pointwise import PointwiseProblem
+from .trajectory import HermiteTrajectory
+
+__all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "SweepBudgetExceeded", "ODE_METHODS"]
+
+ODE_METHODS = METHODS
+_MAX_STEPS = 200_000  # per mesh interval; a blow-up ends in an error, not a hang
+
+
+class SweepBudgetExceeded(Exception):
+    """A trial sweep took more right-hand-side evaluations than it was allowed."""
+
+
+class ForwardSweep(NamedTuple):
+    """Result of a forward sweep for controls u."""
+
+    states: HermiteTrajectory  # X(t); values [N + 1, K, n]
+    cost: torch.Tensor  # J(u), 0-d
+    terminal_cost: torch.Tensor  # Phi(X_T^i) [K]
+    running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
+    evaluations: int  # right-hand-side evaluations
+    seconds: float
+
+
+class BackwardSweep(NamedTuple):
+    """Result of a backward (co-state) sweep."""
+
+    costates: HermiteTrajectory  # P(t); values [N + 1, K, n]
+    evaluations: int
+    seconds: float
+
+
+class Sweeper:
+    """Runs the two sweeps of one problem on one mesh with one ODE solver setting."""
+
+    def __init__(self, pointwise: PointwiseProblem, mesh: torch.Tensor, *, method: str = "dopri5",
+                 rtol: float = 1e-8, atol: float = 1e-10, options: Optional[dict] = None):
+        if method not in METHODS:
+            raise ValueError(f"`ode_method` must be one of the torchdiffeq methods {sorted(METHODS)}, got {method!r}")
+        self.pw = pointwise
+        self.mesh = mesh
+        self.method, self.rtol, self.atol = method, float(rtol), float(atol)
+        self.options = dict(options or {})
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        if is_adaptive(method):
+            if mesh.numel() > 2:
+                self.options.setdefault("jump_t", mesh[1:-1])
+            self.options.setdefault("max_num_steps", _MAX_STEPS)
+        elif issubclass(SOLVERS[method], FixedGridODESolver):
+            self.options.setdefault("perturb", True)
+        self._synchronize = self.pw.device.type == "cuda"
+        self._last_t: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
+                budget: Optional[int] = None) -> ForwardSweep:
+        """Integrate the state (and the running cost) for controls u [N, m].
+
+        ``budget``: raise SweepBudgetExceeded after that many right-hand-side
+        evaluations (a trial control that makes the dynamics stiff or blow up is
+        abandoned early instead of being integrated at great cost).
+        """
+        pw, mesh = self.pw, self.mesh
+        K, n = pw.num_samples, pw.state_dim
+        evals = [0]
+        start = self._clock()
+        limit = budget if budget is not None else float("inf")
+
+        def rhs(t, z):
+            evals[0] += 1
+            if evals[0] > limit:
+                raise SweepBudgetExceeded(f"forward sweep exceeded {budget} right-hand-side evaluations")
+            self._last_t = t
+            un = u[interval_index(mesh, t)]
+            if not pw.has_running_cost:
+                return pw.dynamics(t, z, un)
+            x = z[:, :n]
+            return torch.cat([pw.dynamics(t, x, un), pw.running_cost(t, x, un).unsqueeze(-1)], dim=-1)
+
+        z0 = pw.x0 if not pw.has_running_cost else torch.cat([pw.x0, pw.x0.new_zeros(K, 1)], dim=-1)
+        with torch.no_grad():
+            Z = self._integrate(rhs, z0, mesh, "forward", iteration)  # [N + 1, K, n (+1)]
+            X = Z[..., :n]
+            running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
+            terminal = pw.terminal_cost(X[-1])
+            cost = (terminal + running).mean()
+            # End slopes of each interval, both with that interval's control (f jumps at nodes).
+            slope_left = pw.dynamics(mesh[:-1], X[:-1], u)
+            slope_right = pw.dynamics(mesh[1:], X[1:], u)
+        self._check_finite(X, cost, "forward", iteration)
+        traj = HermiteTrajectory(mesh, X, slope_left, slope_right)
+        return ForwardSweep(traj, cost, terminal, running, evals[0], self._clock() - start)
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None) -> BackwardSweep:
+        """Integrate the co-state backwards from P_T = -grad_{X_T} J for controls u [N, m]."""
+        pw, mesh, states = self.pw, self.mesh, forward.states
+        evals = [0]
+        start = self._clock()
+
+        def rhs(t, p):
+            evals[0] += 1
+            self._last_t = t
+            n = interval_index(mesh, t)
+            _, _, gx = pw.hamiltonian(t, states.at(t, n), p, u[n], with_grad_x=True)
+            return -gx
+
+        pT = pw.costate_terminal(states.values[-1])
+        with torch.no_grad():
+            P = self._integrate(rhs, pT, mesh.flip(0), "backward", iteration).flip(0)  # [N + 1, K, n]
+        self._check_finite(P, None, "backward", iteration)
+        X = states.values
+        _, _, g_left = pw.hamiltonian(mesh[:-1], X[:-1], P[:-1], u, with_grad_x=True)
+        _, _, g_right = pw.hamiltonian(mesh[1:], X[1:], P[1:], u, with_grad_x=True)
+        traj = HermiteTrajectory(mesh, P, -g_left.detach(), -g_right.detach())
+        return BackwardSweep(traj, evals[0], self._clock() - start)
+
+    # --------------------------------------------------------------- internals
+    def _integrate(self, rhs, y0, times, sweep: str, iteration):
+        try:
+            return integrate(rhs, y0, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                             options=self.options)
+        except (AssertionError, RuntimeError, FloatingPointError) as err:
+            text = str(err)
+            if "underflow" in text or "non-finite" in text or "max_num_steps" in text or "nan" in text.lower():
+                where = None if self._last_t is None else float(self._last_t)
+                raise NonFiniteError(
+                    f"the {sweep} sweep failed at t = {where} ({text.splitlines()[0][:200]}): the solution "
+                    "blows up or is not finite there", iteration=iteration, sweep=sweep, time=where) from err
+            raise
+
+    def _check_finite(self, values: torch.Tensor, cost, sweep: str, iteration):
+        bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)  # one sync per sweep
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0]) if sweep == "forward" else int(bad.nonzero()[-1])
+            t = float(self.mesh[first])
+            raise NonFiniteError(f"the {sweep} sweep produced non-finite values at t = {t:g}",
+                                 iteration=iteration, sweep=sweep, time=t)
+        if cost is not None and not bool(torch.isfinite(cost)):
+            raise NonFiniteError(f"the cost J is not finite (terminal cost at t = {float(self.mesh[-1]):g})",
+                                 iteration=iteration, sweep=sweep, time=float(self.mesh[-1]))
+
+    def _clock(self) -> float:
+        if self._synchronize:
+            torch.cuda.synchronize(self.pw.device)
+        return time.perf_counter()

@@ -1,0 +1,79 @@
+"""Linear-quadratic regulators: the one class with an exact answer (the Riccati equation)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.integrate import solve_ivp
+
+import pmpsolve as pmp
+
+__all__ = ["lqr", "random_lqr", "linear_quadratic_problem", "riccati_cost"]
+
+
+def lqr() -> Tuple[pmp.ControlProblem, float]:
+    """x1' = x2, x2' = -x1 + u, J = 1/2 int_0^5 (x1^2 + x2^2 + u^2) dt, x0 = (0, 1), u free.
+
+    Reference J* = 0.673999 (Riccati; DESIGN.md section 5).
+    """
+
+    def dynamics(t, x, u):
+        return torch.stack([x[..., 1], -x[..., 0] + u[..., 0]], dim=-1)
+
+    def running_cost(t, x, u):
+        return 0.5 * ((x ** 2).sum(-1) + (u ** 2).sum(-1))
+
+    problem = pmp.ControlProblem(dynamics, torch.tensor([0.0, 1.0], dtype=torch.float64), 5.0, pmp.Reals(1),
+                                 running_cost=running_cost, name="lqr")
+    return problem, 0.673999
+
+
+def linear_quadratic_problem(A, B, Q, R, x0, horizon: float, S=None, name: str = "lq") -> pmp.ControlProblem:
+    """x' = A x + B u, J = 1/2 x_T' S x_T + 1/2 int (x' Q x + u' R u) dt, u free."""
+    A, B, Q, R = (torch.as_tensor(M, dtype=torch.float64) for M in (A, B, Q, R))
+    S = torch.zeros_like(Q) if S is None else torch.as_tensor(S, dtype=torch.float64)
+
+    def dynamics(t, x, u):
+        return x @ A.to(x).T + u @ B.to(u).T
+
+    def running_cost(t, x, u):
+        return 0.5 * (((x @ Q.to(x)) * x).sum(-1) + ((u @ R.to(u)) * u).sum(-1))
+
+    def terminal_cost(x):
+        return 0.5 * ((x @ S.to(x)) * x).sum(-1)
+
+    return pmp.ControlProblem(dynamics, torch.as_tensor(x0, dtype=torch.float64), horizon, pmp.Reals(B.shape[1]),
+                              terminal_cost=terminal_cost, running_cost=running_cost, name=name)
+
+
+def riccati_cost(A, B, Q, R, x0, horizon: float, S=None) -> float:
+    """J* = 1/2 x0' P(0) x0 from the Riccati equation -P' = A'P + PA - P B R^-1 B' P + Q, P(T) = S (scipy)."""
+    A, B, Q, R, x0 = (np.asarray(M, dtype=float) for M in (A, B, Q, R, x0))
+    n = A.shape[0]
+    S = np.zeros((n, n)) if S is None else np.asarray(S, dtype=float)
+    Rinv = np.linalg.inv(R)
+
+    def rhs(t, p):
+        P = p.reshape(n, n)
+        return -(A.T @ P + P @ A - P @ B @ Rinv @ B.T @ P + Q).ravel()
+
+    sol = solve_ivp(rhs, (horizon, 0.0), S.ravel(), method="DOP853", rtol=1e-12, atol=1e-14)
+    P0 = sol.y[:, -1].reshape(n, n)
+    return float(0.5 * x0 @ P0 @ x0)
+
+
+def random_lqr(n: int = 3, m: int = 2, horizon: float = 2.0, seed: int = 0,
+               terminal: bool = True) -> Tuple[pmp.ControlProblem, float]:
+    """A random stable-ish LQR instance and its exact optimum from the Riccati equation."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n)) / np.sqrt(n)
+    B = rng.normal(size=(n, m))
+    Qh = rng.normal(size=(n, n))
+    Q = Qh @ Qh.T / n + 0.1 * np.eye(n)
+    Rh = rng.normal(size=(m, m))
+    R = Rh @ Rh.T / m + 0.5 * np.eye(m)
+    S = np.eye(n) if terminal else None
+    x0 = rng.normal(size=n)
+    problem = linear_quadratic_problem(A, B, Q, R, x0, horizon, S=S, name=f"random_lqr(n={n}, m={m}, seed={seed})")
+    return problem, riccati_cost(A, B, Q, R, x0, horizon, S=S)
