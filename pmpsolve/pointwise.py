@@ -87,8 +87,10 @@ class PointwiseProblem:
                 H = H - self.running_cost(t, x, u).sum(dim=-1) / self.num_samples
             if not with_grad_x:
                 return H, f, None
-            (gx,) = torch.autograd.grad(H.sum(), x, create_graph=create_graph)
-        return H, f, gx
+            if not H.requires_grad:  # neither f nor L reads x
+                return H, f, torch.zeros_like(x)
+            (gx,) = torch.autograd.grad(H.sum(), x, create_graph=create_graph, allow_unused=True)
+        return H, f, torch.zeros_like(x) if gx is None else gx
 
     def costate_terminal(self, x_final: torch.Tensor) -> torch.Tensor:
         """P_T = -grad_{X_T} mean_i Phi(X_T^i), [K, n]."""

@@ -30,7 +30,7 @@ __all__ = ["solve", "DEFAULT_TOLERANCES"]
 #: ODE tolerances (rtol, atol) by dtype when ``rtol``/``atol`` are not given.
 DEFAULT_TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (1e-6, 1e-8)}
 _DIVERGENCE_PATIENCE = 3  # consecutive increases above J(u^0) that count as divergence
-_MAX_REJECTIONS = 25  # proposals rejected in a row before an adaptive rule gives up
+_MAX_REJECTIONS = 12  # proposals rejected in a row before an adaptive rule gives up
 _BUDGET_FACTOR = 5  # a trial forward sweep may cost this many times the current one
 
 
