@@ -17,11 +17,13 @@ from .controls import Box, ControlSet, Reals
 from .errors import DivergenceError, NonFiniteError, SolveError
 from .problem import ControlProblem
 from .rules import RULES, UpdateRule, register_rule
+from .sensitivity import cost, cost_gradient
 from .solution import IterationRecord, Solution
 from .solver import solve
 
 __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "solve", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "RULES", "UpdateRule", "register_rule",
+    "cost", "cost_gradient",
 ]
 __version__ = "0.1.0"
