@@ -92,6 +92,29 @@ class PointwiseProblem:
             (gx,) = torch.autograd.grad(H.sum(), x, create_graph=create_graph, allow_unused=True)
         return H, f, torch.zeros_like(x) if gx is None else gx
 
+    def linearisation(self, t, x, u) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A = df/dx [..., K, n, n] (A[..., i, j] = df_i/dx_j) and b = (1/K) grad_x L [..., K, n].
+
+        The co-state equation is linear in P: P' = -A^T P + b (eq. 6). One reverse pass
+        per state component, each over all points at once.
+        """
+        x = x.detach().requires_grad_(True)
+        n = x.shape[-1]
+        with torch.enable_grad():
+            f = self.dynamics(t, x, u)
+            rows = []
+            for i in range(n if f.requires_grad else 0):
+                (g,) = torch.autograd.grad(f[..., i].sum(), x, retain_graph=True, allow_unused=True)
+                rows.append(torch.zeros_like(x) if g is None else g)
+            A = torch.stack(rows, dim=-2) if rows else x.new_zeros(x.shape + (n,))
+            b = torch.zeros_like(x)
+            if self.has_running_cost:
+                L = self.running_cost(t, x, u)
+                if L.requires_grad:
+                    (g,) = torch.autograd.grad(L.sum(), x, allow_unused=True)
+                    b = torch.zeros_like(x) if g is None else g / self.num_samples
+        return A.detach(), b.detach()
+
     def costate_terminal(self, x_final: torch.Tensor) -> torch.Tensor:
         """P_T = -grad_{X_T} mean_i Phi(X_T^i), [K, n]."""
         if self.problem.terminal_cost is None:

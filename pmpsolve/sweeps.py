@@ -31,6 +31,8 @@ __all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "SweepBudgetExceeded", "O
 
 ODE_METHODS = METHODS
 _MAX_STEPS = 200_000  # per mesh interval; a blow-up ends in an error, not a hang
+_LINEAR_DEGREE = 5  # polynomial degree of A(t), b(t) per interval in the backward sweep
+_LINEAR_MAX_ELEMENTS = 20_000_000  # above this the co-state right-hand side uses autograd per evaluation
 
 
 class SweepBudgetExceeded(Exception):
@@ -124,13 +126,34 @@ class Sweeper:
         pw, mesh, states = self.pw, self.mesh, forward.states
         evals = [0]
         start = self._clock()
+        N, K, n_state = mesh.numel() - 1, pw.num_samples, pw.state_dim
+        if N * (_LINEAR_DEGREE + 1) * K * n_state * (n_state + 1) <= _LINEAR_MAX_ELEMENTS:
+            # P' = -A(t)^T P + b(t) is linear in P; A = df/dx and b = grad_x L / K are smooth inside each
+            # interval (X is, and u is constant), so they are sampled once, for all intervals at once, at
+            # Chebyshev points and kept as degree-5 polynomials: no autograd inside the right-hand side.
+            A_coef, b_coef = self._linearisation_polynomials(u, states)
+            # One coefficient matrix per interval: [N, d + 1, K * (n * n + n)], A transposed for P' = -A^T P + b.
+            coef = torch.cat([(-A_coef).transpose(-1, -2).reshape(N, _LINEAR_DEGREE + 1, -1),
+                              b_coef.reshape(N, _LINEAR_DEGREE + 1, -1)], dim=-1)
+            inv_h = 1.0 / (mesh[1:] - mesh[:-1])
+            powers = torch.arange(_LINEAR_DEGREE + 1, device=mesh.device, dtype=mesh.dtype)
+            split = K * n_state * n_state
 
-        def rhs(t, p):
-            evals[0] += 1
-            self._last_t = t
-            n = interval_index(mesh, t)
-            _, _, gx = pw.hamiltonian(t, states.at(t, n), p, u[n], with_grad_x=True)
-            return -gx
+            def rhs(t, p):
+                evals[0] += 1
+                self._last_t = t
+                n = interval_index(mesh, t)
+                z = (2 * (t - mesh[n]) * inv_h[n] - 1) ** powers  # [d + 1], Chebyshev variable in [-1, 1]
+                values = z @ coef[n]  # [K * (n * n + n)]
+                M = values[:split].view(K, n_state, n_state)
+                return (M @ p.unsqueeze(-1)).squeeze(-1) + values[split:].view(K, n_state)
+        else:
+            def rhs(t, p):
+                evals[0] += 1
+                self._last_t = t
+                n = interval_index(mesh, t)
+                _, _, gx = pw.hamiltonian(t, states.at(t, n), p, u[n], with_grad_x=True)
+                return -gx
 
         pT = pw.costate_terminal(states.values[-1])
         with torch.no_grad():
@@ -143,6 +166,18 @@ class Sweeper:
         return BackwardSweep(traj, evals[0], self._clock() - start)
 
     # --------------------------------------------------------------- internals
+    def _linearisation_polynomials(self, u, states):
+        """Monomial coefficients in z = 2 (t - t_n) / h_n - 1 of A and b on every interval:
+        [N, d + 1, K, n, n] and [N, d + 1, K, n], from values at d + 1 Chebyshev points."""
+        mesh, d = self.mesh, _LINEAR_DEGREE
+        j = torch.arange(d + 1, dtype=mesh.dtype, device=mesh.device)
+        z = torch.cos((2 * j + 1) * torch.pi / (2 * (d + 1)))  # Chebyshev points in (-1, 1)
+        times = mesh[:-1, None] + (mesh[1:] - mesh[:-1])[:, None] * (z + 1) / 2  # [N, d + 1]
+        X = states.on_intervals((z + 1) / 2)  # [N, d + 1, K, n]
+        A, b = self.pw.linearisation(times, X, u)
+        inverse = torch.linalg.inv(z[:, None] ** j)  # values -> coefficients
+        return torch.einsum("cj,njkab->nckab", inverse, A), torch.einsum("cj,njka->ncka", inverse, b)
+
     def _integrate(self, rhs, y0, times, sweep: str, iteration):
         try:
             return integrate(rhs, y0, times, rtol=self.rtol, atol=self.atol, method=self.method,
