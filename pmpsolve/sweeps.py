@@ -82,12 +82,15 @@ class Sweeper:
 
     # ----------------------------------------------------------------- forward
     def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
-                budget: Optional[int] = None) -> ForwardSweep:
+                budget: Optional[int] = None, differentiable: bool = False) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
         ``budget``: raise SweepBudgetExceeded after that many right-hand-side
         evaluations (a trial control that makes the dynamics stiff or blow up is
         abandoned early instead of being integrated at great cost).
+        ``differentiable``: keep the autograd graph through the solver steps, so that
+        ``cost.backward()`` back-propagates through this discretisation (the gradient
+        baselines use it; the PMP methods never do).
         """
         pw, mesh = self.pw, self.mesh
         K, n = pw.num_samples, pw.state_dim
@@ -107,17 +110,17 @@ class Sweeper:
             return torch.cat([pw.dynamics(t, x, un), pw.running_cost(t, x, un).unsqueeze(-1)], dim=-1)
 
         z0 = pw.x0 if not pw.has_running_cost else torch.cat([pw.x0, pw.x0.new_zeros(K, 1)], dim=-1)
-        with torch.no_grad():
+        with torch.enable_grad() if differentiable else torch.no_grad():
             Z = self._integrate(rhs, z0, mesh, "forward", iteration)  # [N + 1, K, n (+1)]
             X = Z[..., :n]
             running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
             terminal = pw.terminal_cost(X[-1])
             cost = (terminal + running).mean()
             # End slopes of each interval, both with that interval's control (f jumps at nodes).
-            slope_left = pw.dynamics(mesh[:-1], X[:-1], u)
-            slope_right = pw.dynamics(mesh[1:], X[1:], u)
+            slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()
+            slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach()).detach()
         self._check_finite(X, cost, "forward", iteration)
-        traj = HermiteTrajectory(mesh, X, slope_left, slope_right)
+        traj = HermiteTrajectory(mesh, X.detach(), slope_left, slope_right)
         return ForwardSweep(traj, cost, terminal, running, evals[0], self._clock() - start)
 
     # ---------------------------------------------------------------- backward

@@ -1,0 +1,247 @@
+"""The sine-approximation study of the paper (Sec. 5, Fig. 1a and 1b): E-MSA against SGD, Adagrad, Adam.
+
+Every method starts from the same initial weights on the same model
+(problems/sine.py): the continuous-time network dX/dt = tanh(W_t X + b_t) on
+R^5 with controls piecewise constant on 20 intervals (delta = 0.25), solved
+by the same adaptive forward sweep. E-MSA is ``pmpsolve.solve(method="emsa")``
+with a fixed rho, 10 L-BFGS iterations per maximisation and the reference
+code's start perturbation U(-0.005, 0.005); the baselines are torch.optim
+steps with gradients back-propagated through that forward sweep
+(``pmpsolve.baselines``). Losses are recorded at every iteration, starting
+with the initial loss; the test loss is evaluated outside the timed part.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+import pmpsolve as pmp
+from pmpsolve import baselines
+from pmpsolve.mesh import make_mesh
+from pmpsolve.pointwise import PointwiseProblem
+from pmpsolve.sweeps import Sweeper
+
+__all__ = ["CONFIGS", "run_study", "main"]
+
+#: Settings of the three sizes. "default" is what ``make reproduce`` runs (< 5 minutes on 2 cores).
+CONFIGS = {
+    "quick": dict(train=200, test=200, iterations=8, emsa_iterations=4),
+    "default": dict(train=1000, test=1000, iterations=60, emsa_iterations=20),
+    "full": dict(train=1000, test=1000, iterations=500, emsa_iterations=100),
+}
+LEARNING_RATES = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.005}  # the reference code's
+TUNE_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+RHO_GRID = [0.01, 0.1, 1.0, 10.0]
+MESH = 20
+
+
+def _loss_evaluator(problem, dtype, device, rtol, atol):
+    """J for controls [20, 30] on ``problem`` with one reusable forward sweeper."""
+    pw = PointwiseProblem(problem, dtype, device)
+    sweeper = Sweeper(pw, make_mesh(MESH, problem.horizon, dtype, device), rtol=rtol, atol=atol)
+    return lambda u: float(sweeper.forward(u.to(dtype=dtype, device=device)).cost)
+
+
+def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress):
+    record = {"iteration": [], "train_loss": [], "test_loss": [], "wall_time": []}
+    excluded = [0.0]
+
+    def callback(rec, u):
+        t0 = time.perf_counter()
+        record["iteration"].append(rec.iteration)
+        record["train_loss"].append(rec.cost)
+        record["test_loss"].append(test_loss(u))
+        record["wall_time"].append(rec.elapsed - excluded[0])
+        excluded[0] += time.perf_counter() - t0
+
+    init_loss = test_loss(init)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # The reference code's per-layer rho penalises |x_{n+1} - g_n(x_n, theta)|^2 = delta^2 |Xdot - f|^2 on a
+        # layer whose Hamiltonian is delta * H: in the continuous scaling that is rho * delta (docs/sine.md).
+        sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
+                        maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
+                        atol=atol, callback=callback, progress=progress)
+    del start
+    first = sol.history[0]
+    for key, value in (("iteration", 0), ("train_loss", first.cost), ("test_loss", init_loss),
+                       ("wall_time", first.elapsed)):
+        record[key].insert(0, value)
+    return record
+
+
+def _run_baseline(train, test_loss, init, *, optimizer, lr, iterations, dtype, device, rtol, atol, progress):
+    record = {"iteration": [], "train_loss": [], "test_loss": [], "wall_time": []}
+
+    def callback(rec, u):
+        record["iteration"].append(rec.iteration)
+        record["train_loss"].append(rec.cost)
+        record["test_loss"].append(test_loss(u))
+        record["wall_time"].append(rec.elapsed)
+
+    baselines.train(train, optimizer=optimizer, lr=lr, iterations=iterations, mesh=MESH, init=init, dtype=dtype,
+                    device=device, rtol=rtol, atol=atol, callback=callback, progress=progress)
+    return record
+
+
+def _tune_lr(train, test_loss, init, optimizer, iterations, **kw):
+    """The paper's coarse grid: the learning rate with the lowest final training loss (non-finite = worst)."""
+    best = None
+    for lr in TUNE_GRID:
+        try:
+            rec = _run_baseline(train, test_loss, init, optimizer=optimizer, lr=lr, iterations=iterations, **kw)
+            final = rec["train_loss"][-1]
+        except pmp.SolveError:
+            final = math.inf
+        final = final if math.isfinite(final) else math.inf
+        if best is None or final < best[1]:
+            best = (lr, final)
+    return best[0]
+
+
+def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_iterations: Optional[int] = None,
+              seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
+              dtype=torch.float64, rtol: float = 1e-7, atol: float = 1e-9, progress: bool = True,
+              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam")) -> Dict:
+    """Run every method from each initialisation; return the results dictionary (see ``main``)."""
+    from problems.sine import sine_data, sine_initial_controls, sine_problem
+
+    config = dict(CONFIGS[size])
+    if iterations is not None:
+        config["iterations"] = iterations
+    if emsa_iterations is not None:
+        config["emsa_iterations"] = emsa_iterations
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    delta = 5.0 / MESH
+    train = sine_problem(*sine_data(config["train"], seed=seed), reg=reg, delta=delta, name="sine-train")
+    test = sine_problem(*sine_data(config["test"], seed=seed + 1), reg=reg, delta=delta, name="sine-test")
+    test_loss = _loss_evaluator(test, dtype, device, rtol, atol)
+    common = dict(dtype=dtype, device=device, rtol=rtol, atol=atol, progress=progress)
+    config.update(seed=seed, rho=rho, mesh=MESH, delta=train.horizon / MESH, maximiser="L-BFGS, 10 iterations",
+                  perturb=0.005, reg=reg, dtype=str(dtype), device=str(device), rtol=rtol,
+                  atol=atol, tuned=tune, size=size, ode_method="dopri5",
+                  baseline_gradients="back-propagation through the same adaptive dopri5 forward sweep")
+    learning_rates = {init: dict(LEARNING_RATES) for init in inits}
+    rhos = {init: rho for init in inits}
+    runs: List[Dict] = []
+    for init_kind in inits:
+        init = sine_initial_controls(init_kind, MESH, seed=seed, dtype=dtype).to(device)
+        if tune:
+            short = max(5, config["iterations"] // 5)
+            for opt in ("sgd", "adagrad", "adam"):
+                learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, **common)
+            rhos[init_kind] = min(RHO_GRID, key=lambda r: _run_emsa(
+                train, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
+                **common)["train_loss"][-1])
+        for method in methods:
+            start = time.perf_counter()
+            if method == "emsa":
+                rec = _run_emsa(train, test_loss, init, iterations=config["emsa_iterations"], rho=rhos[init_kind],
+                                seed=seed, **common)
+                setting = {"rho": rhos[init_kind]}
+            else:
+                lr = learning_rates[init_kind][method]
+                rec = _run_baseline(train, test_loss, init, optimizer=method, lr=lr,
+                                    iterations=config["iterations"], **common)
+                setting = {"lr": lr}
+            runs.append(dict(method=method, init=init_kind, **setting, **rec,
+                             total_seconds=time.perf_counter() - start))
+    config["learning_rates"] = learning_rates
+    config["rhos"] = rhos
+    return {"config": config, "runs": runs}
+
+
+TABLE_ITERATIONS = (0, 1, 5, 10, 20, 50)
+
+
+def format_table(results: Dict) -> str:
+    lines = []
+    head = (f"{'init':5s} {'method':8s} {'setting':12s} " + " ".join(f"{'it ' + str(i):>9s}" for i in TABLE_ITERATIONS)
+            + f" {'last':>16s} {'time[s]':>8s} {'test(last)':>10s}")
+    lines += [head, "-" * len(head)]
+    for run in results["runs"]:
+        setting = f"rho={run['rho']:g}" if "rho" in run else f"lr={run['lr']:g}"
+        cells = []
+        for i in TABLE_ITERATIONS:
+            cells.append(f"{run['train_loss'][i]:9.4g}" if i < len(run["train_loss"]) else f"{'-':>9s}")
+        last = f"{run['train_loss'][-1]:.4g} @{run['iteration'][-1]}"
+        lines.append(f"{run['init']:5s} {run['method']:8s} {setting:12s} " + " ".join(cells)
+                     + f" {last:>16s} {run['wall_time'][-1]:8.1f} {run['test_loss'][-1]:10.4g}")
+    return "\n".join(lines)
+
+
+def plot(results: Dict, out: Path) -> List[Path]:
+    """Train and test loss against iteration and against wall-clock time, one figure per initialisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for init in dict.fromkeys(r["init"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["init"] == init]
+        for xkey, xlabel, name in (("iteration", "iteration", "iterations"), ("wall_time", "wall-clock time [s]", "time")):
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+            for ax, key, title in ((axes[0], "train_loss", "train"), (axes[1], "test_loss", "test")):
+                for i, run in enumerate(runs):
+                    label = run["method"].upper() if run["method"] == "emsa" else run["method"].capitalize()
+                    label += f" (rho={run['rho']:g})" if "rho" in run else f" (lr={run['lr']:g})"
+                    ax.plot(run[xkey], run[key], color=f"C{i}", label=label, marker="o" if run["method"] == "emsa"
+                            else None, markersize=3)
+                ax.set_yscale("log")
+                ax.set_xlabel(xlabel)
+                ax.set_title(f"{title} loss, {init} initialisation")
+                ax.grid(alpha=0.3, which="both")
+            axes[0].set_ylabel("loss (mean squared error)")
+            axes[0].legend(fontsize="small")
+            fig.tight_layout()
+            path = out / f"sine_{init}_{name}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main(argv=None) -> Dict:
+    parser = argparse.ArgumentParser(prog="pmpsolve reproduce sine", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/sine"), help="output folder (results/sine)")
+    parser.add_argument("--iterations", type=int, default=None, help="iterations of the gradient baselines")
+    parser.add_argument("--emsa-iterations", type=int, default=None, help="iterations of E-MSA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--rho", type=float, default=1.0,
+                        help="E-MSA rho in the reference code's per-layer convention (default 1.0); "
+                             "pmpsolve.solve gets rho * delta")
+    parser.add_argument("--reg", type=float, default=0.001,
+                        help="L2 weight per layer, reg |theta_n|^2 / 2 (the reference code's 0.001; 0: off)")
+    parser.add_argument("--tune", action="store_true", help="pick learning rates and rho on a coarse log grid")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a smoke-test size")
+    size.add_argument("--full", action="store_const", dest="size", const="full", help="the paper's size")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    size_name = args.size or "default"
+    start = time.perf_counter()
+    results = run_study(size=size_name, iterations=args.iterations, emsa_iterations=args.emsa_iterations,
+                        seed=args.seed, device=args.device, rho=args.rho, tune=args.tune,
+                        reg=args.reg, progress=not args.no_progress)
+    results["config"]["total_seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    figures = plot(results, args.out)
+    print(format_table(results))
+    print(f"\nwrote {args.out / 'results.json'} and {len(figures)} figures in {args.out} "
+          f"({results['config']['total_seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Sine approximation by a continuous-time network (paper Sec. 5, Fig. 1).
+
+    dX/dt = tanh(W_t X + b_t),  X in R^5,  t in [0, 5],  controls u_t = (W_t, b_t): 30 numbers,
+    X_0 = (x, x, x, x, x) with x ~ U[-pi, pi],  prediction = sum_i X_T^i,
+    J = mean over samples of (prediction - sin x)^2  (+ an optional L2 regulariser of the weights).
+
+Facts from the paper's reference code (LiQianxiao/MaxPrinciple-DeepLearning,
+main_toy.py, config.yml, msalib/layers.py): a residual network
+x_{n+1} = x_n + delta tanh(W_n x_n + b_n), 20 layers, delta = 0.25; loss =
+mean squared error of the summed output plus reg * |theta_n|^2 / 2 per layer,
+reg = 0.001; E-MSA with rho = 1.0, 10 L-BFGS-B iterations per layer from the
+current weights plus U(-0.005, 0.005). Its config trains on 100 samples for
+500 full-batch epochs; the paper's text uses 1000 training and 1000 test samples.
+
+Controls are stored as u[..., :25] = W (row-major, W[i, j] = u[5 i + j]) and
+u[..., 25:] = b.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+import pmpsolve as pmp
+
+__all__ = ["sine_data", "sine_problem", "sine", "sine_initial_controls", "predict"]
+
+DIM = 5
+HORIZON = 5.0
+CONTROL_DIM = DIM * DIM + DIM
+
+
+def sine_data(num_samples: int = 1000, *, seed: int = 0, dtype=torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x ~ U[-pi, pi] [K] and targets sin(x) [K]."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(num_samples, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+    return x.to(dtype), torch.sin(x).to(dtype)
+
+
+def _dynamics(t, x, u):
+    W = u[..., : DIM * DIM].unflatten(-1, (DIM, DIM))
+    b = u[..., DIM * DIM:]
+    return torch.tanh((W @ x.unsqueeze(-1)).squeeze(-1) + b)
+
+
+def sine_problem(x: torch.Tensor, y: torch.Tensor, *, reg: float = 0.0, delta: float = 0.25,
+                 name: str = "sine") -> pmp.ControlProblem:
+    """The control problem for inputs x [K] and targets y [K].
+
+    ``reg`` is the L2 weight of the paper's reference code, which adds
+    reg * |theta_n|^2 / 2 for every layer n to the loss; for controls piecewise
+    constant on intervals of length ``delta`` that is the running cost
+    L(u) = reg / (2 delta) * |u|^2 (all 30 weights and biases). 0 turns it off.
+    """
+    if reg < 0:
+        raise ValueError(f"`reg` must be >= 0, got {reg}")
+    if delta <= 0:
+        raise ValueError(f"`delta` must be > 0, got {delta}")
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be 1-D of the same length, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x0 = x[:, None].expand(-1, DIM).clone()
+
+    def terminal_cost(xT):
+        return (xT.sum(-1) - y.to(xT)) ** 2
+
+    running = None
+    if reg > 0:
+        weight = reg / (2 * delta)
+
+        def running(t, x, u):
+            return weight * (u ** 2).sum(-1)
+
+    return pmp.ControlProblem(_dynamics, x0, HORIZON, pmp.Reals(CONTROL_DIM), terminal_cost=terminal_cost,
+                              running_cost=running, name=name)
+
+
+def sine(num_samples: int = 1000, *, seed: int = 0, reg: float = 0.0):
+    """The training problem of the study and its reference value (None: no published optimum)."""
+    return sine_problem(*sine_data(num_samples, seed=seed), reg=reg), None
+
+
+def sine_initial_controls(kind: str, mesh: int = 20, *, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """Initial controls [mesh, 30]: ``"good"`` (weights truncated normal, std 0.1, cut at 2 std as
+    TensorFlow's truncated_normal; biases 0.1) or ``"zero"`` (all weights and biases 0, paper Fig. 1b)."""
+    if kind == "zero":
+        return torch.zeros(mesh, CONTROL_DIM, dtype=dtype)
+    if kind != "good":
+        raise ValueError(f"initialisation must be 'good' or 'zero', got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    W = torch.empty(mesh, DIM * DIM, dtype=torch.float64)
+    torch.nn.init.trunc_normal_(W, mean=0.0, std=0.1, a=-0.2, b=0.2, generator=g)
+    b = torch.full((mesh, DIM), 0.1, dtype=torch.float64)
+    return torch.cat([W, b], dim=-1).to(dtype)
+
+
+def predict(controls: torch.Tensor, x: torch.Tensor, *, rtol: float = 1e-9, atol: float = 1e-11) -> torch.Tensor:
+    """The network's output sum_i X_T^i for inputs x [K], with the adaptive forward sweep."""
+    from pmpsolve.mesh import make_mesh
+    from pmpsolve.pointwise import PointwiseProblem
+    from pmpsolve.sweeps import Sweeper
+
+    problem = sine_problem(x, torch.zeros_like(torch.as_tensor(x, dtype=torch.float64)))
+    pw = PointwiseProblem(problem, controls.dtype, controls.device)
+    nodes = make_mesh(controls.shape[0], HORIZON, controls.dtype, controls.device)
+    return Sweeper(pw, nodes, rtol=rtol, atol=atol).forward(controls).states.values[-1].sum(-1)
