@@ -13,8 +13,10 @@ is maximised on every mesh interval at once. See docs/guide.md.
     >>> round(sol.cost, 3)
     0.674
 """
-from .controls import Box, ControlSet, Reals
+from .controls import Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError
+from .maximisers import MaximisationData
+from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
 from .rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient
@@ -22,7 +24,8 @@ from .solution import IterationRecord, Solution
 from .solver import solve
 
 __all__ = [
-    "ControlProblem", "ControlSet", "Reals", "Box", "solve", "Solution", "IterationRecord",
+    "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "L1", "L0", "ControlPenalty",
+    "MaximisationData", "solve", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient",
 ]

@@ -14,7 +14,7 @@ import torch
 
 Number = Union[int, float]
 
-__all__ = ["ControlSet", "Reals", "Box"]
+__all__ = ["ControlSet", "Reals", "Box", "Finite", "UserSet"]
 
 
 def _shape(shape, name: str) -> Tuple[int]:
@@ -152,4 +152,107 @@ def control_set_from_dict(d: dict) -> ControlSet:
         return Reals(tuple(d["shape"]))
     if kind == "Box":
         return Box(d["low"], d["high"], shape=tuple(d["shape"]))
+    if kind == "Finite":
+        return Finite(d["values"], shape=tuple(d["shape"]))
+    if kind == "UserSet":  # the maximiser is not saved; the loaded set cannot be solved over again
+        return UserSet(lambda data: data.controls, tuple(d["shape"]))
     raise ValueError(f"unknown control set type {kind!r} in saved data")
+
+
+class Finite(ControlSet):
+    """Each component takes one of finitely many values, e.g. {0, 1} or {-1, 0, 1}.
+
+    The Hamiltonian is maximised over such a set exactly by enumeration (all
+    intervals and values at once; component by component where the
+    Hamiltonian separates), something no gradient method can do.
+
+    Args:
+        values: the admissible values (a non-empty sequence of distinct finite numbers).
+        shape: ``(m,)``.
+
+    Example:
+        >>> Finite([0, 1], shape=(1,))
+        Finite(values=[0.0, 1.0], shape=(1,))
+    """
+
+    def __init__(self, values: Sequence[Number], shape: Union[int, Tuple[int]] = (1,)):
+        try:
+            v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"Finite: `values` must be a sequence of numbers, got {values!r}") from None
+        if v.numel() == 0:
+            raise ValueError("Finite: `values` is empty; give at least one admissible value, e.g. Finite([0, 1])")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"Finite: `values` must be finite numbers, got {v.tolist()}")
+        v = torch.unique(v)  # sorted, distinct
+        self.values = v
+        self.shape = _shape(shape, "Finite")
+
+    def bounds(self, dtype, device):
+        low = torch.full(self.shape, float(self.values[0]), dtype=dtype, device=device)
+        high = torch.full(self.shape, float(self.values[-1]), dtype=dtype, device=device)
+        return low, high
+
+    def project(self, u):
+        """The nearest admissible value, componentwise."""
+        v = self.values.to(dtype=u.dtype, device=u.device)
+        return v[(u.unsqueeze(-1) - v).abs().argmin(-1)]
+
+    def contains(self, u):
+        v = self.values.to(dtype=u.dtype, device=u.device)
+        return (u.unsqueeze(-1) == v).any(-1).all(dim=-1)
+
+    def default_point(self, dtype, device):
+        """0 if admissible, else the admissible value nearest to 0."""
+        return self.project(torch.zeros(self.shape, dtype=dtype, device=device))
+
+    def __repr__(self):
+        return f"Finite(values={self.values.tolist()}, shape={self.shape})"
+
+    def to_dict(self):
+        return {"type": "Finite", "values": self.values.tolist(), "shape": list(self.shape)}
+
+
+class UserSet(ControlSet):
+    """A control set known only through the user's own maximiser.
+
+    Args:
+        maximise: ``maximise(data) -> controls [N, m]`` where ``data`` is a
+            ``pmpsolve.MaximisationData`` (times, weights, states, co-states,
+            slopes, current controls, rho, eps, and a function evaluating the
+            interval objective for candidate controls). It must return controls in U.
+        shape: ``(m,)``.
+        contains: optional ``contains(u [..., m]) -> bool [...]`` used to check ``init``.
+        default: optional default initial control [m] (else 0).
+    """
+
+    def __init__(self, maximise, shape, *, contains=None, default=None):
+        if not callable(maximise):
+            raise TypeError(f"UserSet: `maximise` must be callable, got {type(maximise).__name__}")
+        self.maximise = maximise
+        self.shape = _shape(shape, "UserSet")
+        self._contains = contains
+        self._default = None if default is None else torch.as_tensor(default, dtype=torch.float64).reshape(self.shape)
+
+    def bounds(self, dtype, device):
+        inf = torch.full(self.shape, math.inf, dtype=dtype, device=device)
+        return -inf, inf
+
+    def project(self, u):
+        return u
+
+    def contains(self, u):
+        if self._contains is None:
+            return torch.isfinite(u).all(dim=-1)
+        return torch.as_tensor(self._contains(u), dtype=torch.bool)
+
+    def default_point(self, dtype, device):
+        if self._default is None:
+            return torch.zeros(self.shape, dtype=dtype, device=device)
+        return self._default.to(dtype=dtype, device=device)
+
+    def __repr__(self):
+        return f"UserSet(shape={self.shape})"
+
+    def to_dict(self):
+        return {"type": "UserSet", "shape": list(self.shape)}

@@ -66,12 +66,16 @@ def interval_data(pw: PointwiseProblem, u: torch.Tensor, forward: ForwardSweep, 
     X = forward.states.on_intervals(c)  # [N, Q, K, n]
     P = backward.costates.on_intervals(c)
     H, f, gx = pw.hamiltonian(times, X, P, u, with_grad_x=True)
-    return IntervalData(times, weights, lengths, X, P, f.detach(), -gx.detach(), u,
-                        (weights * H.detach()).sum(-1))
+    hamiltonian = (weights * H.detach()).sum(-1)
+    penalty = pw.problem.control_penalty
+    if penalty is not None:
+        hamiltonian = hamiltonian - lengths * penalty.value(u)
+    return IntervalData(times, weights, lengths, X, P, f.detach(), -gx.detach(), u, hamiltonian)
 
 
 class HamiltonianTerms(NamedTuple):
-    """Per-interval integrals [N] at a trial control: H, and the two feasibility errors of Lemma 1."""
+    """Per-interval integrals [N] at a trial control: H (with the control penalty), and the two
+    feasibility errors of Lemma 1."""
 
     hamiltonian: torch.Tensor  # int H(u) dt
     state_error: torch.Tensor  # int |f(u) - f(u^k)|^2 dt
@@ -79,15 +83,20 @@ class HamiltonianTerms(NamedTuple):
 
 
 class IntervalHamiltonian:
-    """u [N, m] -> int_{I_n} H~ dt [N], the objective of every interval at once.
+    """The objective of every interval at once: u [N, m] -> [N].
 
-    ``rho = 0`` gives the plain Hamiltonian (basic MSA). The co-state term needs
-    grad_x H as a function of u, hence a double backward when it is maximised;
-    it is skipped when rho is 0.
+        int_{I_n} [ H(u) - rho/2 (|f(u) - f(u^k)|^2 + |grad_x H(u) - grad_x H(u^k)|^2) ] dt
+          - eps h_n |u - u^k|^2                        (SQH)
+          - h_n * penalty(u)                           (L1 / L0 control cost, non-smooth)
+
+    ``smooth`` is everything but the penalty (what gradient-based maximisers see);
+    ``penalty_value`` the rest; calling the object gives the sum. ``rho = 0`` skips
+    the co-state term, which needs grad_x H as a function of u (a double backward).
     """
 
-    def __init__(self, pw: PointwiseProblem, data: IntervalData, rho: float = 0.0):
-        self.pw, self.data, self.rho = pw, data, float(rho)
+    def __init__(self, pw: PointwiseProblem, data: IntervalData, rho: float = 0.0, eps: float = 0.0):
+        self.pw, self.data, self.rho, self.eps = pw, data, float(rho), float(eps)
+        self.penalty = pw.problem.control_penalty
         self.evaluations = 0
 
     def terms(self, u: torch.Tensor, *, need_costate: bool = True, create_graph: bool = True) -> HamiltonianTerms:
@@ -101,18 +110,55 @@ class IntervalHamiltonian:
         else:
             costate_err = ((gx + d.costate_slope) ** 2).sum(dim=(-1, -2))
         w = d.weights
-        return HamiltonianTerms((w * H).sum(-1), (w * state_err).sum(-1), (w * costate_err).sum(-1))
+        hamiltonian = (w * H).sum(-1)
+        if self.penalty is not None:
+            hamiltonian = hamiltonian - self.penalty_value(u)
+        return HamiltonianTerms(hamiltonian, (w * state_err).sum(-1), (w * costate_err).sum(-1))
+
+    def smooth(self, u: torch.Tensor) -> torch.Tensor:
+        """The objective without the control penalty [N] (differentiable in u)."""
+        d = self.data
+        self.evaluations += 1
+        if self.rho == 0.0:
+            H, _, _ = self.pw.hamiltonian(d.times, d.states, d.costates, u)
+            value = (d.weights * H).sum(-1)
+        else:
+            H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=True, create_graph=True)
+            errors = ((f - d.state_slope) ** 2).sum(dim=(-1, -2)) + ((gx + d.costate_slope) ** 2).sum(dim=(-1, -2))
+            value = (d.weights * (H - 0.5 * self.rho * errors)).sum(-1)
+        if self.eps:
+            value = value - self.eps * d.lengths * ((u - d.controls) ** 2).sum(-1)
+        return value
+
+    def penalty_value(self, u: torch.Tensor) -> torch.Tensor:
+        """h_n * penalty(u_n) [N] (zeros without a penalty); u may carry leading candidate dims."""
+        if self.penalty is None:
+            return u.new_zeros(u.shape[:-1])
+        return self.data.lengths * self.penalty.value(u)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        if self.rho == 0.0:
-            return self.terms(u, need_costate=False).hamiltonian
-        t = self.terms(u)
-        return t.hamiltonian - 0.5 * self.rho * (t.state_error + t.costate_error)
+        return self.smooth(u) - self.penalty_value(u)
+
+    def candidates(self, U: torch.Tensor) -> torch.Tensor:
+        """The objective for C candidate controls per interval: U [C, N, m] -> [C, N].
+
+        The interval data are repeated C times (one batched evaluation, no loop).
+        """
+        C, N, m = U.shape
+        d = self.data
+        rep = lambda a: a.unsqueeze(0).expand((C,) + a.shape).reshape((C * N,) + a.shape[1:])  # noqa: E731
+        big = IntervalData(rep(d.times), rep(d.weights), rep(d.lengths), rep(d.states), rep(d.costates),
+                           rep(d.state_slope), rep(d.costate_slope), rep(d.controls), rep(d.hamiltonian))
+        other = IntervalHamiltonian(self.pw, big, self.rho, self.eps)
+        with torch.enable_grad() if self.rho else torch.no_grad():
+            values = other(U.reshape(C * N, m))
+        self.evaluations += 1
+        return values.detach().reshape(C, N)
 
     def gradient(self, u: torch.Tensor) -> torch.Tensor:
-        """grad_u int_{I_n} H dt at u, [N, m]; at u = u^k this is -dJ/du_n (paper Prop. 2)."""
+        """grad_u of the smooth part at u, [N, m]; with rho = eps = 0 at u = u^k this is -dJ/du_n
+        for the smooth part of J (paper Prop. 2)."""
         u = u.detach().requires_grad_(True)
         with torch.enable_grad():
-            H = self.terms(u, need_costate=False).hamiltonian
-            (g,) = torch.autograd.grad(H.sum(), u)
+            (g,) = torch.autograd.grad(self.smooth(u).sum(), u)
         return g

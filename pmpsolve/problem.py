@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .controls import ControlSet
+from .controls import ControlSet, UserSet
+from .penalties import ControlPenalty
 
 __all__ = ["ControlProblem"]
 
@@ -39,6 +40,9 @@ class ControlProblem:
         controls: the control set, e.g. ``Reals(m)`` or ``Box(low, high, shape=(m,))``.
         terminal_cost: ``Phi(x) -> [...]``, per-sample cost of the final state (x [..., n]).
         running_cost: ``L(t, x, u) -> [...]``, per-sample running cost.
+        control_penalty: an optional non-smooth control cost added to the running cost,
+            ``pmp.L1(c)`` (c |u|_1) or ``pmp.L0(c)`` (c times the number of non-zero
+            components), handled exactly by the maximisers.
         name: optional label used in plots and tables.
 
     J is the mean over the K samples (DESIGN.md section 1).
@@ -55,7 +59,8 @@ class ControlProblem:
 
     def __init__(self, dynamics: Dynamics, x0, horizon: float, controls: ControlSet,
                  terminal_cost: Optional[TerminalCost] = None,
-                 running_cost: Optional[RunningCost] = None, *, name: Optional[str] = None):
+                 running_cost: Optional[RunningCost] = None, *, control_penalty: Optional[ControlPenalty] = None,
+                 name: Optional[str] = None):
         if not callable(dynamics):
             raise TypeError(f"ControlProblem: `dynamics` must be a callable f(t, x, u), got {type(dynamics).__name__}")
         for label, fn in (("terminal_cost", terminal_cost), ("running_cost", running_cost)):
@@ -66,6 +71,12 @@ class ControlProblem:
                 "ControlProblem: `controls` must be a control set such as pmp.Reals(m) or "
                 f"pmp.Box(low, high, shape=(m,)), got {controls!r}"
             )
+        if control_penalty is not None and not isinstance(control_penalty, ControlPenalty):
+            raise TypeError(f"ControlProblem: `control_penalty` must be pmp.L1(c), pmp.L0(c) or None, got {control_penalty!r}")
+        if control_penalty is not None and isinstance(controls, UserSet):
+            raise ValueError(
+                f"ControlProblem: `control_penalty` {control_penalty!r} cannot be combined with a UserSet: the library "
+                "does not see inside your maximiser. Add the penalty to the objective your `maximise` function uses")
         try:
             x0_t = torch.as_tensor(x0)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -91,9 +102,10 @@ class ControlProblem:
         self.controls = controls
         self.terminal_cost = terminal_cost
         self.running_cost = running_cost
+        self.control_penalty = control_penalty
         self.name = name or "problem"
         self.single_sample = self.x0.ndim == 1
-        if terminal_cost is None and running_cost is None:
+        if terminal_cost is None and running_cost is None and control_penalty is None:
             raise ValueError(
                 "ControlProblem: give a `terminal_cost`, a `running_cost` or both; with neither, J = 0 for every control"
             )

@@ -15,12 +15,12 @@ from typing import ClassVar, Dict, Optional, Type
 
 import torch
 
-from .controls import ControlSet
+from .controls import ControlSet, Finite, UserSet
 from .hamiltonian import IntervalData, IntervalHamiltonian
-from .maximisers import ProjectedLBFGS
+from .maximisers import HamiltonianMaximiser
 from .pointwise import PointwiseProblem
 
-__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "RULES", "register_rule"]
+__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule"]
 
 
 class UpdateRule:
@@ -30,8 +30,10 @@ class UpdateRule:
     defaults: ClassVar[Dict[str, object]] = {}
     #: whether the solver may stop with "no decrease possible" after repeated rejections
     adaptive: bool = False
+    #: proposals rejected in a row before the solver stops
+    max_rejections: int = 12
 
-    def __init__(self, pw: PointwiseProblem, controls: ControlSet, maximiser: ProjectedLBFGS,
+    def __init__(self, pw: PointwiseProblem, controls: ControlSet, maximiser: HamiltonianMaximiser,
                  generator: Optional[torch.Generator], options: Optional[dict] = None):
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.defaults))
@@ -53,9 +55,13 @@ class UpdateRule:
         """The rule's current parameters, recorded in the history."""
         return {}
 
-    def _maximise(self, data: IntervalData, rho: float) -> torch.Tensor:
-        objective = IntervalHamiltonian(self.pw, data, rho)
-        result = self.maximiser.maximise(objective, data.controls, self.controls, self.generator)
+    def converged(self) -> Optional[str]:
+        """A reason to stop after the step just kept, or None (rule-specific stopping tests)."""
+        return None
+
+    def _maximise(self, data: IntervalData, rho: float, eps: float = 0.0) -> torch.Tensor:
+        objective = IntervalHamiltonian(self.pw, data, rho, eps)
+        result = self.maximiser.maximise(objective, self.generator)
         self.evaluations += result.evaluations
         return result.controls
 
@@ -194,6 +200,12 @@ class GradientStep(UpdateRule):
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
+        penalty = pw.problem.control_penalty
+        if isinstance(controls, (Finite, UserSet)) or (penalty is not None and penalty.name == "L0"):
+            what = f"the control set {controls!r}" if penalty is None or penalty.name != "L0" else "an L0 control cost"
+            raise ValueError(
+                f"method='gradient' has no step for {what}: a gradient needs a continuous control set and a smooth "
+                "(or L1) cost. The maximum principle does not: use method='emsa', 'sqh' or 'msa'")
         if not float(self.options["lr"]) > 0:
             raise ValueError(f"gradient option 'lr' must be > 0, got {self.options['lr']!r}")
         self.lr = float(self.options["lr"])
@@ -201,12 +213,18 @@ class GradientStep(UpdateRule):
         self._predicted = 0.0
 
     def propose(self, data):
-        grad_H = IntervalHamiltonian(self.pw, data, 0.0).gradient(data.controls)  # [N, m] = -dJ/du
+        objective = IntervalHamiltonian(self.pw, data, 0.0)
+        grad_H = objective.gradient(data.controls)  # [N, m] = -dJ/du of the smooth part
         self.evaluations += 1
         ascent = grad_H / data.lengths[:, None]  # interval means: minus the L2 gradient of J
-        new = self.controls.project(data.controls + self.lr * ascent)
-        # Predicted decrease of J to first order: int grad_u H . (u_new - u) dt.
-        self._predicted = float((grad_H * (new - data.controls)).sum())
+        new = data.controls + self.lr * ascent
+        penalty = self.pw.problem.control_penalty
+        if penalty is not None:  # L1: the proximal step (soft thresholding)
+            new = penalty.prox(new, torch.full_like(new, self.lr))
+        new = self.controls.project(new)
+        # Predicted decrease of J to first order: int grad_u H . (u_new - u) dt (+ the change of the penalty).
+        self._predicted = float((grad_H * (new - data.controls)).sum()
+                                - (objective.penalty_value(new) - objective.penalty_value(data.controls)).sum())
         return new
 
     def judge(self, old_cost, new_cost, gain):
@@ -220,6 +238,55 @@ class GradientStep(UpdateRule):
         return {"lr": self.lr}
 
 
+class SQH(UpdateRule):
+    """Sequential quadratic Hamiltonian method (SQH; Breitenbach and Borzi; bSQH for networks).
+
+    Maximise the Hamiltonian minus eps |u - u^k|^2 (integrated over each interval).
+    Keep the step if J(u^{k+1}) - J(u^k) <= -eta |u^{k+1} - u^k|^2_{L2}, then
+    eps <- zeta eps; otherwise eps <- sigma eps and maximise again from the same
+    sweep. Stop when |u^{k+1} - u^k|^2_{L2} < kappa.
+    """
+
+    name = "sqh"
+    defaults = {"eps0": 1.0, "eta": 1e-9, "zeta": 0.9, "sigma": 1.5, "kappa": 1e-14, "eps_min": 1e-10,
+                "eps_max": 1e12}
+    adaptive = True
+    max_rejections = 50
+
+    def __init__(self, pw, controls, maximiser, generator, options=None):
+        super().__init__(pw, controls, maximiser, generator, options)
+        o = self.options
+        for key in ("eps0", "eps_min", "eps_max"):
+            if not float(o[key]) > 0:
+                raise ValueError(f"sqh option {key!r} must be > 0, got {o[key]!r}")
+        if not (0 < float(o["zeta"]) <= 1 < float(o["sigma"])):
+            raise ValueError(f"sqh options need 0 < zeta <= 1 < sigma, got zeta={o['zeta']}, sigma={o['sigma']}")
+        if float(o["eta"]) < 0 or float(o["kappa"]) < 0:
+            raise ValueError("sqh options 'eta' and 'kappa' must be >= 0")
+        self.eps = float(o["eps0"])
+        self._step = 0.0
+
+    def propose(self, data):
+        new = self._maximise(data, 0.0, self.eps)
+        self._step = float((data.lengths * ((new - data.controls) ** 2).sum(-1)).sum())  # |du|^2 in L2(0, T)
+        return new
+
+    def judge(self, old_cost, new_cost, gain):
+        o = self.options
+        accept = new_cost - old_cost <= -float(o["eta"]) * self._step and new_cost <= old_cost
+        factor = float(o["zeta"]) if accept else float(o["sigma"])
+        self.eps = min(max(self.eps * factor, float(o["eps_min"])), float(o["eps_max"]))
+        return accept
+
+    def converged(self):
+        if self._step < float(self.options["kappa"]):
+            return f"|u^(k+1) - u^k|^2 = {self._step:.3g} < kappa = {self.options['kappa']:g} (SQH stopping rule)"
+        return None
+
+    def parameters(self):
+        return {"eps": self.eps}
+
+
 RULES: Dict[str, Type[UpdateRule]] = {}
 
 
@@ -229,5 +296,5 @@ def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
     return rule
 
 
-for _rule in (BasicMSA, ExtendedMSA, GradientStep):
+for _rule in (BasicMSA, ExtendedMSA, GradientStep, SQH):
     register_rule(_rule)

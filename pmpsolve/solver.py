@@ -17,7 +17,7 @@ import torch
 
 from .errors import DivergenceError, NonFiniteError, SolveError
 from .hamiltonian import IntervalHamiltonian, interval_data
-from .maximisers import ProjectedLBFGS
+from .maximisers import HamiltonianMaximiser
 from .mesh import make_mesh
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
@@ -30,7 +30,6 @@ __all__ = ["solve", "DEFAULT_TOLERANCES"]
 #: ODE tolerances (rtol, atol) by dtype when ``rtol``/``atol`` are not given.
 DEFAULT_TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (1e-6, 1e-8)}
 _DIVERGENCE_PATIENCE = 3  # consecutive increases above J(u^0) that count as divergence
-_MAX_REJECTIONS = 12  # proposals rejected in a row before an adaptive rule gives up
 _BUDGET_FACTOR = 5  # a trial forward sweep may cost this many times the current one
 
 
@@ -39,13 +38,15 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
           rtol: Optional[float] = None, atol: Optional[float] = None, init=None, device=None,
           dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, progress: bool = False,
           callback: Optional[Callable] = None, maximiser_iter: int = 50, perturb: float = 0.0,
-          quadrature: int = 3, options: Optional[dict] = None, ode_options: Optional[dict] = None) -> Solution:
+          quadrature: int = 3, options: Optional[dict] = None, ode_options: Optional[dict] = None,
+          maximiser: str = "auto") -> Solution:
     """Solve ``problem`` by the maximum principle, optimise-then-discretise.
 
     Args:
         problem: the ControlProblem.
         method: the update rule: ``"emsa"`` (extended MSA, paper Alg. 2; default),
-            ``"msa"`` (basic MSA, Alg. 1) or ``"gradient"`` (soft step, eq. 12 = gradient descent).
+            ``"msa"`` (basic MSA, Alg. 1), ``"sqh"`` (sequential quadratic Hamiltonian) or
+            ``"gradient"`` (soft step, eq. 12 = gradient descent).
         mesh: number of uniform control intervals N, or node times [N + 1] from 0 to T.
         max_iter: iteration limit.
         tol: stop when |J(u^{k+1}) - J(u^k)| <= tol * max(1, |J|) on two iterations in a row.
@@ -66,6 +67,10 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
         quadrature: Gauss points per interval for the interval Hamiltonian.
         options: options of the update rule (e.g. ``{"lr": 0.5}`` for ``"gradient"``).
         ode_options: passed to torchdiffeq (e.g. ``{"step_size": 0.01}`` for fixed-grid methods).
+        maximiser: how boxes and R^m are maximised: "auto" (closed form where the objective is
+            a separable concave quadratic in u, else L-BFGS, or proximal gradient with an L1/L0
+            cost), "closed-form", "lbfgs" or "proximal". Finite sets are enumerated, UserSets
+            use their own maximiser.
 
     Returns:
         A Solution. Raises NonFiniteError if a sweep blows up and DivergenceError if a
@@ -107,7 +112,11 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         torch.manual_seed(int(seed))
-    maximiser = ProjectedLBFGS(max_iter=maximiser_iter, perturb=perturb)
+    if int(maximiser_iter) < 1:
+        raise ValueError(f"solve: `maximiser_iter` must be >= 1, got {maximiser_iter!r}")
+    if perturb < 0:
+        raise ValueError(f"solve: `perturb` must be >= 0 (a half-width), got {perturb!r}")
+    maximiser = HamiltonianMaximiser(problem.controls, max_iter=maximiser_iter, perturb=perturb, method=maximiser)
     rule_class = RULES[method]
     if rule_class is ExtendedMSA:
         rule = rule_class(pw, problem.controls, maximiser, generator, options, rho=rho)
@@ -164,10 +173,10 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
                 if rule.judge(cost, new_cost, gain):
                     break
                 rejected += 1
-                if rejected >= _MAX_REJECTIONS:
+                if rejected >= rule.max_rejections:
                     break
             max_evals = rule.evaluations - evals_before
-            if rejected >= _MAX_REJECTIONS:
+            if rejected >= rule.max_rejections:
                 converged = True
                 message = (f"no decrease of J found in {rejected} proposals at iteration {k} "
                            f"({_describe(rule.parameters())}): converged to the tolerance the sweeps allow")
@@ -193,6 +202,10 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             if callback is not None and callback(record, u):
                 message = f"stopped by callback at iteration {k}"
                 break
+            reason = rule.converged()
+            if reason is not None:
+                converged, message = True, reason
+                break
             small_steps = small_steps + 1 if change <= tol * max(1.0, abs(cost)) else 0
             if small_steps >= 2:
                 converged = True
@@ -208,7 +221,7 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
 
     # --------------------------------------------------------------- result
     cost, u_best, fw_best = best
-    if method == "msa" or not getattr(rule, "adaptive", False):
+    if not rule.adaptive:
         if cost < float(fw.cost):
             message += f"; returned the best iterate (J = {cost:.10g}), not the last (J = {float(fw.cost):.10g})"
     if not converged and max_iter > 0:

@@ -116,6 +116,9 @@ class Sweeper:
             running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
             terminal = pw.terminal_cost(X[-1])
             cost = (terminal + running).mean()
+            penalty = pw.problem.control_penalty
+            if penalty is not None:  # int c |u|: exact for piecewise-constant controls
+                cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
             # End slopes of each interval, both with that interval's control (f jumps at nodes).
             slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()
             slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach()).detach()
