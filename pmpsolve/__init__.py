@@ -18,6 +18,7 @@ from .errors import DivergenceError, NonFiniteError, SolveError
 from .maximisers import MaximisationData
 from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
+from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient
 from .solution import IterationRecord, Solution
@@ -27,6 +28,6 @@ __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "RULES", "UpdateRule", "register_rule",
-    "cost", "cost_gradient",
+    "cost", "cost_gradient", "sum_up_rounding",
 ]
 __version__ = "0.1.0"

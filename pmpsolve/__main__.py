@@ -2,7 +2,9 @@
 
 Studies: ``sine`` (the paper's Fig. 1a/1b: E-MSA against SGD, Adagrad and Adam
 on the sine approximation; the main job) and ``reference`` (the reference
-problems of DESIGN.md section 5, solved and checked). ``python -m pmpsolve
+problems of DESIGN.md section 5, solved and checked) and ``controls`` (msa,
+emsa, sqh and gradient compared on those and on the control-set examples;
+docs/controls.md). ``python -m pmpsolve
 reproduce`` with no study runs the main job; ``... reproduce sine --help``
 lists a study's options.
 """
@@ -13,6 +15,7 @@ import sys
 STUDIES = {
     "sine": "pmpsolve.studies.sine",
     "reference": "pmpsolve.studies.reference",
+    "controls": "pmpsolve.studies.controls",
 }
 MAIN_STUDY = "sine"
 

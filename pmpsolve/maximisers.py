@@ -385,8 +385,14 @@ class HamiltonianMaximiser:
         self.search = CandidateSearch()
         self._closed_form_works = None if method == "auto" else method == "closed-form"
         self.last = ""  # which maximiser ran last (for diagnostics and tests)
+        self.used = {}  # how often each ran
 
     def maximise(self, objective, generator=None) -> MaximiserResult:
+        result = self._maximise(objective, generator)
+        self.used[self.last] = self.used.get(self.last, 0) + 1
+        return result
+
+    def _maximise(self, objective, generator=None) -> MaximiserResult:
         start = objective.data.controls
         if isinstance(self.controls, UserSet):
             d = objective.data

@@ -11,7 +11,8 @@ A new algorithm is a new class here (or in its own module) added to RULES.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Type
+import math
+from typing import ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -64,6 +65,34 @@ class UpdateRule:
         result = self.maximiser.maximise(objective, self.generator)
         self.evaluations += result.evaluations
         return result.controls
+
+    def _relaxed_maximise(self, data: IntervalData, weight: float, aggressive: Optional[float], floor: float,
+                          maximise) -> Tuple[torch.Tensor, float, bool]:
+        """Maximise with proximity weight ``weight`` (rho or eps); if that returns u^k itself, relax it.
+
+        On a finite set every change of a control costs a fixed amount of the proximity
+        term, so a large weight freezes all of them and growing it after a rejection
+        cannot give the smaller step a continuous set would. So when the maximiser
+        returns u^k: move the weight geometrically halfway towards ``aggressive`` (the
+        last weight whose step was rejected), or tenfold down when there is none, until
+        some control changes or the weight reaches ``floor``. Returns the controls,
+        the weight used and whether u^k is a fixed point at the floor (the maximum
+        condition holds, up to the floor's proximity term).
+        """
+        u = maximise(weight)
+        for _ in range(16):
+            if not torch.equal(u, data.controls):
+                return u, weight, False
+            if aggressive is not None:
+                if weight <= 1.05 * aggressive:
+                    break
+                weight = math.sqrt(weight * aggressive)
+            else:
+                if weight <= floor:
+                    return u, weight, True
+                weight = max(0.1 * weight, floor)
+            u = maximise(weight)
+        return u, weight, False
 
 
 class BasicMSA(UpdateRule):
@@ -118,11 +147,25 @@ class ExtendedMSA(UpdateRule):
         self._history = []  # (u_i, g(u_i)) of recent iterates, same rho
         self._stage = None  # what the pending proposal is: "anderson" or "plain"
         self._current = None  # (u^k, g(u^k)) of this iteration
+        self._aggressive = None  # the last rho whose plain step was rejected at this iteration
+        self._fixed = False  # u^k maximises the augmented Hamiltonian for rho -> rho_min
 
     def propose(self, data):
         if self._stage is None or self._stage == "plain":
             # A new iteration, or the plain step was rejected (rho has grown): maximise.
-            self._current = (data.controls, self._maximise(data, self.rho))
+            if self.adaptive:
+                new, rho, self._fixed = self._relaxed_maximise(
+                    data, self.rho, self._aggressive, float(self.options["rho_min"]),
+                    lambda r: self._maximise(data, r))
+                if rho != self.rho:
+                    self._history = []  # the fixed-point map depends on rho
+                    self.rho = rho
+            else:
+                new = self._maximise(data, self.rho)
+            self._current = (data.controls, new)
+            if self._fixed:
+                self._stage = "plain"
+                return new
             if self._stage is None and self._memory and self._history:
                 mixed = _anderson(self._history, self._current, data.lengths, self.controls)
                 if mixed is not None:
@@ -133,6 +176,8 @@ class ExtendedMSA(UpdateRule):
 
     def judge(self, old_cost, new_cost, gain):
         if not self.adaptive:
+            return True
+        if self._fixed:  # nothing to change: keep u^k and let converged() stop
             return True
         o = self.options
         accept = new_cost <= old_cost - float(o["eta"]) * max(gain, 0.0) and new_cost < old_cost
@@ -149,6 +194,7 @@ class ExtendedMSA(UpdateRule):
             factor = float(o["shrink"])
         else:
             factor = 1.0
+        self._aggressive = None if accept else self.rho
         rho = min(max(self.rho * factor, float(o["rho_min"])), float(o["rho_max"]))
         if rho != self.rho:
             self._history = []
@@ -160,6 +206,12 @@ class ExtendedMSA(UpdateRule):
     def _remember(self):
         self._history = (self._history + [self._current])[-self._memory:] if self._memory else []
         self._stage = None
+
+    def converged(self):
+        if self._fixed:
+            return ("the maximisation returns u^k even for rho = rho_min: the maximum condition holds "
+                    "(no control can raise the Hamiltonian)")
+        return None
 
     def parameters(self):
         return {"rho": self.rho}
@@ -265,9 +317,11 @@ class SQH(UpdateRule):
             raise ValueError("sqh options 'eta' and 'kappa' must be >= 0")
         self.eps = float(o["eps0"])
         self._step = 0.0
+        self._aggressive = None  # the last eps whose step was rejected at this iteration
 
     def propose(self, data):
-        new = self._maximise(data, 0.0, self.eps)
+        new, self.eps, _ = self._relaxed_maximise(data, self.eps, self._aggressive, float(self.options["eps_min"]),
+                                                  lambda e: self._maximise(data, 0.0, e))
         self._step = float((data.lengths * ((new - data.controls) ** 2).sum(-1)).sum())  # |du|^2 in L2(0, T)
         return new
 
@@ -275,6 +329,7 @@ class SQH(UpdateRule):
         o = self.options
         accept = new_cost - old_cost <= -float(o["eta"]) * self._step and new_cost <= old_cost
         factor = float(o["zeta"]) if accept else float(o["sigma"])
+        self._aggressive = None if accept else self.eps
         self.eps = min(max(self.eps * factor, float(o["eps_min"])), float(o["eps_max"]))
         return accept
 

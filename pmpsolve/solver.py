@@ -31,6 +31,7 @@ __all__ = ["solve", "DEFAULT_TOLERANCES"]
 DEFAULT_TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (1e-6, 1e-8)}
 _DIVERGENCE_PATIENCE = 3  # consecutive increases above J(u^0) that count as divergence
 _BUDGET_FACTOR = 5  # a trial forward sweep may cost this many times the current one
+_CYCLE_PATIENCE = 25  # iterations without a new best J (while J keeps changing) that count as cycling
 
 
 def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, torch.Tensor] = 200,
@@ -140,6 +141,7 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
                                        elapsed=time.perf_counter() - start, forward_evals=fw.evaluations,
                                        forward_seconds=fw.seconds))
         converged, message, small_steps, rises = False, f"reached max_iter = {max_iter}", 0, 0
+        since_best = 0
         for k in range(1, max_iter + 1):
             t_iter = time.perf_counter()
             bw = sweeper.backward(u, fw, iteration=k)
@@ -190,7 +192,9 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             rises = rises + 1 if (new_cost > cost and new_cost > history[0].cost) else 0
             u, fw, old_cost, cost = u_new, fw_new, cost, new_cost
             if cost < best[0]:
-                best = (cost, u, fw)
+                best, since_best = (cost, u, fw), 0
+            else:
+                since_best += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"J={cost:.8g} {_describe(rule.parameters())}")
@@ -199,6 +203,11 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
                     f"method {method!r} diverged: J rose in {rises} consecutive iterations to {cost:.6g} "
                     f"(J(u^0) = {history[0].cost:.6g}) at iteration {k}. Basic MSA can diverge (paper Sec. 3.1); "
                     "use method='emsa' (adaptive rho by default) or a larger fixed rho", iteration=k)
+            if not rule.adaptive and since_best >= _CYCLE_PATIENCE and change > tol * max(1.0, abs(cost)):
+                raise DivergenceError(
+                    f"method {method!r} does not converge: J has not improved on its best value {best[0]:.6g} in "
+                    f"{since_best} iterations but keeps changing (now {cost:.6g}, iteration {k}): the iteration "
+                    "cycles. Basic MSA can (paper Sec. 3.1); use method='emsa' or 'sqh'", iteration=k)
             if callback is not None and callback(record, u):
                 message = f"stopped by callback at iteration {k}"
                 break
@@ -226,6 +235,7 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             message += f"; returned the best iterate (J = {cost:.10g}), not the last (J = {float(fw.cost):.10g})"
     if not converged and max_iter > 0:
         warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=2)
+    settings["maximisers_used"] = dict(maximiser.used)  # e.g. {"closed-form": 41}: what maximised the Hamiltonian
     bw_best = sweeper.backward(u_best, fw_best)
     return Solution(cost=cost, controls=u_best, mesh=nodes, history=history, converged=converged, message=message,
                     method=method, states_trajectory=fw_best.states, costates_trajectory=bw_best.costates,

@@ -10,6 +10,7 @@ section 5), or None where none is known.
     0.673999
 """
 from .catalyst import catalyst_mixing
+from .double_integrator import double_integrator, double_integrator_optimum
 from .lqr import lqr, random_lqr
 from .rayleigh import rayleigh
 from .vanderpol import van_der_pol
@@ -22,4 +23,14 @@ REFERENCE_PROBLEMS = {
     "rayleigh": rayleigh,
 }
 
-__all__ = ["lqr", "random_lqr", "catalyst_mixing", "van_der_pol", "rayleigh", "REFERENCE_PROBLEMS"]
+#: Examples with bang-bang, bang-off-bang and finite-set answers known in closed form (controls.md).
+CONTROL_SET_PROBLEMS = {
+    "double-integrator": lambda: double_integrator(),
+    "double-integrator-binary": lambda: double_integrator(controls="binary"),
+    "double-integrator-L1": lambda: double_integrator(penalty="L1"),
+    "double-integrator-L0": lambda: double_integrator(penalty="L0"),
+    "double-integrator-ternary-L1": lambda: double_integrator(controls="ternary", penalty="L1"),
+    "catalyst-binary": lambda: catalyst_mixing("binary"),
+}
+
+__all__ = ["double_integrator", "double_integrator_optimum", "CONTROL_SET_PROBLEMS", "lqr", "random_lqr", "catalyst_mixing", "van_der_pol", "rayleigh", "REFERENCE_PROBLEMS"]

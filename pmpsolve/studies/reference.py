@@ -60,7 +60,10 @@ def independent_cost(problem: pmp.ControlProblem, controls: torch.Tensor, mesh: 
     x_T = torch.as_tensor(z[: K * n]).reshape(K, n)
     terminal = problem.terminal_cost(x_T).numpy() if problem.terminal_cost is not None else np.zeros(K)
     running = z[K * n:] if has_L else np.zeros(K)
-    return float(np.mean(terminal + running))
+    penalty = 0.0
+    if problem.control_penalty is not None:  # int c |u|_1 (or |u|_0) dt of the piecewise-constant control
+        penalty = float((torch.as_tensor(np.diff(nodes)) * problem.control_penalty.value(u_all)).sum())
+    return float(np.mean(terminal + running)) + penalty
 
 
 def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "emsa", out: Optional[Path] = None,
