@@ -33,6 +33,9 @@ class UpdateRule:
     adaptive: bool = False
     #: proposals rejected in a row before the solver stops
     max_rejections: int = 12
+    #: stop with DivergenceError when J stops improving but keeps changing (basic MSA only: a
+    #: fixed-rho E-MSA run on a network may spike and recover over dozens of iterations)
+    detect_cycles: bool = False
 
     def __init__(self, pw: PointwiseProblem, controls: ControlSet, maximiser: HamiltonianMaximiser,
                  generator: Optional[torch.Generator], options: Optional[dict] = None):
@@ -99,6 +102,7 @@ class BasicMSA(UpdateRule):
     """Basic MSA (paper Alg. 1): u_n <- argmax int_{I_n} H dt. Can diverge (Sec. 3.1); no safeguard."""
 
     name = "msa"
+    detect_cycles = True
 
     def propose(self, data):
         return self._maximise(data, 0.0)

@@ -203,11 +203,11 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
                     f"method {method!r} diverged: J rose in {rises} consecutive iterations to {cost:.6g} "
                     f"(J(u^0) = {history[0].cost:.6g}) at iteration {k}. Basic MSA can diverge (paper Sec. 3.1); "
                     "use method='emsa' (adaptive rho by default) or a larger fixed rho", iteration=k)
-            if not rule.adaptive and since_best >= _CYCLE_PATIENCE and change > tol * max(1.0, abs(cost)):
+            if rule.detect_cycles and since_best >= _CYCLE_PATIENCE and change > tol * max(1.0, abs(cost)):
                 raise DivergenceError(
                     f"method {method!r} does not converge: J has not improved on its best value {best[0]:.6g} in "
                     f"{since_best} iterations but keeps changing (now {cost:.6g}, iteration {k}): the iteration "
-                    "cycles. Basic MSA can (paper Sec. 3.1); use method='emsa' or 'sqh'", iteration=k)
+                    "cycles or drifts away. Basic MSA can (paper Sec. 3.1); use method='emsa' or 'sqh'", iteration=k)
             if callback is not None and callback(record, u):
                 message = f"stopped by callback at iteration {k}"
                 break
