@@ -11,7 +11,7 @@ section 5), or None where none is known.
 """
 from .catalyst import catalyst_mixing
 from .double_integrator import double_integrator, double_integrator_optimum
-from .lqr import lqr, random_lqr
+from .lqr import lqr, lqr_samples, random_lqr
 from .rayleigh import rayleigh
 from .vanderpol import van_der_pol
 
@@ -33,4 +33,4 @@ CONTROL_SET_PROBLEMS = {
     "catalyst-binary": lambda: catalyst_mixing("binary"),
 }
 
-__all__ = ["double_integrator", "double_integrator_optimum", "CONTROL_SET_PROBLEMS", "lqr", "random_lqr", "catalyst_mixing", "van_der_pol", "rayleigh", "REFERENCE_PROBLEMS"]
+__all__ = ["double_integrator", "double_integrator_optimum", "CONTROL_SET_PROBLEMS", "lqr", "lqr_samples", "random_lqr", "catalyst_mixing", "van_der_pol", "rayleigh", "REFERENCE_PROBLEMS"]

@@ -9,7 +9,7 @@ from scipy.integrate import solve_ivp
 
 import pmpsolve as pmp
 
-__all__ = ["lqr", "random_lqr", "linear_quadratic_problem", "riccati_cost"]
+__all__ = ["lqr", "lqr_samples", "random_lqr", "linear_quadratic_problem", "riccati_cost"]
 
 
 def lqr() -> Tuple[pmp.ControlProblem, float]:
@@ -77,3 +77,20 @@ def random_lqr(n: int = 3, m: int = 2, horizon: float = 2.0, seed: int = 0,
     x0 = rng.normal(size=n)
     problem = linear_quadratic_problem(A, B, Q, R, x0, horizon, S=S, name=f"random_lqr(n={n}, m={m}, seed={seed})")
     return problem, riccati_cost(A, B, Q, R, x0, horizon, S=S)
+
+
+def lqr_samples(samples: int = 100, spread: float = 0.5, seed: int = 0) -> Tuple[pmp.ControlProblem, float]:
+    """The LQR of ``lqr()`` from K initial states sharing one control: J = mean_i J_i(u).
+
+    x0_i = (0, 1) + spread * N(0, I). Exact optimum: the deviations e_i = x_i - mean_j x_j
+    obey e' = A e whatever u is (B u is common), so J splits into the LQR of the mean
+    state (Riccati) plus the uncontrolled cost of the deviations; A is a rotation here,
+    so |e_i(t)| = |e_i(0)| and that cost is T/2 mean_i |e_i(0)|^2.
+    """
+    rng = np.random.default_rng(seed)
+    x0 = np.array([0.0, 1.0]) + spread * rng.normal(size=(samples, 2))
+    A, B, Q, R = np.array([[0.0, 1.0], [-1.0, 0.0]]), np.array([[0.0], [1.0]]), np.eye(2), np.eye(1)
+    mean = x0.mean(axis=0)
+    reference = riccati_cost(A, B, Q, R, mean, 5.0) + 0.5 * 5.0 * float(((x0 - mean) ** 2).sum(-1).mean())
+    problem = linear_quadratic_problem(A, B, Q, R, x0, 5.0, name=f"lqr_samples(K={samples})")
+    return problem, reference

@@ -33,7 +33,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve.studies.reference import independent_cost
-from problems import REFERENCE_PROBLEMS
+from problems import REFERENCE_PROBLEMS, lqr_samples
 
 try:
     import casadi as ca
@@ -41,8 +41,32 @@ except ImportError:  # the optional extra
     ca = None
 
 
+#: The reference problems plus the LQR from K initial states sharing one control (exact optimum known):
+#: the many-samples case that the maximum principle's batched sweeps are built for.
+PROBLEMS = dict(REFERENCE_PROBLEMS)
+SAMPLES = (100, 1000)
+for _K in SAMPLES:
+    PROBLEMS[f"lqr-samples-{_K}"] = (lambda K: lambda: lqr_samples(K))(_K)
+
+
 def casadi_model(name):
-    """(rhs(x, u) -> xdot, running(x, u) or None, terminal(x) or None, low, high, x0, T) in CasADi symbols."""
+    """(rhs(x, u) -> xdot, running(x, u) or None, terminal(x) or None, low, high, x0, T) in CasADi symbols.
+
+    For K samples the state is the K x n states stacked (as IPOPT must see them) and the
+    running cost their mean.
+    """
+    if name.startswith("lqr-samples-"):
+        problem, _ = PROBLEMS[name]()
+        x0 = problem.x0.reshape(-1).tolist()
+        K = len(x0) // 2
+
+        def rhs(x, u):
+            return ca.vertcat(*[ca.vertcat(x[2 * i + 1], -x[2 * i] + u) for i in range(K)])
+
+        def running(x, u):
+            return 0.5 * (ca.sumsqr(x) / K + u ** 2)
+
+        return rhs, running, None, -ca.inf, ca.inf, x0, 5.0
     if name == "lqr":
         return (lambda x, u: ca.vertcat(x[1], -x[0] + u), lambda x, u: 0.5 * (x[0] ** 2 + x[1] ** 2 + u ** 2), None,
                 -ca.inf, ca.inf, [0.0, 1.0], 5.0)
@@ -113,7 +137,7 @@ def solve_pmpsolve(problem, reference, N, method, target):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", default=list(REFERENCE_PROBLEMS))
+    parser.add_argument("problems", nargs="*", default=list(PROBLEMS))
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rk4-steps", type=int, default=4)
@@ -126,7 +150,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     rows = []
     for name in args.problems:
-        problem, reference = REFERENCE_PROBLEMS[name]()
+        problem, reference = PROBLEMS[name]()
         row = dict(problem=name, reference=reference, mesh=args.mesh, target=args.target)
         times, controls = [], None
         for _ in range(args.repeats):

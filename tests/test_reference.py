@@ -6,7 +6,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve.studies.reference import independent_cost
-from problems import REFERENCE_PROBLEMS, random_lqr
+from problems import REFERENCE_PROBLEMS, lqr_samples, random_lqr
 from problems.lqr import riccati_cost
 
 
@@ -56,3 +56,16 @@ def test_samples_sharing_one_control_against_riccati():
     individual = sum(riccati_cost(A, B, Q, R, x.tolist(), 3.0) for x in x0) / 3
     assert sol.cost >= individual
     assert sol.state(torch.tensor([0.0, 1.5])).shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("samples", [1, 40])
+def test_samples_lqr_reaches_its_exact_optimum(samples):
+    """K initial states sharing one control: J* = Riccati value of the mean state + the uncontrolled
+    deviations' cost (lqr_samples' docstring); the default solve reaches it and in few iterations
+    whatever K is (adaptive rho starts at rho0 / K)."""
+    problem, exact = lqr_samples(samples)
+    sol = pmp.solve(problem, mesh=100)
+    assert sol.converged, sol.message
+    assert abs(sol.cost - exact) / abs(exact) < 1e-3
+    assert sol.cost >= exact - 1e-9
+    assert len(sol.history) <= 15
