@@ -18,7 +18,7 @@ what makes the "gradient" rule equal gradient descent, paper Prop. 2).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -130,6 +130,54 @@ class IntervalHamiltonian:
             value = value - self.eps * d.lengths * ((u - d.controls) ** 2).sum(-1)
         return value
 
+    #: Elements (quadrature points x samples x state components) evaluated at once by
+    #: ``value_and_grad`` and ``curvature``. The objective is a sum of independent rows, so
+    #: intervals are taken in blocks of this size: tensors stay cache-sized instead of
+    #: hundreds of MB (the sine network at K = 10000: 3x faster per evaluation, measured);
+    #: with few samples all intervals form one block.
+    block_elements = 2 ** 17
+
+    def blocks(self) -> list:
+        """Row slices covering the N intervals, each with at most ``block_elements`` elements
+        (at least one interval per block)."""
+        d = self.data
+        N, Q = d.times.shape
+        rows = max(1, self.block_elements // max(1, Q * d.states[0, 0].numel()))
+        return [slice(s, min(s + rows, N)) for s in range(0, N, rows)]
+
+    def restricted(self, rows: slice) -> "IntervalHamiltonian":
+        """The objective of the intervals ``rows`` only (every field of the data leads with N)."""
+        return IntervalHamiltonian(self.pw, IntervalData(*(a[rows] for a in self.data)), self.rho, self.eps)
+
+    def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The smooth part [N] and its gradient in u [N, m], block by block (see ``blocks``)."""
+        self.evaluations += 1
+        values, grads = [], []
+        for rows in self.blocks():
+            v = u[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self.restricted(rows).smooth(v)
+                (g,) = torch.autograd.grad(value.sum(), v)
+            values.append(value.detach())
+            grads.append(g)
+        return torch.cat(values), torch.cat(grads)
+
+    def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """d' (-Hessian of the smooth part) d per row [N] at u, by Hessian-vector products."""
+        self.evaluations += 1
+        out = []
+        for rows in self.blocks():
+            v = u[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self.restricted(rows).smooth(v)
+                (g,) = torch.autograd.grad(value.sum(), v, create_graph=True)
+                hd = None
+                if g.requires_grad:  # else the objective is linear in u
+                    (hd,) = torch.autograd.grad((g * d[rows]).sum(), v, allow_unused=True)
+            out.append(torch.zeros(v.shape[0], dtype=u.dtype, device=u.device) if hd is None
+                       else -(d[rows] * hd).sum(-1).detach())
+        return torch.cat(out)
+
     def penalty_value(self, u: torch.Tensor) -> torch.Tensor:
         """h_n * penalty(u_n) [N] (zeros without a penalty); u may carry leading candidate dims."""
         if self.penalty is None:
@@ -158,7 +206,4 @@ class IntervalHamiltonian:
     def gradient(self, u: torch.Tensor) -> torch.Tensor:
         """grad_u of the smooth part at u, [N, m]; with rho = eps = 0 at u = u^k this is -dJ/du_n
         for the smooth part of J (paper Prop. 2)."""
-        u = u.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.smooth(u).sum(), u)
-        return g
+        return self.value_and_grad(u)[1]

@@ -69,6 +69,9 @@ class ProjectedLBFGS:
 
         def value_grad(v):  # minimise phi = -objective
             evals[0] += 1
+            if hasattr(objective, "value_and_grad"):  # the interval Hamiltonian, in cache-sized blocks
+                value, g = objective.value_and_grad(v)
+                return -value, -g
             v = v.detach().requires_grad_(True)
             with torch.enable_grad():
                 phi = -smooth(v)
@@ -98,7 +101,7 @@ class ProjectedLBFGS:
                 # First step: the exact minimiser along -g of the local quadratic model,
                 # a = |g|^2 / g'Hg with g'Hg from one Hessian-vector product (autograd).
                 d = -g * free
-                curv = _curvature(smooth, x, d)
+                curv = objective.curvature(x, d) if hasattr(objective, "curvature") else _curvature(smooth, x, d)
                 gg = (d * d).sum(-1)
                 fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0)
                 alpha = torch.where(curv > 0, gg / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
@@ -208,11 +211,8 @@ class ProximalGradient:
 
         def value_grad(x):
             evals[0] += 1
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                smooth = objective.smooth(x)
-                (g,) = torch.autograd.grad(smooth.sum(), x)
-            return (smooth - objective.penalty_value(x)).detach(), g.detach()
+            smooth, g = objective.value_and_grad(x)
+            return smooth - objective.penalty_value(x), g
 
         x = _perturbed(start, self.perturb, generator, lambda v: torch.maximum(torch.minimum(v, high), low))
         f, g = value_grad(x)
