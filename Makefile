@@ -23,5 +23,13 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The benchmarks of docs/benchmarks.md (about 40 minutes on 2 cores); CasADi comes with the extra.
+bench: $(STAMP)
+	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) scripts/bench_control.py
+	$(PY) scripts/bench_sine.py --no-progress
+	$(PY) scripts/bench_scaling.py
+	$(PY) scripts/bench_maximisers.py
+
 clean:
 	rm -rf results .pytest_cache build *.egg-info

@@ -1,0 +1,73 @@
+"""The benchmark scripts run end to end at a tiny size and write what docs/benchmarks.md reads."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The scripts pin torch to one thread (timings); the rest of the suite keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_scaling_writes_split_exponents_and_figure(tmp_path):
+    load("bench_scaling").main(["--meshes", "10", "20", "--samples", "20", "40", "--iterations", "1",
+                                "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["size"] for r in data["mesh"]] == [10, 20] and [r["size"] for r in data["samples"]] == [20, 40]
+    for axis in ("mesh", "samples"):
+        for r in data[axis]:  # one iteration each: the parts lie inside the whole iteration
+            parts = r["forward_seconds"] + r["backward_seconds"] + r["maximise_seconds"]
+            assert 0 < parts <= r["seconds"]
+        assert set(data[f"{axis}_exponents"]) == {"forward_seconds", "backward_seconds", "maximise_seconds", "seconds"}
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_bench_sine_times_emsa_to_each_baseline_loss(tmp_path):
+    load("bench_sine").main(["--iterations", "3", "--emsa-iterations", "4", "--samples", "16", "--inits", "good",
+                             "--quadrature", "1", "--no-progress", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "sine.json").read_text())["rows"]
+    assert [r["baseline"] for r in rows] == ["sgd", "adagrad", "adam"]
+    for r in rows:
+        assert r["quadrature"] == 1 and r["baseline_seconds"] > 0
+        if r["emsa_seconds"] is not None:
+            assert r["ratio"] == pytest.approx(r["emsa_seconds"] / r["baseline_seconds"])
+            assert 0 <= r["emsa_iteration"] <= 4
+
+
+def test_bench_control_without_casadi_says_how_to_get_it(monkeypatch):
+    module = load("bench_control")
+    monkeypatch.setattr(module, "ca", None)
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[bench\]'"):
+        module.main(["lqr"])
+
+
+def test_bench_control_against_casadi_on_the_same_mesh(tmp_path):
+    pytest.importorskip("casadi")
+    load("bench_control").main(["lqr", "--mesh", "20", "--repeats", "1", "--methods", "emsa", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "control.json").read_text())["rows"]
+    # Same piecewise-constant problem: both optima agree (RK4 x4 vs adaptive sweeps), re-checked by scipy.
+    assert row["casadi"]["cost"] == pytest.approx(row["pmpsolve-emsa"]["cost"], rel=1e-6)
+    assert abs(row["pmpsolve-emsa"]["rel_error"]) < 1e-2
+
+
+def test_bench_maximisers_closed_form_agrees_with_iterative(tmp_path):
+    load("bench_maximisers").main(["--mesh", "20", "--repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "maximisers.json").read_text())["rows"]
+    assert {r["problem"] for r in rows} >= {"lqr", "catalyst", "vanderpol", "rayleigh"}
+    for r in rows:
+        assert r["max_control_difference"] < 1e-6, r
