@@ -49,7 +49,7 @@ def _loss_evaluator(problem, dtype, device, rtol, atol):
     return lambda u: float(sweeper.forward(u.to(dtype=dtype, device=device)).cost)
 
 
-def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress):
+def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress, quadrature=3):
     record = {"iteration": [], "train_loss": [], "test_loss": [], "wall_time": []}
     excluded = [0.0]
 
@@ -69,7 +69,7 @@ def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, r
         # layer whose Hamiltonian is delta * H: in the continuous scaling that is rho * delta (docs/sine.md).
         sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
                         maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
-                        atol=atol, callback=callback, progress=progress)
+                        atol=atol, quadrature=quadrature, callback=callback, progress=progress)
     del start
     first = sol.history[0]
     for key, value in (("iteration", 0), ("train_loss", first.cost), ("test_loss", init_loss),
@@ -110,7 +110,7 @@ def _tune_lr(train, test_loss, init, optimizer, iterations, **kw):
 def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_iterations: Optional[int] = None,
               seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
               dtype=torch.float64, rtol: float = 1e-6, atol: float = 1e-8, progress: bool = True,
-              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam")) -> Dict:
+              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam"), quadrature: int = 3) -> Dict:
     """Run every method from each initialisation; return the results dictionary (see ``main``)."""
     from problems.sine import sine_data, sine_initial_controls, sine_problem
 
@@ -125,7 +125,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     test_loss = _loss_evaluator(test, dtype, device, rtol, atol)
     common = dict(dtype=dtype, device=device, rtol=rtol, atol=atol, progress=progress)
     config.update(seed=seed, rho=rho, mesh=MESH, delta=train.horizon / MESH, maximiser="L-BFGS, 10 iterations",
-                  perturb=0.005, reg=reg, dtype=str(dtype), device=str(device), rtol=rtol,
+                  perturb=0.005, quadrature=quadrature, reg=reg, dtype=str(dtype), device=str(device), rtol=rtol,
                   atol=atol, tuned=tune, size=size, ode_method="dopri5",
                   baseline_gradients="back-propagation through the same adaptive dopri5 forward sweep")
     learning_rates = {init: dict(LEARNING_RATES) for init in inits}
@@ -144,7 +144,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
             start = time.perf_counter()
             if method == "emsa":
                 rec = _run_emsa(train, test_loss, init, iterations=config["emsa_iterations"], rho=rhos[init_kind],
-                                seed=seed, **common)
+                                seed=seed, quadrature=quadrature, **common)
                 setting = {"rho": rhos[init_kind]}
             else:
                 lr = learning_rates[init_kind][method]
@@ -222,6 +222,9 @@ def main(argv=None) -> Dict:
                              "pmpsolve.solve gets rho * delta")
     parser.add_argument("--reg", type=float, default=0.001,
                         help="L2 weight per layer, reg |theta_n|^2 / 2 (the reference code's 0.001; 0: off)")
+    parser.add_argument("--quadrature", type=int, default=3,
+                        help="Gauss points per interval for E-MSA's interval Hamiltonian (default 3; "
+                             "1, the midpoint rule, makes each maximisation ~3x cheaper, docs/benchmarks.md)")
     parser.add_argument("--tune", action="store_true", help="pick learning rates and rho on a coarse log grid")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a smoke-test size")
@@ -232,7 +235,7 @@ def main(argv=None) -> Dict:
     start = time.perf_counter()
     results = run_study(size=size_name, iterations=args.iterations, emsa_iterations=args.emsa_iterations,
                         seed=args.seed, device=args.device, rho=args.rho, tune=args.tune,
-                        reg=args.reg, progress=not args.no_progress)
+                        reg=args.reg, progress=not args.no_progress, quadrature=args.quadrature)
     results["config"]["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
