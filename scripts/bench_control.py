@@ -213,7 +213,7 @@ def format_table(rows, methods):
         for m in methods:
             p = r[f"pmpsolve-{m}"]
             t = p["seconds_to_target"]
-            ratio = "-" if t is None else f"{t / c['seconds']:.1f}"
+            ratio = "-" if t is None else f"{t / c['seconds']:.3g}"
             lines.append(f"| {r['problem']} | pmpsolve {m} ({p['iterations']} it) | {p['cost']:.8f} | "
                          f"{abs(p['rel_error']):.1e} | {p['seconds']:.2f} | {'-' if t is None else f'{t:.2f}'} | "
                          f"{ratio} |")
