@@ -10,7 +10,7 @@ growth exponent of each part is the slope of a least-squares line through the
 log-log points (over the larger half of the sizes, where fixed overheads matter
 least). Writes results/bench/scaling.json and scaling.png and prints a table.
 
-    python scripts/bench_scaling.py [--meshes 20 50 200 500 2000] [--samples 100 1000 10000 100000]
+    python scripts/bench_scaling.py [--meshes 20 50 200 500 2000] [--samples 100 1000 10000 100000] [--quadrature 3]
 """
 from __future__ import annotations
 
@@ -51,22 +51,24 @@ def main(argv=None):
     parser.add_argument("--meshes", type=int, nargs="+", default=[20, 50, 200, 500, 2000])
     parser.add_argument("--samples", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--quadrature", type=int, default=3,
+                        help="Gauss points per interval of the interval Hamiltonian (3: the default; 1: midpoint)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
     results = {"machine": dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads()),
-               "mesh": [], "samples": []}
+               "quadrature": args.quadrature, "mesh": [], "samples": []}
     problem, _ = van_der_pol()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for N in args.meshes:
-            sol = pmp.solve(problem, mesh=N, max_iter=args.iterations, tol=0.0, rho=1.0)
+            sol = pmp.solve(problem, mesh=N, max_iter=args.iterations, tol=0.0, rho=1.0, quadrature=args.quadrature)
             results["mesh"].append(dict(size=N, **split(sol)))
             print("mesh", N, {k: round(v, 4) for k, v in results["mesh"][-1].items() if k in PARTS}, flush=True)
         for K in args.samples:
             train = sine_problem(*sine_data(K, seed=0), reg=0.001, delta=0.25, name="sine")
             init = sine_initial_controls("good", 20, seed=0)
             sol = pmp.solve(train, mesh=20, rho=0.25, max_iter=args.iterations, tol=0.0, init=init, maximiser_iter=10,
-                            perturb=0.005, seed=0, rtol=1e-6, atol=1e-8)
+                            perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, quadrature=args.quadrature)
             results["samples"].append(dict(size=K, **split(sol)))
             print("samples", K, {k: round(v, 4) for k, v in results["samples"][-1].items() if k in PARTS}, flush=True)
     for axis in ("mesh", "samples"):

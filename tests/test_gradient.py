@@ -74,3 +74,36 @@ def test_gradient_of_many_samples_is_gradient_of_their_mean():
                for x in x0]
     assert J == pytest.approx(sum(s[0] for s in singles) / 3, rel=1e-9)
     assert torch.allclose(grad, sum(s[1] for s in singles) / 3, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("budget", [2 ** 12, 100, 7])
+@pytest.mark.parametrize("rho, eps", [(0.25, 0.0), (0.25, 0.3), (0.0, 0.0)])
+def test_blocked_evaluation_equals_one_pass(monkeypatch, budget, rho, eps):
+    """value_and_grad and curvature, taken in blocks of intervals and of samples, give what one
+    autograd pass over all intervals and samples gives (the SQH term counted once per interval)."""
+    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.mesh import make_mesh
+    from pmpsolve.pointwise import PointwiseProblem
+    from pmpsolve.sweeps import Sweeper
+    from problems.sine import sine_data, sine_initial_controls, sine_problem
+
+    pw = PointwiseProblem(sine_problem(*sine_data(60, seed=0), reg=0.001, delta=0.25), torch.float64, "cpu")
+    u = sine_initial_controls("good", 20, seed=0)
+    sweeper = Sweeper(pw, make_mesh(20, 5.0, torch.float64, "cpu"))
+    fw = sweeper.forward(u)
+    data = interval_data(pw, u, fw, sweeper.backward(u, fw), 3)
+    g = torch.Generator().manual_seed(0)
+    v = u + 0.01 * torch.randn(u.shape, generator=g, dtype=u.dtype)
+    d = torch.randn(u.shape, generator=g, dtype=u.dtype)
+    x = v.clone().requires_grad_(True)
+    value = IntervalHamiltonian(pw, data, rho, eps).smooth(x)
+    (grad,) = torch.autograd.grad(value.sum(), x, create_graph=True)
+    (hd,) = torch.autograd.grad((grad * d).sum(), x)
+    monkeypatch.setattr(IntervalHamiltonian, "block_elements", budget)
+    blocked = IntervalHamiltonian(pw, data, rho, eps)
+    blocks = blocked.blocks()
+    assert len(blocks) > 1 and (budget >= 900 or blocks[0][1] != slice(0, 60))  # below 900: samples split too
+    value_b, grad_b = blocked.value_and_grad(v)
+    torch.testing.assert_close(value_b, value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_b, grad.detach(), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(blocked.curvature(v, d), -(d * hd).sum(-1), rtol=1e-10, atol=1e-10)
