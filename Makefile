@@ -23,7 +23,7 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The benchmarks of docs/benchmarks.md (about 40 minutes on 2 cores); CasADi comes with the extra.
+# The benchmarks of docs/benchmarks.md (about 30 minutes on 2 cores); CasADi comes with the extra.
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[test,bench]'
 	$(PY) scripts/bench_control.py

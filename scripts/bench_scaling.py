@@ -50,7 +50,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meshes", type=int, nargs="+", default=[20, 50, 200, 500, 2000])
     parser.add_argument("--samples", type=int, nargs="+", default=[100, 1000, 10000, 100000])
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--quadrature", type=int, default=3,
                         help="Gauss points per interval of the interval Hamiltonian (3: the default; 1: midpoint)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
