@@ -77,20 +77,21 @@ class UpdateRule:
         term, so a large weight freezes all of them and growing it after a rejection
         cannot give the smaller step a continuous set would. So when the maximiser
         returns u^k: move the weight geometrically halfway towards ``aggressive`` (the
-        last weight whose step was rejected), or tenfold down when there is none, until
-        some control changes or the weight reaches ``floor``. Returns the controls,
+        last weight whose step was rejected), then, or when there is none, tenfold down,
+        until some control changes or the weight reaches ``floor``. Returns the controls,
         the weight used and whether u^k is a fixed point at the floor (the maximum
         condition holds, up to the floor's proximity term).
         """
         u = maximise(weight)
-        for _ in range(16):
+        for _ in range(32):
             if not torch.equal(u, data.controls):
                 return u, weight, False
-            if aggressive is not None:
-                if weight <= 1.05 * aggressive:
-                    break
+            if aggressive is not None and weight > 1.05 * aggressive:
                 weight = math.sqrt(weight * aggressive)
             else:
+                # Nothing between the rejected weight and this one changes a control (J can be flat
+                # along the rejected step, e.g. a switch that needs two intervals to move together):
+                # look below it.
                 if weight <= floor:
                     return u, weight, True
                 weight = max(0.1 * weight, floor)
