@@ -33,6 +33,7 @@ ODE_METHODS = METHODS
 _MAX_STEPS = 200_000  # per mesh interval; a blow-up ends in an error, not a hang
 _LINEAR_DEGREE = 5  # polynomial degree of A(t), b(t) per interval in the backward sweep
 _LINEAR_MAX_ELEMENTS = 20_000_000  # above this the co-state right-hand side uses autograd per evaluation
+_PARALLEL_MAX = 600  # K * n * (n + 1) up to which the linear co-state sweep runs over all intervals at once
 
 
 class SweepBudgetExceeded(Exception):
@@ -147,7 +148,10 @@ class Sweeper:
             powers = torch.arange(_LINEAR_DEGREE + 1, device=mesh.device, dtype=mesh.dtype)
             split = K * n_state * n_state
             pT = pw.costate_terminal(states.values[-1])
-            if is_adaptive(self.method) and self.parallel_costate:
+            # All intervals at once pays where the per-step overhead of N sequential restarts dominates:
+            # few samples and a small state (measured: lqr K = 1 25x faster, K = 100 1.7x; the sine
+            # network, n = 5, is slower that way from K = 30 on, 3.9x at K = 1000).
+            if is_adaptive(self.method) and self.parallel_costate and K * n_state * (n_state + 1) <= _PARALLEL_MAX:
                 with torch.no_grad():
                     P = self._parallel_linear_costate(coef, split, pT, evals, iteration)
                 return self._backward_result(u, states, P, evals[0], start, iteration)
