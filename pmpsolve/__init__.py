@@ -14,12 +14,13 @@ is maximised on every mesh interval at once. See docs/guide.md.
     0.674
 """
 from .controls import Box, ControlSet, Finite, Reals, UserSet
-from .errors import DivergenceError, NonFiniteError, SolveError
+from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
 from .maximisers import MaximisationData
 from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
 from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
+from .optimality import optimality_of
 from .sensitivity import cost, cost_gradient
 from .solution import IterationRecord, Solution
 from .solver import solve
@@ -27,7 +28,7 @@ from .solver import solve
 __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solution", "IterationRecord",
-    "SolveError", "NonFiniteError", "DivergenceError", "RULES", "UpdateRule", "register_rule",
-    "cost", "cost_gradient", "sum_up_rounding",
+    "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
+    "cost", "cost_gradient", "optimality_of", "sum_up_rounding",
 ]
 __version__ = "0.1.0"

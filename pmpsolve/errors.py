@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["SolveError", "NonFiniteError", "DivergenceError"]
+__all__ = ["SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError"]
 
 
 class SolveError(RuntimeError):
@@ -49,3 +49,21 @@ class NonFiniteError(SolveError, FloatingPointError):
 
 class DivergenceError(SolveError):
     """The iteration diverged (the paper notes basic MSA can, Sec. 3.1)."""
+
+
+class SweepBudgetError(SolveError):
+    """A sweep needed far more right-hand-side evaluations than the same sweep at the previous
+    iteration (or than the cap of a first sweep): the solution grows without bound (an
+    unbounded problem) or the dynamics became stiff.
+
+    Attributes (besides those of SolveError):
+        sweep: "forward" or "backward".
+        budget: the evaluations it was allowed.
+        time: the last time t the solver reached, when known.
+    """
+
+    def __init__(self, message: str, *, iteration: Optional[int] = None, sweep: str = "forward",
+                 budget: int = 0, time: Optional[float] = None):
+        prefix = f"iteration {iteration}: " if iteration is not None else ""
+        super().__init__(prefix + message, iteration=iteration)
+        self.sweep, self.budget, self.time = sweep, budget, time

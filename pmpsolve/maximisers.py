@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .controls import ControlSet, Finite, UserSet
+from .penalties import prox_in_box
 
 __all__ = ["MaximiserResult", "ProjectedLBFGS", "ProximalGradient", "CandidateSearch", "HamiltonianMaximiser",
            "MaximisationData"]
@@ -199,15 +200,7 @@ class ProximalGradient:
         evals = [0]
 
         def step_to(x, g, s):
-            v = x + s[:, None] * g
-            z = penalty.prox(v, s[:, None] * h)
-            z = torch.maximum(torch.minimum(z, high), low)
-            if penalty.name == "L0":  # hard thresholding then the box: also compare the clipped point
-                clipped = torch.maximum(torch.minimum(v, high), low)
-                zero_ok = (low <= 0) & (high >= 0)
-                keep = (clipped - v) ** 2 + 2 * penalty.weight * s[:, None] * h * (clipped != 0) < v * v
-                z = torch.where(keep | ~zero_ok, clipped, torch.zeros_like(v))
-            return z
+            return prox_in_box(penalty, x + s[:, None] * g, s[:, None] * h, low, high)
 
         def value_grad(x):
             evals[0] += 1

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["ControlPenalty", "L1", "L0"]
+__all__ = ["ControlPenalty", "L1", "L0", "prox_in_box"]
 
 
 class ControlPenalty:
@@ -65,3 +65,21 @@ class L0(ControlPenalty):
 
     def prox(self, v, step):
         return torch.where(v * v > 2 * self.weight * step, v, torch.zeros_like(v))
+
+
+def prox_in_box(penalty, v: torch.Tensor, step: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """argmin over low <= u <= high of  step * penalty(u) + |u - v|^2 / 2, componentwise.
+
+    Without a penalty this is the projection onto the box. L1: soft thresholding then the
+    box (exact: the objective is convex and separable). L0: the best of the clipped point
+    and 0 (when 0 lies in the box), compared on the objective itself, since hard
+    thresholding followed by clipping is not the prox of L0 plus a box.
+    """
+    clipped = torch.maximum(torch.minimum(v, high), low)
+    if penalty is None:
+        return clipped
+    if penalty.name != "L0":
+        return torch.maximum(torch.minimum(penalty.prox(v, step), high), low)
+    zero_ok = (low <= 0) & (high >= 0)
+    keep = (clipped - v) ** 2 + 2 * penalty.weight * step * (clipped != 0) < v * v
+    return torch.where(keep | ~zero_ok, clipped, torch.zeros_like(v))

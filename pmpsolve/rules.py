@@ -21,6 +21,8 @@ from .hamiltonian import IntervalData, IntervalHamiltonian
 from .maximisers import HamiltonianMaximiser
 from .pointwise import PointwiseProblem
 
+_ANDERSON_REGULARISATION = 1e-12  # relative Tikhonov term of the Anderson normal equations
+
 __all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule"]
 
 
@@ -157,6 +159,7 @@ class ExtendedMSA(UpdateRule):
         self._current = None  # (u^k, g(u^k)) of this iteration
         self._aggressive = None  # the last rho whose plain step was rejected at this iteration
         self._fixed = False  # u^k maximises the augmented Hamiltonian for rho -> rho_min
+        self._plain_gain = 0.0  # Hamiltonian gain of the plain step at this iteration
 
     def propose(self, data):
         if self._stage is None or self._stage == "plain":
@@ -178,6 +181,9 @@ class ExtendedMSA(UpdateRule):
                 mixed = _anderson(self._history, self._current, data.lengths, self.controls)
                 if mixed is not None:
                     self._stage = "anderson"
+                    # The plain step's Hamiltonian gain: the decrease an accepted Anderson step must match.
+                    plain = IntervalHamiltonian(self.pw, data, 0.0).terms(new, create_graph=False).hamiltonian
+                    self._plain_gain = float((plain.detach() - data.hamiltonian).sum())
                     return mixed
         self._stage = "plain"
         return self._current[1]
@@ -190,6 +196,9 @@ class ExtendedMSA(UpdateRule):
         o = self.options
         accept = new_cost <= old_cost - float(o["eta"]) * max(gain, 0.0) and new_cost < old_cost
         if self._stage == "anderson":
+            # A mixture that barely moves J (it can land next to u^k when the memory is stale) must
+            # not pass for progress: it must decrease J by low_ratio of the plain step's gain.
+            accept = accept and old_cost - new_cost >= float(o["low_ratio"]) * max(self._plain_gain, 0.0)
             if accept:
                 self._remember()
             return accept
@@ -228,21 +237,33 @@ class ExtendedMSA(UpdateRule):
 def _anderson(history, current, lengths, controls) -> Optional[torch.Tensor]:
     """Anderson (type II) mixture of the fixed-point steps u_i -> g_i, projected onto U.
 
-    Residuals r_i = g_i - u_i are compared in L2(0, T) (weights sqrt(h_n)), the
-    least-squares problem min |r_k - sum_j gamma_j (r_k - r_j)| is solved by lstsq,
-    and the mixture g_k - sum_j gamma_j (g_k - g_j) is returned.
+    Residuals r_i = g_i - u_i are compared in L2(0, T) (weights sqrt(h_n)); the
+    least-squares problem min |r_k - sum_j gamma_j (r_k - r_j)| is solved through its
+    j x j normal equations (j <= memory), with a relative Tikhonov term 1e-12 trace/j
+    for the nearly collinear residuals of a converging iteration, and the mixture
+    g_k - sum_j gamma_j (g_k - g_j) is returned.
+
+    Bit-reproducible on purpose: a LAPACK least-squares solve (``torch.linalg.lstsq``)
+    varied at 1e-17 between identical calls, and the accept/reject decisions that follow
+    amplified that into different solutions. The Gram matrix is a plain tensor reduction
+    and the tiny system is solved once on the CPU in float64.
     """
     u_k, g_k = current
     w = lengths.sqrt()[:, None]
     r_k = ((g_k - u_k) * w).reshape(-1)
     dR = torch.stack([r_k - ((g - u) * w).reshape(-1) for u, g in history], dim=1)  # [N m, j]
     dG = torch.stack([g_k - g for _, g in history], dim=-1)  # [N, m, j]
-    if not bool(torch.isfinite(dR).all()) or float(dR.abs().max()) == 0.0:
+    gram = (dR.unsqueeze(2) * dR.unsqueeze(1)).sum(0).to("cpu", torch.float64)  # [j, j]
+    rhs = (dR * r_k.unsqueeze(1)).sum(0).to("cpu", torch.float64)  # [j]
+    trace = float(gram.diagonal().sum())
+    if not (math.isfinite(trace) and trace > 0.0):
         return None
-    gamma = torch.linalg.lstsq(dR, r_k.unsqueeze(-1)).solution.squeeze(-1)  # [j]
+    j = gram.shape[0]
+    gram = gram + (_ANDERSON_REGULARISATION * trace / j) * torch.eye(j, dtype=torch.float64)
+    gamma = torch.linalg.solve(gram, rhs)
     if not bool(torch.isfinite(gamma).all()):
         return None
-    return controls.project(g_k - dG @ gamma)
+    return controls.project(g_k - dG @ gamma.to(dtype=dG.dtype, device=dG.device))
 
 
 class GradientStep(UpdateRule):

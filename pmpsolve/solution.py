@@ -28,6 +28,8 @@ class IterationRecord(NamedTuple):
     forward_evals, backward_evals: right-hand-side evaluations of the sweeps of this iteration.
     maximiser_evals: objective evaluations of the maximisation(s).
     forward_seconds, backward_seconds, maximise_seconds: the split of ``seconds``.
+    optimality: the first-order optimality measure of u^k (``pmpsolve.optimality``; NaN where
+        it was not measured: the solve stopped before the next co-state sweep).
     """
 
     iteration: int
@@ -46,6 +48,7 @@ class IterationRecord(NamedTuple):
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
     maximise_seconds: float = 0.0
+    optimality: float = math.nan
 
 
 @dataclass
@@ -57,9 +60,15 @@ class Solution:
         controls: [N, m]; row n is the control on [mesh[n], mesh[n + 1]).
         mesh: [N + 1] node times.
         history: one IterationRecord per iteration, starting with iteration 0.
-        converged: whether the stopping test was met (see ``message``).
-        message: why the solve stopped.
+        converged: True only when ``controls`` are first-order optimal: ``optimality`` <=
+            tol * max(1, |J|) (see ``pmpsolve.solve``'s ``tol`` and docs/guide.md).
+        message: why the solve stopped, with the optimality measure.
         method: the update rule used.
+        optimality: the first-order optimality measure of ``controls`` (NaN if not measured).
+        status: "converged", "max_iter", "stalled" (no further decrease found), "callback" or
+            "interrupted" (KeyboardInterrupt: the best controls so far are returned).
+        relaxed_cost: for a finite control set solved by relaxation (the default), J of the
+            relaxed problem over the convex hull: a lower bound when that solve is globally optimal.
     """
 
     cost: float
@@ -76,6 +85,9 @@ class Solution:
     problem_name: str = "problem"
     settings: Dict[str, object] = field(default_factory=dict)
     problem: object = None  # the ControlProblem (not saved)
+    optimality: float = math.nan
+    status: str = ""
+    relaxed_cost: Optional[float] = None
 
     # -------------------------------------------------------------- queries
     @property
@@ -118,7 +130,7 @@ class Solution:
 
     def __repr__(self):
         return (f"Solution(method={self.method!r}, cost={self.cost:.10g}, iterations={self.iterations}, "
-                f"converged={self.converged}, N={self.controls.shape[0]}, m={self.controls.shape[1]}, "
+                f"converged={self.converged}, optimality={self.optimality:.3g}, status={self.status!r}, N={self.controls.shape[0]}, m={self.controls.shape[1]}, "
                 f"message={self.message!r})")
 
     # ------------------------------------------------------------- plotting
@@ -140,6 +152,7 @@ class Solution:
             "history": [r._asdict() for r in self.history], "converged": self.converged,
             "message": self.message, "method": self.method, "control_set": self.control_set.to_dict(),
             "single_sample": self.single_sample, "problem_name": self.problem_name,
+            "optimality": self.optimality, "status": self.status, "relaxed_cost": self.relaxed_cost,
             "settings": _plain(self.settings),
             "states": [x.detach().cpu() for x in self.states_trajectory.fields()],
             "costates": None if self.costates_trajectory is None
@@ -161,7 +174,8 @@ class Solution:
                    message=data["message"], method=data["method"], states_trajectory=states,
                    costates_trajectory=costates, control_set=control_set_from_dict(data["control_set"]),
                    single_sample=data["single_sample"], problem_name=data["problem_name"],
-                   settings=data["settings"])
+                   settings=data["settings"], optimality=data.get("optimality", math.nan),
+                   status=data.get("status", ""), relaxed_cost=data.get("relaxed_cost"))
 
 
 def _plain(value):

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, SolveError, SweepBudgetError
 from .mesh import interval_index
 from .ode import METHODS, integrate, is_adaptive
 from .pointwise import PointwiseProblem
@@ -36,8 +36,11 @@ _LINEAR_MAX_ELEMENTS = 20_000_000  # above this the co-state right-hand side use
 _PARALLEL_MAX = 600  # K * n * (n + 1) up to which the linear co-state sweep runs over all intervals at once
 
 
-class SweepBudgetExceeded(Exception):
-    """A trial sweep took more right-hand-side evaluations than it was allowed."""
+SweepBudgetExceeded = SweepBudgetError  # the name the solver loop catches for abandoned trial sweeps
+
+#: Right-hand-side evaluations a sweep may take when no budget is given (a first sweep, or
+#: ``pmp.cost``): a blow-up or a stiff problem ends in a SweepBudgetError within seconds.
+DEFAULT_BUDGET = 100_000
 
 
 class ForwardSweep(NamedTuple):
@@ -77,6 +80,15 @@ class Sweeper:
                 self.options.setdefault("jump_t", mesh[1:-1])
             self.options.setdefault("max_num_steps", _MAX_STEPS)
         elif issubclass(SOLVERS[method], FixedGridODESolver):
+            step = self.options.pop("step_size", None)
+            if step is None or not float(step) > 0:
+                raise ValueError(
+                    f"ode_method={method!r} is a fixed-step method and needs a step size: pass "
+                    f"ode_options={{'step_size': h}} with h > 0, e.g. h = {float(mesh[-1]) / (10 * (mesh.numel() - 1)):.3g} "
+                    f"(10 steps per mesh interval); got {step!r}. Without one it would take a single step per "
+                    "interval and report an inaccurate J. Or use an adaptive method such as 'dopri5'")
+            # Steps end on every mesh node (the control jumps there): each interval gets ceil(h_n / step) steps.
+            self.options["grid_constructor"] = _grid_on_nodes(float(step))
             self.options.setdefault("perturb", True)
         self._synchronize = self.pw.device.type == "cuda"
         #: the linear co-state sweep over all intervals at once (``_parallel_linear_costate``)
@@ -99,13 +111,10 @@ class Sweeper:
         K, n = pw.num_samples, pw.state_dim
         evals = [0]
         start = self._clock()
-        limit = budget if budget is not None else float("inf")
+        count = self._counter(evals, budget, "forward", iteration)
 
         def rhs(t, z):
-            evals[0] += 1
-            if evals[0] > limit:
-                raise SweepBudgetExceeded(f"forward sweep exceeded {budget} right-hand-side evaluations")
-            self._last_t = t
+            count(t)
             un = u[interval_index(mesh, t)]
             if not pw.has_running_cost:
                 return pw.dynamics(t, z, un)
@@ -130,11 +139,17 @@ class Sweeper:
         return ForwardSweep(traj, cost, terminal, running, evals[0], self._clock() - start)
 
     # ---------------------------------------------------------------- backward
-    def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None) -> BackwardSweep:
-        """Integrate the co-state backwards from P_T = -grad_{X_T} J for controls u [N, m]."""
+    def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None,
+                 budget: Optional[int] = None) -> BackwardSweep:
+        """Integrate the co-state backwards from P_T = -grad_{X_T} J for controls u [N, m].
+
+        ``budget``: raise SweepBudgetError after that many right-hand-side evaluations
+        (default ``DEFAULT_BUDGET``): a co-state that grows without bound must not hang.
+        """
         pw, mesh, states = self.pw, self.mesh, forward.states
         evals = [0]
         start = self._clock()
+        count = self._counter(evals, budget, "backward", iteration)
         N, K, n_state = mesh.numel() - 1, pw.num_samples, pw.state_dim
         if N * (_LINEAR_DEGREE + 1) * K * n_state * (n_state + 1) <= _LINEAR_MAX_ELEMENTS:
             # P' = -A(t)^T P + b(t) is linear in P; A = df/dx and b = grad_x L / K are smooth inside each
@@ -153,12 +168,11 @@ class Sweeper:
             # network, n = 5, is slower that way from K = 30 on, 3.9x at K = 1000).
             if is_adaptive(self.method) and self.parallel_costate and K * n_state * (n_state + 1) <= _PARALLEL_MAX:
                 with torch.no_grad():
-                    P = self._parallel_linear_costate(coef, split, pT, evals, iteration)
+                    P = self._parallel_linear_costate(coef, split, pT, count, iteration)
                 return self._backward_result(u, states, P, evals[0], start, iteration)
 
             def rhs(t, p):
-                evals[0] += 1
-                self._last_t = t
+                count(t)
                 n = interval_index(mesh, t)
                 z = (2 * (t - mesh[n]) * inv_h[n] - 1) ** powers  # [d + 1], Chebyshev variable in [-1, 1]
                 values = z @ coef[n]  # [K * (n * n + n)]
@@ -166,8 +180,7 @@ class Sweeper:
                 return (M @ p.unsqueeze(-1)).squeeze(-1) + values[split:].view(K, n_state)
         else:
             def rhs(t, p):
-                evals[0] += 1
-                self._last_t = t
+                count(t)
                 n = interval_index(mesh, t)
                 _, _, gx = pw.hamiltonian(t, states.at(t, n), p, u[n], with_grad_x=True)
                 return -gx
@@ -187,7 +200,7 @@ class Sweeper:
         traj = HermiteTrajectory(mesh, P, -g_left.detach(), -g_right.detach())
         return BackwardSweep(traj, evaluations, self._clock() - start)
 
-    def _parallel_linear_costate(self, coef, split, pT, evals, iteration) -> torch.Tensor:
+    def _parallel_linear_costate(self, coef, split, pT, count, iteration) -> torch.Tensor:
         """P at every node [N + 1, K, n] for P' = M(t) P + c(t), all intervals at once.
 
         On interval n, with t = t_{n+1} - sigma h_n (sigma from 0 to 1), the co-state obeys an affine
@@ -205,7 +218,7 @@ class Sweeper:
         powers = torch.arange(coef.shape[1], device=mesh.device, dtype=mesh.dtype)
 
         def rhs(sigma, Y):
-            evals[0] += 1
+            count(None)
             values = ((1 - 2 * sigma) ** powers) @ coef  # [N, K * (n * n + n)]
             M = values[:, :split].view(N, K, n, n)
             c = values[:, split:].view(N, K, n, 1)
@@ -219,6 +232,8 @@ class Sweeper:
         unit = torch.tensor([0.0, 1.0], dtype=mesh.dtype, device=mesh.device)
         try:
             Y = integrate(rhs, Y0, unit, rtol=self.rtol, atol=self.atol, method=self.method, options=options)[-1]
+        except SolveError:
+            raise
         except (AssertionError, RuntimeError, FloatingPointError) as err:
             raise NonFiniteError(f"the backward sweep failed ({str(err).splitlines()[0][:200]}): the co-state "
                                  "blows up or is not finite", iteration=iteration, sweep="backward", time=None) from err
@@ -233,6 +248,27 @@ class Sweeper:
         return torch.cat([P, pT.unsqueeze(0)])
 
     # --------------------------------------------------------------- internals
+    def _counter(self, evals: list, budget: Optional[int], sweep: str, iteration):
+        """A function each right-hand side calls first: counts evaluations into ``evals[0]`` and
+        raises SweepBudgetError past ``budget`` (our own limit: torchdiffeq's step limit is a bare
+        assert, gone under ``python -O``)."""
+        limit = DEFAULT_BUDGET if budget is None else int(budget)
+
+        def count(t):
+            evals[0] += 1
+            if t is not None:
+                self._last_t = t
+            if evals[0] > limit:
+                where = None if self._last_t is None else float(self._last_t)
+                raise SweepBudgetError(
+                    f"the {sweep} sweep needed more than {limit} right-hand-side evaluations (it reached t = "
+                    f"{where}): the {'state' if sweep == 'forward' else 'co-state'} grows without bound or the "
+                    "dynamics are stiff. If J kept decreasing, the problem may be unbounded below (check the costs "
+                    "and bounds); for stiff dynamics see docs/guide.md, section 'Stiff problems'",
+                    iteration=iteration, sweep=sweep, budget=limit, time=where)
+
+        return count
+
     def _linearisation_polynomials(self, u, states):
         """Monomial coefficients in z = 2 (t - t_n) / h_n - 1 of A and b on every interval:
         [N, d + 1, K, n, n] and [N, d + 1, K, n], from values at d + 1 Chebyshev points."""
@@ -249,6 +285,8 @@ class Sweeper:
         try:
             return integrate(rhs, y0, times, rtol=self.rtol, atol=self.atol, method=self.method,
                              options=self.options)
+        except SolveError:
+            raise
         except (AssertionError, RuntimeError, FloatingPointError) as err:
             text = str(err)
             if "underflow" in text or "non-finite" in text or "max_num_steps" in text or "nan" in text.lower():
@@ -273,3 +311,18 @@ class Sweeper:
         if self._synchronize:
             torch.cuda.synchronize(self.pw.device)
         return time.perf_counter()
+
+
+def _grid_on_nodes(step: float):
+    """A torchdiffeq ``grid_constructor``: the output times (the mesh nodes) subdivided into steps of
+    at most ``step``, so that no fixed step crosses a node where the control jumps."""
+    def construct(func, y0, t):
+        h = t[1:] - t[:-1]
+        counts = torch.ceil(h.abs() / step).clamp_min(1).long()  # [N] steps per interval
+        interval = torch.repeat_interleave(torch.arange(h.numel(), device=t.device), counts)
+        first = torch.cumsum(counts, 0) - counts  # index of each interval's first step
+        position = torch.arange(interval.numel(), device=t.device) - first[interval]
+        inner = t[:-1][interval] + h[interval] * position.to(t.dtype) / counts[interval].to(t.dtype)
+        return torch.cat([inner, t[-1:]])
+
+    return construct

@@ -1,0 +1,52 @@
+"""Finite control sets solved by relaxation, rounding and polishing (the default for ``pmp.Finite``).
+
+Iterating on a finite set from a constant control stops at the first control that no
+single-interval switch improves: on the binary catalyst-mixing problem E-MSA ends
+2.3e-2 and SQH 2.5e-3 above the relaxed optimum that way. The standard route of
+mixed-integer optimal control (Sager, Bock and Diehl 2012) does far better:
+
+1. solve the relaxation over the convex hull of the set (a Box from the smallest to
+   the largest value), whose optimum bounds the finite problem from below when it is
+   global;
+2. round the relaxed controls by sum-up rounding, which keeps the integral of the
+   rounded control within max h_n of the relaxed one, so J moves by O(max h_n);
+3. polish on the set with the same method, starting from the rounded controls.
+
+The polished solve's result is returned (it never ends above the rounded controls'
+J: its iterations only keep decreases), with ``relaxed_cost`` set.
+"""
+from __future__ import annotations
+
+import time
+
+from .controls import Box, Finite
+from .problem import ControlProblem
+from .rounding import sum_up_rounding
+
+__all__ = ["relax_round_polish", "relaxed_problem"]
+
+
+def relaxed_problem(problem: ControlProblem) -> ControlProblem:
+    """The same problem with the finite set replaced by its convex hull, a Box."""
+    values = problem.controls.values
+    hull = Box(float(values[0]), float(values[-1]), shape=problem.controls.shape)
+    return ControlProblem(problem.dynamics, problem.x0, problem.horizon, hull, problem.terminal_cost,
+                          problem.running_cost, control_penalty=problem.control_penalty,
+                          name=f"{problem.name} (relaxed)")
+
+
+def relax_round_polish(problem: ControlProblem, solve, arguments: dict):
+    """``solve(problem, **arguments)`` for a Finite set by the three steps above."""
+    if not isinstance(problem.controls, Finite):
+        raise TypeError(f"relax_round_polish: needs a pmp.Finite control set, got {problem.controls!r}")
+    start = time.perf_counter()
+    relaxed = solve(relaxed_problem(problem), **{**arguments, "finite": "plain"})
+    rounded = sum_up_rounding(relaxed.controls, relaxed.mesh, problem.controls)
+    polished = solve(problem, **{**arguments, "finite": "plain", "init": rounded, "mesh": relaxed.mesh})
+    polished.relaxed_cost = relaxed.cost
+    polished.message = (f"relaxed J = {relaxed.cost:.10g} ({relaxed.iterations} iterations, "
+                        f"{relaxed.status}), sum-up rounded, polished: {polished.message}")
+    polished.settings["finite"] = "relax-round-polish"
+    polished.settings["relaxed_iterations"] = relaxed.iterations
+    polished.settings["seconds"] = time.perf_counter() - start
+    return polished
