@@ -3,9 +3,8 @@
 Shapes: a batch of P points carries one time each (``t`` [P]) and one control
 each (``u`` [P, m]); states and co-states are [P, *B, K, n] where K is the
 sample axis. The user's functions are written for one time (t 0-d): when f or
-L depend on t, the P points are mapped with ``torch.func.vmap`` so that each
-call still sees a 0-d t; when they do not (checked once, see
-``ControlProblem.check``), one plain call covers all points.
+L read t or not, the P points are mapped with ``torch.func.vmap`` so that each
+call sees its own 0-d t (``ControlProblem.check`` made sure the functions allow it).
 
 Hamiltonian in the paper's scaling (DESIGN.md section 1): the K samples form
 one concatenated state, J is their mean, so
@@ -36,18 +35,17 @@ class PointwiseProblem:
         self.num_samples, self.state_dim = self.x0.shape
         self.control_dim = problem.control_dim
         self.has_running_cost = problem.running_cost is not None
-        self._time0 = torch.zeros((), dtype=dtype, device=device)
 
     # ---------------------------------------------------------- user functions
     def dynamics(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """f at t (0-d, or [P] with x [P, ..., n] and u [P, m] or [m]) -> like x."""
-        return self._map(self.problem.dynamics, self.problem.time_dependent_dynamics, t, x, u)
+        return self._map(self.problem.dynamics, t, x, u)
 
     def running_cost(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """L per sample -> x.shape[:-1] (zeros when the problem has none)."""
         if not self.has_running_cost:
             return x.new_zeros(x.shape[:-1])
-        return self._map(self.problem.running_cost, self.problem.time_dependent_running_cost, t, x, u)
+        return self._map(self.problem.running_cost, t, x, u)
 
     def terminal_cost(self, x: torch.Tensor) -> torch.Tensor:
         """Phi per sample -> x.shape[:-1] (zeros when the problem has none)."""
@@ -55,13 +53,16 @@ class PointwiseProblem:
             return x.new_zeros(x.shape[:-1])
         return self.problem.terminal_cost(x)
 
-    def _map(self, fn, time_dependent: bool, t, x, u):
+    @staticmethod
+    def _map(fn, t, x, u):
         u_full = _expand_control(u, x, batched=t.ndim > 0)
-        if t.ndim == 0 or not time_dependent:
-            return fn(t if t.ndim == 0 else self._time0, x, u_full)
-        # One 0-d time per point: flatten the point dims of t and map over them.
+        if t.ndim == 0:
+            return fn(t, x, u_full)
+        # Every point at its own time, always: whether f or L read t cannot be told from outside
+        # (torch.where(t < 1, ...) carries no gradient to t). vmap gives each call a 0-d t; the
+        # problem checked on construction that the functions allow it.
         points = t.shape
-        flat = lambda a: a.reshape((-1,) + a.shape[len(points):])
+        flat = lambda a: a.reshape((-1,) + a.shape[len(points):])  # noqa: E731
         out = torch.func.vmap(fn)(t.reshape(-1), flat(x), flat(u_full))
         return out.reshape(points + out.shape[1:])
 

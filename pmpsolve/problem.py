@@ -140,13 +140,13 @@ class ControlProblem:
     def check(self, dtype: torch.dtype, device) -> None:
         """Trial-call every function in ``dtype`` on ``device``; raise a clear error on misuse.
 
-        Also records whether f and L depend on t (so the engine can skip the per-point
-        time batching when they do not).
+        Also checks that f and L can be evaluated at many times at once (``torch.func.vmap``
+        over a 0-d t), which is how the engine evaluates them on the mesh.
         """
         K, n, m = self.num_samples, self.state_dim, self.control_dim
         x = self.initial_state(dtype, device)
         u = self.controls.default_point(dtype, device).expand(K, m)
-        t = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        t = torch.zeros((), dtype=dtype, device=device)
         where = f"in {dtype}" + ("" if torch.device(device).type == "cpu" else f" on {device}")
 
         out = _call("dynamics", self.dynamics, (t, x, u), f"t 0-d, x [K={K}, n={n}], u [K={K}, m={m}] {where}")
@@ -155,21 +155,20 @@ class ControlProblem:
                 f"ControlProblem: `dynamics` returned shape {tuple(out.shape)} for x of shape {(K, n)}; "
                 f"it must return dx/dt with the shape of x (x0 has n={n} components)"
             )
-        self.time_dependent_dynamics = _uses(out, t)
         xb, ub = x.expand(_BATCH, K, n), u.expand(_BATCH, K, m)
-        out = _call("dynamics", self.dynamics, (t.detach(), xb, ub), f"x [{_BATCH}, {K}, {n}], u [{_BATCH}, {K}, {m}] {where}")
+        out = _call("dynamics", self.dynamics, (t, xb, ub), f"x [{_BATCH}, {K}, {n}], u [{_BATCH}, {K}, {m}] {where}")
         if tuple(out.shape) != (_BATCH, K, n):
             raise ValueError(
                 f"ControlProblem: `dynamics` must work on batches (x [..., n], u [..., m]); for x of shape "
                 f"{(_BATCH, K, n)} it returned {tuple(out.shape)}. Index with x[..., i] and stack with dim=-1"
             )
-        self.time_dependent_running_cost = False
+        _check_many_times("dynamics", self.dynamics, self.horizon, x, u)
         if self.running_cost is not None:
             out = _call("running_cost", self.running_cost, (t, x, u), f"t 0-d, x [{K}, {n}], u [{K}, {m}] {where}")
             _check_per_sample("running_cost", out, (K,))
-            self.time_dependent_running_cost = _uses(out, t)
-            out = _call("running_cost", self.running_cost, (t.detach(), xb, ub), f"x [{_BATCH}, {K}, {n}] {where}")
+            out = _call("running_cost", self.running_cost, (t, xb, ub), f"x [{_BATCH}, {K}, {n}] {where}")
             _check_per_sample("running_cost", out, (_BATCH, K))
+            _check_many_times("running_cost", self.running_cost, self.horizon, x, u)
         if self.terminal_cost is not None:
             out = _call("terminal_cost", self.terminal_cost, (x,), f"x [{K}, {n}] {where}")
             _check_per_sample("terminal_cost", out, (K,))
@@ -204,9 +203,23 @@ def _check_per_sample(label: str, out: torch.Tensor, expected) -> None:
         )
 
 
-def _uses(out: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether ``out`` depends on ``t`` through the autograd graph."""
-    if not out.requires_grad:
-        return False
-    (g,) = torch.autograd.grad(out.sum(), t, allow_unused=True)
-    return g is not None
+def _check_many_times(label: str, fn, horizon: float, x: torch.Tensor, u: torch.Tensor) -> None:
+    """The engine evaluates f and L at many times at once: ``torch.func.vmap`` over a 0-d t, with
+    x [P, K, n] and u [P, K, m]. Check that this works and agrees with one call per time, at
+    times spread over [0, T] (a Python ``if t < 1`` or ``float(t)`` cannot be mapped)."""
+    times = torch.tensor([0.0, 0.37, 0.5, 1.0], dtype=x.dtype, device=x.device) * horizon
+    P = times.numel()
+    xs, us = x.expand((P,) + x.shape), u.expand((P,) + u.shape)
+    try:
+        mapped = torch.func.vmap(fn)(times, xs, us)
+    except Exception as err:
+        raise ValueError(
+            f"ControlProblem: `{label}` cannot be evaluated at many times at once (torch.func.vmap over a 0-d t "
+            f"failed: {str(err).splitlines()[0][:200]}). The solver evaluates it on the whole mesh in one call, so "
+            "write time dependence with tensor operations: torch.where(t < 1, a, b) instead of `if t < 1: ...`, "
+            "and never float(t) or t.item()") from err
+    single = torch.stack([fn(times[i], x, u) for i in range(P)])
+    if mapped.shape != single.shape or not torch.allclose(mapped, single, rtol=1e-6, atol=1e-9, equal_nan=True):
+        raise ValueError(
+            f"ControlProblem: `{label}` gives different values when evaluated at several times at once "
+            "(torch.func.vmap over t) than one time at a time; it must be a pure function of (t, x, u)")

@@ -37,7 +37,7 @@ _BUDGET_FACTOR = 5  # a trial forward sweep may cost this many times the current
 _CYCLE_PATIENCE = 25  # iterations without a new best J (while J keeps changing) that count as cycling
 _STALL_PATIENCE = 3  # iterations in a row with |dJ| <= stall_tol * max(1, |J|) that count as a stall
 _MIN_EVALS_PER_INTERVAL = 8  # a sweep's budget never drops below this many evaluations per mesh interval
-_FIRST_SWEEP_EVALS = 100_000  # the budget of the first sweep of each kind (no previous one to compare with)
+_FIRST_SWEEP_EVALS = 50_000  # the budget of the first sweep of each kind (no previous one to compare with)
 
 
 def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, torch.Tensor] = 200,

@@ -40,7 +40,7 @@ SweepBudgetExceeded = SweepBudgetError  # the name the solver loop catches for a
 
 #: Right-hand-side evaluations a sweep may take when no budget is given (a first sweep, or
 #: ``pmp.cost``): a blow-up or a stiff problem ends in a SweepBudgetError within seconds.
-DEFAULT_BUDGET = 100_000
+DEFAULT_BUDGET = 50_000
 
 
 class ForwardSweep(NamedTuple):
@@ -253,6 +253,7 @@ class Sweeper:
         raises SweepBudgetError past ``budget`` (our own limit: torchdiffeq's step limit is a bare
         assert, gone under ``python -O``)."""
         limit = DEFAULT_BUDGET if budget is None else int(budget)
+        self._last_t = None  # the time this sweep reached (None: all intervals at once, no single time)
 
         def count(t):
             evals[0] += 1
@@ -261,8 +262,9 @@ class Sweeper:
             if evals[0] > limit:
                 where = None if self._last_t is None else float(self._last_t)
                 raise SweepBudgetError(
-                    f"the {sweep} sweep needed more than {limit} right-hand-side evaluations (it reached t = "
-                    f"{where}): the {'state' if sweep == 'forward' else 'co-state'} grows without bound or the "
+                    f"the {sweep} sweep needed more than {limit} right-hand-side evaluations"
+                    + ("" if where is None else f" (it reached t = {where:.6g})")
+                    + f": the {'state' if sweep == 'forward' else 'co-state'} grows without bound or the "
                     "dynamics are stiff. If J kept decreasing, the problem may be unbounded below (check the costs "
                     "and bounds); for stiff dynamics see docs/guide.md, section 'Stiff problems'",
                     iteration=iteration, sweep=sweep, budget=limit, time=where)

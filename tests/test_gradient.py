@@ -58,7 +58,6 @@ def test_time_dependent_dynamics_gradient():
         x0=torch.tensor([1.0, 0.0], dtype=torch.float64), horizon=2.0, controls=pmp.Reals(2),
         terminal_cost=lambda x: (x ** 2).sum(-1),
         running_cost=lambda t, x, u: torch.cos(t) * (u ** 2).sum(-1) + x[..., 1] ** 2)
-    assert problem.time_dependent_dynamics and problem.time_dependent_running_cost
     assert _relative_error(problem, _random_controls(problem, 16, seed=3), count=6) < 1e-4
 
 

@@ -13,7 +13,7 @@ from problems.lqr import riccati_cost
 @pytest.mark.parametrize("name", ["lqr", "catalyst", "vanderpol", "rayleigh"])
 def test_default_solve_reaches_reference_value(name):
     problem, reference = REFERENCE_PROBLEMS[name]()
-    sol = pmp.solve(problem, mesh=200)
+    sol = pmp.solve(problem, mesh=100)
     assert sol.converged, sol.message
     assert abs(sol.cost - reference) / abs(reference) < 1e-3
     # The reported cost is J of the returned controls: an independent integrator agrees.

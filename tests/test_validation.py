@@ -91,7 +91,7 @@ def test_initial_control_outside_the_set():
 
 
 def test_bad_dtype_and_tolerances():
-    with pytest.raises(TypeError, match="`dtype` must be a real floating"):
+    with pytest.raises(TypeError, match="`dtype` must be torch.float64 or torch.float32"):
         pmp.solve(make(), dtype=torch.int64)
     with pytest.raises(ValueError, match="`rtol` and `atol` must be > 0"):
         pmp.solve(make(), rtol=-1.0)
@@ -112,7 +112,9 @@ def test_blow_up_mid_solve_keeps_the_best_controls():
     problem = pmp.ControlProblem(lambda t, x, u: u * x ** 2, torch.tensor([1.0]), 1.0, pmp.Reals(1),
                                  terminal_cost=lambda x: (x[..., 0] - 2) ** 2,
                                  running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1))
-    with pytest.raises(pmp.NonFiniteError) as info:
+    # The trial sweep blows up near t = 1/2: non-finite values, or (first) more evaluations than
+    # the sweep's budget allows; either way an error with the best controls, never a hang.
+    with pytest.raises((pmp.NonFiniteError, pmp.SweepBudgetError)) as info:
         pmp.solve(problem, method="msa", mesh=10)
     err = info.value
     assert err.iteration == 1 and err.sweep == "forward" and 0.3 < err.time < 0.7
