@@ -44,3 +44,66 @@ def test_a_mesh_that_is_not_an_integer_is_refused(mesh, message):
         pmp.solve(make(), mesh=mesh)
     with pytest.raises(TypeError, match=message):
         pmp.cost(make(), torch.zeros(10, 1), mesh=mesh)
+
+
+# --------------------------------------------------------- 2. control sets
+inf = float("inf")
+
+
+@pytest.mark.parametrize("low, high, component", [(inf, inf, 0), (-inf, -inf, 0), ([0.0, inf], [1.0, inf], 1),
+                                                  ([0.0, -inf], [1.0, -inf], 1)])
+def test_an_empty_box_is_refused(low, high, component):
+    with pytest.raises(ValueError, match=rf"Box: component {component} has low=.*an empty set.*use low=-inf "
+                                         r"and/or high=inf"):
+        pmp.Box(low, high)
+
+
+def test_one_sided_and_unbounded_boxes_still_work():
+    assert pmp.Box(-inf, inf).contains(torch.tensor([1e300])).item()
+    assert pmp.Box(0.0, inf).contains(torch.tensor([5.0])).item()
+    assert not pmp.Box(-inf, 1.0).contains(torch.tensor([2.0])).item()
+
+
+def test_box_bounds_that_are_not_numbers():
+    with pytest.raises(TypeError, match=r"Box: `low` and `high` must be numbers.*got low=None, high=1"):
+        pmp.Box(None, 1)
+
+
+@pytest.mark.parametrize("make_set", [pmp.Reals, lambda shape: pmp.Box(0.0, 1.0, shape=shape),
+                                      lambda shape: pmp.Finite([0, 1], shape=shape),
+                                      lambda shape: pmp.UserSet(lambda data: data.controls, shape)],
+                         ids=["Reals", "Box", "Finite", "UserSet"])
+@pytest.mark.parametrize("shape, error, message", [
+    (0, ValueError, r"m >= 1 .*got \(0,\); for m control components pass shape=\(m,\)"),
+    (-2, ValueError, r"m >= 1"),
+    ((2, 3), ValueError, r"m >= 1 .*got \(2, 3\)"),
+    (2.5, TypeError, r"`shape` must be an int m or a tuple \(m,\) of one int, got float 2.5"),
+    (2.0, TypeError, r"got float 2.0; pass shape=\(2,\)"),
+    ((2.5,), TypeError, r"got tuple \(2.5,\)"),
+    (True, TypeError, r"got bool True"),
+    ("2", TypeError, r"got str '2'"),
+])
+def test_bad_control_shape(make_set, shape, error, message):
+    with pytest.raises(error, match=message):
+        make_set(shape)
+
+
+def test_reals_of_none():
+    with pytest.raises(TypeError, match=r"Reals: `shape` must be an int m .*got NoneType None"):
+        pmp.Reals(None)
+
+
+@pytest.mark.parametrize("shape", [2, np.int64(2), torch.tensor(2), (2,), [2], torch.Size([2])],
+                         ids=["int", "np.int64", "0-d tensor", "tuple", "list", "Size"])
+def test_any_integer_shape_is_accepted(shape):
+    assert pmp.Reals(shape).shape == (2,) and pmp.Finite([0, 1], shape=shape).shape == (2,)
+
+
+def test_finite_values_must_be_flat():
+    with pytest.raises(ValueError, match=r"Finite: `values` must be a flat sequence.*got shape \(2, 2\)"):
+        pmp.Finite([[0, 1], [2, 3]], shape=(2,))
+
+
+def test_user_set_default_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"UserSet: `default` must have the control shape \(2,\), got shape \(3,\)"):
+        pmp.UserSet(lambda data: data.controls, 2, default=[1.0, 2.0, 3.0])
