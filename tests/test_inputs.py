@@ -107,3 +107,24 @@ def test_finite_values_must_be_flat():
 def test_user_set_default_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"UserSet: `default` must have the control shape \(2,\), got shape \(3,\)"):
         pmp.UserSet(lambda data: data.controls, 2, default=[1.0, 2.0, 3.0])
+
+
+# ------------------------------------------------- 3. cost in float64 by default
+def test_cost_of_float32_controls_is_computed_in_float64():
+    problem = make()
+    u64 = torch.linspace(-1, 1, 10, dtype=torch.float64).reshape(10, 1)
+    u32 = u64.to(torch.float32)
+    u32_exact = u32.to(torch.float64)  # the same numbers as u32, so J must agree to float64 accuracy
+    assert pmp.cost(problem, u32) == pytest.approx(pmp.cost(problem, u32_exact), rel=1e-12, abs=1e-12)
+    J32, dJ32 = pmp.cost_gradient(problem, u32)
+    J64, dJ64 = pmp.cost_gradient(problem, u32_exact)
+    assert J32 == pytest.approx(J64, rel=1e-12, abs=1e-12)
+    assert dJ32.dtype == torch.float64 and torch.allclose(dJ32, dJ64, rtol=1e-12, atol=1e-14)
+    # float32 on request
+    J, dJ = pmp.cost_gradient(problem, u64, dtype=torch.float32)
+    assert dJ.dtype == torch.float32 and J == pytest.approx(J64, rel=1e-4)
+
+
+def test_cost_refuses_a_dtype_that_is_not_floating():
+    with pytest.raises(TypeError, match=r"`dtype` must be a real floating torch dtype.*got torch.int64"):
+        pmp.cost(make(), torch.zeros(4, 1), dtype=torch.int64)
