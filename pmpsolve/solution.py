@@ -84,11 +84,10 @@ class Solution:
         return len(self.history) - 1
 
     def control(self, t) -> torch.Tensor:
-        """u(t), piecewise constant -> [*t.shape, m]."""
+        """u(t), piecewise constant -> [*t.shape, m]; t in [0, T] (at T, the control of the last interval)."""
         from .mesh import interval_index
 
-        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
-        return self.controls[interval_index(self.mesh, t)]
+        return self.controls[interval_index(self.mesh, self._times(t))]
 
     def state(self, t) -> torch.Tensor:
         """X(t) by cubic Hermite interpolation between mesh nodes -> [*t.shape, n] ([*t.shape, K, n] for K samples)."""
@@ -101,11 +100,20 @@ class Solution:
         return self._squeeze(self.costates_trajectory(self._times(t)))
 
     def _times(self, t):
-        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        """``t`` as a tensor on the mesh's dtype and device, checked to be times in [0, T]."""
         T = float(self.mesh[-1])
+        try:
+            t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"times `t` must be a number or a tensor of numbers in [0, T] = [0, {T:g}], "
+                            f"got {type(t).__name__}") from None
+        nan = torch.isnan(t)
+        if bool(nan.any()):
+            where = "" if t.ndim == 0 else f" at index {tuple(nan.nonzero()[0].tolist())}"
+            raise ValueError(f"times `t` must be numbers in [0, T] = [0, {T:g}], got NaN{where}; NaN is not a time")
         if bool(((t < 0) | (t > T * (1 + 1e-12))).any()):
             raise ValueError(f"times must lie in [0, T] = [0, {T:g}], got values in "
-                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+                             f"[{float(t.min()):g}, {float(t.max()):g}]; clamp them with t.clamp(0, {T:g})")
         return t
 
     def _squeeze(self, y):

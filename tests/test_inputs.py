@@ -1,4 +1,6 @@
 """Bad input found by a user (issue 10): each gets a clear error or the right behaviour."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,34 @@ def test_cost_of_float32_controls_is_computed_in_float64():
 def test_cost_refuses_a_dtype_that_is_not_floating():
     with pytest.raises(TypeError, match=r"`dtype` must be a real floating torch dtype.*got torch.int64"):
         pmp.cost(make(), torch.zeros(4, 1), dtype=torch.int64)
+
+
+# ---------------------------------------------- 4. times given to a Solution
+@pytest.fixture(scope="module")
+def small_solution():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # max_iter reached
+        return pmp.solve(make(), mesh=8, max_iter=3)
+
+
+@pytest.mark.parametrize("query", ["state", "costate", "control"])
+@pytest.mark.parametrize("t, message", [
+    (float("nan"), r"got NaN; NaN is not a time"),
+    (torch.tensor([0.0, float("nan"), 0.5]), r"got NaN at index \(1,\)"),
+    (-0.1, r"times must lie in \[0, T\] = \[0, 1\], got values in \[-0.1, -0.1\]"),
+    (torch.tensor([0.5, 1.5]), r"got values in \[0.5, 1.5\]; clamp them with t.clamp\(0, 1\)"),
+])
+def test_times_outside_the_horizon_or_nan(small_solution, query, t, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(small_solution, query)(t)
+
+
+def test_control_lookup_inside_the_horizon(small_solution):
+    sol = small_solution
+    t = torch.tensor([0.0, 0.125, 0.2, 1.0], dtype=torch.float64)
+    u = sol.control(t)
+    assert u.shape == (4, 1)
+    assert torch.equal(u[:, 0], sol.controls[[0, 1, 1, 7], 0])  # a node belongs to the interval on its right
+    assert sol.control(1.0).shape == (1,)
+    with pytest.raises(TypeError, match=r"times `t` must be a number or a tensor"):
+        sol.state("end")
