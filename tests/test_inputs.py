@@ -161,3 +161,50 @@ def test_control_lookup_inside_the_horizon(small_solution):
     assert sol.control(1.0).shape == (1,)
     with pytest.raises(TypeError, match=r"times `t` must be a number or a tensor"):
         sol.state("end")
+
+
+# ------------------------------------------------ 5. loading what is not a Solution
+class _NotPlainData:
+    pass
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text", r"'.*junk' is not a saved pmpsolve Solution: it is a text file beginning 'not a solution' that "
+             r"torch.load\(weights_only=True\) cannot read"),
+    ("empty", r"it is an empty file that torch.load"),
+    ("tensor", r"holds a Tensor of shape \(3,\), not a saved pmpsolve Solution"),
+    ("dict", r"holds a dict with no 'format' entry \(keys: \['a'\]\)"),
+    ("other format", r"holds a dict with format 'pmpsolve.Solution/9', which this version cannot read"),
+    ("damaged", r"has the Solution format but lacks the entry 'mesh'"),
+    ("object", r"it is a binary file of \d+ bytes that torch.load\(weights_only=True\) cannot read"),
+    ("directory", r"is a directory"),
+])
+def test_loading_a_file_that_is_not_a_solution(tmp_path, content, message):
+    path = tmp_path / "junk"
+    if content == "text":
+        path.write_text("not a solution\n")
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "dict":
+        torch.save({"a": 1}, path)
+    elif content == "other format":
+        torch.save({"format": "pmpsolve.Solution/9"}, path)
+    elif content == "damaged":
+        torch.save({"format": "pmpsolve.Solution/1", "cost": 1.0}, path)
+    elif content == "object":
+        torch.save({"x": _NotPlainData()}, path)
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError, match=message) as info:
+        pmp.Solution.load(path)
+    assert "expected a file written by Solution.save" in str(info.value) or content == "damaged"
+    error = info.value  # no unpickling traceback attached
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_loading_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Solution.load: there is no file '.*nothing.pt'; expected a file "
+                                                r"written by Solution.save"):
+        pmp.Solution.load(tmp_path / "nothing.pt")
