@@ -208,3 +208,51 @@ def test_loading_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Solution.load: there is no file '.*nothing.pt'; expected a file "
                                                 r"written by Solution.save"):
         pmp.Solution.load(tmp_path / "nothing.pt")
+
+
+# ------------------------------------------------------------------ 6. plot
+def _legend_texts(ax):
+    legend = ax.get_legend()
+    return [] if legend is None else [text.get_text() for text in legend.get_texts()]
+
+
+def test_plot_legends_and_control_steps(small_solution):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import StepPatch
+
+    fig = small_solution.plot()
+    try:
+        control_ax, state_ax, costate_ax = fig.axes
+        assert _legend_texts(control_ax) == ["u1"]
+        assert _legend_texts(state_ax) == ["x1", "x2"]
+        assert _legend_texts(costate_ax) == ["p1", "p2"]
+        steps = [p for p in control_ax.patches if isinstance(p, StepPatch)]
+        assert len(steps) == 1
+        values, edges, baseline = steps[0].get_data()
+        assert baseline is None  # steps only, not closed down to 0 at t = 0 and t = T
+        assert len(values) == 8 and len(edges) == 9
+    finally:
+        plt.close(fig)
+
+
+def test_plot_with_several_samples_and_controls():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problem = make(dynamics=lambda t, x, u: torch.stack([x[..., 1] + u[..., 1], -x[..., 0] + u[..., 0]], -1),
+                   controls=pmp.Box(-1.0, 1.0, shape=(2,)), x0=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, mesh=6, max_iter=2)
+    fig = sol.plot(samples=2)
+    try:
+        assert [_legend_texts(ax) for ax in fig.axes] == [["u1", "u2"], ["x1", "x2"], ["p1", "p2"]]
+        assert fig.axes[0].get_title().endswith(", 2 of 3 samples")
+        assert len(fig.axes[1].lines) == 2 * 2  # 2 of the 3 samples, 2 states each
+    finally:
+        plt.close(fig)
