@@ -1,4 +1,4 @@
-"""The public API of DESIGN.md section 3: shapes, history, trajectories, save/load, plot, dtypes, callback."""
+"""The public API (README.md, docs/guide.md): shapes, history, trajectories, save/load, plot, dtypes, callback."""
 import math
 
 import pytest
