@@ -7,7 +7,7 @@ L depend on t, the P points are mapped with ``torch.func.vmap`` so that each
 call still sees a 0-d t; when they do not (checked once, see
 ``ControlProblem.check``), one plain call covers all points.
 
-Hamiltonian in the paper's scaling (DESIGN.md section 1): the K samples form
+Hamiltonian in the paper's scaling (docs/theory.md, scaling convention): the K samples form
 one concatenated state, J is their mean, so
 
     H(t, x, p, u) = sum_i p_i . f(t, x_i, u) - (1/K) sum_i L(t, x_i, u),
