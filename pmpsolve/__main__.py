@@ -2,7 +2,7 @@
 
 Studies: ``sine`` (the paper's Fig. 1a/1b: E-MSA against SGD, Adagrad and Adam
 on the sine approximation; the main job) and ``reference`` (the reference
-problems of DESIGN.md section 5, solved and checked) and ``controls`` (msa,
+problems of docs/theory.md, solved and checked) and ``controls`` (msa,
 emsa, sqh and gradient compared on those and on the control-set examples;
 docs/controls.md). ``python -m pmpsolve
 reproduce`` with no study runs the main job; ``... reproduce sine --help``

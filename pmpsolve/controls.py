@@ -8,8 +8,10 @@ maximiser.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 Number = Union[int, float]
@@ -17,16 +19,32 @@ Number = Union[int, float]
 __all__ = ["ControlSet", "Reals", "Box", "Finite", "UserSet"]
 
 
+def _is_integer(value) -> bool:
+    """An int of any kind (Python, numpy, 0-d integer tensor), but not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_floating_point and not value.dtype.is_complex \
+            and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral)
+
+
 def _shape(shape, name: str) -> Tuple[int]:
-    if isinstance(shape, int):
+    if _is_integer(shape):
         shape = (shape,)
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"{name}: `shape` must be an int m or a tuple (m,), got {shape!r}") from None
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(_is_integer(s) for s in shape):
+        hint = ""
+        if isinstance(shape, numbers.Real) and not isinstance(shape, (bool, np.bool_)) and math.isfinite(shape) \
+                and float(shape).is_integer():
+            hint = f"; pass shape=({int(shape)},)"
+        raise TypeError(
+            f"{name}: `shape` must be an int m or a tuple (m,) of one int, got {type(shape).__name__} {shape!r}{hint}"
+        )
+    shape = tuple(int(s) for s in shape)
     if len(shape) != 1 or shape[0] < 1:
         raise ValueError(
-            f"{name}: `shape` must be (m,) with m >= 1 (controls are vectors of length m), got {shape!r}"
+            f"{name}: `shape` must be (m,) with m >= 1 (controls are vectors of length m), got {shape!r}; "
+            f"for m control components pass shape=(m,), e.g. shape=(1,)"
         )
     return shape
 
@@ -109,8 +127,13 @@ class Box(ControlSet):
 
     def __init__(self, low: Union[Number, Sequence[Number]], high: Union[Number, Sequence[Number]],
                  shape: Union[int, Tuple[int], None] = None):
-        low_t = torch.as_tensor(low, dtype=torch.float64)
-        high_t = torch.as_tensor(high, dtype=torch.float64)
+        try:
+            low_t = torch.as_tensor(low, dtype=torch.float64)
+            high_t = torch.as_tensor(high, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"Box: `low` and `high` must be numbers or sequences of numbers, got low={low!r}, high={high!r}"
+            ) from None
         if shape is None:
             if low_t.ndim == 0 and high_t.ndim == 0:
                 shape = (1,)
@@ -132,6 +155,14 @@ class Box(ControlSet):
             raise ValueError(
                 f"Box: need low <= high in every component, but component {i} has "
                 f"low={low_t[i].item()} > high={high_t[i].item()}; swap them or fix the bounds"
+            )
+        empty = ((low_t == math.inf) | (high_t == -math.inf)).nonzero().flatten().tolist()
+        if empty:
+            i = empty[0]
+            raise ValueError(
+                f"Box: component {i} has low={low_t[i].item()}, high={high_t[i].item()}, an empty set (no "
+                f"number is >= inf or <= -inf); use low=-inf and/or high=inf for an unbounded side, "
+                f"e.g. Box(-inf, 1.0) or Box(0.0, inf)"
             )
         self.low, self.high = low_t, high_t
 
@@ -177,9 +208,15 @@ class Finite(ControlSet):
 
     def __init__(self, values: Sequence[Number], shape: Union[int, Tuple[int]] = (1,)):
         try:
-            v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+            v = torch.as_tensor(values, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"Finite: `values` must be a sequence of numbers, got {values!r}") from None
+        if v.ndim > 1:
+            raise ValueError(
+                f"Finite: `values` must be a flat sequence of numbers (every component takes one of them), got "
+                f"shape {tuple(v.shape)}; e.g. Finite([-1, 0, 1], shape=(m,))"
+            )
+        v = v.reshape(-1)
         if v.numel() == 0:
             raise ValueError("Finite: `values` is empty; give at least one admissible value, e.g. Finite([0, 1])")
         if not torch.isfinite(v).all():
@@ -232,7 +269,13 @@ class UserSet(ControlSet):
         self.maximise = maximise
         self.shape = _shape(shape, "UserSet")
         self._contains = contains
-        self._default = None if default is None else torch.as_tensor(default, dtype=torch.float64).reshape(self.shape)
+        self._default = None
+        if default is not None:
+            d = torch.as_tensor(default, dtype=torch.float64)
+            if d.numel() != self.shape[0]:
+                raise ValueError(f"UserSet: `default` must have the control shape {self.shape}, "
+                                 f"got shape {tuple(d.shape)}")
+            self._default = d.reshape(self.shape)
 
     def bounds(self, dtype, device):
         inf = torch.full(self.shape, math.inf, dtype=dtype, device=device)

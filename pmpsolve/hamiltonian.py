@@ -1,4 +1,4 @@
-"""Interval Hamiltonians: what every update rule maximises (DESIGN.md section 2, steps 4-5).
+"""Interval Hamiltonians: what every update rule maximises (docs/theory.md, engine steps 4-5).
 
 u is constant on each mesh interval I_n, so the pointwise maximisation of the
 paper (Alg. 1-2, step 5) becomes, for every n at once,

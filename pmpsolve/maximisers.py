@@ -1,4 +1,4 @@
-"""Batched maximisers of the interval Hamiltonians (DESIGN.md section 2, step 5).
+"""Batched maximisers of the interval Hamiltonians (docs/theory.md, engine step 5).
 
 The objective is separable over the N intervals, so one optimiser runs on the
 [N, m] control tensor with per-row curvature pairs, step lengths and

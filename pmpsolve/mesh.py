@@ -6,8 +6,11 @@ so that lookups inside ODE right-hand sides are pure tensor ops.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Union
 
+import numpy as np
 import torch
 
 __all__ = ["make_mesh", "interval_index"]
@@ -21,8 +24,7 @@ def make_mesh(mesh: Union[int, torch.Tensor, "list[float]"], horizon: float, dty
         mesh: N >= 1 (uniform intervals) or an increasing 1-D sequence of times from 0 to T.
         horizon: T.
     """
-    if isinstance(mesh, bool):
-        raise TypeError(f"`mesh` must be an int N >= 1 or a 1-D tensor of times, got {mesh!r}")
+    mesh = _intervals_or_times(mesh)
     if isinstance(mesh, int):
         if mesh < 1:
             raise ValueError(f"`mesh` must be a number of intervals N >= 1, got {mesh}")
@@ -51,6 +53,35 @@ def make_mesh(mesh: Union[int, torch.Tensor, "list[float]"], horizon: float, dty
     nodes = nodes.clone()
     nodes[0], nodes[-1] = 0.0, horizon
     return nodes.to(dtype=dtype, device=device)
+
+
+def _intervals_or_times(mesh):
+    """``mesh`` as a Python int when it is an integer of any kind, else unchanged; scalars that are not integers
+    (a float, a bool, a 0-d float tensor) are refused, with the int to pass instead when there is one."""
+    expected = "`mesh` must be an int N >= 1 or a 1-D tensor of times"
+    if isinstance(mesh, (bool, np.bool_)):
+        raise TypeError(f"{expected}, got bool {mesh!r}")
+    if isinstance(mesh, numbers.Integral):  # int, numpy integers
+        return int(mesh)
+    if isinstance(mesh, (torch.Tensor, np.ndarray)) and mesh.ndim == 0:
+        kind = f"a 0-d {'tensor' if isinstance(mesh, torch.Tensor) else 'array'} of {mesh.dtype}"
+        is_integer = (not mesh.dtype.is_floating_point and not mesh.dtype.is_complex and mesh.dtype != torch.bool
+                      if isinstance(mesh, torch.Tensor) else np.issubdtype(mesh.dtype, np.integer))
+        if is_integer:
+            return int(mesh.item())
+        mesh = mesh.item()
+    else:
+        kind = type(mesh).__name__
+    if isinstance(mesh, (bool, np.bool_)):
+        raise TypeError(f"{expected}, got {kind} {mesh!r}")
+    if isinstance(mesh, numbers.Number):
+        value = float(mesh) if isinstance(mesh, numbers.Real) else mesh
+        fix = (f"; pass mesh={int(value)}" if isinstance(value, numbers.Real) and math.isfinite(value)
+               and float(value).is_integer() and value >= 1
+               else "; pass a whole number of intervals, e.g. mesh=200, or the node times, e.g. "
+                    "mesh=torch.linspace(0, T, N + 1)")
+        raise TypeError(f"{expected}, got {kind} {value!r}{fix}")
+    return mesh
 
 
 def interval_index(mesh: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

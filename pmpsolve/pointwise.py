@@ -6,7 +6,7 @@ sample axis. The user's functions are written for one time (t 0-d): when f or
 L read t or not, the P points are mapped with ``torch.func.vmap`` so that each
 call sees its own 0-d t (``ControlProblem.check`` made sure the functions allow it).
 
-Hamiltonian in the paper's scaling (DESIGN.md section 1): the K samples form
+Hamiltonian in the paper's scaling (docs/theory.md, scaling convention): the K samples form
 one concatenated state, J is their mean, so
 
     H(t, x, p, u) = sum_i p_i . f(t, x_i, u) - (1/K) sum_i L(t, x_i, u),

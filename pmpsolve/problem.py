@@ -1,4 +1,4 @@
-"""The optimal control problem (DESIGN.md section 1).
+"""The optimal control problem (docs/guide.md; its scaling: docs/theory.md).
 
     minimise  J(u) = mean_i [ Phi(X_T^i) + int_0^T L(t, X_t^i, u_t) dt ]
     s.t.      dX^i/dt = f(t, X^i, u_t),  X_0^i = x0^i,  u_t in U,  i = 1..K
@@ -45,7 +45,7 @@ class ControlProblem:
             components), handled exactly by the maximisers.
         name: optional label used in plots and tables.
 
-    J is the mean over the K samples (DESIGN.md section 1).
+    J is the mean over the K samples (docs/theory.md, scaling convention).
 
     Example:
         >>> import torch, pmpsolve as pmp

@@ -1,4 +1,4 @@
-"""Update rules: what an iteration does with the sweep's interval data (DESIGN.md section 2, step 6).
+"""Update rules: what an iteration does with the sweep's interval data (docs/theory.md, engine step 6).
 
 Each rule is a small object, registered by name in ``RULES``:
 

@@ -25,7 +25,9 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
     if not isinstance(problem, ControlProblem):
         raise TypeError(f"`problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
     u = torch.as_tensor(controls)
-    dtype = dtype or (u.dtype if u.is_floating_point() else torch.float64)
+    dtype = torch.float64 if dtype is None else dtype  # as in solve: the controls' dtype does not decide
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+        raise TypeError(f"`dtype` must be a real floating torch dtype such as torch.float64, got {dtype!r}")
     device = torch.device(device) if device is not None else u.device
     u = u.to(dtype=dtype, device=device)
     if u.ndim != 2 or u.shape[1] != problem.control_dim:
@@ -42,7 +44,10 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
 def cost(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
          ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
          dtype: Optional[torch.dtype] = None, device=None) -> float:
-    """J(u) for piecewise-constant controls u [N, m] on ``mesh`` (default: N uniform intervals)."""
+    """J(u) for piecewise-constant controls u [N, m] on ``mesh`` (default: N uniform intervals).
+
+    Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``), like ``solve``.
+    """
     pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
     return float(sweeper.forward(u).cost)
 
@@ -51,7 +56,10 @@ def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
                   quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None
                   ) -> Tuple[float, torch.Tensor]:
-    """J(u) and dJ/du [N, m] (the gradient with respect to the N piecewise-constant values)."""
+    """J(u) and dJ/du [N, m] (the gradient with respect to the N piecewise-constant values).
+
+    Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``); dJ/du has that dtype.
+    """
     pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
     fw = sweeper.forward(u)
     bw = sweeper.backward(u, fw)

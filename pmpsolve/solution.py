@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Union
@@ -96,11 +97,10 @@ class Solution:
         return len(self.history) - 1
 
     def control(self, t) -> torch.Tensor:
-        """u(t), piecewise constant -> [*t.shape, m]."""
+        """u(t), piecewise constant -> [*t.shape, m]; t in [0, T] (at T, the control of the last interval)."""
         from .mesh import interval_index
 
-        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
-        return self.controls[interval_index(self.mesh, t)]
+        return self.controls[interval_index(self.mesh, self._times(t))]
 
     def state(self, t) -> torch.Tensor:
         """X(t) by cubic Hermite interpolation between mesh nodes -> [*t.shape, n] ([*t.shape, K, n] for K samples)."""
@@ -113,11 +113,20 @@ class Solution:
         return self._squeeze(self.costates_trajectory(self._times(t)))
 
     def _times(self, t):
-        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        """``t`` as a tensor on the mesh's dtype and device, checked to be times in [0, T]."""
         T = float(self.mesh[-1])
+        try:
+            t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"times `t` must be a number or a tensor of numbers in [0, T] = [0, {T:g}], "
+                            f"got {type(t).__name__}") from None
+        nan = torch.isnan(t)
+        if bool(nan.any()):
+            where = "" if t.ndim == 0 else f" at index {tuple(nan.nonzero()[0].tolist())}"
+            raise ValueError(f"times `t` must be numbers in [0, T] = [0, {T:g}], got NaN{where}; NaN is not a time")
         if bool(((t < 0) | (t > T * (1 + 1e-12))).any()):
             raise ValueError(f"times must lie in [0, T] = [0, {T:g}], got values in "
-                             f"[{float(t.min()):g}, {float(t.max()):g}]")
+                             f"[{float(t.min()):g}, {float(t.max()):g}]; clamp them with t.clamp(0, {T:g})")
         return t
 
     def _squeeze(self, y):
@@ -147,7 +156,7 @@ class Solution:
     def save(self, path: Union[str, Path]) -> None:
         """Save to a file readable by ``Solution.load`` (torch format, tensors on the CPU)."""
         data = {
-            "format": "pmpsolve.Solution/1",
+            "format": _FORMAT,
             "cost": self.cost, "controls": self.controls.detach().cpu(), "mesh": self.mesh.detach().cpu(),
             "history": [r._asdict() for r in self.history], "converged": self.converged,
             "message": self.message, "method": self.method, "control_set": self.control_set.to_dict(),
@@ -162,20 +171,66 @@ class Solution:
 
     @classmethod
     def load(cls, path: Union[str, Path], *, device=None) -> "Solution":
-        """Load a Solution saved with ``save`` (its ``problem`` is None: functions are not saved)."""
-        data = torch.load(Path(path), map_location=device or "cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != "pmpsolve.Solution/1":
-            raise ValueError(f"{path} is not a saved pmpsolve Solution")
-        mesh = data["mesh"]
-        states = HermiteTrajectory(mesh, *data["states"])
-        costates = None if data["costates"] is None else HermiteTrajectory(mesh, *data["costates"])
-        return cls(cost=data["cost"], controls=data["controls"], mesh=mesh,
-                   history=[IterationRecord(**r) for r in data["history"]], converged=data["converged"],
-                   message=data["message"], method=data["method"], states_trajectory=states,
-                   costates_trajectory=costates, control_set=control_set_from_dict(data["control_set"]),
-                   single_sample=data["single_sample"], problem_name=data["problem_name"],
-                   settings=data["settings"], optimality=data.get("optimality", math.nan),
-                   status=data.get("status", ""), relaxed_cost=data.get("relaxed_cost"))
+        """Load a Solution saved with ``save`` (its ``problem`` is None: functions are not saved).
+
+        Raises FileNotFoundError if there is no such file and ValueError if the file is not one
+        written by ``Solution.save``.
+        """
+        path = Path(path)
+        expected = f"expected a file written by Solution.save (a torch file holding a dict with format {_FORMAT!r})"
+        if not path.exists():
+            raise FileNotFoundError(f"Solution.load: there is no file {str(path)!r}; {expected}")
+        if path.is_dir():
+            raise ValueError(f"Solution.load: {str(path)!r} is a directory; {expected}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's notes on the pickle protocol of foreign files
+                data = torch.load(path, map_location=device or "cpu", weights_only=True)
+        except Exception as error:  # torch.load fails on foreign files in many ways (unpickling, zip, EOF, key)
+            raise ValueError(
+                f"Solution.load: {str(path)!r} is not a saved pmpsolve Solution: it is {_describe_file(path)} that "
+                f"torch.load(weights_only=True) cannot read ({type(error).__name__}); {expected}"
+            ) from None
+        if not isinstance(data, dict):
+            shape = f" of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else ""
+            raise ValueError(f"Solution.load: {str(path)!r} holds a {type(data).__name__}{shape}, "
+                             f"not a saved pmpsolve Solution; {expected}")
+        if data.get("format") != _FORMAT:
+            found = (f"format {data['format']!r}, which this version cannot read" if "format" in data
+                     else f"no 'format' entry (keys: {sorted(map(str, data))[:10]})")
+            raise ValueError(f"Solution.load: {str(path)!r} holds a dict with {found}; {expected}")
+        try:
+            mesh = data["mesh"]
+            states = HermiteTrajectory(mesh, *data["states"])
+            costates = None if data["costates"] is None else HermiteTrajectory(mesh, *data["costates"])
+            return cls(cost=data["cost"], controls=data["controls"], mesh=mesh,
+                       history=[IterationRecord(**r) for r in data["history"]], converged=data["converged"],
+                       message=data["message"], method=data["method"], states_trajectory=states,
+                       costates_trajectory=costates, control_set=control_set_from_dict(data["control_set"]),
+                       single_sample=data["single_sample"], problem_name=data["problem_name"],
+                       settings=data["settings"], optimality=data.get("optimality", math.nan),
+                       status=data.get("status", ""), relaxed_cost=data.get("relaxed_cost"))
+        except KeyError as error:
+            raise ValueError(f"Solution.load: {str(path)!r} has the Solution format but lacks the entry "
+                             f"{error.args[0]!r}; the file is damaged or was not written by Solution.save") from None
+
+
+_FORMAT = "pmpsolve.Solution/1"
+
+
+def _describe_file(path: Path) -> str:
+    """'an empty file', 'a text file beginning ...' or 'a binary file of N bytes' (for error messages)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file beginning {text.splitlines()[0][:40]!r}"
+    return f"a binary file of {path.stat().st_size} bytes"
 
 
 def _plain(value):

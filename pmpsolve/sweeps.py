@@ -1,4 +1,4 @@
-"""Forward (state) and backward (co-state) sweeps (DESIGN.md section 2, steps 1-3).
+"""Forward (state) and backward (co-state) sweeps (docs/theory.md, engine steps 1-3).
 
 Forward:  dX/dt = f(t, X, u_t), X_0 = x0, with the running cost integrated
 alongside as one more component, so that J comes out of the same adaptive

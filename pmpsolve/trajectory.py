@@ -1,4 +1,4 @@
-"""Piecewise cubic Hermite trajectories between mesh nodes (DESIGN.md section 2, step 2).
+"""Piecewise cubic Hermite trajectories between mesh nodes (docs/theory.md, engine step 2).
 
 A trajectory keeps its values at the nodes and, per interval, the derivative
 at both ends: Y'(t_n+) and Y'(t_{n+1}-). The two differ at a node because the

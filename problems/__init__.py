@@ -1,8 +1,8 @@
 """A library of ready optimal control problems.
 
 Each function returns ``(problem, reference)``: a ``pmpsolve.ControlProblem`` and
-the published optimal value J* of the continuous-time problem (DESIGN.md
-section 5), or None where none is known.
+the published optimal value J* of the continuous-time problem (docs/theory.md,
+reference problems), or None where none is known.
 
     >>> from problems import lqr
     >>> problem, J_star = lqr()
@@ -15,7 +15,7 @@ from .lqr import lqr, lqr_samples, random_lqr
 from .rayleigh import rayleigh
 from .vanderpol import van_der_pol
 
-#: The reference problems of DESIGN.md section 5, by name.
+#: The reference problems of docs/theory.md, by name.
 REFERENCE_PROBLEMS = {
     "lqr": lqr,
     "catalyst": catalyst_mixing,

@@ -15,7 +15,7 @@ __all__ = ["lqr", "lqr_samples", "random_lqr", "linear_quadratic_problem", "ricc
 def lqr() -> Tuple[pmp.ControlProblem, float]:
     """x1' = x2, x2' = -x1 + u, J = 1/2 int_0^5 (x1^2 + x2^2 + u^2) dt, x0 = (0, 1), u free.
 
-    Reference J* = 0.673999 (Riccati; DESIGN.md section 5).
+    Reference J* = 0.673999 (Riccati; docs/theory.md).
     """
 
     def dynamics(t, x, u):

@@ -12,7 +12,7 @@ __all__ = ["rayleigh"]
 
 def rayleigh() -> Tuple[pmp.ControlProblem, float]:
     """x1' = x2, x2' = -x1 + (1.4 - 0.14 x2^2) x2 + 4 u, J = int_0^2.5 (x1^2 + u^2) dt,
-    x0 = (-5, -5), u free. Reference J* = 29.3761 (DESIGN.md section 5)."""
+    x0 = (-5, -5), u free. Reference J* = 29.3761 (docs/theory.md)."""
 
     def dynamics(t, x, u):
         x1, x2 = x[..., 0], x[..., 1]

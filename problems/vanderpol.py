@@ -12,7 +12,7 @@ __all__ = ["van_der_pol"]
 
 def van_der_pol() -> Tuple[pmp.ControlProblem, float]:
     """x1' = (1 - x2^2) x1 - x2 + u, x2' = x1, J = int_0^5 (x1^2 + x2^2 + u^2) dt, x0 = (0, 1),
-    u in [-0.3, 1]. Reference J* = 2.867260 (DESIGN.md section 5)."""
+    u in [-0.3, 1]. Reference J* = 2.867260 (docs/theory.md)."""
 
     def dynamics(t, x, u):
         x1, x2 = x[..., 0], x[..., 1]

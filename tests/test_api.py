@@ -1,4 +1,4 @@
-"""The public API of DESIGN.md section 3: shapes, history, trajectories, save/load, plot, dtypes, callback."""
+"""The public API (README.md, docs/guide.md): shapes, history, trajectories, save/load, plot, dtypes, callback."""
 import math
 
 import pytest
@@ -54,7 +54,7 @@ def test_save_and_load(tmp_path, lqr_solution):
     assert torch.allclose(loaded.state(t), lqr_solution.state(t))
     assert loaded.problem is None and loaded.method == "emsa"
     (tmp_path / "junk.pt").write_bytes(b"not a solution")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"junk.pt' is not a saved pmpsolve Solution: it is a text file"):
         pmp.Solution.load(tmp_path / "junk.pt")
 
 

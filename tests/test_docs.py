@@ -1,4 +1,10 @@
-"""Every ```python block of README.md and docs/*.md runs as written."""
+"""Every ```python block of README.md and docs/*.md runs as written.
+
+The blocks of one page share one namespace, in order (later blocks build on earlier
+ones, as a reader running the page would), but every page starts from an empty
+namespace and runs in its own empty temporary directory: no page depends on another
+page, on another test, or on files already present (results/, figures).
+"""
 import os
 import pathlib
 import re
@@ -13,13 +19,16 @@ PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_examples_run(page, tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    namespace = {}
+    text = page.read_text()
+    namespace = {"__name__": "__main__"}
+    assert not any(tmp_path.iterdir())
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        for block in blocks:
-            exec(compile(block, str(page), "exec"), namespace)
+        for match in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+            # Pad with blank lines so that a traceback names the line of the page itself.
+            first_line = text.count("\n", 0, match.start(1))
+            exec(compile("\n" * first_line + match.group(1), str(page), "exec"), namespace)
     finally:
         os.chdir(cwd)
         import matplotlib.pyplot as plt

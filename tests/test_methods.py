@@ -71,7 +71,7 @@ def _proposal(problem, rho, N=8):
 
 
 def test_scaling_convention_K_copies_multiply_rho_by_K():
-    """DESIGN.md section 1: J is the mean, P carries 1/K, the penalties are sums over samples.
+    """docs/theory.md, scaling convention: J is the mean, P carries 1/K, the penalties are sums over samples.
 
     With K identical samples H is unchanged and the feasibility penalties grow K-fold, so
     E-MSA with K copies at rho equals E-MSA with one sample at K * rho.

@@ -1,4 +1,4 @@
-"""The default solve on the reference problems of DESIGN.md section 5, and on LQRs checked by Riccati."""
+"""The default solve on the reference problems of docs/theory.md, and on LQRs checked by Riccati."""
 import math
 
 import pytest

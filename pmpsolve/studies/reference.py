@@ -1,4 +1,4 @@
-"""The reference problems of DESIGN.md section 5 solved by the default ``solve``, as a table.
+"""The reference problems of docs/theory.md solved by the default ``solve``, as a table.
 
 For every problem: J of the returned controls, its relative error against the
 published J*, J re-checked by an independent integrator (scipy's DOP853 at
