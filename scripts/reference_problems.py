@@ -1,4 +1,4 @@
-"""Solve the reference problems of DESIGN.md section 5 and print the table; same as
+"""Solve the reference problems (docs/guide.md section 5, docs/theory.md) and print the table; same as
 `python -m pmpsolve reproduce reference`."""
 from pmpsolve.studies.reference import main
 

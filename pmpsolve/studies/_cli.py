@@ -179,12 +179,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def load_previous(parser: argparse.ArgumentParser, path: Path, settings: Dict, key: str = "settings") -> Optional[Dict]:
+def load_previous(parser: argparse.ArgumentParser, path: Path, settings: Dict,
+                  key: Optional[str] = "settings") -> Optional[Dict]:
     """The results in ``path`` for --resume, or None when there is no such file.
 
     Refuses through ``parser.error`` (exit code 2, before any run) when the file
     cannot be read or was written with settings other than ``settings`` (compared
-    as JSON, on the keys of ``settings``; ``key`` is where the file keeps them).
+    as JSON, on the keys of ``settings``; ``key`` is where the file keeps them, None: at its top level).
     """
     path = Path(path)
     if not path.exists():
@@ -194,7 +195,7 @@ def load_previous(parser: argparse.ArgumentParser, path: Path, settings: Dict, k
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         parser.error(f"--resume: cannot read {path} ({err}); {advice}")
-    recorded = data.get(key) if isinstance(data, dict) else None
+    recorded = (data if key is None else data.get(key)) if isinstance(data, dict) else None
     if not isinstance(recorded, dict):
         parser.error(f"--resume: {path} records no settings (written by an older version?); {advice}")
     wanted = _plain(settings)

@@ -271,7 +271,7 @@ def plot(results: Dict, out: Path) -> List[Path]:
 
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce sine", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=_cli.writable_dir, default=Path("results/sine"),
+    parser.add_argument("--out", type=_cli.writable_dir, default="results/sine",
                         help="output folder (results/sine)")
     parser.add_argument("--iterations", type=_cli.positive_int, default=None,
                         help="iterations of every method (default 50; --quick 8, --full 500)")
