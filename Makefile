@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m pmpsolve reproduce
+	$(PY) -m pmpsolve reproduce --resume
 
 test: $(STAMP)
 	$(PY) -m pytest -q

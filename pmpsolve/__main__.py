@@ -1,15 +1,27 @@
 """Command line: ``python -m pmpsolve reproduce [STUDY] [options]``.
 
 Studies: ``sine`` (the paper's Fig. 1a/1b: E-MSA against SGD, Adagrad and Adam
+<<<<<<< HEAD
 on the sine approximation; the main job) and ``reference`` (the reference
 problems of docs/theory.md, solved and checked) and ``controls`` (msa,
 emsa, sqh and gradient compared on those and on the control-set examples;
 docs/controls.md). ``python -m pmpsolve
+=======
+on the sine approximation; the main job, docs/sine.md), ``reference`` (the
+reference problems, solved and re-checked by an independent integrator;
+docs/guide.md section 5) and ``controls`` (msa, emsa, sqh and gradient compared
+on those and on the control-set examples; docs/controls.md). ``python -m pmpsolve
+>>>>>>> issue10-studies
 reproduce`` with no study runs the main job; ``... reproduce sine --help``
 lists a study's options.
+
+Every study writes OUT/results.json after each run; stopped by Ctrl-C, it
+prints the command that continues it (the same one with ``--resume``).
+The method is described in docs/theory.md.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 STUDIES = {
@@ -20,23 +32,41 @@ STUDIES = {
 MAIN_STUDY = "sine"
 
 
+def _parser() -> argparse.ArgumentParser:
+    """For the help text and the errors only: the study's own parser reads its options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pmpsolve", description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python -m pmpsolve reproduce [STUDY] [options]",
+        epilog=f"studies: {', '.join(STUDIES)} (default: {MAIN_STUDY})")
+    parser.add_argument("command", choices=["reproduce"], help="the only command")
+    parser.add_argument("study", nargs="?", choices=list(STUDIES), default=MAIN_STUDY,
+                        help=f"which study (default: {MAIN_STUDY})")
+    return parser
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nstudies: " + ", ".join(STUDIES) + f" (default: {MAIN_STUDY})")
+    parser = _parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[:2] in (["reproduce", "-h"], ["reproduce", "--help"]):
+        parser.print_help()
         return
     command, rest = argv[0], argv[1:]
     if command != "reproduce":
-        raise SystemExit(f"unknown command {command!r}; usage: python -m pmpsolve reproduce [{'|'.join(STUDIES)}]")
+        parser.error(f"argument command: invalid choice: {command!r} (choose from 'reproduce')")
     study = MAIN_STUDY
     if rest and not rest[0].startswith("-"):
         study, rest = rest[0], rest[1:]
     if study not in STUDIES:
-        raise SystemExit(f"unknown study {study!r}; choose one of {sorted(STUDIES)}")
+        parser.error(f"argument study: invalid choice: {study!r} (choose from {', '.join(map(repr, STUDIES))})")
     import importlib
 
-    importlib.import_module(STUDIES[study]).main(rest)
+    try:
+        importlib.import_module(STUDIES[study]).main(rest)
+    except KeyboardInterrupt:  # outside a study's runs (loading, drawing figures): the complete runs are saved
+        from pmpsolve.studies._cli import resume_command
+
+        print(f"\ninterrupted; continue with: {resume_command(study, rest)}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ relaxation solved by emsa, sum-up rounding, then sqh over {0, 1}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pmpsolve as pmp
+from pmpsolve.studies import _cli
 from pmpsolve.studies.reference import independent_cost
 
 __all__ = ["run", "format_table", "main", "METHODS"]
@@ -32,7 +32,7 @@ def _row(name, reference, method, mesh, solve_fn) -> Dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            sol = solve_fn()
+            sol = _cli.check_interrupted(solve_fn())
     except (pmp.SolveError, ValueError) as err:
         row.update(cost=None, rel_error=None, iterations=None, seconds=time.perf_counter() - start,
                    status=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
@@ -47,34 +47,63 @@ def _row(name, reference, method, mesh, solve_fn) -> Dict:
 
 
 def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, max_iter: int = 200,
-        out: Optional[Path] = None) -> List[Dict]:
+        out: Optional[Path] = None, previous: Optional[Dict] = None) -> List[Dict]:
+    """One row per problem and method; with ``out``, ``out/results.json`` is rewritten (atomically)
+    after every row. ``previous``: the results of an earlier run with the same settings
+    (``--resume``), whose rows are taken over. Ctrl-C raises ``_cli.Interrupted`` with the results
+    so far in its ``results`` attribute (saved)."""
     from problems import CONTROL_SET_PROBLEMS, REFERENCE_PROBLEMS
 
     catalogue = {**REFERENCE_PROBLEMS, **CONTROL_SET_PROBLEMS}
-    names = names or list(catalogue)
-    rows = []
+    names = list(names or catalogue)
+    methods = list(methods)
     for name in names:
         if name not in catalogue:
             raise ValueError(f"unknown problem {name!r}; choose from {sorted(catalogue)}")
-        problem, reference = catalogue[name]()
-        for method in methods:
-            rows.append(_row(name, reference, method, mesh,
-                             lambda: pmp.solve(problem, method=method, mesh=mesh, max_iter=max_iter)))
-            print(_format_row(rows[-1]), flush=True)
-        if name == "catalyst-binary":
-            relaxed, _ = catalogue["catalyst"]()
+    done = {(r["problem"], r["method"]): r for r in (previous or {}).get("rows", [])}
+    rows: List[Dict] = []
+    results = {**settings(names, methods, mesh=mesh, max_iter=max_iter), "rows": rows}
 
-            def relax_round_polish():
-                sol = pmp.solve(relaxed, mesh=mesh, max_iter=max_iter)
-                rounded = pmp.sum_up_rounding(sol.controls, sol.mesh, problem.controls)
-                return pmp.solve(problem, method="sqh", mesh=mesh, init=rounded, max_iter=max_iter)
+    def save():
+        if out is not None:
+            _cli.write_json(out / "results.json", results)
 
-            rows.append(_row(name, reference, "relax+round+sqh", mesh, relax_round_polish))
-            print(_format_row(rows[-1]), flush=True)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"mesh": mesh, "max_iter": max_iter, "rows": rows}, indent=2))
+    def add(name, reference, method, solve_fn):
+        if (name, method) in done:
+            rows.append(done[(name, method)])
+            print(_format_row(rows[-1]) + " (loaded)", flush=True)
+            return
+        rows.append(_row(name, reference, method, mesh, solve_fn))
+        save()
+        print(_format_row(rows[-1]), flush=True)
+
+    try:
+        for name in names:
+            problem, reference = catalogue[name]()
+            for method in methods:
+                add(name, reference, method, lambda: pmp.solve(problem, method=method, mesh=mesh, max_iter=max_iter))
+            if name == "catalyst-binary":
+                relaxed, _ = catalogue["catalyst"]()
+
+                def relax_round_polish():
+                    sol = _cli.check_interrupted(pmp.solve(relaxed, mesh=mesh, max_iter=max_iter))
+                    rounded = pmp.sum_up_rounding(sol.controls, sol.mesh, problem.controls)
+                    return pmp.solve(problem, method="sqh", mesh=mesh, init=rounded, max_iter=max_iter)
+
+                add(name, reference, "relax+round+sqh", relax_round_polish)
+    except (KeyboardInterrupt, _cli.Interrupted):
+        if rows:
+            save()
+        interrupted = _cli.Interrupted("the study was interrupted")
+        interrupted.results = results
+        raise interrupted from None
+    save()
     return rows
+
+
+def settings(names: List[str], methods, *, mesh: int, max_iter: int) -> Dict:
+    """What results.json records (at its top level); ``--resume`` takes over rows only when they are the same."""
+    return {"problems": list(names), "methods": list(methods), "mesh": mesh, "max_iter": max_iter}
 
 
 def _format_row(r: Dict) -> str:
@@ -94,17 +123,36 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="pmpsolve reproduce controls", description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", help="problem names (default: all)")
+    from problems import CONTROL_SET_PROBLEMS, REFERENCE_PROBLEMS
+
+    catalogue = [*REFERENCE_PROBLEMS, *CONTROL_SET_PROBLEMS]
+    parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce controls",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("problems", nargs="*", type=_cli.one_of(catalogue, "problem"),
+                        help=f"problem names (default: all: {', '.join(catalogue)})")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--mesh", type=int, default=200)
-    parser.add_argument("--max-iter", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("results/controls"))
+    parser.add_argument("--mesh", type=_cli.positive_int, default=200, help="control intervals (default 200)")
+    parser.add_argument("--max-iter", type=_cli.positive_int, default=200, help="iteration limit (default 200)")
+    parser.add_argument("--out", type=_cli.writable_dir, default="results/controls",
+                        help="output folder (results/controls)")
+    _cli.add_resume_option(parser)
     args = parser.parse_args(argv)
-    rows = run(args.problems or None, args.methods, mesh=args.mesh, max_iter=args.max_iter, out=args.out)
+    names = args.problems or catalogue
+    path = args.out / "results.json"
+    previous = (_cli.load_previous(parser, path, settings(names, args.methods, mesh=args.mesh,
+                                                          max_iter=args.max_iter), key=None)
+                if args.resume else None)
+    try:
+        rows = run(names, args.methods, mesh=args.mesh, max_iter=args.max_iter, out=args.out, previous=previous)
+    except _cli.Interrupted as stop:
+        done = stop.results["rows"]
+        if done:
+            print()
+            print(format_table(done))
+        _cli.exit_interrupted("controls", argv, len(done), path)
     print()
     print(format_table(rows))
-    print(f"\nwrote {args.out / 'results.json'}")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the per-iteration split between forward sweep, backward sweep and maximisation.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pmpsolve as pmp
+from pmpsolve.studies import _cli
 
 __all__ = ["independent_cost", "run", "main"]
 
@@ -67,38 +67,67 @@ def independent_cost(problem: pmp.ControlProblem, controls: torch.Tensor, mesh: 
 
 
 def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "emsa", out: Optional[Path] = None,
-        progress: bool = True) -> List[Dict]:
+        progress: bool = True, previous: Optional[Dict] = None) -> List[Dict]:
+    """One row per problem; with ``out``, a figure per problem and ``out/results.json``, rewritten
+    (atomically) after every problem. ``previous``: the results of an earlier run with the same
+    settings (``--resume``), whose rows are taken over. Ctrl-C raises ``_cli.Interrupted`` with the
+    results so far in its ``results`` attribute (saved)."""
     from problems import REFERENCE_PROBLEMS
 
-    names = names or list(REFERENCE_PROBLEMS)
-    rows = []
+    names = list(names or REFERENCE_PROBLEMS)
     for name in names:
         if name not in REFERENCE_PROBLEMS:
             raise ValueError(f"unknown problem {name!r}; choose from {sorted(REFERENCE_PROBLEMS)}")
-        problem, reference = REFERENCE_PROBLEMS[name]()
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sol = pmp.solve(problem, method=method, mesh=mesh, progress=progress)
-        seconds = time.perf_counter() - start
-        checked = independent_cost(problem, sol.controls, sol.mesh)
-        its = sol.history[1:]
-        mean = lambda key: float(np.mean([getattr(r, key) for r in its])) if its else 0.0  # noqa: E731
-        rows.append(dict(problem=name, reference=reference, cost=sol.cost, rel_error=(sol.cost - reference) / abs(reference),
-                         independent_cost=checked, independent_rel_diff=(checked - sol.cost) / abs(reference),
-                         iterations=sol.iterations, converged=sol.converged, seconds=seconds,
-                         forward_seconds=mean("forward_seconds"), backward_seconds=mean("backward_seconds"),
-                         maximise_seconds=mean("maximise_seconds"), forward_evals=mean("forward_evals"),
-                         backward_evals=mean("backward_evals"), mesh=mesh, method=method))
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            sol.plot(out / f"{name}.png")
-            import matplotlib.pyplot as plt
+    done = {r["problem"]: r for r in (previous or {}).get("rows", [])}
+    rows: List[Dict] = []
+    results = {"settings": settings(names, mesh=mesh, method=method), "rows": rows}
 
-            plt.close("all")
-    if out is not None:
-        (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2))
+    def save():
+        if out is not None:
+            _cli.write_json(out / "results.json", results)
+
+    try:
+        for name in names:
+            if name in done:
+                rows.append(done[name])
+                continue
+            problem, reference = REFERENCE_PROBLEMS[name]()
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                sol = _cli.check_interrupted(pmp.solve(problem, method=method, mesh=mesh, progress=progress))
+            seconds = time.perf_counter() - start
+            checked = independent_cost(problem, sol.controls, sol.mesh)
+            its = sol.history[1:]
+            mean = lambda key: float(np.mean([getattr(r, key) for r in its])) if its else 0.0  # noqa: E731
+            row = dict(problem=name, reference=reference, cost=sol.cost,
+                       rel_error=(sol.cost - reference) / abs(reference), independent_cost=checked,
+                       independent_rel_diff=(checked - sol.cost) / abs(reference), iterations=sol.iterations,
+                       converged=sol.converged, seconds=seconds, forward_seconds=mean("forward_seconds"),
+                       backward_seconds=mean("backward_seconds"), maximise_seconds=mean("maximise_seconds"),
+                       forward_evals=mean("forward_evals"), backward_evals=mean("backward_evals"), mesh=mesh,
+                       method=method)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                sol.plot(out / f"{name}.png")
+                import matplotlib.pyplot as plt
+
+                plt.close("all")
+            rows.append(row)
+            save()
+    except (KeyboardInterrupt, _cli.Interrupted):
+        if rows:
+            save()
+        interrupted = _cli.Interrupted("the study was interrupted")
+        interrupted.results = results
+        raise interrupted from None
+    save()
     return rows
+
+
+def settings(names: List[str], *, mesh: int, method: str) -> Dict:
+    """What results.json records under "settings"; ``--resume`` takes over rows only when they are the same."""
+    return {"problems": list(names), "mesh": mesh, "method": method}
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -113,15 +142,31 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="pmpsolve reproduce reference", description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", help="problem names (default: all four)")
-    parser.add_argument("--mesh", type=int, default=200)
+    from problems import REFERENCE_PROBLEMS
+
+    parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce reference",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("problems", nargs="*", type=_cli.one_of(REFERENCE_PROBLEMS, "problem"),
+                        help=f"problem names (default: all four: {', '.join(REFERENCE_PROBLEMS)})")
+    parser.add_argument("--mesh", type=_cli.positive_int, default=200, help="control intervals (default 200)")
     parser.add_argument("--method", default="emsa", choices=sorted(pmp.RULES))
-    parser.add_argument("--out", type=Path, default=Path("results/reference"))
+    parser.add_argument("--out", type=_cli.writable_dir, default="results/reference",
+                        help="output folder (results/reference)")
+    _cli.add_resume_option(parser)
     args = parser.parse_args(argv)
-    rows = run(args.problems or None, mesh=args.mesh, method=args.method, out=args.out)
+    names = args.problems or list(REFERENCE_PROBLEMS)
+    path = args.out / "results.json"
+    previous = (_cli.load_previous(parser, path, settings(names, mesh=args.mesh, method=args.method))
+                if args.resume else None)
+    try:
+        rows = run(names, mesh=args.mesh, method=args.method, out=args.out, previous=previous)
+    except _cli.Interrupted as stop:
+        done = stop.results["rows"]
+        if done:
+            print(format_table(done))
+        _cli.exit_interrupted("reference", argv, len(done), path)
     print(format_table(rows))
-    print(f"\nwrote {args.out / 'results.json'} and one figure per problem")
+    print(f"\nwrote {path} and one figure per problem")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ with the initial loss; the test loss is evaluated outside the timed part.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings
@@ -24,11 +23,12 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve import baselines
+from pmpsolve.studies import _cli
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem
 from pmpsolve.sweeps import Sweeper
 
-__all__ = ["CONFIGS", "run_study", "main"]
+__all__ = ["CONFIGS", "study_settings", "run_study", "main"]
 
 #: Settings of the three sizes. "default" is what ``make reproduce`` runs (< 5 minutes on 2 cores).
 CONFIGS = {
@@ -70,6 +70,7 @@ def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, r
         sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
                         maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
                         atol=atol, quadrature=quadrature, callback=callback, progress=progress)
+    _cli.check_interrupted(sol)  # a solve stopped by Ctrl-C returns its best controls: not a complete run
     del start
     first = sol.history[0]
     for key, value in (("iteration", 0), ("train_loss", first.cost), ("test_loss", init_loss),
@@ -87,8 +88,9 @@ def _run_baseline(train, test_loss, init, *, optimizer, lr, iterations, dtype, d
         record["test_loss"].append(test_loss(u))
         record["wall_time"].append(rec.elapsed)
 
-    baselines.train(train, optimizer=optimizer, lr=lr, iterations=iterations, mesh=MESH, init=init, dtype=dtype,
-                    device=device, rtol=rtol, atol=atol, callback=callback, progress=progress)
+    result = baselines.train(train, optimizer=optimizer, lr=lr, iterations=iterations, mesh=MESH, init=init,
+                             dtype=dtype, device=device, rtol=rtol, atol=atol, callback=callback, progress=progress)
+    _cli.check_interrupted(result)
     return record
 
 
@@ -107,55 +109,113 @@ def _tune_lr(train, test_loss, init, optimizer, iterations, **kw):
     return best[0]
 
 
-def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_iterations: Optional[int] = None,
-              seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
-              dtype=torch.float64, rtol: float = 1e-6, atol: float = 1e-8, progress: bool = True,
-              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam"), quadrature: int = 3) -> Dict:
-    """Run every method from each initialisation; return the results dictionary (see ``main``)."""
-    from problems.sine import sine_data, sine_initial_controls, sine_problem
+def study_settings(*, size: str = "default", iterations: Optional[int] = None,
+                   emsa_iterations: Optional[int] = None, seed: int = 0, device=None, rho: float = 1.0,
+                   tune: bool = False, reg: float = 0.001, dtype=torch.float64, rtol: float = 1e-6,
+                   atol: float = 1e-8, quadrature: int = 3) -> Dict:
+    """The settings a results file records under "config"; ``--resume`` loads runs only when they are the same.
 
+    (Which initialisations and methods ran is not a setting: runs are matched by both.)
+    """
     config = dict(CONFIGS[size])
     if iterations is not None:
         config["iterations"] = iterations
     config["emsa_iterations"] = config["iterations"] if emsa_iterations is None else emsa_iterations
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    delta = 5.0 / MESH
-    train = sine_problem(*sine_data(config["train"], seed=seed), reg=reg, delta=delta, name="sine-train")
-    test = sine_problem(*sine_data(config["test"], seed=seed + 1), reg=reg, delta=delta, name="sine-test")
-    test_loss = _loss_evaluator(test, dtype, device, rtol, atol)
-    common = dict(dtype=dtype, device=device, rtol=rtol, atol=atol, progress=progress)
-    config.update(seed=seed, rho=rho, mesh=MESH, delta=train.horizon / MESH, maximiser="L-BFGS, 10 iterations",
+    config.update(seed=seed, rho=rho, mesh=MESH, delta=5.0 / MESH, maximiser="L-BFGS, 10 iterations",
                   perturb=0.005, quadrature=quadrature, reg=reg, dtype=str(dtype), device=str(device), rtol=rtol,
                   atol=atol, tuned=tune, size=size, ode_method="dopri5",
                   baseline_gradients="back-propagation through the same adaptive dopri5 forward sweep")
+    return config
+
+
+def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_iterations: Optional[int] = None,
+              seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
+              dtype=torch.float64, rtol: float = 1e-6, atol: float = 1e-8, progress: bool = True,
+              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam"), quadrature: int = 3,
+              results_path: Optional[Path] = None, previous: Optional[Dict] = None) -> Dict:
+    """Run every method from each initialisation; return the results dictionary (see ``main``).
+
+    With ``results_path`` the results are written there (atomically) after every run,
+    so a study stopped at any moment keeps its complete runs. ``previous``: results
+    of an earlier call with the same settings (``main --resume``); its complete runs
+    (and tuned rates) are taken over instead of being run again. Ctrl-C raises
+    ``_cli.Interrupted`` with the results so far in its ``results`` attribute (saved).
+    """
+    from problems.sine import sine_data, sine_initial_controls, sine_problem
+
+    started = time.perf_counter()
+    config = study_settings(size=size, iterations=iterations, emsa_iterations=emsa_iterations, seed=seed,
+                            device=device, rho=rho, tune=tune, reg=reg, dtype=dtype, rtol=rtol, atol=atol,
+                            quadrature=quadrature)
+    device = torch.device(config["device"])
+    delta = 5.0 / MESH
+    previous_config = (previous or {}).get("config", {})
+    earlier_seconds = float(previous_config.get("total_seconds", 0.0) or 0.0)
+    done = {(r["init"], r["method"]): r for r in (previous or {}).get("runs", [])}
     learning_rates = {init: dict(LEARNING_RATES) for init in inits}
     rhos = {init: rho for init in inits}
+    tuned_inits: List[str] = []
+    if tune:  # rates tuned before the interruption are kept: tuning them again would give the same values
+        for init_kind in previous_config.get("tuned_inits", []):
+            if init_kind in learning_rates:
+                learning_rates[init_kind].update(previous_config["learning_rates"][init_kind])
+                rhos[init_kind] = previous_config["rhos"][init_kind]
+                tuned_inits.append(init_kind)
+    config.update(learning_rates=learning_rates, rhos=rhos, tuned_inits=tuned_inits)
     runs: List[Dict] = []
-    for init_kind in inits:
-        init = sine_initial_controls(init_kind, MESH, seed=seed, dtype=dtype).to(device)
-        if tune:
-            short = max(5, config["iterations"] // 5)
-            for opt in ("sgd", "adagrad", "adam"):
-                learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, **common)
-            rhos[init_kind] = min(RHO_GRID, key=lambda r: _run_emsa(
-                train, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
-                **common)["train_loss"][-1])
-        for method in methods:
-            start = time.perf_counter()
-            if method == "emsa":
-                rec = _run_emsa(train, test_loss, init, iterations=config["emsa_iterations"], rho=rhos[init_kind],
-                                seed=seed, quadrature=quadrature, **common)
-                setting = {"rho": rhos[init_kind]}
-            else:
-                lr = learning_rates[init_kind][method]
-                rec = _run_baseline(train, test_loss, init, optimizer=method, lr=lr,
-                                    iterations=config["iterations"], **common)
-                setting = {"lr": lr}
-            runs.append(dict(method=method, init=init_kind, **setting, **rec,
-                             total_seconds=time.perf_counter() - start))
-    config["learning_rates"] = learning_rates
-    config["rhos"] = rhos
-    return {"config": config, "runs": runs}
+    results = {"config": config, "runs": runs}
+
+    def save():
+        config["total_seconds"] = earlier_seconds + time.perf_counter() - started
+        if results_path is not None:
+            _cli.write_json(results_path, results)
+
+    loaded = 0
+    try:
+        train = sine_problem(*sine_data(config["train"], seed=seed), reg=reg, delta=delta, name="sine-train")
+        test = sine_problem(*sine_data(config["test"], seed=seed + 1), reg=reg, delta=delta, name="sine-test")
+        test_loss = _loss_evaluator(test, dtype, device, rtol, atol)
+        common = dict(dtype=dtype, device=device, rtol=rtol, atol=atol, progress=progress)
+        for init_kind in inits:
+            init = sine_initial_controls(init_kind, MESH, seed=seed, dtype=dtype).to(device)
+            missing = [m for m in methods if (init_kind, m) not in done]
+            if tune and missing and init_kind not in tuned_inits:
+                short = max(5, config["iterations"] // 5)
+                for opt in ("sgd", "adagrad", "adam"):
+                    learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, **common)
+                rhos[init_kind] = min(RHO_GRID, key=lambda r: _run_emsa(
+                    train, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
+                    **common)["train_loss"][-1])
+                tuned_inits.append(init_kind)
+                save()
+            for method in methods:
+                setting = {"rho": rhos[init_kind]} if method == "emsa" else {"lr": learning_rates[init_kind][method]}
+                earlier = done.get((init_kind, method))
+                if earlier is not None and all(earlier.get(k) == v for k, v in setting.items()):
+                    runs.append(earlier)
+                    loaded += 1
+                    continue
+                start = time.perf_counter()
+                if method == "emsa":
+                    rec = _run_emsa(train, test_loss, init, iterations=config["emsa_iterations"],
+                                    rho=rhos[init_kind], seed=seed, quadrature=quadrature, **common)
+                else:
+                    rec = _run_baseline(train, test_loss, init, optimizer=method, lr=setting["lr"],
+                                        iterations=config["iterations"], **common)
+                runs.append(dict(method=method, init=init_kind, **setting, **rec,
+                                 total_seconds=time.perf_counter() - start))
+                save()
+    except (KeyboardInterrupt, _cli.Interrupted):
+        if runs:
+            save()
+        interrupted = _cli.Interrupted("the study was interrupted")
+        interrupted.results = results
+        interrupted.loaded = loaded
+        raise interrupted from None
+    save()
+    results["loaded_runs"] = loaded
+    return results
 
 
 TABLE_ITERATIONS = (0, 1, 5, 10, 20, 50)
@@ -210,39 +270,53 @@ def plot(results: Dict, out: Path) -> List[Path]:
 
 
 def main(argv=None) -> Dict:
-    parser = argparse.ArgumentParser(prog="pmpsolve reproduce sine", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/sine"), help="output folder (results/sine)")
-    parser.add_argument("--iterations", type=int, default=None,
+    parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce sine", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=_cli.writable_dir, default="results/sine",
+                        help="output folder (results/sine)")
+    parser.add_argument("--iterations", type=_cli.positive_int, default=None,
                         help="iterations of every method (default 50; --quick 8, --full 500)")
-    parser.add_argument("--emsa-iterations", type=int, default=None, help="iterations of E-MSA (default: --iterations)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--rho", type=float, default=1.0,
+    parser.add_argument("--emsa-iterations", type=_cli.positive_int, default=None,
+                        help="iterations of E-MSA (default: --iterations)")
+    parser.add_argument("--seed", type=_cli.nonnegative_int, default=0)
+    parser.add_argument("--device", type=_cli.device, default=None,
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--rho", type=_cli.nonnegative_float, default=1.0,
                         help="E-MSA rho in the reference code's per-layer convention (default 1.0); "
                              "pmpsolve.solve gets rho * delta")
-    parser.add_argument("--reg", type=float, default=0.001,
+    parser.add_argument("--reg", type=_cli.nonnegative_float, default=0.001,
                         help="L2 weight per layer, reg |theta_n|^2 / 2 (the reference code's 0.001; 0: off)")
-    parser.add_argument("--quadrature", type=int, default=3,
-                        help="Gauss points per interval for E-MSA's interval Hamiltonian (default 3; "
+    parser.add_argument("--quadrature", type=_cli.int_range(1, 10), default=3,
+                        help="Gauss points per interval for E-MSA's interval Hamiltonian, 1 to 10 (default 3; "
                              "1, the midpoint rule, makes each maximisation ~3x cheaper, docs/benchmarks.md)")
     parser.add_argument("--tune", action="store_true", help="pick learning rates and rho on a coarse log grid")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a smoke-test size")
     size.add_argument("--full", action="store_const", dest="size", const="full", help="the paper's size")
     parser.add_argument("--no-progress", action="store_true")
+    _cli.add_resume_option(parser)
     args = parser.parse_args(argv)
-    size_name = args.size or "default"
-    start = time.perf_counter()
-    results = run_study(size=size_name, iterations=args.iterations, emsa_iterations=args.emsa_iterations,
-                        seed=args.seed, device=args.device, rho=args.rho, tune=args.tune,
-                        reg=args.reg, progress=not args.no_progress, quadrature=args.quadrature)
-    results["config"]["total_seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    options = dict(size=args.size or "default", iterations=args.iterations, emsa_iterations=args.emsa_iterations,
+                   seed=args.seed, device=args.device, rho=args.rho, tune=args.tune, reg=args.reg,
+                   quadrature=args.quadrature)
+    path = args.out / "results.json"
+    previous = _cli.load_previous(parser, path, study_settings(**options), key="config") if args.resume else None
+    try:
+        results = run_study(progress=not args.no_progress, results_path=path, previous=previous, **options)
+    except _cli.Interrupted as stop:
+        done = len(stop.results["runs"])
+        try:
+            if done:
+                plot(stop.results, args.out)
+                print(format_table(stop.results))
+        except KeyboardInterrupt:
+            pass
+        _cli.exit_interrupted("sine", argv, done, path)
     figures = plot(results, args.out)
     print(format_table(results))
-    print(f"\nwrote {args.out / 'results.json'} and {len(figures)} figures in {args.out} "
-          f"({results['config']['total_seconds']:.0f} s)")
+    loaded = results.pop("loaded_runs", 0)
+    note = f"; {loaded} run(s) loaded from the earlier results" if loaded else ""
+    print(f"\nwrote {path} and {len(figures)} figures in {args.out} "
+          f"({results['config']['total_seconds']:.0f} s{note})")
     return results
 
 
