@@ -34,3 +34,15 @@ def test_examples_run(page, tmp_path):
         import matplotlib.pyplot as plt
 
         plt.close("all")
+
+
+def test_the_repository_stands_alone():
+    """Users get the repository only: no page, docstring or help text may send them to files
+    outside it (the design notes and papers the developers keep beside it)."""
+    offenders = []
+    for path in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("pmpsolve/**/*.py"),
+                 *ROOT.glob("problems/*.py"), *ROOT.glob("scripts/*.py")]:
+        text = path.read_text()
+        if "DESIGN.md" in text or "../shared" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
