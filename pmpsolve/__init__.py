@@ -20,8 +20,7 @@ from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
 from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
-from .optimality import optimality_of
-from .sensitivity import cost, cost_gradient
+from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
 from .solver import solve
 

@@ -36,7 +36,7 @@ from .maximisers import CandidateSearch
 from .penalties import prox_in_box
 from .pointwise import PointwiseProblem
 
-__all__ = ["optimality", "optimality_of", "is_optimal", "DEFAULT_OPTIMALITY_TOL"]
+__all__ = ["optimality", "is_optimal", "DEFAULT_OPTIMALITY_TOL"]
 
 #: ``tol`` of ``solve`` by dtype: the measure must exceed the gradient error the sweeps leave
 #: at their default tolerances (rtol 1e-9 in float64, 1e-6 in float32) by a safe margin.
@@ -73,29 +73,3 @@ def is_optimal(measure: float, cost: float, tol: float) -> bool:
     """Whether ``measure`` meets the tolerance: measure <= tol * max(1, |J|)."""
     return measure <= tol * max(1.0, abs(cost))
 
-
-def optimality_of(problem, controls: torch.Tensor, *, mesh=None, quadrature: int = 3,
-                  dtype: torch.dtype = torch.float64) -> float:
-    """The optimality measure of piecewise-constant ``controls`` [N, m] on ``mesh`` (default: N
-    uniform intervals) for ``problem``: what ``solve`` compares with ``tol * max(1, |J|)``.
-
-    Example:
-        >>> import torch, pmpsolve as pmp
-        >>> p = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
-        ...                        terminal_cost=lambda x: x[..., 0] ** 2)
-        >>> pmp.optimality_of(p, torch.zeros(4, 1)) > 1.0   # dJ/du = 2 x_T = 2 on every interval
-        True
-    """
-    from .hamiltonian import interval_data
-    from .maximisers import HamiltonianMaximiser
-    from .mesh import make_mesh
-    from .sweeps import Sweeper
-
-    u = torch.as_tensor(controls, dtype=dtype)
-    pw = PointwiseProblem(problem, dtype, u.device)
-    nodes = make_mesh(u.shape[0] if mesh is None else mesh, problem.horizon, dtype, u.device)
-    sweeper = Sweeper(pw, nodes, rtol=1e-10 if dtype == torch.float64 else 1e-6,
-                      atol=1e-12 if dtype == torch.float64 else 1e-8)
-    fw = sweeper.forward(u)
-    data = interval_data(pw, u, fw, sweeper.backward(u, fw), quadrature)
-    return optimality(pw, data, problem.controls, HamiltonianMaximiser(problem.controls))

@@ -12,13 +12,15 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .hamiltonian import IntervalHamiltonian, interval_data
+from .maximisers import HamiltonianMaximiser
 from .mesh import make_mesh
+from .optimality import optimality
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .solver import DEFAULT_TOLERANCES
 from .sweeps import Sweeper
 
-__all__ = ["cost", "cost_gradient"]
+__all__ = ["cost", "cost_gradient", "optimality_of"]
 
 
 def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
@@ -65,3 +67,22 @@ def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
     bw = sweeper.backward(u, fw)
     data = interval_data(pw, u, fw, bw, quadrature)
     return float(fw.cost), -IntervalHamiltonian(pw, data, 0.0).gradient(u)
+
+
+def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
+                  ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
+                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None) -> float:
+    """The first-order optimality measure of controls u [N, m] (``pmpsolve.optimality``): what ``solve``
+    compares with ``tol * max(1, |J|)`` to say ``converged``.
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> p = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
+        ...                        terminal_cost=lambda x: x[..., 0] ** 2)
+        >>> pmp.optimality_of(p, torch.zeros(4, 1)) > 1.0   # dJ/du = 2 x_T = 2 on every interval
+        True
+    """
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
+    fw = sweeper.forward(u)
+    data = interval_data(pw, u, fw, sweeper.backward(u, fw), quadrature)
+    return optimality(pw, data, problem.controls, HamiltonianMaximiser(problem.controls))

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .errors import DivergenceError, NonFiniteError, SolveError
+from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
 from .hamiltonian import IntervalHamiltonian, interval_data
 from .maximisers import HamiltonianMaximiser
 from .mesh import make_mesh
@@ -26,7 +26,7 @@ from .problem import ControlProblem
 from .controls import Finite
 from .rules import RULES, ExtendedMSA
 from .solution import IterationRecord, Solution
-from .sweeps import ODE_METHODS, SweepBudgetExceeded, Sweeper
+from .sweeps import ODE_METHODS, Sweeper
 
 __all__ = ["solve", "DEFAULT_TOLERANCES"]
 
@@ -210,7 +210,7 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
                 budget = _BUDGET_FACTOR * max(fw.evaluations, _MIN_EVALS_PER_INTERVAL * N)
                 try:
                     fw_new = sweeper.forward(u_new, iteration=k, budget=budget)
-                except (SweepBudgetExceeded, NonFiniteError):
+                except (SweepBudgetError, NonFiniteError):
                     if not rule.adaptive:
                         raise
                     fw_new = None

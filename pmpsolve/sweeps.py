@@ -27,7 +27,7 @@ from .ode import METHODS, integrate, is_adaptive
 from .pointwise import PointwiseProblem
 from .trajectory import HermiteTrajectory
 
-__all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "SweepBudgetExceeded", "ODE_METHODS"]
+__all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "ODE_METHODS"]
 
 ODE_METHODS = METHODS
 _MAX_STEPS = 200_000  # per mesh interval; a blow-up ends in an error, not a hang
@@ -35,8 +35,6 @@ _LINEAR_DEGREE = 5  # polynomial degree of A(t), b(t) per interval in the backwa
 _LINEAR_MAX_ELEMENTS = 20_000_000  # above this the co-state right-hand side uses autograd per evaluation
 _PARALLEL_MAX = 600  # K * n * (n + 1) up to which the linear co-state sweep runs over all intervals at once
 
-
-SweepBudgetExceeded = SweepBudgetError  # the name the solver loop catches for abandoned trial sweeps
 
 #: Right-hand-side evaluations a sweep may take when no budget is given (a first sweep, or
 #: ``pmp.cost``): a blow-up or a stiff problem ends in a SweepBudgetError within seconds.
@@ -100,7 +98,7 @@ class Sweeper:
                 budget: Optional[int] = None, differentiable: bool = False) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
-        ``budget``: raise SweepBudgetExceeded after that many right-hand-side
+        ``budget``: raise SweepBudgetError after that many right-hand-side
         evaluations (a trial control that makes the dynamics stiff or blow up is
         abandoned early instead of being integrated at great cost).
         ``differentiable``: keep the autograd graph through the solver steps, so that

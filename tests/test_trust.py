@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.optimality import optimality_of
+from pmpsolve import optimality_of
 
 from helpers import scalar_terminal, scalar_terminal_optimum
 

@@ -211,6 +211,16 @@ class Interrupted(Exception):
     """A study stopped by Ctrl-C; the complete runs are saved."""
 
 
+def interruption(results: Any, **attributes: Any) -> Interrupted:
+    """The Interrupted a study raises once it has saved its complete runs: it carries ``results``
+    (and any other ``attributes``) to the code that prints the table and the resume command."""
+    error = Interrupted("the study was interrupted")
+    error.results = results
+    for name, value in attributes.items():
+        setattr(error, name, value)
+    return error
+
+
 def check_interrupted(result: Any) -> Any:
     """``result`` unless it is a solve that reports it was interrupted (``status == "interrupted"``)."""
     if getattr(result, "status", None) == "interrupted":

@@ -94,9 +94,7 @@ def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, 
     except (KeyboardInterrupt, _cli.Interrupted):
         if rows:
             save()
-        interrupted = _cli.Interrupted("the study was interrupted")
-        interrupted.results = results
-        raise interrupted from None
+        raise _cli.interruption(results) from None
     save()
     return rows
 

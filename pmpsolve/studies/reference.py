@@ -118,9 +118,7 @@ def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "em
     except (KeyboardInterrupt, _cli.Interrupted):
         if rows:
             save()
-        interrupted = _cli.Interrupted("the study was interrupted")
-        interrupted.results = results
-        raise interrupted from None
+        raise _cli.interruption(results) from None
     save()
     return rows
 

@@ -209,10 +209,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     except (KeyboardInterrupt, _cli.Interrupted):
         if runs:
             save()
-        interrupted = _cli.Interrupted("the study was interrupted")
-        interrupted.results = results
-        interrupted.loaded = loaded
-        raise interrupted from None
+        raise _cli.interruption(results, loaded=loaded) from None
     save()
     results["loaded_runs"] = loaded
     return results
