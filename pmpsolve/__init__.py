@@ -22,11 +22,11 @@ from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
-from .solver import solve
+from .solver import Solver, SolverState, solve
 
 __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "L1", "L0", "ControlPenalty",
-    "MaximisationData", "solve", "Solution", "IterationRecord",
+    "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient", "optimality_of", "sum_up_rounding",
 ]

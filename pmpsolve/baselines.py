@@ -17,7 +17,8 @@ import torch
 from .mesh import make_mesh
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
-from .solver import DEFAULT_TOLERANCES, _initial_controls, _progress_bar
+from .arguments import initial_controls, progress_bar
+from .options import DEFAULT_TOLERANCES
 from .sweeps import Sweeper
 
 __all__ = ["OPTIMIZERS", "BaselineRecord", "BaselineResult", "train"]
@@ -61,12 +62,12 @@ def train(problem: ControlProblem, *, optimizer: str = "adam", lr: float = 1e-3,
     pw = PointwiseProblem(problem, dtype, device)
     nodes = make_mesh(mesh, problem.horizon, dtype, device)
     sweeper = Sweeper(pw, nodes, method=ode_method, rtol=rtol or d_rtol, atol=atol or d_atol)
-    u = torch.nn.Parameter(_initial_controls(init, problem, nodes.numel() - 1, problem.control_dim, dtype, device))
+    u = torch.nn.Parameter(initial_controls(init, problem, nodes.numel() - 1, problem.control_dim, dtype, device))
     opt = OPTIMIZERS[optimizer]([u], lr=lr)
     history: List[BaselineRecord] = []
     excluded = 0.0
     start = time.perf_counter()
-    bar = _progress_bar(progress, iterations, problem.name, optimizer)
+    bar = progress_bar(progress, iterations, problem.name, optimizer)
     try:
         for k in range(iterations + 1):
             opt.zero_grad()

@@ -1,13 +1,9 @@
 """Update rules: what an iteration does with the sweep's interval data (docs/theory.md, engine step 6).
 
-Each rule is a small object, registered by name in ``RULES``:
-
-* ``propose(data)`` returns new controls [N, m] from the interval data of the
-  current iterate (it may be called again after a rejection);
-* ``judge(old_cost, new_cost, gain)`` says whether the solver keeps them and
-  adapts the rule's own parameter (rho, the learning rate, ...).
-
-A new algorithm is a new class here (or in its own module) added to RULES.
+Each rule is a small object, registered by name in ``RULES`` (``register_rule``), and
+``solve(method=name)`` uses it; a new algorithm is a new class (in any module, also
+outside the package), not an edit of the solver. ``UpdateRule`` lists every member the
+solver uses.
 """
 from __future__ import annotations
 
@@ -22,21 +18,58 @@ from .maximisers import HamiltonianMaximiser
 from .pointwise import PointwiseProblem
 
 _ANDERSON_REGULARISATION = 1e-12  # relative Tikhonov term of the Anderson normal equations
+# Relaxing a proximity weight (``_relaxed_maximise``): tenfold steps down; a weight within 5 % of the
+# last rejected one counts as that one; 32 relaxations cover rho_max = 1e12 down to rho_min = 1e-8
+# (20 tenfold steps) with room for the geometric steps towards a rejected weight.
+_RELAX_SHRINK = 0.1
+_SAME_WEIGHT = 1.05
+_MAX_RELAXATIONS = 32
 
 __all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule"]
 
 
 class UpdateRule:
-    """Base class. Subclasses set ``name``, ``defaults`` (their options) and implement ``propose``."""
+    """Base class of update rules: the protocol between a rule and the solver loop.
+
+    The solver (``pmpsolve.Solver.step``) uses exactly these members:
+
+    * ``rule = Rule(pw, controls, maximiser, generator, options)``: the same constructor for
+      every rule. ``pw``: the PointwiseProblem (f, L, Phi and H at many points); ``controls``:
+      the control set; ``maximiser``: the solve's HamiltonianMaximiser (``self._maximise``
+      uses it); ``generator``: the solve's random generator (None without a seed);
+      ``options``: a dict checked against ``defaults`` (unknown keys are refused).
+    * ``propose(data) -> u [N, m]``: new controls from the interval data of the current
+      iterate u^k (``IntervalData``). After a rejection it is called again with the same data.
+    * ``judge(old_cost, new_cost, gain) -> bool``: keep the proposal? ``new_cost`` is J of
+      the proposal re-simulated (inf when its sweep was abandoned), ``gain`` its Hamiltonian
+      gain mu_k over u^k. A rule adapts its own parameters here.
+    * ``adaptive`` (class attribute): the rule rejects proposals; the solver may abandon a
+      trial sweep that costs far more than the current one (a rejection) and ends the solve as
+      "stalled" after ``max_rejections`` proposals in a row.
+    * ``detect_cycles``: the solver raises DivergenceError when J stops improving but keeps
+      changing (basic MSA only: a fixed-rho E-MSA run on a network may spike and recover).
+    * ``evaluations``: objective evaluations of all maximisations so far (recorded).
+    * ``parameters() -> dict``: the current parameters (rho, lr, eps), recorded every iteration.
+    * ``converged() -> str | None``: the rule's own stopping rule after a kept step (a reason
+      to stop, reported as "stalled": ``converged`` is decided by the optimality measure only).
+
+    Subclasses set ``name`` and ``defaults`` and implement ``propose`` (and ``judge`` if they
+    reject). Example, a damped basic MSA registered from outside the package:
+
+        >>> import pmpsolve as pmp
+        >>> @pmp.register_rule
+        ... class DampedMSA(pmp.UpdateRule):
+        ...     name, defaults = "damped-msa", {"weight": 0.5}
+        ...     def propose(self, data):
+        ...         target = self._maximise(data, rho=0.0)
+        ...         return data.controls + self.options["weight"] * (target - data.controls)
+    """
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Dict[str, object]] = {}
-    #: whether the solver may stop with "no decrease possible" after repeated rejections
     adaptive: bool = False
-    #: proposals rejected in a row before the solver stops
+    #: proposals rejected in a row before the solver stops ("stalled")
     max_rejections: int = 12
-    #: stop with DivergenceError when J stops improving but keeps changing (basic MSA only: a
-    #: fixed-rho E-MSA run on a network may spike and recover over dozens of iterations)
     detect_cycles: bool = False
 
     def __init__(self, pw: PointwiseProblem, controls: ControlSet, maximiser: HamiltonianMaximiser,
@@ -85,10 +118,10 @@ class UpdateRule:
         condition holds, up to the floor's proximity term).
         """
         u = maximise(weight)
-        for _ in range(32):
+        for _ in range(_MAX_RELAXATIONS):
             if not torch.equal(u, data.controls):
                 return u, weight, False
-            if aggressive is not None and weight > 1.05 * aggressive:
+            if aggressive is not None and weight > _SAME_WEIGHT * aggressive:
                 weight = math.sqrt(weight * aggressive)
             else:
                 # Nothing between the rejected weight and this one changes a control (J can be flat
@@ -96,7 +129,7 @@ class UpdateRule:
                 # look below it.
                 if weight <= floor:
                     return u, weight, True
-                weight = max(0.1 * weight, floor)
+                weight = max(_RELAX_SHRINK * weight, floor)
             u = maximise(weight)
         return u, weight, False
 
@@ -133,12 +166,13 @@ class ExtendedMSA(UpdateRule):
     """
 
     name = "emsa"
-    defaults = {"rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
+    defaults = {"rho": None, "rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
                 "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.5}
 
-    def __init__(self, pw, controls, maximiser, generator, options=None, rho: Optional[float] = None):
+    def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
         o = self.options
+        rho = o["rho"]
         if rho is not None and not (float(rho) >= 0):
             raise ValueError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}")
         for key in ("rho0", "rho_min", "rho_max"):
@@ -332,6 +366,8 @@ class SQH(UpdateRule):
     defaults = {"eps0": 1.0, "eta": 1e-9, "zeta": 0.9, "sigma": 1.5, "kappa": 1e-14, "eps_min": 1e-10,
                 "eps_max": 1e12}
     adaptive = True
+    # eps grows by sigma = 1.5 per rejection: 50 rejections span a factor 1.5^50 = 6e8 (12 would
+    # span only 130, too little to reach the small steps a singular arc needs).
     max_rejections = 50
 
     def __init__(self, pw, controls, maximiser, generator, options=None):

@@ -17,7 +17,7 @@ from .mesh import make_mesh
 from .optimality import optimality
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
-from .solver import DEFAULT_TOLERANCES
+from .options import DEFAULT_TOLERANCES
 from .sweeps import Sweeper
 
 __all__ = ["cost", "cost_gradient", "optimality_of"]
