@@ -104,11 +104,12 @@ class IntervalHamiltonian:
         self.evaluations += 1
         H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=need_costate,
                                        create_graph=create_graph)
-        state_err = ((f - d.state_slope) ** 2).sum(dim=(-1, -2))  # [N, Q]
+        sum_states = self.pw.reducer.sum_states
+        state_err = sum_states((f - d.state_slope) ** 2)  # [N, Q]
         if gx is None:
             costate_err = torch.zeros_like(state_err)
         else:
-            costate_err = ((gx + d.costate_slope) ** 2).sum(dim=(-1, -2))
+            costate_err = sum_states((gx + d.costate_slope) ** 2)
         w = d.weights
         hamiltonian = (w * H).sum(-1)
         if self.penalty is not None:
@@ -124,7 +125,8 @@ class IntervalHamiltonian:
             value = (d.weights * H).sum(-1)
         else:
             H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=True, create_graph=True)
-            errors = ((f - d.state_slope) ** 2).sum(dim=(-1, -2)) + ((gx + d.costate_slope) ** 2).sum(dim=(-1, -2))
+            sum_states = self.pw.reducer.sum_states
+            errors = sum_states((f - d.state_slope) ** 2) + sum_states((gx + d.costate_slope) ** 2)
             value = (d.weights * (H - 0.5 * self.rho * errors)).sum(-1)
         if self.eps:
             value = value - self.eps * d.lengths * ((u - d.controls) ** 2).sum(-1)

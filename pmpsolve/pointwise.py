@@ -15,11 +15,13 @@ and the co-state P_T = -grad_{X_T} J carries the 1/K of each sample.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 
 from .problem import ControlProblem
+from .reduce import SampleReducer
 
 __all__ = ["PointwiseProblem"]
 
@@ -33,6 +35,8 @@ class PointwiseProblem:
         self.dtype, self.device = dtype, torch.device(device)
         self.x0 = problem.initial_state(dtype, device)  # [K, n]
         self.num_samples, self.state_dim = self.x0.shape
+        #: every sum and mean over the samples (one process: the identity; see pmpsolve.reduce)
+        self.reducer = SampleReducer(self.num_samples)
         self.control_dim = problem.control_dim
         self.has_running_cost = problem.running_cost is not None
 
@@ -81,11 +85,11 @@ class PointwiseProblem:
         """
         if with_grad_x and not x.requires_grad:
             x = x.detach().requires_grad_(True)
-        with torch.enable_grad() if with_grad_x else _nullcontext():
+        with torch.set_grad_enabled(True) if with_grad_x else contextlib.nullcontext():
             f = self.dynamics(t, x, u)
-            H = (p * f).sum(dim=(-1, -2))
+            H = self.reducer.sum_states(p * f)
             if self.has_running_cost:
-                H = H - self.running_cost(t, x, u).sum(dim=-1) / self.num_samples
+                H = H - self.reducer.sum_costs(self.running_cost(t, x, u)) / self.reducer.num_samples
             if not with_grad_x:
                 return H, f, None
             if not H.requires_grad:  # neither f nor L reads x
@@ -113,7 +117,7 @@ class PointwiseProblem:
                 L = self.running_cost(t, x, u)
                 if L.requires_grad:
                     (g,) = torch.autograd.grad(L.sum(), x, allow_unused=True)
-                    b = torch.zeros_like(x) if g is None else g / self.num_samples
+                    b = torch.zeros_like(x) if g is None else g / self.reducer.num_samples
         return A.detach(), b.detach()
 
     def costate_terminal(self, x_final: torch.Tensor) -> torch.Tensor:
@@ -122,7 +126,7 @@ class PointwiseProblem:
             return torch.zeros_like(x_final)
         x = x_final.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.terminal_cost(x).mean(), x)
+            (g,) = torch.autograd.grad(self.reducer.mean_costs(self.terminal_cost(x)), x)
         return -g
 
 
@@ -135,11 +139,3 @@ def _expand_control(u: torch.Tensor, x: torch.Tensor, batched: bool) -> torch.Te
     if batched and u.ndim == 2:
         u = u.reshape((u.shape[0],) + (1,) * (len(lead) - 1) + (u.shape[-1],))
     return u.expand(lead + (u.shape[-1],))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -186,7 +186,7 @@ class ExtendedMSA(UpdateRule):
         # The feasibility penalties are sums over the K samples while H is their mean, so rho acts
         # K-fold: the adaptive rule starts at rho0 / K (measured on lqr_samples: 10 iterations for
         # K = 1, 100 and 1000 this way, against 10, 14 and 25 starting at rho0).
-        self.rho = float(o["rho0"]) / pw.problem.num_samples if rho is None else float(rho)
+        self.rho = float(o["rho0"]) / pw.reducer.num_samples if rho is None else float(rho)
         self._memory = int(o["anderson"]) if self.adaptive else 0
         self._history = []  # (u_i, g(u_i)) of recent iterates, same rho
         self._stage = None  # what the pending proposal is: "anderson" or "plain"
