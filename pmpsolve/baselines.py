@@ -18,7 +18,7 @@ from .mesh import make_mesh
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .arguments import initial_controls, progress_bar
-from .options import DEFAULT_TOLERANCES
+from .options import ODEOptions
 from .sweeps import Sweeper
 
 __all__ = ["OPTIMIZERS", "BaselineRecord", "BaselineResult", "train"]
@@ -58,10 +58,10 @@ def train(problem: ControlProblem, *, optimizer: str = "adam", lr: float = 1e-3,
         raise ValueError(f"`lr` must be a number > 0, got {lr!r}")
     dtype = torch.float64 if dtype is None else dtype
     device = torch.device("cpu" if device is None else device)
-    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, (1e-6, 1e-8))
     pw = PointwiseProblem(problem, dtype, device)
     nodes = make_mesh(mesh, problem.horizon, dtype, device)
-    sweeper = Sweeper(pw, nodes, method=ode_method, rtol=rtol or d_rtol, atol=atol or d_atol)
+    ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
+    sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol)
     u = torch.nn.Parameter(initial_controls(init, problem, nodes.numel() - 1, problem.control_dim, dtype, device))
     opt = OPTIMIZERS[optimizer]([u], lr=lr)
     history: List[BaselineRecord] = []

@@ -55,7 +55,7 @@ class ODEOptions:
 
     def resolved(self, dtype: torch.dtype) -> "ODEOptions":
         """The same options with the tolerances filled in for ``dtype``."""
-        rtol, atol = DEFAULT_TOLERANCES[dtype]
+        rtol, atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
         return ODEOptions(self.method, rtol if self.rtol is None else float(self.rtol),
                           atol if self.atol is None else float(self.atol), self.options)
 

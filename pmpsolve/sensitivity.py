@@ -17,7 +17,7 @@ from .mesh import make_mesh
 from .optimality import optimality
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
-from .options import DEFAULT_TOLERANCES
+from .options import ODEOptions
 from .sweeps import Sweeper
 
 __all__ = ["cost", "cost_gradient", "optimality_of"]
@@ -37,9 +37,9 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
     nodes = make_mesh(u.shape[0] if mesh is None else mesh, problem.horizon, dtype, device)
     if nodes.numel() - 1 != u.shape[0]:
         raise ValueError(f"`controls` has {u.shape[0]} rows but `mesh` has {nodes.numel() - 1} intervals")
-    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, (1e-6, 1e-8))
     pw = PointwiseProblem(problem, dtype, device)
-    sweeper = Sweeper(pw, nodes, method=ode_method, rtol=rtol or d_rtol, atol=atol or d_atol)
+    ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
+    sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol)
     return pw, sweeper, u
 
 
