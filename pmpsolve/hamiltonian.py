@@ -39,6 +39,13 @@ def gauss_legendre(points: int, dtype, device):
 class IntervalData(NamedTuple):
     """Pointwise data on every interval at the quadrature points (step 4 of the engine).
 
+    This is the whole contract between a sweep and the maximisation: ``IntervalHamiltonian``
+    and every rule and maximiser read only these arrays, never the trajectories they came
+    from. ``interval_data`` fills them from the Hermite trajectories of the continuous
+    sweeps; a discrete-time (layer-by-layer) sweep fills them from its layers instead (one
+    point per layer, Q = 1, with the layer's x_n, p_{n+1} and residuals) and reuses the same
+    rules and maximisers.
+
     times [N, Q]; weights [N, Q] (quadrature weights times interval lengths);
     states, costates, state_slope (= f(u^k)), costate_slope (= -grad_x H(u^k)): [N, Q, K, n];
     controls u^k [N, m]; hamiltonian int_{I_n} H(u^k) dt [N].
