@@ -111,8 +111,8 @@ def test_parallel_costate_sweep_equals_the_sequential_one(name):
 
 
 def test_step_budget_holds_under_python_O():
-    """torchdiffeq's step limit is a bare assert; the engine's own budget (and its checks for a
-    non-finite state) must still end an unbounded problem when asserts are compiled away."""
+    """torchdiffeq's step limit and its step checks are bare asserts; the engine's own budget must
+    still end an unbounded problem, and its own checks a blow-up, when asserts are compiled away."""
     code = textwrap.dedent("""
         import torch
         import pmpsolve as pmp
@@ -125,8 +125,16 @@ def test_step_budget_holds_under_python_O():
             print("stopped:", type(err).__name__)
         else:
             print("no error")
+        # x' = x^2 from x0 = 1 blows up at t = 1: the adaptive step underflows there.
+        blow_up = pmp.ControlProblem(lambda t, x, u: x ** 2 + 0 * u, torch.tensor([1.0]), 2.0, pmp.Reals(1),
+                                     terminal_cost=lambda x: x[..., 0])
+        try:
+            pmp.solve(blow_up, mesh=10)
+        except pmp.NonFiniteError as err:
+            print("blow-up:", err.sweep, round(err.time, 2))
         """)
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("stopped:"), (out.stdout, out.stderr)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("stopped:") and lines[1] == "blow-up: forward 1.0", (out.stdout, out.stderr)
