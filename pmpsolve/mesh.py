@@ -15,6 +15,10 @@ import torch
 
 __all__ = ["make_mesh", "interval_index"]
 
+#: Relative distance (to max(1, T)) within which given end times count as 0 and T: they are then set
+#: to exactly 0 and T, so that rounding in a user-built mesh (e.g. a cumsum of steps) is accepted.
+_END_TOLERANCE = 1e-12
+
 
 def make_mesh(mesh: Union[int, torch.Tensor, "list[float]"], horizon: float, dtype: torch.dtype,
               device) -> torch.Tensor:
@@ -45,7 +49,7 @@ def make_mesh(mesh: Union[int, torch.Tensor, "list[float]"], horizon: float, dty
             f"{nodes[i + 1].item():g}"
         )
     scale = max(1.0, abs(horizon))
-    if abs(nodes[0].item()) > 1e-12 * scale or abs(nodes[-1].item() - horizon) > 1e-12 * scale:
+    if abs(nodes[0].item()) > _END_TOLERANCE * scale or abs(nodes[-1].item() - horizon) > _END_TOLERANCE * scale:
         raise ValueError(
             f"`mesh` must span [0, T] = [0, {horizon:g}], got [{nodes[0].item():g}, {nodes[-1].item():g}]; "
             f"for example torch.linspace(0, {horizon:g}, N + 1)"

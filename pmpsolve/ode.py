@@ -1,32 +1,101 @@
-"""The ODE layer: torchdiffeq's solvers, with one fix for controls that jump at mesh nodes.
+"""The ODE layer: torchdiffeq's solvers on a control mesh, with our own checks and one jump fix.
 
-torchdiffeq (0.2.x) clips an adaptive step at a ``jump_t`` time only when the
-step would cross it (``t0 < jump < t0 + dt``). A step that lands exactly on a
-jump time, which happens often on uniform meshes, is not clipped: the jump
-index then never advances, every later jump is ignored, and f keeps the
-value from the old side of the node. The solver then steps across control
-discontinuities and shrinks its steps to crawl up to each node (seen here:
-10x the right-hand-side evaluations for a control 0.002 away from one that
+Everything the engine knows about torchdiffeq lives here, so that a new
+torchdiffeq (or another ODE library) is a change to this module only. It
+provides:
+
+- ``ODE``: one solver setting (method, tolerances, options) on one mesh, with
+  the mesh nodes as the points where the control jumps (``jump_t`` for the
+  adaptive methods, step ends for the fixed-step ones).
+- ``EvaluationBudget``: counts right-hand-side evaluations and raises
+  SweepBudgetError past a limit. This is the engine's step limit: torchdiffeq's
+  own (``max_num_steps``) is a bare ``assert``, gone under ``python -O``.
+- ``IntegrationFailure``: raised, instead of torchdiffeq's bare asserts, when an
+  adaptive step underflows, the state stops being finite, or an interval needs
+  more than ``max_num_steps`` steps. The same checks at the same points as
+  torchdiffeq's asserts (ours run first), so they hold under ``python -O`` too
+  and callers catch a type instead of matching words in messages.
+
+The jump fix. torchdiffeq (0.2.x) clips an adaptive step at a ``jump_t`` time
+only when the step would cross it (``t0 < jump < t0 + dt``). A step that lands
+exactly on a jump time, which happens often on uniform meshes, is not clipped:
+the jump index then never advances, every later jump is ignored, and f keeps
+the value from the old side of the node. The solver then steps across control
+discontinuities and shrinks its steps to crawl up to each node (seen here: 10x
+the right-hand-side evaluations for a control 0.002 away from one that
 integrated cleanly). ``integrate`` runs torchdiffeq's own solver classes with
 that case handled: when a step starts on an unregistered jump time, f is
 re-evaluated on the new side and the index advances.
+
+Supported torchdiffeq: 0.2.3 <= version < 0.3 (setup.cfg). The fix and the
+checks subclass torchdiffeq's solver classes and use its input handling, which
+are not public API; the public ``odeint(..., options={"jump_t": ...})`` cannot
+express the fix. Importing this module with a torchdiffeq that lacks those
+names raises ImportError naming the supported versions.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional
 
 import torch
-from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-__all__ = ["integrate", "METHODS", "is_adaptive"]
+from .errors import SweepBudgetError
+
+SUPPORTED_TORCHDIFFEQ = ">=0.2.3,<0.3"
+
+try:
+    import torchdiffeq
+    from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    for _name in ("_adaptive_step", "_advance"):
+        if not callable(getattr(RKAdaptiveStepsizeODESolver, _name, None)):
+            raise ImportError(f"RKAdaptiveStepsizeODESolver.{_name} is missing")
+except ImportError as _err:  # pragma: no cover - depends on the installed torchdiffeq
+    _version = getattr(locals().get("torchdiffeq"), "__version__", "unknown or not installed")
+    raise ImportError(
+        f"pmpsolve supports torchdiffeq {SUPPORTED_TORCHDIFFEQ} (its ODE layer, pmpsolve/ode.py, extends "
+        f"torchdiffeq's solver classes); the installed version is {_version} ({_err}). Install a supported "
+        f"one: pip install 'torchdiffeq{SUPPORTED_TORCHDIFFEQ}'") from _err
+
+__all__ = ["ODE", "METHODS", "is_adaptive", "integrate", "EvaluationBudget", "IntegrationFailure",
+           "DEFAULT_BUDGET", "SUPPORTED_TORCHDIFFEQ"]
 
 METHODS = tuple(SOLVERS)
 
+#: Steps an adaptive solver may take between two output times (one mesh interval): torchdiffeq's
+#: ``max_num_steps``. A blow-up ends in an error, not a hang, even with a huge evaluation budget.
+MAX_STEPS_PER_INTERVAL = 200_000
 
-def _with_exact_jumps(solver: Type[RKAdaptiveStepsizeODESolver]) -> Type[RKAdaptiveStepsizeODESolver]:
+#: Right-hand-side evaluations a sweep may take when no budget is given (a first sweep, or
+#: ``pmp.cost``): a blow-up or a stiff problem ends in a SweepBudgetError within seconds.
+DEFAULT_BUDGET = 50_000
+
+#: Fixed-step methods: the step size suggested in the error for a missing one is the mesh
+#: interval divided by this.
+_SUGGESTED_STEPS_PER_INTERVAL = 10
+
+
+class IntegrationFailure(RuntimeError):
+    """An adaptive solve could not go on: its step underflowed, the state stopped being finite,
+    or one output interval needed more than ``max_num_steps`` steps. The message is the one
+    torchdiffeq's assert for the same condition carries."""
+
+
+def _checked(solver: type) -> type:
+    """``solver`` (an adaptive Runge-Kutta class) with the jump fix and its asserts as exceptions."""
+
+    def _advance(self, next_t):
+        self._steps_to_output = 0
+        return solver._advance(self, next_t)
+
     def _adaptive_step(self, rk_state):
+        # torchdiffeq asserts n_steps < max_num_steps before each step of _advance.
+        self._steps_to_output += 1
+        if self._steps_to_output > self.max_num_steps:
+            raise IntegrationFailure(f"max_num_steps exceeded ({self._steps_to_output - 1}>={self.max_num_steps})")
         if len(self.jump_t):
             t0 = rk_state.t1
             if bool(t0 == self.jump_t[self.next_jump_index]):  # torchdiffeq syncs per step anyway
@@ -34,13 +103,23 @@ def _with_exact_jumps(solver: Type[RKAdaptiveStepsizeODESolver]) -> Type[RKAdapt
                 rk_state = rk_state._replace(f1=f0)
                 if self.next_jump_index != len(self.jump_t) - 1:
                     self.next_jump_index += 1
+        # The two asserts at the top of torchdiffeq's _adaptive_step, with the step it will take.
+        y0, t0, dt = rk_state.y1, rk_state.t1, rk_state.dt
+        if hasattr(self, "min_step"):  # torchdiffeq >= 0.2.4 clamps the step first
+            if not torch.isfinite(dt):
+                dt = self.min_step
+            dt = dt.clamp(self.min_step, self.max_step)
+        if not t0 + dt > t0:
+            raise IntegrationFailure(f"underflow in dt {dt.item()}")
+        if not torch.isfinite(y0).all():
+            raise IntegrationFailure(f"non-finite values in state `y`: {y0}")
         return solver._adaptive_step(self, rk_state)
 
-    return type(solver.__name__, (solver,), {"_adaptive_step": _adaptive_step})
+    return type(solver.__name__, (solver,), {"_advance": _advance, "_adaptive_step": _adaptive_step})
 
 
 _SOLVERS: Dict[str, type] = {
-    name: _with_exact_jumps(cls) if issubclass(cls, RKAdaptiveStepsizeODESolver) else cls
+    name: _checked(cls) if issubclass(cls, RKAdaptiveStepsizeODESolver) else cls
     for name, cls in SOLVERS.items()
 }
 
@@ -50,12 +129,109 @@ def is_adaptive(method: str) -> bool:
     return issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
 
 
+def is_fixed_grid(method: str) -> bool:
+    """Whether ``method`` steps on a fixed grid (it needs a step size)."""
+    return issubclass(SOLVERS[method], FixedGridODESolver)
+
+
 def integrate(func: Callable, y0: torch.Tensor, times: torch.Tensor, *, method: str, rtol: float, atol: float,
               options: Optional[dict] = None) -> torch.Tensor:
-    """Like ``torchdiffeq.odeint`` (same arguments and result [len(times), *y0.shape])."""
+    """Like ``torchdiffeq.odeint`` (same arguments and result [len(times), *y0.shape]); adaptive
+    methods raise IntegrationFailure where torchdiffeq would fail an assert."""
     shapes, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
         func, y0, times, rtol, atol, method, dict(options or {}), None, _SOLVERS)
     solution = _SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options).integrate(t)
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)
     return solution
+
+
+class ODE:
+    """One ODE-solver setting on one control mesh: the control jumps at every mesh node.
+
+    Adaptive methods get the interior nodes as ``jump_t`` (no step crosses a control jump, and f
+    is re-evaluated on the new side of each node); fixed-step methods need
+    ``options={"step_size": h}`` and step node to node, ceil(h_n / h) steps per interval, with
+    ``perturb=True`` (their first and last stages look just inside the interval).
+    """
+
+    def __init__(self, mesh: torch.Tensor, method: str = "dopri5", rtol: float = 1e-8, atol: float = 1e-10,
+                 options: Optional[dict] = None):
+        if method not in METHODS:
+            raise ValueError(f"`ode_method` must be one of the torchdiffeq methods {sorted(METHODS)}, got {method!r}")
+        self.mesh = mesh
+        self.method, self.rtol, self.atol = method, float(rtol), float(atol)
+        self.adaptive = is_adaptive(method)
+        self.options = dict(options or {})
+        if self.adaptive:
+            if mesh.numel() > 2:
+                self.options.setdefault("jump_t", mesh[1:-1])
+            self.options.setdefault("max_num_steps", MAX_STEPS_PER_INTERVAL)
+        elif is_fixed_grid(method):
+            step = self.options.pop("step_size", None)
+            if step is None or not float(step) > 0:
+                suggestion = float(mesh[-1]) / (_SUGGESTED_STEPS_PER_INTERVAL * (mesh.numel() - 1))
+                raise ValueError(
+                    f"ode_method={method!r} is a fixed-step method and needs a step size: pass "
+                    f"ode_options={{'step_size': h}} with h > 0, e.g. h = {suggestion:.3g} "
+                    f"({_SUGGESTED_STEPS_PER_INTERVAL} steps per mesh interval); got {step!r}. Without one it "
+                    "would take a single step per interval and report an inaccurate J. Or use an adaptive method "
+                    "such as 'dopri5'")
+            # Steps end on every mesh node (the control jumps there): each interval gets ceil(h_n / step) steps.
+            self.options["grid_constructor"] = _grid_on_nodes(float(step))
+            self.options.setdefault("perturb", True)
+
+    def solve(self, rhs: Callable, y0: torch.Tensor, times: torch.Tensor, *,
+              options: Optional[dict] = None) -> torch.Tensor:
+        """Y at ``times`` [len(times), *y0.shape]; ``options`` replaces this setting's options."""
+        return integrate(rhs, y0, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                         options=self.options if options is None else options)
+
+
+class EvaluationBudget:
+    """Counts the right-hand-side evaluations of one sweep; past ``limit`` raises SweepBudgetError.
+
+    Every right-hand side calls it first, with its time t (None when it has no single time, as
+    in the all-intervals-at-once co-state solve). Under ``python -O`` too: this, not
+    torchdiffeq's ``max_num_steps`` assert, is what ends a blow-up.
+    """
+
+    def __init__(self, budget: Optional[int], sweep: str, iteration: Optional[int]):
+        self.limit = DEFAULT_BUDGET if budget is None else int(budget)
+        self.sweep, self.iteration = sweep, iteration
+        self.evaluations = 0
+        self.last_t: Optional[torch.Tensor] = None  # the time the sweep reached
+
+    def __call__(self, t: Optional[torch.Tensor]) -> None:
+        self.evaluations += 1
+        if t is not None:
+            self.last_t = t
+        if self.evaluations > self.limit:
+            where = self.reached()
+            sweep = self.sweep
+            raise SweepBudgetError(
+                f"the {sweep} sweep needed more than {self.limit} right-hand-side evaluations"
+                + ("" if where is None else f" (it reached t = {where:.6g})")
+                + f": the {'state' if sweep == 'forward' else 'co-state'} grows without bound or the "
+                "dynamics are stiff. If J kept decreasing, the problem may be unbounded below (check the costs "
+                "and bounds); for stiff dynamics see docs/guide.md, section 'Stiff problems'",
+                iteration=self.iteration, sweep=sweep, budget=self.limit, time=where)
+
+    def reached(self) -> Optional[float]:
+        """The last time a right-hand side was evaluated at, or None."""
+        return None if self.last_t is None else float(self.last_t)
+
+
+def _grid_on_nodes(step: float):
+    """A torchdiffeq ``grid_constructor``: the output times (the mesh nodes) subdivided into steps of
+    at most ``step``, so that no fixed step crosses a node where the control jumps."""
+    def construct(func, y0, t):
+        h = t[1:] - t[:-1]
+        counts = torch.ceil(h.abs() / step).clamp_min(1).long()  # [N] steps per interval
+        interval = torch.repeat_interleave(torch.arange(h.numel(), device=t.device), counts)
+        first = torch.cumsum(counts, 0) - counts  # index of each interval's first step
+        position = torch.arange(interval.numel(), device=t.device) - first[interval]
+        inner = t[:-1][interval] + h[interval] * position.to(t.dtype) / counts[interval].to(t.dtype)
+        return torch.cat([inner, t[-1:]])
+
+    return construct

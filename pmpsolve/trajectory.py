@@ -53,19 +53,6 @@ class HermiteTrajectory:
         c0, c1, c2, c3 = (c.select(k, j) for j in range(4))
         return ((c3 * s + c2) * s + c1) * s + c0
 
-    def derivative(self, t: torch.Tensor) -> torch.Tensor:
-        """Y'(t) of the interpolant (the right-limit at a node)."""
-        t = torch.as_tensor(t, dtype=self.mesh.dtype, device=self.mesh.device)
-        index = interval_index(self.mesh, t)
-        s = (t - self.mesh[index]) * self._inverse_lengths[index]
-        inv_h = self._inverse_lengths[index]
-        shape = s.shape + (1,) * (self.values.ndim - 1)
-        s, inv_h = s.reshape(shape), inv_h.reshape(shape)
-        c = self.coefficients[index]
-        k = index.ndim
-        c1, c2, c3 = (c.select(k, j) for j in range(1, 4))
-        return ((3 * c3 * s + 2 * c2) * s + c1) * inv_h
-
     def on_intervals(self, fractions: torch.Tensor) -> torch.Tensor:
         """Y at t_n + c h_n for every interval n and fraction c in ``fractions`` [Q] -> [N, Q, *S]."""
         c = fractions.to(self.values.dtype)

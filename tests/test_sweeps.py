@@ -1,5 +1,8 @@
 """The sweeps against closed forms: a linear ODE with known state and co-state."""
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 import pmpsolve as pmp
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem
+from pmpsolve.costate import CostatePolicy, ParallelScanCostate, SequentialLinearCostate
 from pmpsolve.sweeps import Sweeper
 
 
@@ -95,10 +99,42 @@ def test_parallel_costate_sweep_equals_the_sequential_one(name):
     low, high = problem.controls.bounds(torch.float64, "cpu")
     u = torch.clamp(0.5 * torch.sin(torch.arange(N, dtype=torch.float64) / 3).unsqueeze(1), low, high)
     sweeper = Sweeper(pw, mesh, rtol=1e-10, atol=1e-12)
+    assert isinstance(sweeper.costate_policy.choose(pw, mesh, sweeper.ode), ParallelScanCostate)
     fw = sweeper.forward(u)
     parallel = sweeper.backward(u, fw)
-    sweeper.parallel_costate = False
+    sweeper.costate_policy = CostatePolicy(parallel=False)
+    assert isinstance(sweeper.costate_policy.choose(pw, mesh, sweeper.ode), SequentialLinearCostate)
     sequential = sweeper.backward(u, fw)
     P, Q = parallel.costates.values, sequential.costates.values
     assert float((P - Q).abs().max()) <= 1e-8 * float(Q.abs().max())
     assert parallel.evaluations * 10 < sequential.evaluations
+
+
+def test_step_budget_holds_under_python_O():
+    """torchdiffeq's step limit and its step checks are bare asserts; the engine's own budget must
+    still end an unbounded problem, and its own checks a blow-up, when asserts are compiled away."""
+    code = textwrap.dedent("""
+        import torch
+        import pmpsolve as pmp
+        problem = pmp.ControlProblem(lambda t, x, u: x ** 2 + u, torch.tensor([0.0]), 1.0, pmp.Reals(1),
+                                     terminal_cost=lambda x: -10 * x[..., 0],
+                                     running_cost=lambda t, x, u: 0.01 * (u ** 2).sum(-1))
+        try:
+            pmp.solve(problem, mesh=10)
+        except (pmp.SweepBudgetError, pmp.NonFiniteError) as err:
+            print("stopped:", type(err).__name__)
+        else:
+            print("no error")
+        # x' = x^2 from x0 = 1 blows up at t = 1: the adaptive step underflows there.
+        blow_up = pmp.ControlProblem(lambda t, x, u: x ** 2 + 0 * u, torch.tensor([1.0]), 2.0, pmp.Reals(1),
+                                     terminal_cost=lambda x: x[..., 0])
+        try:
+            pmp.solve(blow_up, mesh=10)
+        except pmp.NonFiniteError as err:
+            print("blow-up:", err.sweep, round(err.time, 2))
+        """)
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("stopped:") and lines[1] == "blow-up: forward 1.0", (out.stdout, out.stderr)

@@ -1,0 +1,68 @@
+"""The forward (state) sweep (docs/theory.md, engine step 1; paper eq. 5).
+
+dX/dt = f(t, X, u_t), X_0 = x0, with the running cost integrated alongside as
+one more component, so that J comes out of the same solve. Its own module
+because it is the one piece a different time discretisation (a parallel-in-time
+or a layer-by-layer forward sweep) replaces; the ODE set-up is in ``ode.py``,
+the checks, timing and result type in ``sweeps.py``.
+
+The right-hand side looks the control up with ``torch.searchsorted``
+(``interval_index``): no host syncs inside it.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .mesh import interval_index
+from .ode import ODE
+from .pointwise import PointwiseProblem
+
+__all__ = ["StateSolution", "solve_state"]
+
+
+class StateSolution(NamedTuple):
+    """The forward sweep's numbers, before the checks and the trajectory are made of them."""
+
+    values: torch.Tensor  # X at the nodes [N + 1, K, n] (with the graph if differentiable)
+    cost: torch.Tensor  # J(u), 0-d
+    terminal_cost: torch.Tensor  # Phi(X_T^i) [K]
+    running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
+    slope_left: torch.Tensor  # f at the left end of each interval, t_n+, [N, K, n]
+    slope_right: torch.Tensor  # f at the right end of each interval, t_{n+1}-, [N, K, n]
+
+
+def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable[[Optional[torch.Tensor]], None],
+                *, differentiable: bool = False) -> StateSolution:
+    """Integrate the state (and the running cost) for controls u [N, m].
+
+    ``count(t)`` is called first by every right-hand-side evaluation (the evaluation budget).
+    ``differentiable``: keep the autograd graph through the solver steps. May raise
+    ``ode.IntegrationFailure``.
+    """
+    mesh = ode.mesh
+    K, n = pw.num_samples, pw.state_dim
+
+    def rhs(t, z):
+        count(t)
+        un = u[interval_index(mesh, t)]
+        if not pw.has_running_cost:
+            return pw.dynamics(t, z, un)
+        x = z[:, :n]
+        return torch.cat([pw.dynamics(t, x, un), pw.running_cost(t, x, un).unsqueeze(-1)], dim=-1)
+
+    z0 = pw.x0 if not pw.has_running_cost else torch.cat([pw.x0, pw.x0.new_zeros(K, 1)], dim=-1)
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        Z = ode.solve(rhs, z0, mesh)  # [N + 1, K, n (+1)]
+        X = Z[..., :n]
+        running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
+        terminal = pw.terminal_cost(X[-1])
+        cost = (terminal + running).mean()
+        penalty = pw.problem.control_penalty
+        if penalty is not None:  # int c |u|: exact for piecewise-constant controls
+            cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
+        # End slopes of each interval, both with that interval's control (f jumps at nodes).
+        slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()
+        slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach()).detach()
+    return StateSolution(X, cost, terminal, running, slope_left, slope_right)
