@@ -58,7 +58,7 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
         X = Z[..., :n]
         running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
         terminal = pw.terminal_cost(X[-1])
-        cost = (terminal + running).mean()
+        cost = pw.reducer.mean_costs(terminal + running)
         penalty = pw.problem.control_penalty
         if penalty is not None:  # int c |u|: exact for piecewise-constant controls
             cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
