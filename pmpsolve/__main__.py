@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     try:
         importlib.import_module(STUDIES[study]).main(rest)
     except KeyboardInterrupt:  # outside a study's runs (loading, drawing figures): the complete runs are saved
-        from pmpsolve.studies._cli import resume_command
+        from pmpsolve.studies.cli import resume_command
 
         print(f"\ninterrupted; continue with: {resume_command(study, rest)}", file=sys.stderr)
         raise SystemExit(130) from None

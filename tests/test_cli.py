@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pmpsolve.studies import _cli
+from pmpsolve.studies import cli
 from pmpsolve.studies import controls as controls_study
 from pmpsolve.studies import sine as sine_study
 
@@ -177,18 +177,18 @@ def test_writable_dir_reports_a_folder_that_cannot_be_written(tmp_path, monkeypa
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(_cli.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
     with pytest.raises(argparse.ArgumentTypeError, match="expected a folder that can be written.*Permission denied"):
-        _cli.writable_dir(str(tmp_path))
+        cli.writable_dir(str(tmp_path))
     with pytest.raises(argparse.ArgumentTypeError, match=r"its parent .* cannot be written"):
-        _cli.writable_dir(str(tmp_path / "new" / "sub"))
+        cli.writable_dir(str(tmp_path / "new" / "sub"))
 
 
 def test_validators():
-    assert _cli.positive_int("3") == 3 and _cli.nonnegative_int("0") == 0
-    assert _cli.positive_float("0.5") == 0.5 and _cli.nonnegative_float("0") == 0.0
-    for check, value in ((_cli.positive_int, "0"), (_cli.positive_int, "1.5"), (_cli.nonnegative_int, "-1"),
-                         (_cli.positive_float, "0"), (_cli.positive_float, "inf"), (_cli.nonnegative_float, "nan")):
+    assert cli.positive_int("3") == 3 and cli.nonnegative_int("0") == 0
+    assert cli.positive_float("0.5") == 0.5 and cli.nonnegative_float("0") == 0.0
+    for check, value in ((cli.positive_int, "0"), (cli.positive_int, "1.5"), (cli.nonnegative_int, "-1"),
+                         (cli.positive_float, "0"), (cli.positive_float, "inf"), (cli.nonnegative_float, "nan")):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(value)):
             check(value)
 
@@ -204,10 +204,10 @@ def test_help_works_and_points_to_docs(tmp_path):
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "results.json"
-    _cli.write_json(path, {"a": 1})
-    _cli.write_json(path, {"a": 2})
+    cli.write_json(path, {"a": 1})
+    cli.write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     with pytest.raises(TypeError):
-        _cli.write_json(path, {"a": object()})  # fails half-way: the old file stays, no temporary is left
+        cli.write_json(path, {"a": object()})  # fails half-way: the old file stays, no temporary is left
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

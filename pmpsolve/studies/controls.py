@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pmpsolve as pmp
-from pmpsolve.studies import _cli
+from pmpsolve.studies import cli
 from pmpsolve.studies.reference import independent_cost
 
 __all__ = ["run", "format_table", "main", "METHODS"]
@@ -32,7 +32,7 @@ def _row(name, reference, method, mesh, solve_fn) -> Dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            sol = _cli.check_interrupted(solve_fn())
+            sol = cli.check_interrupted(solve_fn())
     except (pmp.SolveError, ValueError) as err:
         row.update(cost=None, rel_error=None, iterations=None, seconds=time.perf_counter() - start,
                    status=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
@@ -50,7 +50,7 @@ def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, 
         out: Optional[Path] = None, previous: Optional[Dict] = None) -> List[Dict]:
     """One row per problem and method; with ``out``, ``out/results.json`` is rewritten (atomically)
     after every row. ``previous``: the results of an earlier run with the same settings
-    (``--resume``), whose rows are taken over. Ctrl-C raises ``_cli.Interrupted`` with the results
+    (``--resume``), whose rows are taken over. Ctrl-C raises ``cli.Interrupted`` with the results
     so far in its ``results`` attribute (saved)."""
     from problems import CONTROL_SET_PROBLEMS, REFERENCE_PROBLEMS
 
@@ -66,7 +66,7 @@ def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, 
 
     def save():
         if out is not None:
-            _cli.write_json(out / "results.json", results)
+            cli.write_json(out / "results.json", results)
 
     def add(name, reference, method, solve_fn):
         if (name, method) in done:
@@ -86,15 +86,15 @@ def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, 
                 relaxed, _ = catalogue["catalyst"]()
 
                 def relax_round_polish():
-                    sol = _cli.check_interrupted(pmp.solve(relaxed, mesh=mesh, max_iter=max_iter))
+                    sol = cli.check_interrupted(pmp.solve(relaxed, mesh=mesh, max_iter=max_iter))
                     rounded = pmp.sum_up_rounding(sol.controls, sol.mesh, problem.controls)
                     return pmp.solve(problem, method="sqh", mesh=mesh, init=rounded, max_iter=max_iter)
 
                 add(name, reference, "relax+round+sqh", relax_round_polish)
-    except (KeyboardInterrupt, _cli.Interrupted):
+    except (KeyboardInterrupt, cli.Interrupted):
         if rows:
             save()
-        raise _cli.interruption(results) from None
+        raise cli.interruption(results) from None
     save()
     return rows
 
@@ -126,28 +126,28 @@ def main(argv=None) -> None:
     catalogue = [*REFERENCE_PROBLEMS, *CONTROL_SET_PROBLEMS]
     parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce controls",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", type=_cli.one_of(catalogue, "problem"),
+    parser.add_argument("problems", nargs="*", type=cli.one_of(catalogue, "problem"),
                         help=f"problem names (default: all: {', '.join(catalogue)})")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--mesh", type=_cli.positive_int, default=200, help="control intervals (default 200)")
-    parser.add_argument("--max-iter", type=_cli.positive_int, default=200, help="iteration limit (default 200)")
-    parser.add_argument("--out", type=_cli.writable_dir, default="results/controls",
+    parser.add_argument("--mesh", type=cli.positive_int, default=200, help="control intervals (default 200)")
+    parser.add_argument("--max-iter", type=cli.positive_int, default=200, help="iteration limit (default 200)")
+    parser.add_argument("--out", type=cli.writable_dir, default="results/controls",
                         help="output folder (results/controls)")
-    _cli.add_resume_option(parser)
+    cli.add_resume_option(parser)
     args = parser.parse_args(argv)
     names = args.problems or catalogue
     path = args.out / "results.json"
-    previous = (_cli.load_previous(parser, path, settings(names, args.methods, mesh=args.mesh,
+    previous = (cli.load_previous(parser, path, settings(names, args.methods, mesh=args.mesh,
                                                           max_iter=args.max_iter), key=None)
                 if args.resume else None)
     try:
         rows = run(names, args.methods, mesh=args.mesh, max_iter=args.max_iter, out=args.out, previous=previous)
-    except _cli.Interrupted as stop:
+    except cli.Interrupted as stop:
         done = stop.results["rows"]
         if done:
             print()
             print(format_table(done))
-        _cli.exit_interrupted("controls", argv, len(done), path)
+        cli.exit_interrupted("controls", argv, len(done), path)
     print()
     print(format_table(rows))
     print(f"\nwrote {path}")

@@ -18,7 +18,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pmpsolve as pmp
-from pmpsolve.studies import _cli
+from pmpsolve.studies import cli
 
 __all__ = ["independent_cost", "run", "main"]
 
@@ -70,7 +70,7 @@ def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "em
         progress: bool = True, previous: Optional[Dict] = None) -> List[Dict]:
     """One row per problem; with ``out``, a figure per problem and ``out/results.json``, rewritten
     (atomically) after every problem. ``previous``: the results of an earlier run with the same
-    settings (``--resume``), whose rows are taken over. Ctrl-C raises ``_cli.Interrupted`` with the
+    settings (``--resume``), whose rows are taken over. Ctrl-C raises ``cli.Interrupted`` with the
     results so far in its ``results`` attribute (saved)."""
     from problems import REFERENCE_PROBLEMS
 
@@ -84,7 +84,7 @@ def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "em
 
     def save():
         if out is not None:
-            _cli.write_json(out / "results.json", results)
+            cli.write_json(out / "results.json", results)
 
     try:
         for name in names:
@@ -95,7 +95,7 @@ def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "em
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                sol = _cli.check_interrupted(pmp.solve(problem, method=method, mesh=mesh, progress=progress))
+                sol = cli.check_interrupted(pmp.solve(problem, method=method, mesh=mesh, progress=progress))
             seconds = time.perf_counter() - start
             checked = independent_cost(problem, sol.controls, sol.mesh)
             its = sol.history[1:]
@@ -115,10 +115,10 @@ def run(names: Optional[List[str]] = None, *, mesh: int = 200, method: str = "em
                 plt.close("all")
             rows.append(row)
             save()
-    except (KeyboardInterrupt, _cli.Interrupted):
+    except (KeyboardInterrupt, cli.Interrupted):
         if rows:
             save()
-        raise _cli.interruption(results) from None
+        raise cli.interruption(results) from None
     save()
     return rows
 
@@ -144,25 +144,25 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce reference",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", type=_cli.one_of(REFERENCE_PROBLEMS, "problem"),
+    parser.add_argument("problems", nargs="*", type=cli.one_of(REFERENCE_PROBLEMS, "problem"),
                         help=f"problem names (default: all four: {', '.join(REFERENCE_PROBLEMS)})")
-    parser.add_argument("--mesh", type=_cli.positive_int, default=200, help="control intervals (default 200)")
+    parser.add_argument("--mesh", type=cli.positive_int, default=200, help="control intervals (default 200)")
     parser.add_argument("--method", default="emsa", choices=sorted(pmp.RULES))
-    parser.add_argument("--out", type=_cli.writable_dir, default="results/reference",
+    parser.add_argument("--out", type=cli.writable_dir, default="results/reference",
                         help="output folder (results/reference)")
-    _cli.add_resume_option(parser)
+    cli.add_resume_option(parser)
     args = parser.parse_args(argv)
     names = args.problems or list(REFERENCE_PROBLEMS)
     path = args.out / "results.json"
-    previous = (_cli.load_previous(parser, path, settings(names, mesh=args.mesh, method=args.method))
+    previous = (cli.load_previous(parser, path, settings(names, mesh=args.mesh, method=args.method))
                 if args.resume else None)
     try:
         rows = run(names, mesh=args.mesh, method=args.method, out=args.out, previous=previous)
-    except _cli.Interrupted as stop:
+    except cli.Interrupted as stop:
         done = stop.results["rows"]
         if done:
             print(format_table(done))
-        _cli.exit_interrupted("reference", argv, len(done), path)
+        cli.exit_interrupted("reference", argv, len(done), path)
     print(format_table(rows))
     print(f"\nwrote {path} and one figure per problem")
 

@@ -23,7 +23,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve import baselines
-from pmpsolve.studies import _cli
+from pmpsolve.studies import cli
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem
 from pmpsolve.sweeps import Sweeper
@@ -70,7 +70,7 @@ def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, r
         sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
                         maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
                         atol=atol, quadrature=quadrature, callback=callback, progress=progress)
-    _cli.check_interrupted(sol)  # a solve stopped by Ctrl-C returns its best controls: not a complete run
+    cli.check_interrupted(sol)  # a solve stopped by Ctrl-C returns its best controls: not a complete run
     del start
     first = sol.history[0]
     for key, value in (("iteration", 0), ("train_loss", first.cost), ("test_loss", init_loss),
@@ -90,7 +90,7 @@ def _run_baseline(train, test_loss, init, *, optimizer, lr, iterations, dtype, d
 
     result = baselines.train(train, optimizer=optimizer, lr=lr, iterations=iterations, mesh=MESH, init=init,
                              dtype=dtype, device=device, rtol=rtol, atol=atol, callback=callback, progress=progress)
-    _cli.check_interrupted(result)
+    cli.check_interrupted(result)
     return record
 
 
@@ -140,7 +140,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     so a study stopped at any moment keeps its complete runs. ``previous``: results
     of an earlier call with the same settings (``main --resume``); its complete runs
     (and tuned rates) are taken over instead of being run again. Ctrl-C raises
-    ``_cli.Interrupted`` with the results so far in its ``results`` attribute (saved).
+    ``cli.Interrupted`` with the results so far in its ``results`` attribute (saved).
     """
     from problems.sine import sine_data, sine_initial_controls, sine_problem
 
@@ -169,7 +169,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     def save():
         config["total_seconds"] = earlier_seconds + time.perf_counter() - started
         if results_path is not None:
-            _cli.write_json(results_path, results)
+            cli.write_json(results_path, results)
 
     loaded = 0
     try:
@@ -206,10 +206,10 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
                 runs.append(dict(method=method, init=init_kind, **setting, **rec,
                                  total_seconds=time.perf_counter() - start))
                 save()
-    except (KeyboardInterrupt, _cli.Interrupted):
+    except (KeyboardInterrupt, cli.Interrupted):
         if runs:
             save()
-        raise _cli.interruption(results, loaded=loaded) from None
+        raise cli.interruption(results, loaded=loaded) from None
     save()
     results["loaded_runs"] = loaded
     return results
@@ -268,21 +268,21 @@ def plot(results: Dict, out: Path) -> List[Path]:
 
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce sine", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=_cli.writable_dir, default="results/sine",
+    parser.add_argument("--out", type=cli.writable_dir, default="results/sine",
                         help="output folder (results/sine)")
-    parser.add_argument("--iterations", type=_cli.positive_int, default=None,
+    parser.add_argument("--iterations", type=cli.positive_int, default=None,
                         help="iterations of every method (default 50; --quick 8, --full 500)")
-    parser.add_argument("--emsa-iterations", type=_cli.positive_int, default=None,
+    parser.add_argument("--emsa-iterations", type=cli.positive_int, default=None,
                         help="iterations of E-MSA (default: --iterations)")
-    parser.add_argument("--seed", type=_cli.nonnegative_int, default=0)
-    parser.add_argument("--device", type=_cli.device, default=None,
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--device", type=cli.device, default=None,
                         help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--rho", type=_cli.nonnegative_float, default=1.0,
+    parser.add_argument("--rho", type=cli.nonnegative_float, default=1.0,
                         help="E-MSA rho in the reference code's per-layer convention (default 1.0); "
                              "pmpsolve.solve gets rho * delta")
-    parser.add_argument("--reg", type=_cli.nonnegative_float, default=0.001,
+    parser.add_argument("--reg", type=cli.nonnegative_float, default=0.001,
                         help="L2 weight per layer, reg |theta_n|^2 / 2 (the reference code's 0.001; 0: off)")
-    parser.add_argument("--quadrature", type=_cli.int_range(1, 10), default=3,
+    parser.add_argument("--quadrature", type=cli.int_range(1, 10), default=3,
                         help="Gauss points per interval for E-MSA's interval Hamiltonian, 1 to 10 (default 3; "
                              "1, the midpoint rule, makes each maximisation ~3x cheaper, docs/benchmarks.md)")
     parser.add_argument("--tune", action="store_true", help="pick learning rates and rho on a coarse log grid")
@@ -290,16 +290,16 @@ def main(argv=None) -> Dict:
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a smoke-test size")
     size.add_argument("--full", action="store_const", dest="size", const="full", help="the paper's size")
     parser.add_argument("--no-progress", action="store_true")
-    _cli.add_resume_option(parser)
+    cli.add_resume_option(parser)
     args = parser.parse_args(argv)
     options = dict(size=args.size or "default", iterations=args.iterations, emsa_iterations=args.emsa_iterations,
                    seed=args.seed, device=args.device, rho=args.rho, tune=args.tune, reg=args.reg,
                    quadrature=args.quadrature)
     path = args.out / "results.json"
-    previous = _cli.load_previous(parser, path, study_settings(**options), key="config") if args.resume else None
+    previous = cli.load_previous(parser, path, study_settings(**options), key="config") if args.resume else None
     try:
         results = run_study(progress=not args.no_progress, results_path=path, previous=previous, **options)
-    except _cli.Interrupted as stop:
+    except cli.Interrupted as stop:
         done = len(stop.results["runs"])
         try:
             if done:
@@ -307,7 +307,7 @@ def main(argv=None) -> Dict:
                 print(format_table(stop.results))
         except KeyboardInterrupt:
             pass
-        _cli.exit_interrupted("sine", argv, done, path)
+        cli.exit_interrupted("sine", argv, done, path)
     figures = plot(results, args.out)
     print(format_table(results))
     loaded = results.pop("loaded_runs", 0)
