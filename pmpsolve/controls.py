@@ -1,9 +1,9 @@
 """Control sets U: where the control u(t) may take its values.
 
 A control set knows its shape ``(m,)``, how to project onto itself, whether a
-tensor lies in it, and a default starting control. The maximisers read its
-bounds; sets that no bound describes (finite sets, user sets) bring their own
-maximiser.
+tensor lies in it, a default starting control, and which maximisers of the
+interval Hamiltonian can handle it (``maximisers``, names registered in
+``pmpsolve.maximisers.MAXIMISERS``).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from .penalties import prox_in_box
 
 Number = Union[int, float]
 
@@ -60,13 +62,33 @@ class ControlSet:
         return self.shape[0]
 
     def bounds(self, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Lower and upper bounds, each [m] (``-inf``/``inf`` where unbounded)."""
+        """Lower and upper bounds, each [m] (``-inf``/``inf`` where unbounded): the smallest box holding U."""
         raise NotImplementedError
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Nearest point of U, componentwise, for u [..., m]."""
         low, high = self.bounds(u.dtype, u.device)
         return torch.maximum(torch.minimum(u, high), low)
+
+    def prox(self, v: torch.Tensor, step: torch.Tensor, penalty=None) -> torch.Tensor:
+        """argmin over u in U of  step * penalty(u) + |u - v|^2 / 2 (the projection without a penalty).
+
+        The default is exact for boxes (``penalties.prox_in_box``); used by the proximal
+        gradient maximiser and the optimality measure.
+        """
+        low, high = self.bounds(v.dtype, v.device)
+        return prox_in_box(penalty, v, step, low, high)
+
+    def maximisers(self, penalty=None) -> Tuple[str, ...]:
+        """Names (in ``pmpsolve.maximisers.MAXIMISERS``) of the maximisers that can handle this set
+        with this control penalty (None, ``L1`` or ``L0``), in the order they are tried.
+
+        The default suits boxes: the closed form (where the objective is a separable concave
+        quadratic), then projected L-BFGS for a smooth objective, proximal gradient otherwise.
+        """
+        if penalty is None:
+            return ("closed-form", "lbfgs", "proximal")
+        return ("closed-form", "proximal")
 
     def contains(self, u: torch.Tensor) -> torch.Tensor:
         """Whether each u [..., m] lies in U: a bool tensor [...]."""
@@ -243,6 +265,9 @@ class Finite(ControlSet):
         """0 if admissible, else the admissible value nearest to 0."""
         return self.project(torch.zeros(self.shape, dtype=dtype, device=device))
 
+    def maximisers(self, penalty=None):
+        return ("enumeration",)
+
     def __repr__(self):
         return f"Finite(values={self.values.tolist()}, shape={self.shape})"
 
@@ -294,8 +319,12 @@ class UserSet(ControlSet):
             return torch.zeros(self.shape, dtype=dtype, device=device)
         return self._default.to(dtype=dtype, device=device)
 
+    def maximisers(self, penalty=None):
+        return ("user",)
+
     def __repr__(self):
         return f"UserSet(shape={self.shape})"
 
     def to_dict(self):
         return {"type": "UserSet", "shape": list(self.shape)}
+
