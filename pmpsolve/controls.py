@@ -368,14 +368,15 @@ class Ball(ControlSet):
     def project(self, u):
         c = self.center.to(dtype=u.dtype, device=u.device)
         norm = (u - c).norm(dim=-1, keepdim=True)
-        scale = torch.where(norm > self.radius, self.radius / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                            torch.ones_like(norm))
-        return c + (u - c) * scale
+        outside = norm > self.radius
+        scale = self.radius / torch.where(outside, norm, torch.ones_like(norm))
+        return torch.where(outside, c + (u - c) * scale, u)  # points of U stay bit for bit
 
     def contains(self, u):
         c = self.center.to(dtype=u.dtype, device=u.device)
-        # rounding: a projected point may lie a few ulps outside the sphere
-        return (u - c).norm(dim=-1) <= self.radius * (1 + 4 * torch.finfo(u.dtype).eps)
+        # rounding: a projected point c + (u - c) r / |u - c| may lie a few ulps of |c| + r outside the sphere
+        slack = 4 * torch.finfo(u.dtype).eps * (self.radius + float(self.center.norm()))
+        return (u - c).norm(dim=-1) <= self.radius + slack
 
     def prox(self, v, step, penalty=None):
         self._refuse(penalty)
