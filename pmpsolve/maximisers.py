@@ -46,6 +46,7 @@ class MaximiserResult(NamedTuple):
     evaluations: int
 
 
+@runtime_checkable
 class IntervalObjective(Protocol):
     """What a maximiser may call: the objective of all N intervals at once, to be maximised over u [N, m].
 

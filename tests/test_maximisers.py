@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import pmpsolve as pmp
 from pmpsolve.controls import control_set_from_dict
-from pmpsolve.maximisers import (MAXIMISERS, ClosedForm, Enumeration, HamiltonianMaximiser, Maximiser,
-                                 ProximalGradient)
+from pmpsolve.maximisers import (MAXIMISERS, ClosedForm, Enumeration, HamiltonianMaximiser, IntervalObjective,
+                                 Maximiser, ProximalGradient)
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -132,6 +132,22 @@ def test_every_registered_maximiser_implements_the_protocol():
     for controls in (pmp.Reals(2), pmp.Box(-1, 1), pmp.Finite([0, 1]), pmp.Ball(1.0, shape=(2,)),
                      pmp.UserSet(lambda d: d.controls, (1,))):
         assert set(controls.maximisers(None)) <= set(MAXIMISERS)
+
+
+def test_the_interval_hamiltonian_and_the_synthetic_objective_implement_the_protocol():
+    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.mesh import make_mesh
+    from pmpsolve.pointwise import PointwiseProblem
+    from pmpsolve.sweeps import Sweeper
+
+    problem = mover(pmp.Ball(1.0, shape=(2,)), terminal_cost=lambda x: -x.sum(-1))
+    pw = PointwiseProblem(problem, F64, "cpu")
+    u = torch.zeros(3, 2, dtype=F64)
+    sweeper = Sweeper(pw, make_mesh(3, problem.horizon, F64, "cpu"))
+    fw = sweeper.forward(u)
+    hamiltonian = IntervalHamiltonian(pw, interval_data(pw, u, fw, sweeper.backward(u, fw), 3))
+    assert isinstance(hamiltonian, IntervalObjective)
+    assert isinstance(random_quadratic(0, 3, 2), IntervalObjective)
 
 
 @PROPERTY
