@@ -13,7 +13,7 @@ is maximised on every mesh interval at once. See docs/guide.md.
     >>> round(sol.cost, 3)
     0.674
 """
-from .controls import Box, ControlSet, Finite, Reals, UserSet
+from .controls import Ball, Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
 from .maximisers import MaximisationData
 from .penalties import L0, L1, ControlPenalty
@@ -25,7 +25,7 @@ from .solution import IterationRecord, Solution
 from .solver import Solver, SolverState, solve
 
 __all__ = [
-    "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "L1", "L0", "ControlPenalty",
+    "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient", "optimality_of", "sum_up_rounding",

@@ -1,9 +1,10 @@
 """Control sets U: where the control u(t) may take its values.
 
 A control set knows its shape ``(m,)``, how to project onto itself, whether a
-tensor lies in it, and a default starting control. The maximisers read its
-bounds; sets that no bound describes (finite sets, user sets) bring their own
-maximiser.
+tensor lies in it, a default starting control, and which maximisers of the
+interval Hamiltonian can handle it (``maximisers``, names registered in
+``pmpsolve.maximisers.MAXIMISERS``). A new control set is one subclass: see
+``Ball`` and docs/guide.md, "Extending: a new control set".
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .penalties import prox_in_box
+
 Number = Union[int, float]
 
-__all__ = ["ControlSet", "Reals", "Box", "Finite", "UserSet"]
+__all__ = ["ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball"]
 
 
 def _is_integer(value) -> bool:
@@ -60,13 +63,33 @@ class ControlSet:
         return self.shape[0]
 
     def bounds(self, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Lower and upper bounds, each [m] (``-inf``/``inf`` where unbounded)."""
+        """Lower and upper bounds, each [m] (``-inf``/``inf`` where unbounded): the smallest box holding U."""
         raise NotImplementedError
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Nearest point of U, componentwise, for u [..., m]."""
         low, high = self.bounds(u.dtype, u.device)
         return torch.maximum(torch.minimum(u, high), low)
+
+    def prox(self, v: torch.Tensor, step: torch.Tensor, penalty=None) -> torch.Tensor:
+        """argmin over u in U of  step * penalty(u) + |u - v|^2 / 2 (the projection without a penalty).
+
+        The default is exact for boxes (``penalties.prox_in_box``); used by the proximal
+        gradient maximiser and the optimality measure.
+        """
+        low, high = self.bounds(v.dtype, v.device)
+        return prox_in_box(penalty, v, step, low, high)
+
+    def maximisers(self, penalty=None) -> Tuple[str, ...]:
+        """Names (in ``pmpsolve.maximisers.MAXIMISERS``) of the maximisers that can handle this set
+        with this control penalty (None, ``L1`` or ``L0``), in the order they are tried.
+
+        The default suits boxes: the closed form (where the objective is a separable concave
+        quadratic), then projected L-BFGS for a smooth objective, proximal gradient otherwise.
+        """
+        if penalty is None:
+            return ("closed-form", "lbfgs", "proximal")
+        return ("closed-form", "proximal")
 
     def contains(self, u: torch.Tensor) -> torch.Tensor:
         """Whether each u [..., m] lies in U: a bool tensor [...]."""
@@ -187,6 +210,8 @@ def control_set_from_dict(d: dict) -> ControlSet:
         return Finite(d["values"], shape=tuple(d["shape"]))
     if kind == "UserSet":  # the maximiser is not saved; the loaded set cannot be solved over again
         return UserSet(lambda data: data.controls, tuple(d["shape"]))
+    if kind == "Ball":
+        return Ball(d["radius"], shape=tuple(d["shape"]), center=d["center"])
     raise ValueError(f"unknown control set type {kind!r} in saved data")
 
 
@@ -243,6 +268,9 @@ class Finite(ControlSet):
         """0 if admissible, else the admissible value nearest to 0."""
         return self.project(torch.zeros(self.shape, dtype=dtype, device=device))
 
+    def maximisers(self, penalty=None):
+        return ("enumeration",)
+
     def __repr__(self):
         return f"Finite(values={self.values.tolist()}, shape={self.shape})"
 
@@ -294,8 +322,82 @@ class UserSet(ControlSet):
             return torch.zeros(self.shape, dtype=dtype, device=device)
         return self._default.to(dtype=dtype, device=device)
 
+    def maximisers(self, penalty=None):
+        return ("user",)
+
     def __repr__(self):
         return f"UserSet(shape={self.shape})"
 
     def to_dict(self):
         return {"type": "UserSet", "shape": list(self.shape)}
+
+
+class Ball(ControlSet):
+    """U = {u : |u - center|_2 <= radius}, a Euclidean ball in R^m.
+
+    The projection is the radial scaling towards the center. The ball is not a box, so the
+    closed form and L-BFGS (which treat bounds componentwise) do not apply: the interval
+    Hamiltonian is maximised by projected gradient ascent (the "proximal" maximiser with
+    ``project`` as its prox). Control penalties (L1 / L0) are not supported on a ball.
+
+    Args:
+        radius: r > 0.
+        shape: ``(m,)``.
+        center: the center c, a number or a sequence of length m (default 0).
+
+    Example:
+        >>> Ball(1.0, shape=(2,))
+        Ball(radius=1.0, shape=(2,), center=[0.0, 0.0])
+    """
+
+    def __init__(self, radius: Number, shape: Union[int, Tuple[int]] = (1,), center=None):
+        self.shape = _shape(shape, "Ball")
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"Ball: `radius` must be a finite number > 0, got {radius!r}")
+        self.radius = float(radius)
+        c = torch.as_tensor(0.0 if center is None else center, dtype=torch.float64)
+        if c.numel() not in (1, self.dim) or not torch.isfinite(c).all():
+            raise ValueError(f"Ball: `center` must be finite, a number or of the control shape {self.shape}, "
+                             f"got {center!r}")
+        self.center = c.reshape(-1).expand(self.shape).clone()
+
+    def bounds(self, dtype, device):
+        c = self.center.to(dtype=dtype, device=device)
+        return c - self.radius, c + self.radius
+
+    def project(self, u):
+        c = self.center.to(dtype=u.dtype, device=u.device)
+        norm = (u - c).norm(dim=-1, keepdim=True)
+        outside = norm > self.radius
+        scale = self.radius / torch.where(outside, norm, torch.ones_like(norm))
+        return torch.where(outside, c + (u - c) * scale, u)  # points of U stay bit for bit
+
+    def contains(self, u):
+        c = self.center.to(dtype=u.dtype, device=u.device)
+        # rounding: a projected point c + (u - c) r / |u - c| may lie a few ulps of |c| + r outside the sphere
+        slack = 4 * torch.finfo(u.dtype).eps * (self.radius + float(self.center.norm()))
+        return (u - c).norm(dim=-1) <= self.radius + slack
+
+    def prox(self, v, step, penalty=None):
+        self._refuse(penalty)
+        return self.project(v)
+
+    def maximisers(self, penalty=None):
+        self._refuse(penalty)
+        return ("proximal",)
+
+    def _refuse(self, penalty):
+        if penalty is not None:
+            raise ValueError(f"Ball: control penalties ({penalty!r}) are not supported on a ball; "
+                             "use a Box, or put a smooth control cost in running_cost")
+
+    def default_point(self, dtype, device):
+        """0 if it lies in the ball, else the center."""
+        zero = torch.zeros(self.shape, dtype=dtype, device=device)
+        return zero if bool(self.contains(zero)) else self.center.to(dtype=dtype, device=device)
+
+    def __repr__(self):
+        return f"Ball(radius={self.radius}, shape={self.shape}, center={self.center.tolist()})"
+
+    def to_dict(self):
+        return {"type": "Ball", "radius": self.radius, "shape": list(self.shape), "center": self.center.tolist()}

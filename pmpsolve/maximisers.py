@@ -1,11 +1,25 @@
 """Batched maximisers of the interval Hamiltonians (docs/theory.md, engine step 5).
 
-The objective is separable over the N intervals, so one optimiser runs on the
-[N, m] control tensor with per-row curvature pairs, step lengths and
-convergence flags: each row is its own L-BFGS, and one evaluation of the
-objective serves all rows (no Python loop over intervals).
+The objective is separable over the N intervals, so every maximiser works on
+the [N, m] control tensor at once: one evaluation of the objective serves all
+rows (no Python loop over intervals).
 
-Bounds (a Box; Reals is the unbounded case) are handled inside the optimiser
+Two protocols are the seams of this module:
+
+* ``IntervalObjective``: what a maximiser may ask of the objective it
+  maximises (``hamiltonian.IntervalHamiltonian`` implements it);
+* ``Maximiser``: ``maximise(objective, controls, generator)`` returning a
+  ``MaximiserResult``, or None for "I cannot handle this objective" (the closed
+  form on an objective that is not a separable quadratic, L-BFGS on an objective
+  with a non-smooth penalty).
+
+``MAXIMISERS`` maps names to factories. A control set names, in order, the
+maximisers that can handle it (``ControlSet.maximisers(penalty)``), and
+``HamiltonianMaximiser`` tries them in that order. A new maximiser is one class
+registered here; a new control set is one class in controls.py naming the
+maximisers it can use (docs/guide.md, "Extending: a new control set").
+
+Bounds (a Box; Reals is the unbounded case) are handled inside ``ProjectedLBFGS``
 by the projected quasi-Newton method of Kim, Sra and Dhillon (2010): variables
 at a bound whose gradient pushes outwards are held fixed, the L-BFGS direction
 is taken in the others, and the backtracking line search runs along the
@@ -14,17 +28,15 @@ afterwards.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-from .controls import ControlSet, Finite, UserSet
-from .penalties import prox_in_box
+from .controls import ControlSet
 
-__all__ = ["MaximiserResult", "ProjectedLBFGS", "ProximalGradient", "CandidateSearch", "HamiltonianMaximiser",
-           "MaximisationData"]
-
-Objective = Callable[[torch.Tensor], torch.Tensor]  # u [N, m] -> values [N]
+__all__ = ["IntervalObjective", "Maximiser", "MaximiserResult", "MAXIMISERS", "ProjectedLBFGS", "ProximalGradient",
+           "ClosedForm", "Enumeration", "UserMaximiser", "HamiltonianMaximiser", "MaximisationData",
+           "perturbed_start"]
 
 
 class MaximiserResult(NamedTuple):
@@ -34,8 +46,97 @@ class MaximiserResult(NamedTuple):
     evaluations: int
 
 
+@runtime_checkable
+class IntervalObjective(Protocol):
+    """What a maximiser may call: the objective of all N intervals at once, to be maximised over u [N, m].
+
+    Implementers (``hamiltonian.IntervalHamiltonian`` is the one the solver uses) provide:
+
+    * ``objective(u [N, m]) -> [N]``: the total objective of every interval,
+      ``smooth(u) - penalty_value(u)``.
+    * ``smooth(u [N, m]) -> [N]``: the part without the control penalty,
+      differentiable in u (autograd), what gradient-based maximisers see.
+    * ``value_and_grad(u) -> (values [N], gradient [N, m])``: ``smooth`` and its
+      gradient in u, detached.
+    * ``curvature(u, d [N, m]) -> [N]``: d' (-Hessian of ``smooth``) d per row at u.
+    * ``candidates(U [C, N, m]) -> [C, N]``: the total objective for C candidate
+      controls per interval in one batched evaluation (detached).
+    * ``penalty_value(u [..., N, m]) -> [..., N]``: h_n * penalty(u_n), zeros without a
+      penalty; u may carry leading candidate dimensions.
+    * ``penalty``: the problem's ``ControlPenalty`` (``pmp.L1`` / ``pmp.L0``) or None.
+    * ``data``: at least ``data.controls`` (u^k [N, m], the start of every
+      maximisation) and ``data.lengths`` (interval lengths h_n [N]); the solver's
+      ``IntervalData`` also carries the quadrature points, states and co-states
+      that a ``UserSet`` maximiser receives.
+    * ``rho``, ``eps``: the E-MSA and SQH proximity weights already inside ``smooth``
+      (for information; user maximisers receive them).
+
+    Rows are independent: a maximiser may change one row without affecting the others.
+    """
+
+    penalty: object
+    data: object
+    rho: float
+    eps: float
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor: ...
+
+    def smooth(self, u: torch.Tensor) -> torch.Tensor: ...
+
+    def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor: ...
+
+    def candidates(self, U: torch.Tensor) -> torch.Tensor: ...
+
+    def penalty_value(self, u: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Maximiser(Protocol):
+    """One way of maximising an ``IntervalObjective`` over a control set.
+
+    Implementers provide:
+
+    * ``name``: the key under which it is registered in ``MAXIMISERS``, what
+      ``ControlSet.maximisers`` names, what ``solve(maximiser=...)`` forces and what
+      ``Solution.settings["maximisers_used"]`` counts.
+    * ``maximise(objective, controls, generator=None) -> MaximiserResult | None``:
+      maximise every row of ``objective`` over ``controls`` (a ``ControlSet``),
+      starting from ``objective.data.controls``; the returned controls [N, m] must lie
+      in the set. ``generator`` is the solve's ``torch.Generator`` (for any random
+      part, e.g. the start perturbation), or None. Return None when this maximiser
+      cannot handle the objective (e.g. the closed form when the objective is not a
+      separable concave quadratic): the next maximiser the control set names is tried,
+      and this one is not asked again during the solve.
+
+    Register a factory ``factory(*, max_iter: int, perturb: float) -> Maximiser`` in
+    ``MAXIMISERS`` (a class with that constructor is one).
+    """
+
+    name: str
+
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> Optional[MaximiserResult]: ...
+
+
+def perturbed_start(objective: IntervalObjective, controls: ControlSet, perturb: float,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The start u^k of a maximisation, plus uniform noise U(-perturb, perturb) when perturb > 0
+    (drawn from ``generator``), projected onto the control set."""
+    x = objective.data.controls.detach().clone()
+    if perturb > 0:
+        on_cpu = generator is None or generator.device.type == "cpu"
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu" if on_cpu else x.device)
+        x = x + (2 * noise.to(x.device) - 1) * perturb
+    return controls.project(x)
+
+
 class ProjectedLBFGS:
-    """Maximise ``objective(u) -> [N]`` row by row over u [N, m] in a box.
+    """Maximise a smooth objective row by row over u [N, m] in a box (Reals is the unbounded box).
+
+    Each row is its own L-BFGS, with per-row curvature pairs, step lengths and
+    convergence flags. Returns None for an objective with a control penalty (not smooth).
 
     Args:
         max_iter: iterations (each one objective + gradient evaluation, more when
@@ -60,31 +161,21 @@ class ProjectedLBFGS:
         self.gtol, self.ftol, self.perturb = float(gtol), float(ftol), float(perturb)
         self.max_backtracks = int(max_backtracks)
 
-    def maximise(self, objective: Objective, start: torch.Tensor, controls: ControlSet,
-                 generator: Optional[torch.Generator] = None) -> MaximiserResult:
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> Optional[MaximiserResult]:
+        if objective.penalty is not None:
+            return None
+        start = objective.data.controls
         low, high = controls.bounds(start.dtype, start.device)
-        project = lambda v: torch.maximum(torch.minimum(v, high), low)  # noqa: E731
+        project = controls.project
         evals = [0]
-
-        smooth = getattr(objective, "smooth", objective)
 
         def value_grad(v):  # minimise phi = -objective
             evals[0] += 1
-            if hasattr(objective, "value_and_grad"):  # the interval Hamiltonian, in cache-sized blocks
-                value, g = objective.value_and_grad(v)
-                return -value, -g
-            v = v.detach().requires_grad_(True)
-            with torch.enable_grad():
-                phi = -smooth(v)
-                (g,) = torch.autograd.grad(phi.sum(), v)
-            return phi.detach(), g.detach()
+            value, g = objective.value_and_grad(v)
+            return -value, -g
 
-        x = start.detach().clone()
-        if self.perturb > 0:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu" if generator is None
-                               or generator.device.type == "cpu" else x.device)
-            x = x + (2 * noise.to(x.device) - 1) * self.perturb
-        x = project(x)
+        x = perturbed_start(objective, controls, self.perturb, generator)
         f, g = value_grad(x)
         N = x.shape[0]
         S, Y, R = [], [], []  # curvature pairs [N, m] and 1/(s.y) [N] (0 where a row skipped the pair)
@@ -102,7 +193,7 @@ class ProjectedLBFGS:
                 # First step: the exact minimiser along -g of the local quadratic model,
                 # a = |g|^2 / g'Hg with g'Hg from one Hessian-vector product (autograd).
                 d = -g * free
-                curv = objective.curvature(x, d) if hasattr(objective, "curvature") else _curvature(smooth, x, d)
+                curv = objective.curvature(x, d)
                 gg = (d * d).sum(-1)
                 fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0)
                 alpha = torch.where(curv > 0, gg / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
@@ -144,20 +235,6 @@ class ProjectedLBFGS:
         return MaximiserResult(x, -f, iterations, evals[0])
 
 
-def _curvature(objective: Objective, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """d' (-Hessian of objective) d per row [N], by a Hessian-vector product."""
-    v = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        phi = -objective(v)
-        (g,) = torch.autograd.grad(phi.sum(), v, create_graph=True)
-        if not g.requires_grad:  # the objective is linear in u
-            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        (hd,) = torch.autograd.grad((g * d).sum(), v, allow_unused=True)
-    if hd is None:
-        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    return (d * hd).sum(-1).detach()
-
-
 def _projected_gradient(x, g, project):
     return (x - project(x - g)).abs()
 
@@ -181,38 +258,42 @@ def _two_loop(q: torch.Tensor, S, Y, R) -> torch.Tensor:
 
 
 class ProximalGradient:
-    """Batched proximal gradient ascent for a smooth objective minus an L1 / L0 penalty, in a box.
+    """Batched proximal gradient ascent for a smooth objective minus an L1 / L0 penalty, over U.
 
-    Each row: u <- prox(u + s grad), the prox of the penalty (soft or hard thresholding)
-    followed by the box, with Barzilai-Borwein steps s and backtracking until the
-    objective (penalty included) does not decrease.
+    Each row: u <- prox(u + s grad), the prox of the penalty composed with the control set
+    (``ControlSet.prox``: soft or hard thresholding and the box; the projection alone
+    without a penalty, which makes this projected gradient ascent, e.g. on a ``Ball``),
+    with Barzilai-Borwein steps s and backtracking until the objective (penalty
+    included) does not decrease.
     """
 
-    name = "proximal-gradient"
+    name = "proximal"
+    #: step halvings per iteration before a row keeps its point (2^-40 ~ 1e-12 of the BB step)
+    max_backtracks = 40
 
     def __init__(self, *, max_iter: int = 50, ftol: float = 1e-14, perturb: float = 0.0):
         self.max_iter, self.ftol, self.perturb = int(max_iter), float(ftol), float(perturb)
 
-    def maximise(self, objective, start, controls: ControlSet, generator=None) -> MaximiserResult:
-        low, high = controls.bounds(start.dtype, start.device)
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> MaximiserResult:
         penalty = objective.penalty
         h = objective.data.lengths[:, None]
         evals = [0]
 
         def step_to(x, g, s):
-            return prox_in_box(penalty, x + s[:, None] * g, s[:, None] * h, low, high)
+            return controls.prox(x + s[:, None] * g, s[:, None] * h, penalty)
 
         def value_grad(x):
             evals[0] += 1
             smooth, g = objective.value_and_grad(x)
             return smooth - objective.penalty_value(x), g
 
-        x = _perturbed(start, self.perturb, generator, lambda v: torch.maximum(torch.minimum(v, high), low))
+        x = perturbed_start(objective, controls, self.perturb, generator)
         f, g = value_grad(x)
         s = 1.0 / g.abs().amax(-1).clamp_min(1.0)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
-            for _ in range(40):
+            for _ in range(self.max_backtracks):
                 x_new = step_to(x, g, s)
                 f_new, g_new = value_grad(x_new)
                 ok = f_new >= f - 1e-15 * f.abs()
@@ -232,29 +313,24 @@ class ProximalGradient:
         return MaximiserResult(x, f, iterations, evals[0])
 
 
-class CandidateSearch:
-    """Exact maximisation over candidate values, all intervals at once.
+class Enumeration:
+    """Exact maximisation over a ``Finite`` set, all intervals at once.
 
-    * Finite sets: every admissible value is a candidate. With few components
-      (|V|^m <= ``max_combinations``) all combinations are enumerated (exact for
-      any Hamiltonian); otherwise component by component, repeated until nothing
-      changes (exact where the Hamiltonian separates over components).
-    * Closed forms for boxes and R^m: when the objective is a separable concave
-      quadratic in u (control-affine dynamics with a quadratic or no control cost,
-      the E-MSA / SQH terms included), the per-component maximiser of the model,
-      with the soft (L1) or hard (L0) threshold and the box, is the answer. The
-      model comes from the exact gradient and curvature at u^k (autograd); it is
-      verified by one exact evaluation, and ``closed_form`` returns None when the
-      objective is not such a quadratic.
+    Every admissible value is a candidate. With few components (|V|^m <=
+    ``max_combinations``) all combinations are enumerated (exact for any
+    Hamiltonian); otherwise component by component, repeated until nothing changes
+    (exact where the Hamiltonian separates over components).
     """
 
-    name = "candidates"
+    name = "enumeration"
 
-    def __init__(self, *, max_combinations: int = 64, max_sweeps: int = 20):
+    def __init__(self, *, max_combinations: int = 64, max_sweeps: int = 20, max_iter: int = 50, perturb: float = 0.0):
+        # max_iter and perturb (the factory's arguments) do not apply: the search is exact and starts nowhere
         self.max_combinations, self.max_sweeps = int(max_combinations), int(max_sweeps)
 
-    # ------------------------------------------------------------ finite sets
-    def enumerate(self, objective, start: torch.Tensor, controls: Finite) -> MaximiserResult:
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> MaximiserResult:
+        start = objective.data.controls
         values = controls.values.to(dtype=start.dtype, device=start.device)
         N, m = start.shape
         V = values.numel()
@@ -280,8 +356,27 @@ class CandidateSearch:
                 break
         return MaximiserResult(u, objective(u).detach(), sweeps, evaluations)
 
-    # ----------------------------------------------------------- closed forms
-    def closed_form(self, objective, controls: ControlSet) -> Optional[MaximiserResult]:
+
+class ClosedForm:
+    """The exact maximiser over a box or R^m when the objective is a separable concave quadratic in u.
+
+    That is the case for control-affine dynamics with a quadratic or no control cost,
+    the E-MSA / SQH terms included. The per-component maximiser of the model, with the
+    soft (L1) or hard (L0) threshold and the box, is the answer. The model comes from
+    the exact gradient and curvature at u^k (autograd); it is verified by one exact
+    evaluation, and ``maximise`` returns None when the objective is not such a quadratic.
+    """
+
+    name = "closed-form"
+    #: agreement of the model's predicted gain with the exact gain, relative to the
+    #: objective's scale, below which the objective counts as the quadratic of the model
+    rtol = 1e-8
+
+    def __init__(self, *, max_iter: int = 50, perturb: float = 0.0):
+        pass  # nothing to set: exact, one evaluation, no start to perturb
+
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> Optional[MaximiserResult]:
         start = objective.data.controls
         N, m = start.shape
         low, high = controls.bounds(start.dtype, start.device)
@@ -321,7 +416,7 @@ class CandidateSearch:
                 shifted = g + M * u0
                 cands.append(torch.where(M > 0, (shifted - h * penalty.weight) / safe_M, u0).clamp_min(0.0))
                 cands.append(torch.where(M > 0, (shifted + h * penalty.weight) / safe_M, u0).clamp_max(0.0))
-        C = torch.stack([torch.maximum(torch.minimum(c, high), low) for c in cands])  # [C, N, m]
+        C = torch.stack([controls.project(c) for c in cands])  # [C, N, m]
         scores = model(C)
         # Unbounded above (linear or convex direction with no bound): no closed form.
         unbounded = ((M <= 0) & (g.abs() > 0) & ~(torch.isfinite(low) & torch.isfinite(high))).any()
@@ -332,8 +427,8 @@ class CandidateSearch:
         # Predicted and exact gains over u0 (the model of u0 is minus its own penalty).
         predicted = scores.gather(0, best.unsqueeze(0)).squeeze(0).sum(-1) + objective.penalty_value(u0)
         exact = objective(u).detach() - base + objective.penalty_value(u0)
-        scale = base.abs() + predicted.abs() + 1e-300
-        if not bool(((exact - predicted).abs() <= 1e-8 * scale + 1e-12 * scale.max()).all()):
+        scale = base.abs() + predicted.abs() + 1e-300  # 1e-300: a zero objective with a zero gain is not 0/0
+        if not bool(((exact - predicted).abs() <= self.rtol * scale + 1e-12 * scale.max()).all()):
             return None
         return MaximiserResult(u, objective(u).detach(), 1, 2 + m)
 
@@ -359,66 +454,97 @@ class MaximisationData(NamedTuple):
     objective: object
 
 
-class HamiltonianMaximiser:
-    """Chooses how the interval objective is maximised for a control set and penalty.
+class UserMaximiser:
+    """The ``maximise(data)`` function of a ``UserSet``, given a ``MaximisationData``."""
 
-    UserSet -> the user's function; Finite -> enumeration; Box / Reals -> the closed
-    form when the objective is a separable concave quadratic in u (checked on the
-    first maximisation of a solve, then used while its check keeps passing), else
-    projected L-BFGS (smooth) or proximal gradient (with an L1 / L0 penalty).
-    ``method`` forces one: "auto", "closed-form", "lbfgs", "proximal".
+    name = "user"
+
+    def __init__(self, *, max_iter: int = 50, perturb: float = 0.0):
+        pass  # the user's function has its own settings
+
+    def maximise(self, objective: IntervalObjective, controls: ControlSet,
+                 generator: Optional[torch.Generator] = None) -> MaximiserResult:
+        d, start = objective.data, objective.data.controls
+        data = MaximisationData(d.times, d.weights, d.states, d.costates, d.state_slope, d.costate_slope,
+                                d.controls, objective.rho, objective.eps, objective)
+        u = torch.as_tensor(controls.maximise(data), dtype=start.dtype, device=start.device)
+        if tuple(u.shape) != tuple(start.shape):
+            raise ValueError(f"the UserSet maximiser returned shape {tuple(u.shape)}, expected {tuple(start.shape)}")
+        return MaximiserResult(u, objective(u).detach(), 1, 1)
+
+
+#: name -> factory(*, max_iter, perturb) -> Maximiser. ``ControlSet.maximisers`` names
+#: entries of this table; ``solve(maximiser=name)`` forces one.
+MAXIMISERS: Dict[str, Callable[..., Maximiser]] = {
+    m.name: m for m in (ClosedForm, ProjectedLBFGS, ProximalGradient, Enumeration, UserMaximiser)}
+
+#: why a forced maximiser may refuse an objective (for the error message)
+_REFUSALS = {"closed-form": "the interval objective is not a separable concave quadratic in u here",
+             "lbfgs": "L-BFGS needs a smooth objective, and this one has a control penalty"}
+
+
+class HamiltonianMaximiser:
+    """Maximises the interval objective over a control set with the maximisers the set names.
+
+    ``controls.maximisers(penalty)`` lists them in order of preference (Box / Reals:
+    the closed form, then projected L-BFGS, or proximal gradient with an L1 / L0 cost;
+    Finite: enumeration; UserSet: the user's function; Ball: projected gradient).
+    Each is tried in turn until one returns a result; one that returns None (cannot
+    handle this objective) is not asked again in this solve: the closed form is
+    checked on the first maximisation and used while its check keeps passing.
+
+    ``method`` forces one ("closed-form", "lbfgs", "proximal", or any name registered
+    in ``MAXIMISERS``): if the set names it, it is tried first (an error if it
+    refuses), followed by the set's other maximisers without the closed form; a name
+    the set does not use is ignored, except that the closed form is skipped
+    (e.g. ``method="lbfgs"`` with an L1 cost runs proximal gradient). ``perturb > 0``
+    asks for a randomised start, which the closed form has not: it is skipped.
     """
 
     def __init__(self, controls: ControlSet, *, max_iter: int = 50, perturb: float = 0.0, method: str = "auto"):
-        if method not in ("auto", "closed-form", "lbfgs", "proximal"):
-            raise ValueError(f"unknown maximiser {method!r}; choose 'auto', 'closed-form', 'lbfgs' or 'proximal'")
-        self.controls, self.method, self.perturb = controls, method, float(perturb)
-        self.lbfgs = ProjectedLBFGS(max_iter=max_iter, perturb=perturb)
-        self.proximal = ProximalGradient(max_iter=max_iter, perturb=perturb)
-        self.search = CandidateSearch()
-        self._closed_form_works = None if method == "auto" else method == "closed-form"
+        if method != "auto" and method not in MAXIMISERS:
+            choices = ", ".join(repr(name) for name in ("auto", *MAXIMISERS))
+            raise ValueError(f"unknown maximiser {method!r}; choose one of {choices}")
+        if int(max_iter) < 1:
+            raise ValueError(f"maximiser `max_iter` must be >= 1, got {max_iter}")
+        if perturb < 0:
+            raise ValueError(f"`perturb` must be >= 0 (a half-width), got {perturb}")
+        self.controls, self.method = controls, method
+        self.max_iter, self.perturb = int(max_iter), float(perturb)
+        self._maximisers: Dict[str, Maximiser] = {}  # built on first use
+        self._refused = set()  # names that returned None once in this solve
         self.last = ""  # which maximiser ran last (for diagnostics and tests)
         self.used = {}  # how often each ran
 
-    def maximise(self, objective, generator=None) -> MaximiserResult:
-        result = self._maximise(objective, generator)
-        self.used[self.last] = self.used.get(self.last, 0) + 1
-        return result
+    def order(self, penalty) -> Tuple[str, ...]:
+        """The names to try, in order, for an objective with this control penalty."""
+        names = tuple(self.controls.maximisers(penalty))
+        if self.method != "auto":
+            forced = (self.method,) if self.method in names else ()
+            names = forced + tuple(n for n in names if n not in (self.method, "closed-form"))
+        if self.perturb > 0:
+            names = tuple(n for n in names if n != "closed-form")
+        return names
 
-    def _maximise(self, objective, generator=None) -> MaximiserResult:
-        start = objective.data.controls
-        if isinstance(self.controls, UserSet):
-            d = objective.data
-            self.last = "user"
-            data = MaximisationData(d.times, d.weights, d.states, d.costates, d.state_slope, d.costate_slope,
-                                    d.controls, objective.rho, objective.eps, objective)
-            u = torch.as_tensor(self.controls.maximise(data), dtype=start.dtype, device=start.device)
-            if tuple(u.shape) != tuple(start.shape):
-                raise ValueError(f"the UserSet maximiser returned shape {tuple(u.shape)}, expected {tuple(start.shape)}")
-            return MaximiserResult(u, objective(u).detach(), 1, 1)
-        if isinstance(self.controls, Finite):
-            self.last = "enumeration"
-            return self.search.enumerate(objective, start, self.controls)
-        if self._closed_form_works is not False and self.perturb == 0.0:
-            result = self.search.closed_form(objective, self.controls)
-            if result is not None:
-                self._closed_form_works = True
-                self.last = "closed-form"
-                return result
-            if self.method == "closed-form":
-                raise ValueError("maximiser='closed-form': the interval objective is not a separable concave "
-                                 "quadratic in u here; use maximiser='auto'")
-            self._closed_form_works = False
-        if objective.penalty is not None or self.method == "proximal":
-            self.last = "proximal"
-            return self.proximal.maximise(objective, start, self.controls, generator)
-        self.last = "lbfgs"
-        return self.lbfgs.maximise(objective, start, self.controls, generator)
+    def maximiser(self, name: str) -> Maximiser:
+        if name not in self._maximisers:
+            self._maximisers[name] = MAXIMISERS[name](max_iter=self.max_iter, perturb=self.perturb)
+        return self._maximisers[name]
 
-
-def _perturbed(start, perturb, generator, project):
-    x = start.detach().clone()
-    if perturb > 0:
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
-        x = x + (2 * noise.to(x.device) - 1) * perturb
-    return project(x)
+    def maximise(self, objective: IntervalObjective, generator: Optional[torch.Generator] = None) -> MaximiserResult:
+        order = self.order(objective.penalty)
+        for name in order:
+            if name in self._refused:
+                continue
+            result = self.maximiser(name).maximise(objective, self.controls, generator)
+            if result is None:
+                if name == self.method:
+                    why = _REFUSALS.get(name, "it returned None")
+                    raise ValueError(f"maximiser={name!r}: {why}; use maximiser='auto'")
+                self._refused.add(name)
+                continue
+            self.last = name
+            self.used[name] = self.used.get(name, 0) + 1
+            return result
+        raise ValueError(f"no maximiser can handle this interval objective over {self.controls!r} "
+                         f"(tried {', '.join(order) or 'none'})")

@@ -5,13 +5,13 @@ happen. The solver instead measures how far u is from satisfying the first-order
 conditions of the discretised problem (controls constant on the mesh intervals),
 from the interval data of one forward and one backward sweep (docs/theory.md):
 
-* Boxes and R^m (with or without an L1 cost): the projected gradient in the
+* Boxes, balls and R^m (with or without an L1 cost): the projected gradient in the
   L2(0, T) scaling,
 
       max_n | u_n - prox_U(u_n + gbar_n) |_inf,    gbar_n = (1/h_n) int_{I_n} grad_u H dt,
 
   where gbar_n is minus the L2 gradient of J on interval n (the interval mean of
-  grad_u H, paper Prop. 2) and prox_U is the projection onto the box, composed with
+  grad_u H, paper Prop. 2) and prox_U (``ControlSet.prox``) is the projection onto U, composed with
   the prox of the L1 / L0 cost (unit step). It is zero exactly at the KKT points of
   the discretised problem, like scipy's projected-gradient test (``pgtol``).
 * Finite sets, user sets and L0 costs (where a stationary point of the prox step can still
@@ -32,8 +32,7 @@ import torch
 
 from .controls import ControlSet, Finite, UserSet
 from .hamiltonian import IntervalData, IntervalHamiltonian
-from .maximisers import CandidateSearch
-from .penalties import prox_in_box
+from .maximisers import Enumeration
 from .pointwise import PointwiseProblem
 
 __all__ = ["optimality", "is_optimal", "DEFAULT_OPTIMALITY_TOL"]
@@ -55,7 +54,7 @@ def optimality(pw: PointwiseProblem, data: IntervalData, controls: ControlSet, m
     l0 = penalty is not None and penalty.name == "L0"
     if isinstance(controls, (Finite, UserSet)) or l0:
         if isinstance(controls, Finite):
-            best = CandidateSearch().enumerate(objective, u, controls)
+            best = Enumeration().maximise(objective, controls)
         elif maximiser is None:
             raise ValueError("optimality: a UserSet or an L0 cost needs the solve's maximiser")
         else:
@@ -64,8 +63,7 @@ def optimality(pw: PointwiseProblem, data: IntervalData, controls: ControlSet, m
         gap = (best.value - current).clamp_min(0.0) / data.lengths
         return float(gap.max())
     gbar = objective.gradient(u) / data.lengths[:, None]  # [N, m]: minus the L2 gradient of the smooth part of J
-    low, high = controls.bounds(u.dtype, u.device)
-    step = prox_in_box(pw.problem.control_penalty, u + gbar, torch.ones_like(u), low, high) - u
+    step = controls.prox(u + gbar, torch.ones_like(u), penalty) - u
     return float(step.abs().max())
 
 

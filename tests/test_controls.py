@@ -7,7 +7,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.maximisers import CandidateSearch, HamiltonianMaximiser
+from pmpsolve.maximisers import ClosedForm, HamiltonianMaximiser
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem
 from pmpsolve.studies.reference import independent_cost
@@ -78,7 +78,7 @@ def test_closed_form_is_the_maximum_over_a_fine_grid(rho, eps, penalty):
     problem = two_control_problem(pmp.Box(-1.0, 1.0, shape=(2,)), penalty)
     u = 0.6 * torch.rand(12, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) - 0.3
     objective = objective_for(problem, u, rho, eps)
-    result = CandidateSearch().closed_form(objective, problem.controls)
+    result = ClosedForm().maximise(objective, problem.controls)
     assert result is not None, "the objective is a separable concave quadratic: the closed form must apply"
     assert problem.controls.contains(result.controls).all()
     exact = objective(result.controls).detach()
@@ -113,7 +113,7 @@ def test_closed_form_is_refused_where_the_hamiltonian_is_not_quadratic():
     problem = pmp.ControlProblem(dynamics, torch.tensor([0.5], dtype=F64), 1.0, pmp.Box(-1.0, 1.0, shape=(1,)),
                                  terminal_cost=lambda x: (x ** 2).sum(-1))
     objective = objective_for(problem, torch.full((5, 1), 0.2, dtype=F64))
-    assert CandidateSearch().closed_form(objective, problem.controls) is None
+    assert ClosedForm().maximise(objective, problem.controls) is None
     maximiser = HamiltonianMaximiser(problem.controls)
     maximiser.maximise(objective)
     assert maximiser.last == "lbfgs"

@@ -67,7 +67,7 @@ def _proposal(problem, rho, N=8):
     u = torch.full((N, problem.control_dim), 0.2, dtype=torch.float64)
     fw = sweeper.forward(u)
     data = interval_data(pw, u, fw, sweeper.backward(u, fw), 3)
-    return ProjectedLBFGS(gtol=1e-12).maximise(IntervalHamiltonian(pw, data, rho), u, problem.controls).controls
+    return ProjectedLBFGS(gtol=1e-12).maximise(IntervalHamiltonian(pw, data, rho), problem.controls).controls
 
 
 def test_scaling_convention_K_copies_multiply_rho_by_K():
