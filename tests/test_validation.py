@@ -77,8 +77,8 @@ def test_unknown_method_and_option():
         pmp.solve(make(), ode_method="rk45")
     with pytest.raises(ValueError, match="`rho` is an option of method='emsa'"):
         pmp.solve(make(), method="msa", rho=1.0)
-    with pytest.raises(ValueError, match="unknown option"):
-        pmp.solve(make(), options={"rho": 2.0})
+    with pytest.raises(ValueError, match="unknown option"):  # (rho is an option of emsa since issue 11)
+        pmp.solve(make(), options={"lr": 2.0})
 
 
 def test_initial_control_outside_the_set():
