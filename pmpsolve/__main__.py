@@ -1,17 +1,10 @@
 """Command line: ``python -m pmpsolve reproduce [STUDY] [options]``.
 
 Studies: ``sine`` (the paper's Fig. 1a/1b: E-MSA against SGD, Adagrad and Adam
-<<<<<<< HEAD
-on the sine approximation; the main job) and ``reference`` (the reference
-problems of docs/theory.md, solved and checked) and ``controls`` (msa,
-emsa, sqh and gradient compared on those and on the control-set examples;
-docs/controls.md). ``python -m pmpsolve
-=======
 on the sine approximation; the main job, docs/sine.md), ``reference`` (the
 reference problems, solved and re-checked by an independent integrator;
 docs/guide.md section 5) and ``controls`` (msa, emsa, sqh and gradient compared
 on those and on the control-set examples; docs/controls.md). ``python -m pmpsolve
->>>>>>> issue10-studies
 reproduce`` with no study runs the main job; ``... reproduce sine --help``
 lists a study's options.
 
