@@ -13,6 +13,7 @@ is maximised on every mesh interval at once. See docs/guide.md.
     >>> round(sol.cost, 3)
     0.674
 """
+from . import nn
 from .controls import Ball, Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
 from .maximisers import MaximisationData
@@ -28,6 +29,6 @@ __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
-    "cost", "cost_gradient", "optimality_of", "sum_up_rounding",
+    "cost", "cost_gradient", "optimality_of", "sum_up_rounding", "nn",
 ]
 __version__ = "0.1.0"
