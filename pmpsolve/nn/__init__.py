@@ -9,7 +9,8 @@ whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x
     ...                             torch.nn.Linear(8, 2))
     >>> opt = pmp.nn.EMSA(model)
 """
+from .discrete import DiscreteRule
 from .layers import Residual
 from .optim import EMSA, MSA, SQH
 
-__all__ = ["Residual", "EMSA", "MSA", "SQH"]
+__all__ = ["Residual", "EMSA", "MSA", "SQH", "DiscreteRule"]
