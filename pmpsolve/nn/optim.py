@@ -196,6 +196,7 @@ class EMSA(torch.optim.Optimizer):
         if adam_lr is not None and continuous:
             self._adam = torch.optim.Adam(continuous, lr=float(adam_lr), weight_decay=float(weight_decay))
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
+        self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
         self._generator = torch.Generator().manual_seed(int(seed))
         #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
         self.last_step: Dict[str, object] = {}
@@ -244,8 +245,10 @@ class EMSA(torch.optim.Optimizer):
         if objective.rho == 0 and key not in self._refused:
             u = separable_maximise(g, objective)
             if u is not None:
+                self._routes[key] = "closed-form"
                 return u
             self._refused.add(key)
+        self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
         maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
                                          perturb=settings["perturb"], method="lbfgs")
         return maximiser.maximise(objective, self._generator).controls
@@ -318,7 +321,7 @@ class EMSA(torch.optim.Optimizer):
             new = [self._maximise_group(g, objective, settings) for g, objective in zip(groups, objectives)]
             for g, u in zip(groups, new):
                 g.assign(u)
-            info.update(trials=trial, rho=rho, eps=eps)
+            info.update(trials=trial, rho=rho, eps=eps, routes=dict(self._routes))
             if not adaptive:
                 info["accepted"] = True
                 break
