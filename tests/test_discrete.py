@@ -226,3 +226,34 @@ def test_separable_closed_form_beats_the_proximal_maximiser():
         tanh_layer(xs).pow(2).sum().backward()
     obj2 = LayerHamiltonian(g2, layer_data(g2, rec2.records([0]), g2.parameters(), False), eps=0.5)
     assert separable_maximise(g2, obj2) is None
+
+
+@pytest.mark.parametrize("values", [BINARY, TERNARY])
+def test_straight_through_baseline_keeps_weights_in_the_set_and_learns(values):
+    model = convnet(1)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    names = ["0.weight", "5.weight", "8.weight"]
+    opt = pmp.nn.StraightThrough(model, {k: pmp.Finite(values) for k in names}, lr=1e-2)
+    closure = closure_for(opt, model, x, y)
+    losses = [float(opt.step(closure)) for _ in range(30)]
+    params = dict(model.named_parameters())
+    for k in names:
+        assert bool((params[k].detach().reshape(-1, 1) == torch.tensor(values)).any(1).all())
+    assert losses[-1] < losses[0]
+
+
+def test_magnitude_pruning_keeps_the_fraction_and_holds_the_zeros():
+    model, (x, y) = tiny(width=10), data(64)
+    opt = pmp.nn.MagnitudePruning(model, ["0.weight", "2.weight"], keep=0.3, prune_at=3, lr=1e-2)
+    closure = closure_for(opt, model, x, y)
+    for _ in range(3):
+        opt.step(closure)
+    zeros = {k: (p.detach() == 0) for k, p in model.named_parameters() if k.endswith("weight")}
+    assert opt.last_step["pruned"]
+    for _ in range(5):
+        opt.step(closure)
+    for k, p in model.named_parameters():
+        if k.endswith("weight"):
+            assert int((p != 0).sum()) == round(0.3 * p.numel())
+            assert torch.equal(p.detach() == 0, zeros[k])
