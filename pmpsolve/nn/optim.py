@@ -84,8 +84,9 @@ class EMSA(torch.optim.Optimizer):
             (parameters unchanged, the weight grown).
         discrete: the ``pmp.nn.DiscreteRule`` of the finite-set parameters (threshold rho, moving
             average rate and its decay schedule); default ``DiscreteRule()``.
-        adam_lr: None (default): the parameters without a finite set are maximised as above. A
-            number: they take one Adam step of this learning rate on -H_n instead (the discrete-
+        adam_lr: None (default): every parameter without a finite set is maximised as above. A
+            number: the parameters without a control set and without a penalty (biases, batch
+            norm) take one Adam step of this learning rate on -H_n instead (the discrete-
             weight reference code's treatment of its batch-norm parameters, lr 1e-3). With x, p
             frozen, grad(-H_n) is the closure's loss gradient (paper Prop. 2), so this is Adam on
             those parameters, with ``weight_decay`` as Adam's L2 term; no second closure call.
@@ -191,10 +192,12 @@ class EMSA(torch.optim.Optimizer):
         if finite:
             self._finite = FiniteWeights({k: named[k] for k in finite}, finite, penalties, discrete or DiscreteRule())
         self._finite_names = frozenset(finite)
-        continuous = [p for k, p in named.items() if p.requires_grad and k not in self._finite_names]
+        free = {k: p for k, p in named.items() if p.requires_grad and k not in controls and k not in penalties}
         self._adam = None
-        if adam_lr is not None and continuous:
-            self._adam = torch.optim.Adam(continuous, lr=float(adam_lr), weight_decay=float(weight_decay))
+        self._exclude = self._finite_names
+        if adam_lr is not None and free:
+            self._adam = torch.optim.Adam(list(free.values()), lr=float(adam_lr), weight_decay=float(weight_decay))
+            self._exclude = self._finite_names | frozenset(free)
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
         self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
         self._generator = torch.Generator().manual_seed(int(seed))
@@ -281,7 +284,7 @@ class EMSA(torch.optim.Optimizer):
         if self._group is not None:
             global_batch = int(self._all_reduce(torch.tensor(float(batch), dtype=torch.float64)))
         groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
-                              self._penalties, self._finite_names)
+                              self._penalties, self._exclude)
         scale = batch / global_batch
         if self._group is not None and global_batch != batch:
             # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
@@ -292,13 +295,10 @@ class EMSA(torch.optim.Optimizer):
             finite_grads = self._finite.gradients(scale)
             if self._group is not None:
                 finite_grads = [self._all_reduce(g) for g in finite_grads]
-        if self._adam is not None:
-            if self._group is not None:
-                for p in (q for grp in self._adam.param_groups for q in grp["params"]):
-                    if p.grad is not None:
-                        p.grad.copy_(self._all_reduce(p.grad * scale))
-            self._adam.step()  # Adam on -H_n of the continuous parameters (the reference's batch norm)
-            groups = []
+        adam_grads = None
+        if self._adam is not None:  # grad(-H_n) = d loss / d theta (Prop. 2), kept: trial closures overwrite .grad
+            adam_grads = [None if p.grad is None else p.grad.detach().clone()
+                          for grp in self._adam.param_groups for p in grp["params"]]
         old = [g.parameters() for g in groups]
         adaptive_rho = self.method == "emsa" and settings["rho"] is None
         if adaptive_rho and settings["current_rho"] is None:
@@ -344,6 +344,12 @@ class EMSA(torch.optim.Optimizer):
                 break
             for g, u in zip(groups, old):
                 g.assign(u)
+        if self._adam is not None:
+            for p, g in zip((p for grp in self._adam.param_groups for p in grp["params"]), adam_grads):
+                p.grad = None if g is None or self._group is None else self._all_reduce(g * scale)
+                if g is not None and self._group is None:
+                    p.grad = g
+            self._adam.step()  # Adam on -H_n of the free parameters (the reference's batch norm), same data
         if self._finite is not None:
             info["finite"] = self._finite.step(finite_grads, settings["weight_decay"])
         sparse = [g for g in groups if g.penalty is not None]
