@@ -126,18 +126,30 @@ def finite_argmax(M: torch.Tensor, w: torch.Tensor, rho_k: torch.Tensor, values:
     attains the maximum; other ties go to the value of smallest |v|, then the larger.
     """
     v = preference_order(values).to(dtype=M.dtype, device=M.device)  # [V]
-    vv = v[None, :]
-    score = M[:, None] * vv - (rho_k / gap)[:, None] * (vv - w[:, None]) ** 2  # [n, V]
-    if weight_decay:
-        score = score - 0.5 * weight_decay * vv * vv
-    if penalty_kind == "L0":
-        score = score - penalty_weight[:, None] * (vv != 0).to(M.dtype)
-    elif penalty_kind == "L1":
-        score = score - penalty_weight[:, None] * vv.abs()
-    best_value, best = score.max(dim=1)  # first maximiser in preference order
-    current = (vv == w[:, None])
-    current_score = torch.where(current, score, torch.full_like(score, -math.inf)).amax(dim=1)
-    return torch.where(current_score >= best_value, w, v[best])
+    r = rho_k / gap
+    lam = penalty_weight.to(M.dtype)
+    # M x - r (x - w)^2 = (M + 2 r w) x - r x^2 - r w^2; the last term is the same for every x: dropped.
+    slope = M + 2 * r * w
+
+    def score(x: torch.Tensor) -> torch.Tensor:  # x: a 0-d candidate or [n]; the same arithmetic for both
+        out = slope * x - r * (x * x)
+        if weight_decay:
+            out = out - (0.5 * weight_decay) * (x * x)
+        if penalty_kind == "L0":
+            out = out - lam * (x != 0).to(M.dtype)
+        elif penalty_kind == "L1":
+            out = out - lam * x.abs()
+        return out
+
+    # a loop over the |V| candidate values (not over weights): [n] tensor ops, strict > keeps the
+    # first maximiser in preference order
+    best_value, best = score(v[0]), v[0].expand_as(w)
+    for j in range(1, v.numel()):
+        s_j = score(v[j])
+        better = s_j > best_value
+        best_value = torch.where(better, s_j, best_value)
+        best = torch.where(better, v[j], best)
+    return torch.where(score(w) >= best_value, w, best)
 
 
 def project_scaled(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
