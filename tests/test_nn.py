@@ -192,9 +192,8 @@ def test_bad_input_gets_clear_errors():
     x, y = data()
     with pytest.raises(RuntimeError, match="backward"):
         opt.step(lambda: F.cross_entropy(model(x), y))
-    finite = pmp.nn.EMSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])})
-    with pytest.raises(NotImplementedError, match="closed form"):
-        finite.step(closure_for(finite, model, x, y))
+    with pytest.raises(ValueError, match="outside its set"):
+        pmp.nn.EMSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])}, discrete=pmp.nn.DiscreteRule(init="keep"))
 
 
 def test_state_dict_round_trip_continues_the_adaptive_rho():
