@@ -15,7 +15,7 @@ ODE tolerance) and very different costs, so each is a strategy object:
   Memory-light; the fallback for very large problems.
 - ``SequentialLinearCostate``: A and b evaluated once at the Chebyshev points
   (from the sampled X) and kept as polynomials per interval
-  (``linear_costate_coefficients``, O(h^6)); the right-hand side is then a
+  (``linear_costate_coefficients``, through the nodes too: O(h^8)); the right-hand side is then a
   small matrix product, interval by interval.
 - ``ParallelScanCostate``: the same polynomial equation for all intervals at
   once (transition maps from one batched adaptive solve, chained by a suffix
