@@ -7,7 +7,10 @@ or a layer-by-layer forward sweep) replaces; the ODE set-up is in ``ode.py``,
 the checks, timing and result type in ``sweeps.py``.
 
 The right-hand side looks the control up with ``torch.searchsorted``
-(``interval_index``): no host syncs inside it.
+(``interval_index``): no host syncs inside it. Besides the nodes, the solve returns
+X at fixed fractions of every interval (the Gauss points of the interval
+Hamiltonian, the co-state's linearisation points) from the solver's own dense
+output (``ODE.solve_sampled``): the same steps, so the same J and node values.
 """
 from __future__ import annotations
 
@@ -31,11 +34,15 @@ class StateSolution(NamedTuple):
     running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
     slope_left: torch.Tensor  # f at the left end of each interval, t_n+, [N, K, n]
     slope_right: torch.Tensor  # f at the right end of each interval, t_{n+1}-, [N, K, n]
+    interior: torch.Tensor  # X at the requested fractions of each interval [N, R, K, n] (detached)
 
 
 def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable[[Optional[torch.Tensor]], None],
-                *, differentiable: bool = False) -> StateSolution:
+                *, differentiable: bool = False, fractions: Optional[torch.Tensor] = None) -> StateSolution:
     """Integrate the state (and the running cost) for controls u [N, m].
+
+    ``fractions`` [R] (increasing in (0, 1), default none): X is also returned at t_n + c h_n for
+    every interval n and c in ``fractions``, from the same solve.
 
     ``count(t)`` is called first by every right-hand-side evaluation (the evaluation budget).
     ``differentiable``: keep the autograd graph through the solver steps. May raise
@@ -54,7 +61,9 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
 
     z0 = pw.x0 if not pw.has_running_cost else torch.cat([pw.x0, pw.x0.new_zeros(K, 1)], dim=-1)
     with torch.enable_grad() if differentiable else torch.no_grad():
-        Z = ode.solve(rhs, z0, mesh)  # [N + 1, K, n (+1)]
+        if fractions is None:
+            fractions = mesh.new_zeros(0)
+        Z, Z_interior = ode.solve_sampled(rhs, z0, fractions)  # [N + 1, K, n (+1)], [N, R, K, n (+1)]
         X = Z[..., :n]
         running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
         terminal = pw.terminal_cost(X[-1])
@@ -65,4 +74,4 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
         # End slopes of each interval, both with that interval's control (f jumps at nodes).
         slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()
         slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach()).detach()
-    return StateSolution(X, cost, terminal, running, slope_left, slope_right)
+    return StateSolution(X, cost, terminal, running, slope_left, slope_right, Z_interior[..., :n].detach())

@@ -11,29 +11,24 @@ with the augmented Hamiltonian of paper eq. (7),
 
 where Xdot = f(u^k) and Pdot = -grad_x H(u^k) are the current sweep's values
 (sums of squares run over the K samples: the paper's concatenated state).
-The integral is taken by Gauss-Legendre quadrature on the Hermite
-trajectories, so int_{I_n} grad_u H dt is the exact gradient -dJ/du_n of the
-piecewise-constant problem up to the quadrature and ODE tolerances (this is
-what makes the "gradient" rule equal gradient descent, paper Prop. 2).
+The integral is taken by Gauss-Legendre quadrature, with X and P at the Gauss
+points as the ODE solvers of the two sweeps returned them (their dense output,
+``IntervalSamples``; not interpolated between nodes), so int_{I_n} grad_u H dt is
+the exact gradient -dJ/du_n of the piecewise-constant problem up to the
+quadrature and ODE tolerances, on coarse meshes too (this is what makes the
+"gradient" rule equal gradient descent, paper Prop. 2).
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
-import numpy as np
 import torch
 
+from .mesh import gauss_legendre
 from .pointwise import PointwiseProblem
 from .sweeps import BackwardSweep, ForwardSweep
 
 __all__ = ["IntervalData", "interval_data", "HamiltonianTerms", "IntervalHamiltonian", "gauss_legendre"]
-
-
-def gauss_legendre(points: int, dtype, device):
-    """Nodes [Q] in (0, 1) and weights [Q] (summing to 1) of Q-point Gauss-Legendre quadrature."""
-    x, w = np.polynomial.legendre.leggauss(points)
-    return (torch.as_tensor((x + 1) / 2, dtype=dtype, device=device),
-            torch.as_tensor(w / 2, dtype=dtype, device=device))
 
 
 class IntervalData(NamedTuple):
@@ -41,8 +36,8 @@ class IntervalData(NamedTuple):
 
     This is the whole contract between a sweep and the maximisation: ``IntervalHamiltonian``
     and every rule and maximiser read only these arrays, never the trajectories they came
-    from. ``interval_data`` fills them from the Hermite trajectories of the continuous
-    sweeps; a discrete-time (layer-by-layer) sweep fills them from its layers instead (one
+    from. ``interval_data`` fills them from the samples the continuous sweeps' ODE solvers
+    returned at the Gauss points; a discrete-time (layer-by-layer) sweep fills them from its layers instead (one
     point per layer, Q = 1, with the layer's x_n, p_{n+1} and residuals) and reuses the same
     rules and maximisers.
 
@@ -64,14 +59,21 @@ class IntervalData(NamedTuple):
 
 def interval_data(pw: PointwiseProblem, u: torch.Tensor, forward: ForwardSweep, backward: BackwardSweep,
                   quadrature: int) -> IntervalData:
-    """Evaluate X, P, f(u^k), grad_x H(u^k) and H(u^k) at Q Gauss points of every interval."""
+    """Evaluate X, P, f(u^k), grad_x H(u^k) and H(u^k) at Q Gauss points of every interval.
+
+    X and P are the sweeps' samples there (``ForwardSweep.samples``, ``BackwardSweep.samples``):
+    the sweeps must come from a Sweeper built with the same ``quadrature`` (ValueError otherwise).
+    """
     mesh = forward.states.mesh
     c, w = gauss_legendre(quadrature, mesh.dtype, mesh.device)
     lengths = mesh[1:] - mesh[:-1]  # [N]
     times = mesh[:-1, None] + lengths[:, None] * c  # [N, Q]
     weights = lengths[:, None] * w  # [N, Q]
-    X = forward.states.on_intervals(c)  # [N, Q, K, n]
-    P = backward.costates.on_intervals(c)
+    if forward.samples is None or backward.samples is None:
+        raise ValueError("interval_data: the sweeps carry no samples inside the intervals (a forward sweep run "
+                         "with samples=False)")
+    X = forward.samples.on_intervals(c)  # [N, Q, K, n], from the forward solver
+    P = backward.samples.on_intervals(c)  # from the co-state solver
     H, f, gx = pw.hamiltonian(times, X, P, u, with_grad_x=True)
     hamiltonian = (weights * H.detach()).sum(-1)
     penalty = pw.problem.control_penalty

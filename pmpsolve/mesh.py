@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["make_mesh", "interval_index"]
+__all__ = ["make_mesh", "interval_index", "gauss_legendre", "chebyshev_fractions", "sample_times"]
 
 #: Relative distance (to max(1, T)) within which given end times count as 0 and T: they are then set
 #: to exactly 0 and T, so that rounding in a user-built mesh (e.g. a cumsum of steps) is accepted.
@@ -97,3 +97,26 @@ def interval_index(mesh: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """
     idx = torch.searchsorted(mesh, t.reshape(-1).to(mesh.dtype), right=True) - 1
     return idx.clamp_(0, mesh.numel() - 2).reshape(t.shape)
+
+
+def gauss_legendre(points: int, dtype, device):
+    """Nodes [Q] in (0, 1) and weights [Q] (summing to 1) of Q-point Gauss-Legendre quadrature."""
+    x, w = np.polynomial.legendre.leggauss(points)
+    return (torch.as_tensor((x + 1) / 2, dtype=dtype, device=device),
+            torch.as_tensor(w / 2, dtype=dtype, device=device))
+
+
+def chebyshev_fractions(points: int, dtype, device) -> torch.Tensor:
+    """The ``points`` Chebyshev points of the first kind as fractions of an interval, (z + 1) / 2 with
+    z = cos((2j + 1) pi / (2 points)), j = 0, ..., points - 1 (decreasing, in (0, 1))."""
+    j = torch.arange(points, dtype=dtype, device=device)
+    return (torch.cos((2 * j + 1) * torch.pi / (2 * points)) + 1) / 2
+
+
+def sample_times(mesh: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """The nodes with R points t_n + c h_n (c in ``fractions`` [R], increasing in (0, 1)) inside every
+    interval, in order: [N (R + 1) + 1]; entry n (R + 1) is node n, entry n (R + 1) + 1 + r is
+    t_n + fractions[r] h_n (computed as ``interval_data`` computes its quadrature times)."""
+    starts = mesh[:-1, None]
+    inner = starts + (mesh[1:] - mesh[:-1])[:, None] * fractions  # [N, R]
+    return torch.cat([torch.cat([starts, inner], dim=1).reshape(-1), mesh[-1:]])

@@ -6,7 +6,12 @@ provides:
 
 - ``ODE``: one solver setting (method, tolerances, options) on one mesh, with
   the mesh nodes as the points where the control jumps (``jump_t`` for the
-  adaptive methods, step ends for the fixed-step ones).
+  adaptive methods, step ends for the fixed-step ones). ``ODE.solve_sampled``
+  also returns the solution at fixed points inside every interval, from the
+  solver itself: adaptive methods interpolate their own steps there (their dense
+  output; the steps do not change, so neither do the node values), fixed-step
+  methods interpolate their step (cubic Hermite with the step's one-sided end
+  slopes). Its error is the solver's, not the mesh's.
 - ``EvaluationBudget``: counts right-hand-side evaluations and raises
   SweepBudgetError past a limit. This is the engine's step limit: torchdiffeq's
   own (``max_num_steps``) is a bare ``assert``, gone under ``python -O``.
@@ -35,11 +40,12 @@ names raises ImportError naming the supported versions.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .errors import SweepBudgetError
+from .mesh import sample_times
 
 SUPPORTED_TORCHDIFFEQ = ">=0.2.3,<0.3"
 
@@ -115,11 +121,79 @@ def _checked(solver: type) -> type:
             raise IntegrationFailure(f"non-finite values in state `y`: {y0}")
         return solver._adaptive_step(self, rk_state)
 
-    return type(solver.__name__, (solver,), {"_advance": _advance, "_adaptive_step": _adaptive_step})
+    def integrate(self, t):
+        # torchdiffeq's loop (one _advance per output time), except that the output times after the
+        # first inside a step are interpolated together: the same arithmetic element by element, so
+        # the same values, with one host sync per step instead of two per output time.
+        solution = torch.empty(len(t), *self.y0.shape, dtype=self.y0.dtype, device=self.y0.device)
+        solution[0] = self.y0
+        t = t.to(self.dtype)
+        self._before_integrate(t)
+        i = 1
+        while i < len(t):
+            solution[i] = self._advance(t[i])
+            i += 1
+            state = self.rk_state
+            j = int(torch.searchsorted(t, state.t1.reshape(1), right=True))
+            if j > i:
+                solution[i:j] = _interpolate(state.interp_coeff, state.t0, state.t1, t[i:j])
+                i = j
+        return solution
+
+    return type(solver.__name__, (solver,), {"_advance": _advance, "_adaptive_step": _adaptive_step,
+                                             "integrate": integrate})
+
+
+def _interpolate(coefficients, t0, t1, times):
+    """torchdiffeq's ``_interp_evaluate`` (the step's dense output polynomial) at several times [J] of
+    one step -> [J, *y.shape], operation for operation, so each value is the one it gives."""
+    x = ((times - t0) / (t1 - t0)).to(coefficients[0].dtype)
+    x = x.reshape((-1,) + (1,) * coefficients[0].ndim)
+    total = coefficients[0] + x * coefficients[1]
+    x_power = x
+    for coefficient in coefficients[2:]:
+        x_power = x_power * x
+        total = total + x_power * coefficient
+    return total
+
+
+def _sampled(solver: type) -> type:
+    """``solver`` (a fixed-grid class) with an output between two grid times interpolated on that step by
+    cubic Hermite with the step's own end slopes, f(t0+) and f(t1-): O(step^4), like the step itself
+    for rk4 (torchdiffeq's interpolation is linear, O(step^2); its cubic one takes f at t1 on the side the
+    next step sees, wrong when t1 is a node where the control jumps). An output on a grid time is the
+    step's value, as before; the end slope costs one evaluation per step that holds an interior output."""
+
+    def integrate(self, t):
+        time_grid = self.grid_constructor(self.func, self.y0, t)
+        if not (time_grid[0] == t[0] and time_grid[-1] == t[-1]):
+            raise IntegrationFailure("the fixed-step grid does not span the output times")
+        solution = torch.empty(len(t), *self.y0.shape, dtype=self.y0.dtype, device=self.y0.device)
+        solution[0] = self.y0
+        j, y0 = 1, self.y0
+        for t0, t1 in zip(time_grid[:-1], time_grid[1:]):
+            dt = t1 - t0
+            self.func.callback_step(t0, y0, dt)
+            dy, f0 = self._step_func(self.func, t0, dt, t1, y0)
+            y1 = y0 + dy
+            f1 = None
+            while j < len(t) and t1 >= t[j]:
+                if t[j] == t1:
+                    solution[j] = y1
+                else:
+                    if f1 is None:
+                        f1 = self.func(t1, y1, perturb=Perturb.PREV if self.perturb else Perturb.NONE)
+                    solution[j] = self._cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t[j])
+                j += 1
+            y0 = y1
+        return solution
+
+    return type(solver.__name__, (solver,), {"integrate": integrate})
 
 
 _SOLVERS: Dict[str, type] = {
-    name: _checked(cls) if issubclass(cls, RKAdaptiveStepsizeODESolver) else cls
+    name: _checked(cls) if issubclass(cls, RKAdaptiveStepsizeODESolver)
+    else _sampled(cls) if issubclass(cls, FixedGridODESolver) else cls
     for name, cls in SOLVERS.items()
 }
 
@@ -177,8 +251,9 @@ class ODE:
                     f"({_SUGGESTED_STEPS_PER_INTERVAL} steps per mesh interval); got {step!r}. Without one it "
                     "would take a single step per interval and report an inaccurate J. Or use an adaptive method "
                     "such as 'dopri5'")
-            # Steps end on every mesh node (the control jumps there): each interval gets ceil(h_n / step) steps.
-            self.options["grid_constructor"] = _grid_on_nodes(float(step))
+            # Steps end on every mesh node (the control jumps there): each interval gets ceil(h_n / step) steps,
+            # whatever other output times a solve asks for.
+            self.options["grid_constructor"] = _grid_on_nodes(float(step), mesh)
             self.options.setdefault("perturb", True)
 
     def solve(self, rhs: Callable, y0: torch.Tensor, times: torch.Tensor, *,
@@ -186,6 +261,22 @@ class ODE:
         """Y at ``times`` [len(times), *y0.shape]; ``options`` replaces this setting's options."""
         return integrate(rhs, y0, times, rtol=self.rtol, atol=self.atol, method=self.method,
                          options=self.options if options is None else options)
+
+    def solve_sampled(self, rhs: Callable, y0: torch.Tensor, fractions: torch.Tensor, *,
+                      backward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Y at the mesh nodes [N + 1, *y0.shape] and at t_n + c h_n for c in ``fractions`` ([R], increasing
+        in (0, 1); may be empty) [N, R, *y0.shape], from one solve over the mesh: forward from t_0, or
+        ``backward`` from t_N (y0 is then Y(T)). The interior values come from the solver (see the module),
+        and the node values are those ``solve`` gives on the nodes alone."""
+        mesh = self.mesh
+        N, R = mesh.numel() - 1, fractions.numel()
+        times = sample_times(mesh, fractions) if R else mesh
+        Y = self.solve(rhs, y0, times.flip(0) if backward else times)
+        if backward:
+            Y = Y.flip(0)
+        if not R:
+            return Y, Y.new_zeros((N, 0) + Y.shape[1:])
+        return Y[::R + 1], Y[:-1].unflatten(0, (N, R + 1))[:, 1:]
 
 
 class EvaluationBudget:
@@ -222,10 +313,13 @@ class EvaluationBudget:
         return None if self.last_t is None else float(self.last_t)
 
 
-def _grid_on_nodes(step: float):
-    """A torchdiffeq ``grid_constructor``: the output times (the mesh nodes) subdivided into steps of
-    at most ``step``, so that no fixed step crosses a node where the control jumps."""
+def _grid_on_nodes(step: float, mesh: torch.Tensor):
+    """A torchdiffeq ``grid_constructor``: the mesh nodes subdivided into steps of at most ``step``, so
+    that no fixed step crosses a node where the control jumps. Output times between the nodes (samples
+    inside the intervals) do not change the grid. A backward solve gets its times as given (from T to
+    0: torchdiffeq negates around this function)."""
     def construct(func, y0, t):
+        t = t[torch.isin(t, mesh.to(dtype=t.dtype, device=t.device))]  # the nodes among the output times
         h = t[1:] - t[:-1]
         counts = torch.ceil(h.abs() / step).clamp_min(1).long()  # [N] steps per interval
         interval = torch.repeat_interleave(torch.arange(h.numel(), device=t.device), counts)

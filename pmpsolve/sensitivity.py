@@ -23,7 +23,7 @@ from .sweeps import Sweeper
 __all__ = ["cost", "cost_gradient", "optimality_of"]
 
 
-def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
+def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature=3):
     if not isinstance(problem, ControlProblem):
         raise TypeError(f"`problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
     u = torch.as_tensor(controls)
@@ -39,7 +39,7 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device):
         raise ValueError(f"`controls` has {u.shape[0]} rows but `mesh` has {nodes.numel() - 1} intervals")
     pw = PointwiseProblem(problem, dtype, device)
     ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
-    sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol)
+    sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol, quadrature=quadrature)
     return pw, sweeper, u
 
 
@@ -51,7 +51,7 @@ def cost(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, to
     Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``), like ``solve``.
     """
     pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
-    return float(sweeper.forward(u).cost)
+    return float(sweeper.forward(u, samples=False).cost)
 
 
 def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
@@ -62,7 +62,7 @@ def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
 
     Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``); dJ/du has that dtype.
     """
-    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature)
     fw = sweeper.forward(u)
     bw = sweeper.backward(u, fw)
     data = interval_data(pw, u, fw, bw, quadrature)
@@ -82,7 +82,7 @@ def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
         >>> pmp.optimality_of(p, torch.zeros(4, 1)) > 1.0   # dJ/du = 2 x_T = 2 on every interval
         True
     """
-    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature)
     fw = sweeper.forward(u)
     data = interval_data(pw, u, fw, sweeper.backward(u, fw), quadrature)
     return optimality(pw, data, problem.controls, HamiltonianMaximiser(problem.controls))

@@ -131,7 +131,7 @@ class Solver:
         self.maximiser = HamiltonianMaximiser(problem.controls, max_iter=m.iterations, perturb=m.perturb, method=m.kind)
         self.rule = RULES[method](self.pw, problem.controls, self.maximiser, m.generator(), self.rule_options.options)
         self.sweeper = Sweeper(self.pw, self.mesh, method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol,
-                               options=self.ode.options)
+                               options=self.ode.options, quadrature=m.quadrature)
         self.tests = default_tests(method, self.rule, self.stopping.stall_tol)
 
     @property

@@ -4,9 +4,12 @@
 (``ode.py``: solver set-up on the mesh, the evaluation budget), the forward
 sweep (``forward.py``) and the co-state strategies with the policy choosing
 one (``costate.py``). What it adds is what every sweep shares: the result
-types, the Hermite trajectories made of node values and end slopes
-(``trajectory.py``), the checks that turn a failed or non-finite solve into
-NonFiniteError, and timing.
+types, the points where both sweeps sample their solution inside every interval
+(the Gauss points of the interval Hamiltonian, and for the state also the
+co-state's linearisation points; ``IntervalSamples``, from the solver itself),
+the Hermite trajectories made of node values and end slopes for reading a
+solution at any time (``trajectory.py``), the checks that turn a failed or
+non-finite solve into NonFiniteError, and timing.
 
 Forward:  dX/dt = f(t, X, u_t), X_0 = x0, running cost alongside (paper eq. 5).
 Backward: dP/dt = -grad_x H(t, X(t), P, u_t), P_T = -grad Phi(X_T) (paper eq. 6).
@@ -18,12 +21,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .costate import CostatePolicy
+from .costate import CostatePolicy, linearisation_fractions
 from .errors import NonFiniteError
 from .forward import solve_state
+from .mesh import gauss_legendre
 from .ode import DEFAULT_BUDGET, METHODS, ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
-from .trajectory import HermiteTrajectory
+from .trajectory import HermiteTrajectory, IntervalSamples
 
 __all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "ODE_METHODS", "DEFAULT_BUDGET"]
 
@@ -35,20 +39,24 @@ _QUOTED_CHARS = 200
 class ForwardSweep(NamedTuple):
     """Result of a forward sweep for controls u."""
 
-    states: HermiteTrajectory  # X(t); values [N + 1, K, n]
+    states: HermiteTrajectory  # X(t) for reading at any time (O(h^4) inside intervals); values [N + 1, K, n]
     cost: torch.Tensor  # J(u), 0-d
     terminal_cost: torch.Tensor  # Phi(X_T^i) [K]
     running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
     evaluations: int  # right-hand-side evaluations
     seconds: float
+    # X from the solver at the nodes and at the Sweeper's sample fractions (the Gauss and the
+    # linearisation points); None for a forward sweep asked for J only (``samples=False``).
+    samples: Optional[IntervalSamples] = None
 
 
 class BackwardSweep(NamedTuple):
     """Result of a backward (co-state) sweep."""
 
-    costates: HermiteTrajectory  # P(t); values [N + 1, K, n]
+    costates: HermiteTrajectory  # P(t) for reading at any time (O(h^4) inside intervals); values [N + 1, K, n]
     evaluations: int
     seconds: float
+    samples: Optional[IntervalSamples] = None  # P from the solver at the nodes and the Gauss points
 
 
 class Sweeper:
@@ -56,19 +64,27 @@ class Sweeper:
 
     ``costate_policy``: chooses the co-state strategy per backward sweep (``costate.CostatePolicy``,
     or any object with its ``choose``); ``CostatePolicy(parallel=False)`` forces the sequential one.
+    ``quadrature``: the Gauss points per interval of the interval data the sweeps feed
+    (``hamiltonian.interval_data``): both sweeps sample their solution there.
     """
 
     def __init__(self, pointwise: PointwiseProblem, mesh: torch.Tensor, *, method: str = "dopri5",
-                 rtol: float = 1e-8, atol: float = 1e-10, options: Optional[dict] = None):
+                 rtol: float = 1e-8, atol: float = 1e-10, options: Optional[dict] = None, quadrature: int = 3):
         self.ode = ODE(mesh, method, rtol, atol, options)
         self.pw = pointwise
         self.mesh = mesh
+        self.quadrature = quadrature
+        #: Fractions of every interval where P is sampled (the Gauss points) and where X is (those and
+        #: the co-state's linearisation points), increasing.
+        self.gauss_fractions = gauss_legendre(quadrature, mesh.dtype, mesh.device)[0]
+        self.state_fractions = torch.unique(torch.cat([self.gauss_fractions,
+                                                       linearisation_fractions(mesh.dtype, mesh.device)]))
         self.costate_policy = CostatePolicy()
         self._synchronize = self.pw.device.type == "cuda"
 
     # ----------------------------------------------------------------- forward
     def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
-                budget: Optional[int] = None, differentiable: bool = False) -> ForwardSweep:
+                budget: Optional[int] = None, differentiable: bool = False, samples: bool = True) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
         ``budget``: raise SweepBudgetError after that many right-hand-side
@@ -77,17 +93,25 @@ class Sweeper:
         ``differentiable``: keep the autograd graph through the solver steps, so that
         ``cost.backward()`` back-propagates through this discretisation (the gradient
         baselines use it; the PMP methods never do).
+        ``samples``: also return X at the sample fractions of every interval (what a backward
+        sweep and the interval data need); False when only J is wanted. J and the node values
+        are the same either way (the solver takes the same steps).
         """
         start = self._clock()
         count = EvaluationBudget(budget, "forward", iteration)
         try:
-            state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable)
+            state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
+                                fractions=self.state_fractions if samples else None)
         except IntegrationFailure as err:
             raise self._failure(err, "forward", count, iteration) from err
         self._check_finite(state.values, state.cost, "forward", iteration)
-        traj = HermiteTrajectory(self.mesh, state.values.detach(), state.slope_left, state.slope_right)
+        X = state.values.detach()
+        traj = HermiteTrajectory(self.mesh, X, state.slope_left, state.slope_right)
+        sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
+        if sampled is not None:
+            self._check_finite(state.interior, None, "forward", iteration)
         return ForwardSweep(traj, state.cost, state.terminal_cost, state.running_cost, count.evaluations,
-                            self._clock() - start)
+                            self._clock() - start, sampled)
 
     # ---------------------------------------------------------------- backward
     def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None,
@@ -97,24 +121,29 @@ class Sweeper:
         ``budget``: raise SweepBudgetError after that many right-hand-side evaluations
         (default ``DEFAULT_BUDGET``): a co-state that grows without bound must not hang.
         """
+        if forward.samples is None:
+            raise ValueError("backward: the forward sweep was run with samples=False (J only); the co-state "
+                             "needs X sampled inside the intervals")
         start = self._clock()
         count = EvaluationBudget(budget, "backward", iteration)
         strategy = self.costate_policy.choose(self.pw, self.mesh, self.ode)
         try:
-            P = strategy.solve(u, forward.states, count)
+            P = strategy.solve(u, forward.samples, count, self.gauss_fractions)
         except IntegrationFailure as err:
             raise self._failure(err, "backward", count, iteration) from err
         return self._backward_result(u, forward.states, P, count.evaluations, start, iteration)
 
-    def _backward_result(self, u, states, P, evaluations, start, iteration) -> BackwardSweep:
-        """The co-state trajectory from P at the nodes [N + 1, K, n]: end slopes -grad_x H per interval."""
+    def _backward_result(self, u, states, P: IntervalSamples, evaluations, start, iteration) -> BackwardSweep:
+        """The sweep's result from P sampled by a strategy: the co-state trajectory (end slopes
+        -grad_x H per interval) and the samples."""
         pw, mesh = self.pw, self.mesh
-        self._check_finite(P, None, "backward", iteration)
-        X = states.values
-        _, _, g_left = pw.hamiltonian(mesh[:-1], X[:-1], P[:-1], u, with_grad_x=True)
-        _, _, g_right = pw.hamiltonian(mesh[1:], X[1:], P[1:], u, with_grad_x=True)
-        traj = HermiteTrajectory(mesh, P, -g_left.detach(), -g_right.detach())
-        return BackwardSweep(traj, evaluations, self._clock() - start)
+        self._check_finite(P.nodes, None, "backward", iteration)
+        self._check_finite(P.interior, None, "backward", iteration)  # rows: intervals
+        X, nodes = states.values, P.nodes
+        _, _, g_left = pw.hamiltonian(mesh[:-1], X[:-1], nodes[:-1], u, with_grad_x=True)
+        _, _, g_right = pw.hamiltonian(mesh[1:], X[1:], nodes[1:], u, with_grad_x=True)
+        traj = HermiteTrajectory(mesh, nodes, -g_left.detach(), -g_right.detach())
+        return BackwardSweep(traj, evaluations, self._clock() - start, P)
 
     # --------------------------------------------------------------- internals
     @staticmethod

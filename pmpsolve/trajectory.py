@@ -1,4 +1,14 @@
-"""Piecewise cubic Hermite trajectories between mesh nodes (docs/theory.md, engine step 2).
+"""Trajectories between mesh nodes (docs/theory.md, engine step 2).
+
+``IntervalSamples``: what the engine computes with. Y at the nodes and at fixed points
+inside every interval, as the ODE solver returned them (its dense output at requested
+times): their error is the solver's tolerance, whatever the mesh. The interval data at
+the Gauss points and the co-state's linearisation read these. ``LagrangeTrajectory``: the
+polynomial through the node values and the samples of one interval, for a right-hand side
+that needs Y at any time (the autograd co-state sweep).
+
+``HermiteTrajectory``: piecewise cubic Hermite between mesh nodes, for reading a
+solution at any time (``Solution.state(t)``, plots).
 
 A trajectory keeps its values at the nodes and, per interval, the derivative
 at both ends: Y'(t_n+) and Y'(t_{n+1}-). The two differ at a node because the
@@ -11,9 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from .mesh import interval_index
 
-__all__ = ["HermiteTrajectory"]
+__all__ = ["HermiteTrajectory", "IntervalSamples", "LagrangeTrajectory"]
 
 
 class HermiteTrajectory:
@@ -58,3 +70,61 @@ class HermiteTrajectory:
         c = fractions.to(self.values.dtype)
         powers = torch.stack([torch.ones_like(c), c, c * c, c * c * c], dim=1)  # [Q, 4]
         return torch.einsum("qj,nj...->nq...", powers, self.coefficients)
+
+
+class IntervalSamples(NamedTuple):
+    """Y from the ODE solver at the nodes and at R fixed fractions of every interval (no interpolation
+    between nodes: the solver's dense output, accurate to its tolerance).
+
+    mesh [N + 1]; nodes: Y at the nodes [N + 1, *S]; fractions [R], increasing in (0, 1);
+    interior: Y at t_n + fractions[r] h_n, [N, R, *S].
+    """
+
+    mesh: torch.Tensor
+    nodes: torch.Tensor
+    fractions: torch.Tensor
+    interior: torch.Tensor
+
+    def on_intervals(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Y at t_n + c h_n for every interval n and c in ``fractions`` [Q] -> [N, Q, *S]: the stored
+        samples themselves; every c must be one of the sampled fractions (ValueError otherwise)."""
+        c = fractions.to(self.fractions.dtype)
+        index = torch.searchsorted(self.fractions, c).clamp_(max=self.fractions.numel() - 1)
+        if not bool((self.fractions[index] == c).all()):
+            raise ValueError(f"the sweep sampled its trajectory at the fractions {self.fractions.tolist()} of every "
+                             f"interval, not at {c.tolist()}: build the Sweeper with the quadrature used here")
+        return self.interior[:, index]
+
+    def interpolant(self, fractions: torch.Tensor) -> "LagrangeTrajectory":
+        """The polynomial through the node values and the samples at ``fractions`` on every interval."""
+        return LagrangeTrajectory(self.mesh, self.nodes, fractions, self.on_intervals(fractions))
+
+
+class LagrangeTrajectory:
+    """Y(t) on every interval as the polynomial of degree R + 1 through Y at both nodes and at R interior
+    fractions (Lagrange form, evaluated from the products of differences: no ill-conditioned monomial
+    coefficients). From R = 6 Chebyshev fractions its error is O(h^8) inside an interval; it is C^0.
+
+    Args:
+        mesh: node times [N + 1]. nodes: Y at the nodes [N + 1, *S].
+        fractions: [R] in (0, 1). interior: Y at t_n + fractions h_n, [N, R, *S].
+    """
+
+    def __init__(self, mesh: torch.Tensor, nodes: torch.Tensor, fractions: torch.Tensor, interior: torch.Tensor):
+        self.mesh = mesh
+        self.points = torch.cat([fractions.new_zeros(1), fractions.to(mesh.dtype), fractions.new_ones(1)])  # [R + 2]
+        self.values = torch.cat([nodes[:-1].unsqueeze(1), interior, nodes[1:].unsqueeze(1)], dim=1)  # [N, R + 2, *S]
+        differences = self.points[:, None] - self.points[None, :]
+        differences.fill_diagonal_(1.0)
+        self._inverse_denominators = 1.0 / differences.prod(dim=1)  # [R + 2]
+        self._inverse_lengths = 1.0 / (mesh[1:] - mesh[:-1])
+        self._trailing = (1,) * (nodes.ndim - 1)
+
+    def at(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Y(t) for a 0-d time t in interval ``index`` (0-d) -> [*S] (what an ODE right-hand side asks)."""
+        s = (t - self.mesh[index]) * self._inverse_lengths[index]
+        d = s - self.points  # [R + 2]
+        others = d.expand(d.numel(), d.numel()).clone()
+        others.fill_diagonal_(1.0)
+        basis = others.prod(dim=1) * self._inverse_denominators  # l_j(s), [R + 2]
+        return (basis.view((-1,) + self._trailing) * self.values[index]).sum(0)

@@ -46,7 +46,7 @@ def _loss_evaluator(problem, dtype, device, rtol, atol):
     """J for controls [20, 30] on ``problem`` with one reusable forward sweeper."""
     pw = PointwiseProblem(problem, dtype, device)
     sweeper = Sweeper(pw, make_mesh(MESH, problem.horizon, dtype, device), rtol=rtol, atol=atol)
-    return lambda u: float(sweeper.forward(u.to(dtype=dtype, device=device)).cost)
+    return lambda u: float(sweeper.forward(u.to(dtype=dtype, device=device), samples=False).cost)
 
 
 def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress, quadrature=3):
