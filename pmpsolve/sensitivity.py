@@ -51,7 +51,8 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, proce
 
 def cost(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
          ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
-         dtype: Optional[torch.dtype] = None, device=None, process_group=None) -> float:
+         dtype: Optional[torch.dtype] = None, device=None,
+         process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
     """J(u) for piecewise-constant controls u [N, m] on ``mesh`` (default: N uniform intervals).
 
     Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``), like ``solve``.
@@ -63,7 +64,8 @@ def cost(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, to
 
 def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
-                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None, process_group=None
+                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
+                  process_group: Optional[torch.distributed.ProcessGroup] = None
                   ) -> Tuple[float, torch.Tensor]:
     """J(u) and dJ/du [N, m] (the gradient with respect to the N piecewise-constant values).
 
@@ -80,7 +82,7 @@ def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
 def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
                   quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
-                  process_group=None) -> float:
+                  process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
     """The first-order optimality measure of controls u [N, m] (``pmpsolve.optimality``): what ``solve``
     compares with ``tol * max(1, |J|)`` to say ``converged``.
 

@@ -115,7 +115,7 @@ class Solver:
                  atol: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, maximiser_iter: int = 50, perturb: float = 0.0, quadrature: int = 3,
                  options: Optional[dict] = None, ode_options: Optional[dict] = None, maximiser: str = "auto",
-                 process_group=None):
+                 process_group: Optional[torch.distributed.ProcessGroup] = None):
         if not isinstance(problem, ControlProblem):
             raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
         self.rule_options = RuleOptions(method, {**(options or {}), **({} if rho is None else {"rho": rho})})
@@ -324,7 +324,8 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
           device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, progress: bool = False,
           callback: Optional[Callable] = None, maximiser_iter: int = 50, perturb: float = 0.0,
           quadrature: int = 3, options: Optional[dict] = None, ode_options: Optional[dict] = None,
-          maximiser: str = "auto", finite: str = "relax-round-polish", process_group=None) -> Solution:
+          maximiser: str = "auto", finite: str = "relax-round-polish",
+          process_group: Optional[torch.distributed.ProcessGroup] = None) -> Solution:
     """Solve ``problem`` by the maximum principle, optimise-then-discretise.
 
     Args:
