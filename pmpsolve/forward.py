@@ -29,7 +29,7 @@ class StateSolution(NamedTuple):
     """The forward sweep's numbers, before the checks and the trajectory are made of them."""
 
     values: torch.Tensor  # X at the nodes [N + 1, K, n] (with the graph if differentiable)
-    cost: torch.Tensor  # J(u), 0-d
+    cost: torch.Tensor  # J(u), 0-d (in a distributed solve: this rank's part of it)
     terminal_cost: torch.Tensor  # Phi(X_T^i) [K]
     running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
     slope_left: torch.Tensor  # f at the left end of each interval, t_n+, [N, K, n]
@@ -67,9 +67,11 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
         X = Z[..., :n]
         running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
         terminal = pw.terminal_cost(X[-1])
+        # In a distributed solve this is this rank's part of J (its samples' sum / global K, and the
+        # penalty on the rank that keeps shared terms): ``Sweeper.forward`` adds the parts of all ranks.
         cost = pw.reducer.mean_costs(terminal + running)
         penalty = pw.problem.control_penalty
-        if penalty is not None:  # int c |u|: exact for piecewise-constant controls
+        if penalty is not None and pw.reducer.keeps_shared_terms:  # int c |u|: exact for piecewise-constant u
             cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
         # End slopes of each interval, both with that interval's control (f jumps at nodes).
         slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()

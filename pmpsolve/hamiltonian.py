@@ -20,7 +20,7 @@ quadrature and ODE tolerances, on coarse meshes too (this is what makes the
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -44,6 +44,9 @@ class IntervalData(NamedTuple):
     times [N, Q]; weights [N, Q] (quadrature weights times interval lengths);
     states, costates, state_slope (= f(u^k)), costate_slope (= -grad_x H(u^k)): [N, Q, K, n];
     controls u^k [N, m]; hamiltonian int_{I_n} H(u^k) dt [N].
+
+    In a distributed solve the [N, Q, K, n] fields hold this rank's K_r samples and
+    ``hamiltonian`` is the total over all samples of all ranks.
     """
 
     times: torch.Tensor
@@ -74,8 +77,11 @@ def interval_data(pw: PointwiseProblem, u: torch.Tensor, forward: ForwardSweep, 
                          "with samples=False)")
     X = forward.samples.on_intervals(c)  # [N, Q, K, n], from the forward solver
     P = backward.samples.on_intervals(c)  # from the co-state solver
-    H, f, gx = pw.hamiltonian(times, X, P, u, with_grad_x=True)
-    hamiltonian = (weights * H.detach()).sum(-1)
+    hamiltonian = lengths.new_zeros(lengths.shape)
+    with pw.reducer.guard() as guard:
+        H, f, gx = pw.hamiltonian(times, X, P, u, with_grad_x=True)
+        hamiltonian = (weights * H.detach()).sum(-1)  # this rank's samples; the total over all below
+    (hamiltonian,) = pw.reducer.totals(hamiltonian, error=guard.error)
     penalty = pw.problem.control_penalty
     if penalty is not None:
         hamiltonian = hamiltonian - lengths * penalty.value(u)
@@ -101,6 +107,11 @@ class IntervalHamiltonian:
     ``smooth`` is everything but the penalty (what gradient-based maximisers see);
     ``penalty_value`` the rest; calling the object gives the sum. ``rho = 0`` skips
     the co-state term, which needs grad_x H as a function of u (a double backward).
+
+    In a distributed solve (``pw.reducer.distributed``) ``smooth`` is this rank's part (its
+    samples; the SQH term on rank 0 only), differentiable, and every evaluation method
+    (``terms``, ``value_and_grad``, ``curvature``, ``candidates``, calling the object) returns
+    totals over all ranks, one fused all-reduce each; ``total`` makes parts total.
     """
 
     def __init__(self, pw: PointwiseProblem, data: IntervalData, rho: float = 0.0, eps: float = 0.0):
@@ -109,24 +120,29 @@ class IntervalHamiltonian:
         self.evaluations = 0
 
     def terms(self, u: torch.Tensor, *, need_costate: bool = True, create_graph: bool = True) -> HamiltonianTerms:
+        """HamiltonianTerms at u [N, m]: three [N] integrals (totals over all ranks, one all-reduce)."""
         d = self.data
         self.evaluations += 1
-        H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=need_costate,
-                                       create_graph=create_graph)
-        sum_states = self.pw.reducer.sum_states
-        state_err = sum_states((f - d.state_slope) ** 2)  # [N, Q]
-        if gx is None:
-            costate_err = torch.zeros_like(state_err)
-        else:
-            costate_err = sum_states((gx + d.costate_slope) ** 2)
-        w = d.weights
-        hamiltonian = (w * H).sum(-1)
+        parts = [u.new_zeros(u.shape[0])] * 3
+        with self.pw.reducer.guard() as guard:
+            H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=need_costate,
+                                           create_graph=create_graph)
+            sum_states = self.pw.reducer.sum_states
+            state_err = sum_states((f - d.state_slope) ** 2)  # [N, Q]
+            if gx is None:
+                costate_err = torch.zeros_like(state_err)
+            else:
+                costate_err = sum_states((gx + d.costate_slope) ** 2)
+            w = d.weights
+            parts = [(w * H).sum(-1), (w * state_err).sum(-1), (w * costate_err).sum(-1)]
+        hamiltonian, state_error, costate_error = self.pw.reducer.totals(*parts, error=guard.error)
         if self.penalty is not None:
             hamiltonian = hamiltonian - self.penalty_value(u)
-        return HamiltonianTerms(hamiltonian, (w * state_err).sum(-1), (w * costate_err).sum(-1))
+        return HamiltonianTerms(hamiltonian, state_error, costate_error)
 
     def smooth(self, u: torch.Tensor) -> torch.Tensor:
-        """The objective without the control penalty [N] (differentiable in u)."""
+        """The objective without the control penalty [N] (differentiable in u; this rank's part in a
+        distributed solve, see the class)."""
         d = self.data
         self.evaluations += 1
         if self.rho == 0.0:
@@ -137,9 +153,16 @@ class IntervalHamiltonian:
             sum_states = self.pw.reducer.sum_states
             errors = sum_states((f - d.state_slope) ** 2) + sum_states((gx + d.costate_slope) ** 2)
             value = (d.weights * (H - 0.5 * self.rho * errors)).sum(-1)
-        if self.eps:
+        if self.eps and self.pw.reducer.keeps_shared_terms:  # per interval, not per sample: counted once
             value = value - self.eps * d.lengths * ((u - d.controls) ** 2).sum(-1)
         return value
+
+    def total(self, *parts: torch.Tensor, error: Optional[BaseException] = None) -> Tuple[torch.Tensor, ...]:
+        """Parts computed from ``smooth`` (values, gradients, curvatures) made totals over all ranks in one
+        all-reduce (the identity in one process): what a maximiser that differentiates ``smooth`` itself
+        calls before using the numbers (``ClosedForm``). ``error``: raised on every rank (see
+        ``SampleReducer.totals``)."""
+        return self.pw.reducer.totals(*parts, error=error)
 
     #: Elements (quadrature points x samples x state components) evaluated at once by
     #: ``value_and_grad`` and ``curvature``. The objective is a sum of independent rows, and
@@ -177,30 +200,34 @@ class IntervalHamiltonian:
         self.evaluations += 1
         values = u.new_zeros(u.shape[0])
         grads = torch.zeros_like(u)
-        for rows, samples in self.blocks():
-            v = u[rows].detach().requires_grad_(True)
-            with torch.enable_grad():
-                value = self.restricted(rows, samples).smooth(v)
-                (g,) = torch.autograd.grad(value.sum(), v)
-            values[rows] += value.detach()
-            grads[rows] += g
-        return values, grads
+        with self.pw.reducer.guard() as guard:
+            for rows, samples in self.blocks():
+                v = u[rows].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    value = self.restricted(rows, samples).smooth(v)
+                    (g,) = torch.autograd.grad(value.sum(), v)
+                values[rows] += value.detach()
+                grads[rows] += g
+        # Value and gradient in one buffer: every rank's line search sees the same numbers and takes the
+        # same branch (an L-BFGS whose value is reduced apart from its gradient drifts apart across ranks).
+        return self.pw.reducer.totals(values, grads, error=guard.error)
 
     def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """d' (-Hessian of the smooth part) d per row [N] at u, by Hessian-vector products."""
         self.evaluations += 1
         out = u.new_zeros(u.shape[0])
-        for rows, samples in self.blocks():
-            v = u[rows].detach().requires_grad_(True)
-            with torch.enable_grad():
-                value = self.restricted(rows, samples).smooth(v)
-                (g,) = torch.autograd.grad(value.sum(), v, create_graph=True)
-                if not g.requires_grad:  # the objective is linear in u
-                    continue
-                (hd,) = torch.autograd.grad((g * d[rows]).sum(), v, allow_unused=True)
-            if hd is not None:
-                out[rows] -= (d[rows] * hd).sum(-1).detach()
-        return out
+        with self.pw.reducer.guard() as guard:
+            for rows, samples in self.blocks():
+                v = u[rows].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    value = self.restricted(rows, samples).smooth(v)
+                    (g,) = torch.autograd.grad(value.sum(), v, create_graph=True)
+                    if not g.requires_grad:  # the objective is linear in u
+                        continue
+                    (hd,) = torch.autograd.grad((g * d[rows]).sum(), v, allow_unused=True)
+                if hd is not None:
+                    out[rows] -= (d[rows] * hd).sum(-1).detach()
+        return self.pw.reducer.totals(out, error=guard.error)[0]
 
     def penalty_value(self, u: torch.Tensor) -> torch.Tensor:
         """h_n * penalty(u_n) [N] (zeros without a penalty); u may carry leading candidate dims."""
@@ -209,7 +236,14 @@ class IntervalHamiltonian:
         return self.data.lengths * self.penalty.value(u)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        return self.smooth(u) - self.penalty_value(u)
+        """The whole objective at u [N, m] -> [N] (the total over all ranks, detached, in a distributed solve)."""
+        reducer = self.pw.reducer
+        if not reducer.distributed:
+            return self.smooth(u) - self.penalty_value(u)
+        value = u.new_zeros(u.shape[:-1])
+        with reducer.guard() as guard:
+            value = self.smooth(u).detach()
+        return reducer.totals(value, error=guard.error)[0] - self.penalty_value(u)
 
     def candidates(self, U: torch.Tensor) -> torch.Tensor:
         """The objective for C candidate controls per interval: U [C, N, m] -> [C, N].

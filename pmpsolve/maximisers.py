@@ -70,6 +70,13 @@ class IntervalObjective(Protocol):
       that a ``UserSet`` maximiser receives.
     * ``rho``, ``eps``: the E-MSA and SQH proximity weights already inside ``smooth``
       (for information; user maximisers receive them).
+    * optional ``total(*parts, error=None) -> tuple``: in a distributed solve
+      (docs/distributed.md) ``smooth`` is one rank's part of the objective (its samples)
+      while every other member returns totals over all ranks; a maximiser that
+      differentiates ``smooth`` itself passes what it computed from it through ``total``
+      (one all-reduce) before using it, with ``error`` the exception it caught computing
+      them (zeros of the same shapes then), which ``total`` raises on every rank. An
+      objective without it is whole (one process).
 
     Rows are independent: a maximiser may change one row without affecting the others.
     """
@@ -380,19 +387,18 @@ class ClosedForm:
         start = objective.data.controls
         N, m = start.shape
         low, high = controls.bounds(start.dtype, start.device)
-        x = start.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = objective.smooth(x)
-            (g,) = torch.autograd.grad(value.sum(), x, create_graph=True)
-            curvature = []
-            for j in range(m):
-                if not g.requires_grad:
-                    curvature.append(torch.zeros(N, dtype=x.dtype, device=x.device))
-                    continue
-                (col,) = torch.autograd.grad(g[:, j].sum(), x, retain_graph=True, allow_unused=True)
-                curvature.append(torch.zeros(N, dtype=x.dtype, device=x.device) if col is None else -col[:, j])
-        g, M = g.detach(), torch.stack(curvature, dim=-1).detach()  # model: g d - M d^2 / 2 per component
-        base = value.detach()
+        total = getattr(objective, "total", None)
+        if total is None:
+            base, g, M = self._model(objective, start)
+        else:
+            # smooth() is this rank's part in a distributed solve: the model is summed over the ranks in
+            # one all-reduce, which also carries a failure of this rank to every rank.
+            parts, error = (start.new_zeros(N), torch.zeros_like(start), torch.zeros_like(start)), None
+            try:
+                parts = self._model(objective, start)
+            except Exception as err:  # noqa: BLE001 - raised again by total, on every rank
+                error = err
+            base, g, M = total(*parts, error=error)
         u0 = start.detach()
         h = objective.data.lengths[:, None]
         penalty = objective.penalty
@@ -431,6 +437,24 @@ class ClosedForm:
         if not bool(((exact - predicted).abs() <= self.rtol * scale + 1e-12 * scale.max()).all()):
             return None
         return MaximiserResult(u, objective(u).detach(), 1, 2 + m)
+
+    @staticmethod
+    def _model(objective: IntervalObjective, start: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The smooth objective at u^k [N], its gradient g [N, m] and minus its Hessian diagonal M [N, m]
+        (autograd): the model g d - M d^2 / 2 per component."""
+        N, m = start.shape
+        x = start.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = objective.smooth(x)
+            (g,) = torch.autograd.grad(value.sum(), x, create_graph=True)
+            curvature = []
+            for j in range(m):
+                if not g.requires_grad:
+                    curvature.append(torch.zeros(N, dtype=x.dtype, device=x.device))
+                    continue
+                (col,) = torch.autograd.grad(g[:, j].sum(), x, retain_graph=True, allow_unused=True)
+                curvature.append(torch.zeros(N, dtype=x.dtype, device=x.device) if col is None else -col[:, j])
+        return value.detach(), g.detach(), torch.stack(curvature, dim=-1).detach()
 
 
 class MaximisationData(NamedTuple):

@@ -18,12 +18,13 @@ from .optimality import optimality
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .options import ODEOptions
+from .reduce import distributed_reducer, refuse_user_set
 from .sweeps import Sweeper
 
 __all__ = ["cost", "cost_gradient", "optimality_of"]
 
 
-def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature=3):
+def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature=3, process_group=None):
     if not isinstance(problem, ControlProblem):
         raise TypeError(f"`problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
     u = torch.as_tensor(controls)
@@ -39,30 +40,41 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadr
         raise ValueError(f"`controls` has {u.shape[0]} rows but `mesh` has {nodes.numel() - 1} intervals")
     pw = PointwiseProblem(problem, dtype, device)
     ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
+    if process_group is not None:  # x0 is this rank's shard; every sum over samples is all-reduced
+        refuse_user_set(problem)
+        settings = {"ode_method": ode.method, "rtol": ode.rtol, "atol": ode.atol, "dtype": str(dtype)}
+        pw.reducer, _ = distributed_reducer(process_group, pw.num_samples, pw.state_dim, problem.control_dim,
+                                            nodes, settings)
     sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol, quadrature=quadrature)
     return pw, sweeper, u
 
 
 def cost(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
          ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
-         dtype: Optional[torch.dtype] = None, device=None) -> float:
+         dtype: Optional[torch.dtype] = None, device=None,
+         process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
     """J(u) for piecewise-constant controls u [N, m] on ``mesh`` (default: N uniform intervals).
 
     Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``), like ``solve``.
+    ``process_group``: as in ``solve`` (x0 is this rank's shard; J is over all ranks' samples).
     """
-    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device)
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device,
+                            process_group=process_group)
     return float(sweeper.forward(u, samples=False).cost)
 
 
 def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
-                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None
+                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
+                  process_group: Optional[torch.distributed.ProcessGroup] = None
                   ) -> Tuple[float, torch.Tensor]:
     """J(u) and dJ/du [N, m] (the gradient with respect to the N piecewise-constant values).
 
     Computed in ``dtype`` (float64 unless given, whatever the dtype of ``controls``); dJ/du has that dtype.
+    ``process_group``: as in ``solve`` (both over all ranks' samples, the same on every rank).
     """
-    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature)
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature,
+                            process_group)
     fw = sweeper.forward(u)
     bw = sweeper.backward(u, fw)
     data = interval_data(pw, u, fw, bw, quadrature)
@@ -71,7 +83,8 @@ def cost_gradient(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
 
 def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Union[int, torch.Tensor, None] = None,
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
-                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None) -> float:
+                  quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
+                  process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
     """The first-order optimality measure of controls u [N, m] (``pmpsolve.optimality``): what ``solve``
     compares with ``tol * max(1, |J|)`` to say ``converged``.
 
@@ -82,7 +95,8 @@ def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
         >>> pmp.optimality_of(p, torch.zeros(4, 1)) > 1.0   # dJ/du = 2 x_T = 2 on every interval
         True
     """
-    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature)
+    pw, sweeper, u = _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadrature,
+                            process_group)
     fw = sweeper.forward(u)
     data = interval_data(pw, u, fw, sweeper.backward(u, fw), quadrature)
     return optimality(pw, data, problem.controls, HamiltonianMaximiser(problem.controls))

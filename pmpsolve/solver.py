@@ -33,6 +33,7 @@ from .optimality import is_optimal, optimality
 from .options import DEFAULT_TOLERANCES, MaximiserOptions, ODEOptions, RuleOptions, StoppingOptions
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
+from .reduce import distributed_reducer, refuse_user_set
 from .rules import RULES
 from .solution import IterationRecord, Solution
 from .stopping import Stop, default_tests
@@ -91,7 +92,9 @@ class Solver:
     """A solve set up for one problem: sweeps, maximiser, rule and stopping tests.
 
     Takes the keyword arguments of ``solve`` (except ``callback``, ``progress``, ``init``
-    and ``finite``) and checks them all here.
+    and ``finite``) and checks them all here. With ``process_group`` every rank of the group
+    builds its own Solver on its shard of the samples (see ``solve``); the constructor is
+    then a collective (the ranks check they agree on the problem and settings).
 
     Example:
         >>> import torch, pmpsolve as pmp
@@ -111,7 +114,8 @@ class Solver:
                  rho: Optional[float] = None, ode_method: str = "dopri5", rtol: Optional[float] = None,
                  atol: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, maximiser_iter: int = 50, perturb: float = 0.0, quadrature: int = 3,
-                 options: Optional[dict] = None, ode_options: Optional[dict] = None, maximiser: str = "auto"):
+                 options: Optional[dict] = None, ode_options: Optional[dict] = None, maximiser: str = "auto",
+                 process_group: Optional[torch.distributed.ProcessGroup] = None):
         if not isinstance(problem, ControlProblem):
             raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
         self.rule_options = RuleOptions(method, {**(options or {}), **({} if rho is None else {"rho": rho})})
@@ -128,8 +132,17 @@ class Solver:
         self.pw = PointwiseProblem(problem, dtype, self.device)
         self.mesh = make_mesh(mesh, problem.horizon, dtype, self.device)
         m = self.maximiser_options
+        generator = m.generator()
+        self.process_group = process_group
+        if process_group is not None:
+            refuse_user_set(problem)
+            # Before the rule is built: it reads the global K (rho0 / K). Every random draw must be the
+            # same on every rank (the ranks maximise the same objective): one seed for all.
+            self.pw.reducer, seed = distributed_reducer(process_group, self.pw.num_samples, self.pw.state_dim,
+                                                        problem.control_dim, self.mesh, self.settings, m.seed)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         self.maximiser = HamiltonianMaximiser(problem.controls, max_iter=m.iterations, perturb=m.perturb, method=m.kind)
-        self.rule = RULES[method](self.pw, problem.controls, self.maximiser, m.generator(), self.rule_options.options)
+        self.rule = RULES[method](self.pw, problem.controls, self.maximiser, generator, self.rule_options.options)
         self.sweeper = Sweeper(self.pw, self.mesh, method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol,
                                options=self.ode.options, quadrature=m.quadrature)
         self.tests = default_tests(method, self.rule, self.stopping.stall_tol)
@@ -137,9 +150,13 @@ class Solver:
     @property
     def settings(self) -> dict:
         """Every setting of this solve, flat and JSON-friendly (what ``Solution.settings`` records)."""
-        return {**self.rule_options.settings(), "mesh": self.mesh.numel() - 1, **self.stopping.settings(),
-                **self.ode.settings(), "dtype": str(self.dtype), "device": str(self.device),
-                **self.maximiser_options.settings()}
+        settings = {**self.rule_options.settings(), "mesh": self.mesh.numel() - 1, **self.stopping.settings(),
+                    **self.ode.settings(), "dtype": str(self.dtype), "device": str(self.device),
+                    **self.maximiser_options.settings()}
+        reducer = self.pw.reducer
+        if reducer.distributed:  # ranks, samples and what the all-reduces cost so far
+            settings["distributed"] = reducer.statistics()
+        return settings
 
     # ------------------------------------------------------------------ iterations
     def init(self, init=None) -> SolverState:
@@ -307,7 +324,8 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
           device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, progress: bool = False,
           callback: Optional[Callable] = None, maximiser_iter: int = 50, perturb: float = 0.0,
           quadrature: int = 3, options: Optional[dict] = None, ode_options: Optional[dict] = None,
-          maximiser: str = "auto", finite: str = "relax-round-polish") -> Solution:
+          maximiser: str = "auto", finite: str = "relax-round-polish",
+          process_group: Optional[torch.distributed.ProcessGroup] = None) -> Solution:
     """Solve ``problem`` by the maximum principle, optimise-then-discretise.
 
     Args:
@@ -354,6 +372,14 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             the same method; ``sol.relaxed_cost`` is the relaxed J, a lower bound when the
             relaxation is solved to its global optimum) or ``"plain"`` (iterate on the set
             from ``init``).
+        process_group: None (default): one process. A ``torch.distributed`` ProcessGroup
+            (e.g. ``torch.distributed.group.WORLD``): a data-parallel solve, called on every rank
+            of the group with the same arguments except ``problem.x0`` [K_r, n], this rank's
+            shard of one sample set. J is the mean over all K = sum K_r samples; every sum over
+            samples is all-reduced (one fused buffer per evaluation), so every rank takes the
+            same decisions and returns the same controls and J; trajectories hold this rank's
+            samples. An error on one rank is raised on every rank. Collectives wait at most the
+            group's timeout (``init_process_group(timeout=...)``). See docs/distributed.md.
 
     Returns:
         A Solution; ``sol.converged`` is True only when the returned controls are first-order
@@ -375,7 +401,8 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
 
         return relax_round_polish(problem, solve, arguments)
     state = None
-    bar = progress_bar(progress, solver.stopping.max_iter, problem.name, method)
+    reducer = solver.pw.reducer
+    bar = progress_bar(progress and reducer.rank == 0, solver.stopping.max_iter, problem.name, method)
     try:
         state = solver.init(init)
         while not state.done:
@@ -386,7 +413,8 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"J={state.cost:.8g} {describe(solver.rule.parameters())}")
-            if callback is not None and callback(state.history[-1], state.controls) and not state.done:
+            # every rank stops if one rank's callback asks to (a collective only in a distributed solve)
+            if callback is not None and reducer.any(callback(state.history[-1], state.controls)) and not state.done:
                 state = solver.stop(state, Stop("callback", f"stopped by callback at iteration {state.iteration}"))
     except KeyboardInterrupt:
         if state is None:

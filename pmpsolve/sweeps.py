@@ -40,7 +40,8 @@ class ForwardSweep(NamedTuple):
     """Result of a forward sweep for controls u."""
 
     states: HermiteTrajectory  # X(t) for reading at any time (O(h^4) inside intervals); values [N + 1, K, n]
-    cost: torch.Tensor  # J(u), 0-d
+    # (a distributed solve: this rank's K_r samples)
+    cost: torch.Tensor  # J(u), 0-d (over all samples, all ranks)
     terminal_cost: torch.Tensor  # Phi(X_T^i) [K]
     running_cost: torch.Tensor  # int_0^T L(t, X^i, u) dt [K]
     evaluations: int  # right-hand-side evaluations
@@ -99,18 +100,27 @@ class Sweeper:
         """
         start = self._clock()
         count = EvaluationBudget(budget, "forward", iteration)
-        try:
-            state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
-                                fractions=self.state_fractions if samples else None)
-        except IntegrationFailure as err:
-            raise self._failure(err, "forward", count, iteration) from err
-        self._check_finite(state.values, state.cost, "forward", iteration)
+        reducer = self.pw.reducer
+        if differentiable and reducer.distributed:
+            raise ValueError("a differentiable forward sweep (the gradient baselines) does not support a process group")
+        state = None
+        # In a distributed solve a failure on this rank is kept and raised on every rank by the one
+        # collective that adds the ranks' parts of J (ErrorGuard); in one process it propagates as is.
+        with reducer.guard() as guard:
+            try:
+                state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
+                                    fractions=self.state_fractions if samples else None)
+            except IntegrationFailure as err:
+                raise self._failure(err, "forward", count, iteration) from err
+            self._check_finite(state.values, state.cost, "forward", iteration)
+            if samples:
+                self._check_finite(state.interior, None, "forward", iteration)
+        part = u.new_zeros(()) if state is None else state.cost
+        (cost,) = reducer.totals(part, error=guard.error)
         X = state.values.detach()
         traj = HermiteTrajectory(self.mesh, X, state.slope_left, state.slope_right)
         sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
-        if sampled is not None:
-            self._check_finite(state.interior, None, "forward", iteration)
-        return ForwardSweep(traj, state.cost, state.terminal_cost, state.running_cost, count.evaluations,
+        return ForwardSweep(traj, cost, state.terminal_cost, state.running_cost, count.evaluations,
                             self._clock() - start, sampled)
 
     # ---------------------------------------------------------------- backward
@@ -127,11 +137,15 @@ class Sweeper:
         start = self._clock()
         count = EvaluationBudget(budget, "backward", iteration)
         strategy = self.costate_policy.choose(self.pw, self.mesh, self.ode)
-        try:
-            P = strategy.solve(u, forward.samples, count, self.gauss_fractions)
-        except IntegrationFailure as err:
-            raise self._failure(err, "backward", count, iteration) from err
-        return self._backward_result(u, forward.states, P, count.evaluations, start, iteration)
+        result = None
+        with self.pw.reducer.guard() as guard:  # nothing to sum here: a status-only agreement across ranks
+            try:
+                P = strategy.solve(u, forward.samples, count, self.gauss_fractions)
+            except IntegrationFailure as err:
+                raise self._failure(err, "backward", count, iteration) from err
+            result = self._backward_result(u, forward.states, P, count.evaluations, start, iteration)
+        self.pw.reducer.agree(guard.error)
+        return result
 
     def _backward_result(self, u, states, P: IntervalSamples, evaluations, start, iteration) -> BackwardSweep:
         """The sweep's result from P sampled by a strategy: the co-state trajectory (end slopes

@@ -1,0 +1,155 @@
+"""Seconds per iteration of a data-parallel control solve on 1 and R ranks, and the communication share.
+
+The LQR from K initial states (``problems.lqr_samples``), the default solve (E-MSA, closed-form
+maximisation, dopri5) on ``--mesh`` intervals for ``--iterations`` iterations (tol = 0 so that
+every run does the same number). Each configuration runs in fresh processes started here
+(torch.multiprocessing, gloo on the CPU, one thread per rank): R = 1 is the plain one-process
+solve, R > 1 splits x0 into R shards with ``process_group``. Reported per run (rank 0; the
+slowest rank for the wall time): the median seconds per iteration, the whole solve's seconds,
+its CPU seconds on the busiest rank (the work each rank does, whatever else runs on the machine),
+the seconds spent inside all-reduces (which include waiting for the slower rank) and their share,
+the all-reduces per iteration and the numbers they carried; then, after the solve, the latency of
+one all-reduce of that size alone (after a barrier: no waiting for a slower rank, median of 200)
+and the share of the solve it accounts for (latency x all-reduces / solve seconds): the cost of the
+communication itself, while the time inside the solve's all-reduces includes waiting for the slower
+rank. Writes results/bench/distributed.json and prints a table.
+
+    python scripts/bench_distributed.py [--samples 10000 100000] [--ranks 1 2] [--mesh 20] [--iterations 3]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import platform
+import socket
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `problems`
+import pmpsolve as pmp  # noqa: E402
+from problems import lqr_samples  # noqa: E402
+
+
+def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # one core per rank: R ranks use R cores
+    warnings.simplefilter("ignore")
+    try:
+        group = None
+        if world > 1:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=1800))
+            group = dist.group.WORLD
+        full = lqr_samples(K)[0]
+        problem = pmp.ControlProblem(full.dynamics, full.x0.chunk(world)[rank], full.horizon, full.controls,
+                                     full.terminal_cost, full.running_cost, name=full.name)
+        if group is not None:
+            dist.barrier(group)  # start together
+        start, cpu = time.perf_counter(), time.process_time()
+        sol = pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0, stall_tol=0.0, process_group=group)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        records = sol.history[1:]
+        info = sol.settings.get("distributed") or {"all_reduces": 0, "numbers_reduced": 0, "all_reduce_seconds": 0.0}
+        row = dict(rank=rank, seconds=seconds, cpu_seconds=cpu, iterations=len(records), cost=sol.cost,
+                   per_iteration=statistics.median(r.seconds for r in records),
+                   forward=statistics.median(r.forward_seconds for r in records),
+                   backward=statistics.median(r.backward_seconds for r in records),
+                   maximise=statistics.median(r.maximise_seconds for r in records),
+                   all_reduces=info["all_reduces"], numbers=info["numbers_reduced"],
+                   all_reduce_seconds=info["all_reduce_seconds"])
+        if group is not None:
+            # The all-reduce itself, without waiting for a slower rank: the same number of numbers per call
+            # as the solve's average, after a barrier, median of 200.
+            size = max(1, round(info["numbers_reduced"] / max(1, info["all_reduces"])))
+            buffer, times = torch.zeros(size, dtype=torch.float64), []
+            for _ in range(200):
+                dist.barrier(group)
+                t0 = time.perf_counter()
+                dist.all_reduce(buffer, group=group)
+                times.append(time.perf_counter() - t0)
+            row["all_reduce_latency"] = statistics.median(times)
+            dist.destroy_process_group()
+        queue.put((rank, pickle.dumps(row)))
+    except BaseException as err:  # noqa: BLE001 - reported by the parent
+        queue.put((rank, f"{type(err).__name__}: {err}"))
+
+
+def run(K: int, world: int, mesh: int, iterations: int) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [ctx.Process(target=_rank, args=(r, world, port, K, mesh, iterations, queue)) for r in range(world)]
+    for p in processes:
+        p.start()
+    got = dict(queue.get() for _ in range(world))
+    for p in processes:
+        p.join()
+    rows = []
+    for r in range(world):
+        if not isinstance(got[r], bytes):
+            raise RuntimeError(f"K = {K}, {world} ranks: rank {r} failed: {got[r]}")
+        rows.append(pickle.loads(got[r]))
+    head = rows[0]
+    return dict(samples=K, ranks=world, mesh=mesh, iterations=head["iterations"], cost=head["cost"],
+                seconds_per_iteration=head["per_iteration"], solve_seconds=max(r["seconds"] for r in rows),
+                cpu_seconds_per_rank=max(r["cpu_seconds"] for r in rows),
+                forward=head["forward"], backward=head["backward"], maximise=head["maximise"],
+                all_reduce_seconds=head["all_reduce_seconds"],
+                communication_share=head["all_reduce_seconds"] / head["seconds"],
+                all_reduce_latency=head.get("all_reduce_latency", 0.0),
+                transfer_share=head.get("all_reduce_latency", 0.0) * head["all_reduces"] / head["seconds"],
+                all_reduces_per_iteration=head["all_reduces"] / max(1, head["iterations"]),
+                numbers_per_iteration=head["numbers"] / max(1, head["iterations"]), per_rank=rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[10000])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--mesh", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    results = {"machine": dict(platform=platform.platform(), torch=torch.__version__, cpus=os.cpu_count(),
+                               threads_per_rank=1, load_average_before=os.getloadavg()),
+               "problem": "lqr_samples(K), default solve (emsa, closed form, dopri5)", "rows": []}
+    print(f"{'K':>7} {'ranks':>5} {'s/iter':>8} {'solve s':>8} {'cpu s':>7} {'fwd':>6} {'bwd':>6} {'max':>6} "
+          f"{'comm s':>7} {'share':>6} {'lat us':>7} {'xfer':>6} {'red/it':>6} {'nums/it':>8}  J")
+    for K in args.samples:
+        base = None
+        for world in args.ranks:
+            row = run(K, world, args.mesh, args.iterations)
+            results["rows"].append(row)
+            base = row if world == 1 else base
+            print(f"{K:>7} {world:>5} {row['seconds_per_iteration']:>8.3f} {row['solve_seconds']:>8.2f} "
+                  f"{row['cpu_seconds_per_rank']:>7.2f} "
+                  f"{row['forward']:>6.2f} {row['backward']:>6.2f} {row['maximise']:>6.2f} "
+                  f"{row['all_reduce_seconds']:>7.3f} {row['communication_share']:>6.1%} "
+                  f"{1e6 * row['all_reduce_latency']:>7.0f} {row['transfer_share']:>6.2%} "
+                  f"{row['all_reduces_per_iteration']:>6.1f} {row['numbers_per_iteration']:>8.0f}  {row['cost']!r}",
+                  flush=True)
+            if base is not None and world > 1:
+                row["speedup_per_iteration"] = base["seconds_per_iteration"] / row["seconds_per_iteration"]
+    results["machine"]["load_average_after"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distributed.json").write_text(json.dumps(results, indent=2))
+    print(f"load average before {results['machine']['load_average_before']}, after "
+          f"{results['machine']['load_average_after']} ({os.cpu_count()} CPUs)")
+    print(f"wrote {args.out / 'distributed.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Data-parallel solves on torch.distributed (issue 14; docs/distributed.md): 2 gloo processes on the CPU.
+
+One spawn of 2 ranks runs every scenario (start-up costs ~7 s, paid once); each rank holds its
+shard of the LQR-samples x0 (9 samples split 5 / 4) and the one-process reference solves the
+concatenated x0 in the test process. Checked: every iteration's J, the cost and the controls
+equal the reference, the ranks return bit-identical controls, and an error on one rank reaches
+both ranks as the same error type well within the group's timeout.
+"""
+import datetime
+import pickle
+import socket
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+
+import pmpsolve as pmp
+from problems import lqr_samples
+
+try:
+    import torch.distributed as dist
+
+    GLOO = dist.is_available() and dist.is_gloo_available()
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    GLOO = False
+
+pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with the gloo backend is not available in this "
+                                                 "PyTorch build")
+
+WORLD = 2
+SAMPLES = 9  # an uneven split: 5 and 4
+TIMEOUT = 30  # seconds: the process group's collective timeout (a hang would end in its RuntimeError)
+RK4 = dict(mesh=20, max_iter=6, tol=0.0, ode_method="rk4", ode_options={"step_size": 0.05})
+SCENARIOS = {
+    # fixed steps: each sample's arithmetic is the same in one or two processes, only the sums' order differs
+    "emsa rk4": (lambda: lqr_samples(SAMPLES)[0], RK4),
+    # adaptive steps: each rank controls the error of its own samples (docs/distributed.md), tight tolerances
+    "emsa dopri5": (lambda: lqr_samples(SAMPLES)[0], dict(mesh=20, max_iter=6, tol=0.0, rtol=1e-12, atol=1e-14)),
+    # a box and an L1 cost: proximal gradient (value_and_grad), the penalty counted once
+    "box l1": (lambda: _box_l1(), dict(RK4, max_iter=5)),
+}
+
+
+class RankOneError(Exception):
+    """A user's exception, raised on rank 1 only."""
+
+
+def _box_l1() -> pmp.ControlProblem:
+    p = lqr_samples(SAMPLES)[0]
+    return pmp.ControlProblem(p.dynamics, p.x0, p.horizon, pmp.Box(-0.3, 0.3), p.terminal_cost, p.running_cost,
+                              control_penalty=pmp.L1(0.05), name="lqr box l1")
+
+
+def shard(problem: pmp.ControlProblem, rank: int, world: int, **changes) -> pmp.ControlProblem:
+    """This rank's part of the samples of ``problem`` (x0 rows split as torch.chunk does)."""
+    p = dict(dynamics=problem.dynamics, x0=problem.x0.chunk(world)[rank], horizon=problem.horizon,
+             controls=problem.controls, terminal_cost=problem.terminal_cost, running_cost=problem.running_cost,
+             control_penalty=problem.control_penalty, name=problem.name)
+    p.update(changes)
+    return pmp.ControlProblem(**p)
+
+
+def _error_scenarios(rank: int, group):
+    """name -> a call that must raise the same error on both ranks (each fails on rank 1 only)."""
+    base = lqr_samples(SAMPLES)[0]
+
+    def nan_dynamics(t, x, u):  # rank 1's states stop being finite after t = 2.5: NonFiniteError in a sweep
+        f = base.dynamics(t, x, u)
+        return torch.where(t > 2.5, f * float("nan"), f) if rank == 1 else f
+
+    def raising_terminal(x):  # rank 1 raises where the co-state sweep differentiates Phi
+        if rank == 1 and torch.is_grad_enabled() and x.requires_grad:
+            raise RankOneError("terminal cost refused on rank 1")
+        return 0.0 * x.sum(-1)
+
+    def objective_failure():  # an exception inside an objective evaluation (optimality, maximisation) on rank 1
+        from pmpsolve.hamiltonian import IntervalHamiltonian
+
+        smooth = IntervalHamiltonian.smooth
+
+        def failing(self, u):
+            if rank == 1:
+                raise ValueError("smooth refused on rank 1")
+            return smooth(self, u)
+
+        IntervalHamiltonian.smooth = failing
+        try:
+            pmp.solve(shard(base, rank, WORLD), process_group=group, **RK4)
+        finally:
+            IntervalHamiltonian.smooth = smooth
+
+    return {
+        "non-finite sweep": lambda: pmp.solve(shard(base, rank, WORLD, dynamics=nan_dynamics), process_group=group,
+                                              **RK4),
+        "exception in the co-state sweep": lambda: pmp.solve(
+            shard(base, rank, WORLD, terminal_cost=raising_terminal), process_group=group, **RK4),
+        "exception in the interval objective": objective_failure,
+        "different meshes": lambda: pmp.solve(shard(base, rank, WORLD), process_group=group,
+                                              **dict(RK4, mesh=20 + rank)),
+    }
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT))
+        group, results = dist.group.WORLD, {}
+        for name, (make, kw) in SCENARIOS.items():
+            sol = pmp.solve(shard(make(), rank, world), process_group=group, **kw)
+            results[name] = dict(controls=sol.controls, costs=[r.cost for r in sol.history], cost=sol.cost,
+                                 status=sol.status, distributed=sol.settings["distributed"])
+        u = torch.linspace(-0.5, 0.5, 20, dtype=torch.float64)[:, None]
+        results["cost_gradient"] = pmp.cost_gradient(shard(lqr_samples(SAMPLES)[0], rank, world), u,
+                                                     process_group=group)
+        for name, call in _error_scenarios(rank, group).items():
+            start = time.perf_counter()
+            try:
+                call()
+                results[name] = ("no error", "", time.perf_counter() - start)
+            except Exception as err:  # noqa: BLE001 - the point: which error reached this rank
+                results[name] = (type(err).__name__, str(err), time.perf_counter() - start)
+        dist.destroy_process_group()
+        # plain pickle: the tensors travel as bytes, not as shared memory the exiting worker would take along
+        queue.put((rank, pickle.dumps(results)))
+    except BaseException:  # noqa: BLE001 - report it to the test instead of dying silently
+        queue.put((rank, traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Per rank (index = rank): the results of every scenario of one 2-process run."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    processes = [ctx.Process(target=_worker, args=(r, WORLD, port, queue), daemon=True) for r in range(WORLD)]
+    for p in processes:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=240) for _ in range(WORLD))
+    finally:
+        for p in processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank, result in got.items():
+        assert isinstance(result, bytes), f"rank {rank} failed:\n{result}"
+    return [pickle.loads(got[r]) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def references():
+    """The one-process solves of the concatenated x0."""
+    with warnings.catch_warnings():  # tol = 0: "did not converge" is expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {name: pmp.solve(make(), **kw) for name, (make, kw) in SCENARIOS.items()}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process(ranks, references, name):
+    ref = references[name]
+    for result in (r[name] for r in ranks):
+        assert len(result["costs"]) == len(ref.history) >= 4  # several iterations, the same number
+        # fixed steps: only the order of the sums over samples differs (measured: controls within 1.5e-12)
+        tol = 1e-11 if "rk4" in name or "l1" in name else 1e-9
+        for k, (a, b) in enumerate(zip(result["costs"], [r.cost for r in ref.history])):
+            assert abs(a - b) <= tol * max(1.0, abs(b)), f"iteration {k}: J = {a!r} on 2 ranks, {b!r} in one process"
+        assert abs(result["cost"] - ref.cost) <= tol
+        assert torch.allclose(result["controls"], ref.controls, rtol=0, atol=tol)
+        assert result["status"] == ref.status
+        info = result["distributed"]
+        assert (info["ranks"], info["samples"]) == (WORLD, SAMPLES) and info["all_reduces"] > 0
+    # every rank returns the same controls, bit for bit, and saw the same J at every iteration
+    assert torch.equal(ranks[0][name]["controls"], ranks[1][name]["controls"])
+    assert ranks[0][name]["costs"] == ranks[1][name]["costs"]
+    assert [r[name]["distributed"]["local_samples"] for r in ranks] == [5, 4]
+
+
+def test_cost_gradient_over_ranks(ranks):
+    u = torch.linspace(-0.5, 0.5, 20, dtype=torch.float64)[:, None]
+    J, grad = pmp.cost_gradient(lqr_samples(SAMPLES)[0], u)
+    for result in ranks:
+        J_r, grad_r = result["cost_gradient"]
+        assert abs(J_r - J) <= 1e-9 * abs(J)
+        assert torch.allclose(grad_r, grad, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, error", [("non-finite sweep", "NonFiniteError"),
+                                         ("exception in the co-state sweep", "RankOneError"),
+                                         ("exception in the interval objective", "ValueError"),
+                                         ("different meshes", "ValueError")])
+def test_an_error_on_one_rank_reaches_every_rank(ranks, name, error):
+    outcomes = [r[name] for r in ranks]
+    for rank, (kind, message, seconds) in enumerate(outcomes):
+        assert kind == error, f"rank {rank}: {kind}: {message}"
+        assert seconds < TIMEOUT / 2, f"rank {rank} took {seconds:.1f} s: it waited for a collective"
+    assert outcomes[0][1] == outcomes[1][1]  # the same error, message included
+    if name == "different meshes":
+        assert "disagree on the mesh intervals N" in outcomes[0][1]
+
+
+def test_process_group_without_init_is_a_clear_error():
+    if dist.is_initialized():  # pragma: no cover - the suite never initialises one in this process
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        pmp.solve(lqr_samples(4)[0], mesh=4, max_iter=1, process_group=object())
