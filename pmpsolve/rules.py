@@ -25,7 +25,7 @@ _RELAX_SHRINK = 0.1
 _SAME_WEIGHT = 1.05
 _MAX_RELAXATIONS = 32
 
-__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule"]
+__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule", "adapt_rho"]
 
 
 class UpdateRule:
@@ -238,15 +238,8 @@ class ExtendedMSA(UpdateRule):
             return accept
         # Trust-region style: compare the actual decrease of J with the Hamiltonian gain
         # (its first-order prediction, Lemma 1); keep rho while the two agree.
-        ratio = (old_cost - new_cost) / gain if gain > 0 else (1.0 if accept else 0.0)
-        if not accept or ratio < float(o["low_ratio"]):
-            factor = float(o["grow"])
-        elif ratio > float(o["high_ratio"]):
-            factor = float(o["shrink"])
-        else:
-            factor = 1.0
         self._aggressive = None if accept else self.rho
-        rho = min(max(self.rho * factor, float(o["rho_min"])), float(o["rho_max"]))
+        rho = adapt_rho(self.rho, accept, old_cost - new_cost, gain, o)
         if rho != self.rho:
             self._history = []
             self.rho = rho
@@ -266,6 +259,24 @@ class ExtendedMSA(UpdateRule):
 
     def parameters(self):
         return {"rho": self.rho}
+
+
+def adapt_rho(rho: float, accept: bool, decrease: float, gain: float, options: Dict[str, object]) -> float:
+    """The adaptive E-MSA rho after a trial step (shared by ``ExtendedMSA`` and ``pmp.nn.EMSA``).
+
+    Trust-region style: ``ratio`` = actual decrease of J / Hamiltonian gain (the gain is J's
+    first-order predicted decrease, paper Lemma 1). rho grows by ``grow`` after a rejection or a
+    ratio below ``low_ratio``, shrinks by ``shrink`` above ``high_ratio``, else stays; clamped to
+    [``rho_min``, ``rho_max``]. ``options`` holds those keys (``ExtendedMSA.defaults``).
+    """
+    ratio = decrease / gain if gain > 0 else (1.0 if accept else 0.0)
+    if not accept or ratio < float(options["low_ratio"]):
+        factor = float(options["grow"])
+    elif ratio > float(options["high_ratio"]):
+        factor = float(options["shrink"])
+    else:
+        factor = 1.0
+    return min(max(rho * factor, float(options["rho_min"])), float(options["rho_max"]))
 
 
 def _anderson(history, current, lengths, controls) -> Optional[torch.Tensor]:

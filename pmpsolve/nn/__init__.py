@@ -1,10 +1,15 @@
 """Training networks by the maximum principle (paper section 4, Alg. 3; docs/networks.md).
 
+``EMSA`` (and ``MSA``, ``SQH``) are ``torch.optim.Optimizer`` s for a ``torch.nn.Sequential``
+whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x).
+
     >>> import torch, pmpsolve as pmp
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
     ...                             pmp.nn.Residual(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()), 0.5),
     ...                             torch.nn.Linear(8, 2))
+    >>> opt = pmp.nn.EMSA(model)
 """
 from .layers import Residual
+from .optim import EMSA, MSA, SQH
 
-__all__ = ["Residual"]
+__all__ = ["Residual", "EMSA", "MSA", "SQH"]

@@ -1,0 +1,158 @@
+"""The layers' augmented Hamiltonians: the engine's interval objective with layer data.
+
+For layer n with frozen x_n, x_{n+1} = g_n(x_n, theta^k), p_{n+1} and
+p_n = grad_x H_n(x_n, p_{n+1}, theta^k) (paper Alg. 3, discrete eq. (7)):
+
+    Htilde_n(theta) = p_{n+1} . g_n(x_n, theta) - L_n(theta)
+                      - rho/2 |x_{n+1} - g_n(x_n, theta)|^2
+                      - rho/2 |p_n - grad_x H_n(x_n, p_{n+1}, theta)|^2
+                      - eps |theta - theta^k|^2                      (SQH)
+
+Sums run over the mini-batch, and p is the co-state of the batch-mean loss: the
+convention of the paper's reference code (its rho 0.03 at batch 128 means this).
+L_n(theta) = weight_decay/2 |theta|^2 plus the layer's ``penalties`` (pmp.L1 / L0,
+handled exactly by the maximisers, as for control problems).
+
+``LayerHamiltonian`` implements ``maximisers.IntervalObjective``: rows are the layers
+of a ``LayerGroup`` (u [G, m], their flattened parameters), every lengths h_n = 1, and
+one evaluation serves all rows through ``torch.func.vmap``. So the engine's maximisers
+(projected L-BFGS, proximal gradient, ...) run on it unchanged.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch.func import grad_and_value, jvp, vjp, vmap
+
+from .groups import LayerGroup
+
+__all__ = ["LayerData", "LayerHamiltonian", "layer_data"]
+
+
+class LayerData(NamedTuple):
+    """The frozen data of a group's G layers (what ``IntervalData`` is for mesh intervals).
+
+    inputs x_n, outputs x_{n+1}, costates p_{n+1}, input_costates p_n: [G, B, ...];
+    controls theta^k [G, m]; lengths: ones [G] (a layer is one time step: no interval length).
+    """
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    costates: torch.Tensor
+    input_costates: torch.Tensor
+    controls: torch.Tensor
+    lengths: torch.Tensor
+
+
+class LayerHamiltonian:
+    """Htilde of every layer in a group, to be maximised over theta [G, m]; see the module docstring.
+
+    Args:
+        group: the layers (``LayerGroup``).
+        data: their frozen ``LayerData``.
+        rho: the E-MSA weight of the feasibility terms (0: basic MSA, the costate term is skipped).
+        eps: the SQH proximity weight.
+        weight_decay: L_n(theta) = weight_decay/2 |theta|^2.
+        reduce: sums over samples made global (``SampleReducer.total``-like; identity in one process).
+    """
+
+    def __init__(self, group: LayerGroup, data: LayerData, rho: float = 0.0, eps: float = 0.0,
+                 weight_decay: float = 0.0, reduce=None):
+        self.group, self.data = group, data
+        self.rho, self.eps, self.weight_decay = float(rho), float(eps), float(weight_decay)
+        self.penalty = group.penalty
+        self._reduce = reduce
+
+    # -- one layer -------------------------------------------------------------------------
+    def _layer(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.group.call(theta, x)
+
+    def _row(self, theta, x, y, p, p_in, theta_k):
+        """Htilde of one layer at theta [m] (a 0-d tensor); x, y, p, p_in: [B, ...]."""
+        if self.rho > 0:
+            out, pullback = vjp(lambda x_: self._layer(theta, x_), x)
+            (grad_x,) = pullback(p)  # grad_x H_n(x_n, p_{n+1}, theta)
+            feasibility = ((y - out) ** 2).sum() + ((p_in - grad_x) ** 2).sum()
+        else:
+            out = self._layer(theta, x)
+            feasibility = out.new_zeros(())
+        value = (p * out).sum() - 0.5 * self.rho * feasibility
+        if self.weight_decay:
+            value = value - 0.5 * self.weight_decay * (theta * theta).sum()
+        if self.eps:
+            value = value - self.eps * ((theta - theta_k) ** 2).sum()
+        return value
+
+    def _rows(self, fn, u: torch.Tensor, *extra):
+        """Apply fn(theta, x, y, p, p_in, theta_k, *extra) to every row: vmap, or directly for an unbatched group."""
+        d = self.data
+        args = (u, d.inputs, d.outputs, d.costates, d.input_costates, d.controls) + extra
+        if self.group.batched:
+            return vmap(fn)(*args)
+        out = fn(*(a[0] for a in args))
+        return tuple(o.unsqueeze(0) for o in out) if isinstance(out, tuple) else out.unsqueeze(0)
+
+    def _total(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._reduce is None else self._reduce(t)
+
+    # -- IntervalObjective -----------------------------------------------------------------
+    def smooth(self, u: torch.Tensor) -> torch.Tensor:
+        """Htilde of every row without the L1 / L0 penalty [G] (differentiable in u)."""
+        return self._total(self._rows(self._row, u))
+
+    def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        grads, values = self._rows(grad_and_value(self._row), u.detach())
+        if self._reduce is not None:  # one fused buffer: value and gradient together
+            fused = self._reduce(torch.cat([values[:, None], grads], dim=1))
+            values, grads = fused[:, 0], fused[:, 1:]
+        return values.detach(), grads.detach()
+
+    def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """d' (-Hessian of ``smooth``) d per row [G]."""
+        def row_curvature(theta, x, y, p, p_in, theta_k, direction):
+            def gradient(t):
+                return grad_and_value(self._row)(t, x, y, p, p_in, theta_k)[0]
+            _, hd = jvp(gradient, (theta,), (direction,))
+            return -(direction * hd).sum()
+        return self._total(self._rows(row_curvature, u.detach(), d.detach())).detach()
+
+    def penalty_value(self, u: torch.Tensor) -> torch.Tensor:
+        if self.penalty is None:
+            return u.new_zeros(u.shape[:-1])
+        return self.penalty.value(u)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.smooth(u) - self.penalty_value(u)
+
+    def candidates(self, U: torch.Tensor) -> torch.Tensor:
+        """The total objective of C candidate rows U [C, G, m] -> [C, G] (detached)."""
+        with torch.no_grad():
+            return torch.stack([self(u) for u in U])
+
+    def hamiltonian(self, u: torch.Tensor) -> torch.Tensor:
+        """The plain Hamiltonian p_{n+1} . g_n(x_n, theta) - L_n(theta) of every row [G] (rho = eps = 0)."""
+        plain = LayerHamiltonian(self.group, self.data, 0.0, 0.0, self.weight_decay, self._reduce)
+        with torch.no_grad():
+            return plain(u)
+
+
+def layer_data(group: LayerGroup, records, controls: torch.Tensor, need_input_costates: bool) -> LayerData:
+    """Stack the records of a group's layers into ``LayerData``; p_n from one batched vjp at theta^k."""
+    x = torch.stack([records[n].inputs for n in group.indices])
+    y = torch.stack([records[n].outputs for n in group.indices])
+    p = torch.stack([records[n].costates for n in group.indices])
+    lengths = torch.ones(group.rows, dtype=controls.dtype, device=controls.device)
+    if not need_input_costates:
+        return LayerData(x, y, p, torch.zeros_like(x), controls, lengths)
+
+    def input_costate(theta, x_, p_):
+        _, pullback = vjp(lambda z: group.call(theta, z), x_)
+        return pullback(p_)[0]
+
+    with torch.no_grad():
+        if group.batched:
+            p_in = vmap(input_costate)(controls, x, p)
+        else:
+            p_in = input_costate(controls[0], x[0], p[0]).unsqueeze(0)
+    return LayerData(x, y, p, p_in, controls, lengths)

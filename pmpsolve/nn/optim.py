@@ -1,0 +1,294 @@
+"""``pmp.nn.EMSA``: training a network by the maximum principle, as a ``torch.optim.Optimizer``.
+
+One ``step(closure)`` is one iteration of the paper's Alg. 3 on the closure's
+(mini-)batch:
+
+1. the closure's forward pass records every layer's input x_n and output x_{n+1};
+2. its ``loss.backward()`` gives the co-states p_{n+1} = -d loss / d x_{n+1} (hooks);
+3. every layer's augmented Hamiltonian (``hamiltonian.LayerHamiltonian``) is maximised
+   with x_n, p_{n+1} frozen, layers of equal shapes as the rows of one batched
+   maximisation, by the control-problem engine's maximisers (``HamiltonianMaximiser``);
+4. with an adaptive rule (``rho=None``, or ``method="sqh"``) the closure is evaluated
+   again at the new parameters and the step is kept only if J = loss + sum_n L_n
+   decreased enough; otherwise the weight grows and step 3 is redone from the same data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+
+from ..controls import ControlSet
+from ..maximisers import HamiltonianMaximiser
+from ..penalties import ControlPenalty
+from ..rules import SQH as _SQHRule
+from ..rules import ExtendedMSA as _EMSARule
+from ..rules import adapt_rho
+from .groups import group_layers
+from .hamiltonian import LayerHamiltonian, layer_data
+from .recording import CostateRecorder
+
+__all__ = ["EMSA", "MSA", "SQH"]
+
+METHODS = ("emsa", "msa", "sqh")
+
+
+class EMSA(torch.optim.Optimizer):
+    """Train a ``torch.nn.Sequential`` by the (extended) method of successive approximations.
+
+    The entries of the Sequential are the layers x_{n+1} = g_n(x_n, theta_n); entries
+    without parameters (activations, pooling, flatten) are layers with nothing to maximise.
+
+    Args:
+        model: a ``torch.nn.Sequential`` (its entries may be any modules, e.g.
+            ``pmp.nn.Residual``); each entry runs once per forward pass.
+        rho: the E-MSA weight of paper eq. (7). None (default): adaptive, starting at
+            1/B for batch size B and adapted by the decrease test (the closure runs again
+            for every trial step). A number: the paper's fixed rho, every step taken, one
+            closure call per step. Convention (the reference code's): p from the batch-mean
+            loss, the feasibility terms summed over the batch.
+        maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
+        perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
+            reference code uses 0.005; needed to leave a symmetric start such as all zeros).
+        controls: ``{parameter name: pmp.Box(low, high) | pmp.Reals()}`` (names as in
+            ``model.named_parameters()``); default: unrestricted.
+        penalties: ``{parameter name: pmp.L1(c) | pmp.L0(c)}``: c |theta|_1 or c |theta|_0
+            added to the loss, handled exactly (soft / hard thresholding).
+        process_group: a ``torch.distributed`` group: each rank's closure is the mean loss of
+            its shard of the batch; sums over samples are all-reduced, parameters stay
+            identical on every rank. None: one process.
+        method: "emsa" (default), "msa" (basic MSA: rho = 0, paper Alg. 1) or "sqh" (the
+            sequential quadratic Hamiltonian method: eps |theta - theta^k|^2 with adaptive eps).
+        weight_decay: L_n(theta) = weight_decay/2 |theta|^2 for every parameter (the reference
+            code's ``reg``). Put parameter costs here or in ``penalties``, not in the closure's
+            loss: the Hamiltonian sees the loss only through the layers' outputs.
+        seed: seed of the generator of the ``perturb`` noise.
+        max_trials: maximisations per step with an adaptive rule before the step gives up
+            (parameters unchanged, the weight grown).
+
+    Example (full batch; the closure is the one ``torch.optim.LBFGS`` takes):
+
+        >>> import torch, pmpsolve as pmp
+        >>> torch.manual_seed(0) and None
+        >>> x = torch.randn(64, 2); y = (x[:, 0] * x[:, 1] > 0).long()
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+        ...     pmp.nn.Residual(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()), 0.5),
+        ...     torch.nn.Linear(16, 2))
+        >>> opt = pmp.nn.EMSA(model)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = float(opt.step(closure))
+        >>> for _ in range(20):
+        ...     last = float(opt.step(closure))
+        >>> last < first
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, rho: Optional[float] = None, maximiser_iter: int = 10,
+                 perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
+                 penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None, *,
+                 method: str = "emsa", weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10):
+        if not isinstance(model, torch.nn.Sequential):
+            raise TypeError(
+                f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
+                f"x_(n+1) = g_n(x_n, theta_n), got {type(model).__name__}. Write the model as "
+                "torch.nn.Sequential(layer_0, ..., layer_(N-1)) (pmp.nn.Residual for residual layers)")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
+        if rho is not None:
+            try:
+                rho = float(rho)
+            except (TypeError, ValueError):
+                raise TypeError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}") from None
+            if not (math.isfinite(rho) and rho >= 0):
+                raise ValueError(f"`rho` must be a finite number >= 0 or None (adaptive), got {rho!r}")
+        if int(maximiser_iter) < 1:
+            raise ValueError(f"`maximiser_iter` must be >= 1, got {maximiser_iter!r}")
+        if not (float(perturb) >= 0):
+            raise ValueError(f"`perturb` must be >= 0 (a half-width), got {perturb!r}")
+        if not (float(weight_decay) >= 0):
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
+        if int(max_trials) < 1:
+            raise ValueError(f"`max_trials` must be >= 1, got {max_trials!r}")
+        seen = set()
+        for n, module in enumerate(model):
+            if id(module) in seen:
+                raise ValueError(f"pmp.nn: entry {n} of the Sequential is a module that appears twice; every layer "
+                                 "must be its own module (shared weights are not a layer-wise control)")
+            seen.add(id(module))
+        self._layers: Dict[int, torch.nn.Module] = {
+            n: module for n, module in enumerate(model) if any(p.requires_grad for p in module.parameters())}
+        if not self._layers:
+            raise ValueError("pmp.nn: the model has no trainable parameters")
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        controls, penalties = dict(controls or {}), dict(penalties or {})
+        for what, table, kind in (("controls", controls, ControlSet), ("penalties", penalties, ControlPenalty)):
+            unknown = sorted(set(table) - names)
+            if unknown:
+                raise ValueError(f"pmp.nn: {what} names {unknown}, not trainable parameters of the model; "
+                                 f"its parameters are e.g. {sorted(names)[:6]}")
+            bad = {k: v for k, v in table.items() if not isinstance(v, kind)}
+            if bad:
+                raise TypeError(f"pmp.nn: {what} values must be {kind.__name__} objects "
+                                f"({'pmp.Box / pmp.Reals' if kind is ControlSet else 'pmp.L1 / pmp.L0'}), got {bad}")
+        if process_group is not None:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("process_group given but torch.distributed is not initialised: call "
+                                   "torch.distributed.init_process_group first (or launch with torchrun)")
+        self._controls, self._penalties = controls, penalties
+        self._group = process_group
+        self.method = method
+        defaults = dict(rho=rho, maximiser_iter=int(maximiser_iter), perturb=float(perturb),
+                        weight_decay=float(weight_decay), max_trials=int(max_trials),
+                        current_rho=None if method == "msa" else rho, current_eps=None)
+        params = [p for module in self._layers.values() for p in module.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        if method == "msa":
+            self.param_groups[0]["current_rho"] = 0.0
+        self._recorder = CostateRecorder(self._layers)
+        self._generator = torch.Generator().manual_seed(int(seed))
+        #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
+        self.last_step: Dict[str, object] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _world(self) -> int:
+        if self._group is None:
+            return 1
+        import torch.distributed as dist
+        return dist.get_world_size(self._group)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        t = t.clone()
+        dist.all_reduce(t, group=self._group)
+        return t
+
+    def _global_loss(self, loss: torch.Tensor, batch: int) -> float:
+        """The batch-mean loss over all ranks (weighted by each rank's batch size)."""
+        loss = loss.detach().reshape(())
+        if self._group is None:
+            return float(loss)
+        buf = torch.stack([loss * batch, torch.as_tensor(float(batch), dtype=loss.dtype, device=loss.device)])
+        buf = self._all_reduce(buf)
+        return float(buf[0] / buf[1])
+
+    def _parameter_cost(self, groups, rows) -> float:
+        """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
+        wd = self.param_groups[0]["weight_decay"]
+        total = 0.0
+        for group, u in zip(groups, rows):
+            if wd:
+                total += float(0.5 * wd * (u * u).sum())
+            if group.penalty is not None:
+                total += float(group.penalty.value(u).sum())
+        return total
+
+    def _evaluate(self, closure: Callable) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the closure must return the loss tensor, got {type(loss).__name__}")
+        return loss
+
+    # -- the iteration ---------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        """One MSA iteration on the closure's batch; returns the loss before the step (as LBFGS does)."""
+        if closure is None:
+            raise TypeError(f"pmp.nn.{type(self).__name__}.step needs a closure (like torch.optim.LBFGS): "
+                            "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); "
+                            "return loss")
+        settings = self.param_groups[0]
+        with self._recorder.recording():
+            loss = self._evaluate(closure)
+        records = self._recorder.records(list(self._layers))
+        first = records[next(iter(self._layers))]
+        batch = int(first.inputs.shape[0]) if first.inputs.ndim else 1
+        loss_value = self._global_loss(loss, batch)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
+        world = self._world()
+        global_batch = batch
+        if self._group is not None:
+            global_batch = int(self._all_reduce(torch.tensor(float(batch), dtype=torch.float64)))
+        groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
+                              self._penalties)
+        if self._group is not None and global_batch != batch:
+            # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
+            scale = batch / global_batch
+            records = {n: r._replace(costates=r.costates * scale) for n, r in records.items()}
+        old = [g.parameters() for g in groups]
+        adaptive_rho = self.method == "emsa" and settings["rho"] is None
+        if adaptive_rho and settings["current_rho"] is None:
+            # rho acts on sums over the batch while p is the co-state of the batch mean: start at 1/B.
+            settings["current_rho"] = float(_EMSARule.defaults["rho0"]) / global_batch
+        if self.method == "sqh" and settings["current_eps"] is None:
+            settings["current_eps"] = float(_SQHRule.defaults["eps0"])
+        rho = settings["current_rho"] or 0.0
+        need_p_in = self.method == "emsa"
+        datas = [layer_data(g, records, u, need_p_in) for g, u in zip(groups, old)]
+        reduce = None if self._group is None else self._all_reduce
+        # Parameter terms are added on every rank and then summed: each rank adds 1/R of them.
+        wd = settings["weight_decay"] / world
+        J0 = loss_value + self._parameter_cost(groups, old)
+        adaptive = adaptive_rho or self.method == "sqh"
+        info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": False}
+        for trial in range(1, settings["max_trials"] + 1):
+            eps = settings["current_eps"] or 0.0
+            objectives = [LayerHamiltonian(g, d, rho, eps / world, wd, reduce) for g, d in zip(groups, datas)]
+            new = []
+            for g, objective in zip(groups, objectives):
+                maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
+                                                 perturb=settings["perturb"], method="lbfgs")
+                new.append(maximiser.maximise(objective, self._generator).controls)
+            for g, u in zip(groups, new):
+                g.assign(u)
+            info.update(trials=trial, rho=rho, eps=eps)
+            if not adaptive:
+                info["accepted"] = True
+                break
+            gain = sum(float((o.hamiltonian(u) - o.hamiltonian(u0)).sum()) for o, u, u0 in zip(objectives, new, old))
+            J1 = self._global_loss(self._evaluate(closure), batch) + self._parameter_cost(groups, new)
+            info.update(gain=gain, J_new=J1)
+            if self.method == "emsa":
+                o = _EMSARule.defaults
+                accept = J1 <= J0 - float(o["eta"]) * max(gain, 0.0) and J1 < J0
+                rho = adapt_rho(rho, accept, J0 - J1, gain, o)
+                settings["current_rho"] = rho
+            else:
+                o = _SQHRule.defaults
+                step = sum(float(((u - u0) ** 2).sum()) for u, u0 in zip(new, old))
+                accept = J1 - J0 <= -float(o["eta"]) * step and J1 <= J0
+                factor = float(o["zeta"]) if accept else float(o["sigma"])
+                settings["current_eps"] = min(max(eps * factor, float(o["eps_min"])), float(o["eps_max"]))
+            if accept:
+                info["accepted"] = True
+                break
+            for g, u in zip(groups, old):
+                g.assign(u)
+        self.last_step = info
+        return loss
+
+
+class MSA(EMSA):
+    """Basic MSA (paper Alg. 1) for networks: ``EMSA(model, method="msa")``, rho = 0, no safeguard.
+
+    Basic MSA maximises the plain Hamiltonian; a layer whose Hamiltonian is linear in its
+    parameters is unbounded without a bound (``controls``) or ``weight_decay``.
+    """
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        kwargs.pop("method", None)
+        super().__init__(model, **kwargs, method="msa")
+
+
+class SQH(EMSA):
+    """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps): ``EMSA(model, method="sqh")``."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        kwargs.pop("method", None)
+        super().__init__(model, **kwargs, method="sqh")
