@@ -19,7 +19,8 @@ whose entries are the layers x_{n+1} = g_n(x_n, theta_n) that ``pmp.nn.EMSA`` wo
 parameterless entries (Tanh, pooling, the channel mean, Flatten) are layers with nothing
 to maximise. Its default (8 channels, 2 residual layers, average pooling) trains on
 2 CPU cores in minutes. The loss is ``cross_entropy`` (softmax cross-entropy, mean over
-the batch). The regulariser of the reference code is not part of the model.
+the batch). The reference code's regulariser is not part of the model: the study gives
+it to every optimizer as its weight decay (``--reg``, ``pmp.nn.EMSA(weight_decay=...)``).
 
     >>> net = residual_cnn(channels=5, residual_layers=2, channel_mean=True)   # the reference code's
     >>> net(torch.zeros(3, 1, 28, 28)).shape

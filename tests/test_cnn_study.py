@@ -19,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("sklearn", reason="the 8x8 digits need scikit-learn (pip install 'pmpsolve[data]')")
 
 
-@pytest.fixture
-def emsa(monkeypatch):
-    """The study's E-MSA factory; until pmp.nn.EMSA exists, an L-BFGS stand-in with the same call."""
-    if not hasattr(pmp.nn, "EMSA"):
-        def standin(model, *, rho, maximiser_iter):
-            return torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=maximiser_iter,
-                                     line_search_fn="strong_wolfe")
-
-        monkeypatch.setattr(study, "make_emsa", standin)
-
-
 # ---------------------------------------------------------------- data
 
 def test_digits8x8_shapes_range_labels_and_seeded_shuffle():
@@ -168,7 +157,7 @@ def test_network_is_one_flat_sequential_of_layers():
 
 # ---------------------------------------------------------------- the study
 
-def test_quick_study_writes_results_figures_and_a_table(tmp_path, emsa, capsys):
+def test_quick_study_writes_results_figures_and_a_table(tmp_path, capsys):
     results = study.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["dataset"] == "digits8x8" and saved["config"]["iterations_per_epoch"] == 11
@@ -224,8 +213,10 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_as_if_never_sto
     assert refused.value.code == 2
 
 
-def test_tune_gives_every_method_the_same_grid_size_and_budget(tmp_path, emsa):
-    results = study.main(["--quick", "--tune", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
+def test_tune_gives_every_method_the_same_grid_size_and_budget(tmp_path):
+    # Batches of 512: 2 iterations per tuning run, 5 values per method.
+    results = study.main(["--quick", "--tune", "--epochs", "1", "--batch-size", "512", "--out", str(tmp_path),
+                          "--no-progress"])
     tuning = results["config"]["tuning"]
     assert set(tuning) == set(study.METHODS)
     assert len({len(t["grid"]) for t in tuning.values()}) == 1

@@ -43,6 +43,7 @@ CONFIGS = {
     "default": dict(dataset="mnist5k", epochs=5, channels=8, residual_layers=2, learning_rates=LEARNING_RATES),
 }
 RHO = 0.03  # the reference code's
+REG = 0.001  # the reference code's L2 weight: reg/2 |theta_n|^2 per layer, for every method
 # --tune: one coarse log grid per kind of setting, of the same size for every method (a fair search).
 LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 RHO_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -50,24 +51,25 @@ EVAL_TRAIN = 2000  # training images evaluated at each evaluation (a fixed subse
 EVALS_PER_EPOCH = 4  # evaluations per epoch when --eval-every is not given (and one at each epoch's end)
 
 
-def make_emsa(model: torch.nn.Sequential, *, rho: Optional[float], maximiser_iter: int) -> torch.optim.Optimizer:
-    """The E-MSA optimizer of the study (one place, so a test can put another in its stead)."""
-    EMSA = getattr(pmp.nn, "EMSA", None)
-    if EMSA is None:
-        raise RuntimeError("this version of pmpsolve has no pmp.nn.EMSA yet; run the baselines only "
-                           "(--methods sgd adagrad adam)")
-    return EMSA(model, rho=rho, maximiser_iter=maximiser_iter, perturb=0.0)
+def make_emsa(model: torch.nn.Sequential, *, rho: Optional[float], maximiser_iter: int,
+              weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The E-MSA optimizer of the study: pmp.nn.EMSA without start perturbation (the reference code's)."""
+    return pmp.nn.EMSA(model, rho=rho, maximiser_iter=maximiser_iter, perturb=0.0, weight_decay=weight_decay)
 
 
 def make_optimizer(method: str, model: torch.nn.Sequential, value: Optional[float], *,
-                   maximiser_iter: int = 10) -> torch.optim.Optimizer:
-    """E-MSA with rho = ``value`` (None: EMSA's adaptive rule), or a baseline with learning rate ``value``."""
+                   maximiser_iter: int = 10, reg: float = 0.0) -> torch.optim.Optimizer:
+    """E-MSA with rho = ``value`` (None: EMSA's adaptive rule), or a baseline with learning rate ``value``.
+
+    ``reg``: every method minimises loss + reg/2 |theta|^2 (EMSA's ``weight_decay``; the baselines'
+    L2 ``weight_decay``, which adds reg * theta to the gradient: the same objective).
+    """
     if method == "emsa":
-        return make_emsa(model, rho=value, maximiser_iter=maximiser_iter)
+        return make_emsa(model, rho=value, maximiser_iter=maximiser_iter, weight_decay=reg)
     baselines = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
     if method not in baselines:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return baselines[method](model.parameters(), lr=value)
+    return baselines[method](model.parameters(), lr=value, weight_decay=reg)
 
 
 @torch.no_grad()
@@ -129,7 +131,7 @@ def _load_checkpoint(path: Optional[Path], record: Optional[Dict], model, optimi
 
 def train_run(method: str, value: Optional[float], data: datasets.ImageData, build: Callable[[], torch.nn.Module],
               *, epochs: int, batch_size: int, seed: int, eval_every: int, maximiser_iter: int = 10,
-              progress: bool = False, desc: str = "", on_epoch: Optional[Callable] = None,
+              reg: float = 0.0, progress: bool = False, desc: str = "", on_epoch: Optional[Callable] = None,
               checkpoint: Optional[Path] = None, previous: Optional[Dict] = None) -> Dict:
     """Train ``build()`` by ``method`` for ``epochs`` epochs of mini-batches; return the run's record.
 
@@ -142,7 +144,7 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
     incomplete earlier run whose checkpoint is continued.
     """
     model = build()
-    optimizer = make_optimizer(method, model, value, maximiser_iter=maximiser_iter)
+    optimizer = make_optimizer(method, model, value, maximiser_iter=maximiser_iter, reg=reg)
     n = data.train_labels.shape[0]
     batches = max(1, n // batch_size)  # the last incomplete batch is dropped: every step sees batch_size images
     device = data.train_images.device
@@ -187,11 +189,15 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
                     return loss
 
                 start = time.perf_counter()
-                if method == "emsa":
-                    optimizer.step(closure)
-                else:
-                    closure()
-                    optimizer.step()
+                try:
+                    if method == "emsa":
+                        optimizer.step(closure)
+                    else:
+                        closure()
+                        optimizer.step()
+                except FloatingPointError:  # EMSA refuses a non-finite loss: the run diverged
+                    if not first:
+                        raise
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed += time.perf_counter() - start
@@ -235,7 +241,7 @@ def study_settings(*, size: str = "default", dataset: Optional[str] = None, data
                    epochs: Optional[int] = None, batch_size: int = 128, seed: int = 0,
                    channels: Optional[int] = None, residual_layers: Optional[int] = None, pooling: str = "avg",
                    channel_mean: bool = False, rho: Optional[float] = RHO, learning_rates: Optional[Dict] = None,
-                   maximiser_iter: int = 10, eval_every: Optional[int] = None, tune: bool = False,
+                   maximiser_iter: int = 10, reg: float = REG, eval_every: Optional[int] = None, tune: bool = False,
                    tune_epochs: int = 1, device=None) -> Dict:
     """The settings a results file records under "config"; ``--resume`` loads runs only when they are the same.
 
@@ -251,10 +257,11 @@ def study_settings(*, size: str = "default", dataset: Optional[str] = None, data
     idx = config["dataset"] in ("mnist", "fashion")
     config.update(size=size, data_dir=str(Path(data_dir).expanduser().resolve()) if idx and data_dir else None,
                   batch_size=batch_size, seed=seed, pooling=pooling, channel_mean=channel_mean, delta=0.5,
-                  rho=rho, learning_rates=rates, maximiser_iter=maximiser_iter, perturb=0.0,
+                  rho=rho, learning_rates=rates, maximiser_iter=maximiser_iter, perturb=0.0, reg=reg,
                   eval_every=eval_every if eval_every is not None else "auto", eval_train=EVAL_TRAIN,
                   tune=tune, tune_epochs=tune_epochs, lr_grid=list(LR_GRID), rho_grid=list(RHO_GRID),
-                  dtype="float32", device=str(device), loss="softmax cross-entropy (mean over the batch)")
+                  dtype="float32", device=str(device), loss="softmax cross-entropy, mean over the batch (the recorded losses; "
+                       "each method minimises it plus reg/2 |theta|^2)")
     return config
 
 
@@ -313,7 +320,7 @@ def run_study(*, methods: Sequence[str] = METHODS, progress: bool = True, result
             cli.write_json(results_path, results)
 
     common = dict(batch_size=config["batch_size"], seed=config["seed"], maximiser_iter=config["maximiser_iter"],
-                  progress=progress)
+                  reg=config["reg"], progress=progress)
     loaded = 0
     try:
         if config["tune"]:
@@ -512,6 +519,9 @@ def main(argv=None) -> Dict:
                         help="which methods (default: all four)")
     parser.add_argument("--rho", type=_rho, default=RHO,
                         help=f"E-MSA's rho (default {RHO:g}, the reference code's; 'auto': pmp.nn.EMSA's adaptive rule)")
+    parser.add_argument("--reg", type=cli.nonnegative_float, default=REG,
+                        help=f"L2 weight of every method, reg/2 |theta|^2 (default {REG:g}, the reference code's; "
+                             "0: off); E-MSA's weight_decay, the baselines' weight_decay")
     parser.add_argument("--maximiser-iter", type=cli.positive_int, default=10,
                         help="E-MSA's iterations per Hamiltonian maximisation (default 10)")
     quick_rates = CONFIGS["quick"]["learning_rates"]
@@ -531,8 +541,8 @@ def main(argv=None) -> Dict:
                         help="a smoke test: the 8x8 digits, 8 channels, 1 residual layer, 3 epochs, larger learning rates")
     parser.add_argument("--device", type=cli.device, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
-                        help="torch CPU threads (default: torch's; 1 is much faster on a loaded machine, "
-                             "where threads wait for each other)")
+                        help="torch CPU threads (default: torch's, --quick 1; 1 is much faster on a busy "
+                             "machine, where threads wait for each other)")
     parser.add_argument("--no-progress", action="store_true")
     cli.add_resume_option(parser)
     args = parser.parse_args(argv)
@@ -540,7 +550,7 @@ def main(argv=None) -> Dict:
                    batch_size=args.batch_size, seed=args.seed, channels=args.channels,
                    residual_layers=args.residual_layers, pooling=args.pooling, channel_mean=args.channel_mean,
                    rho=args.rho, learning_rates={m: getattr(args, f"lr_{m}") for m in LEARNING_RATES},
-                   maximiser_iter=args.maximiser_iter, eval_every=args.eval_every, tune=args.tune,
+                   maximiser_iter=args.maximiser_iter, reg=args.reg, eval_every=args.eval_every, tune=args.tune,
                    tune_epochs=args.tune_epochs, device=args.device)
     settings = study_settings(**options)
     if args.data_dir is not None and settings["dataset"] not in ("mnist", "fashion"):
@@ -549,11 +559,14 @@ def main(argv=None) -> Dict:
         data = datasets.load(settings["dataset"], data_dir=args.data_dir, seed=args.seed)
     except (datasets.MissingDependency, datasets.DataNotFound, ValueError) as err:
         parser.error(f"--dataset {settings['dataset']}: {err}")
+    # --quick on one thread: its tiny network gains nothing from two, and two threads that wait for each
+    # other on a busy machine made an E-MSA step 15x slower (measured: docs/networks.md).
+    threads = args.threads if args.threads is not None else (1 if args.size == "quick" else None)
     path = args.out / "results.json"
     previous = cli.load_previous(parser, path, settings, key="config") if args.resume else None
     try:
         results = run_study(methods=args.methods, progress=not args.no_progress, results_path=path,
-                            previous=previous, data=data, threads=args.threads, **options)
+                            previous=previous, data=data, threads=threads, **options)
     except cli.Interrupted as stop:
         done = sum(1 for r in stop.results["runs"] if r.get("complete"))
         try:
