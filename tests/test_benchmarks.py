@@ -71,3 +71,11 @@ def test_bench_maximisers_closed_form_agrees_with_iterative(tmp_path):
     assert {r["problem"] for r in rows} >= {"lqr", "catalyst", "vanderpol", "rayleigh"}
     for r in rows:
         assert r["max_control_difference"] < 1e-6, r
+
+
+def test_bench_gpu_reports_a_missing_gpu_or_compares_both_devices(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full comparison is too long for the suite")
+    load("bench_gpu").main(["--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert data["cuda"] is False and "no CUDA device" in data["message"]

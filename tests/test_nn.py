@@ -1,4 +1,5 @@
 """pmp.nn: training networks by the maximum principle (paper Alg. 3), checked against autograd and torch.optim."""
+import copy
 import math
 
 import pytest
@@ -191,6 +192,36 @@ def test_bad_input_gets_clear_errors():
     x, y = data()
     with pytest.raises(RuntimeError, match="backward"):
         opt.step(lambda: F.cross_entropy(model(x), y))
-    finite = pmp.nn.EMSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])})
-    with pytest.raises(NotImplementedError, match="closed form"):
-        finite.step(closure_for(finite, model, x, y))
+    with pytest.raises(ValueError, match="outside its set"):
+        pmp.nn.EMSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])}, discrete=pmp.nn.DiscreteRule(init="keep"))
+
+
+def test_state_dict_round_trip_continues_the_adaptive_rho():
+    x, y = data()
+    model = small_net()
+    opt = pmp.nn.EMSA(model)
+    closure = closure_for(opt, model, x, y)
+    for _ in range(3):
+        opt.step(closure)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    opt.step(closure)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    clone = small_net(seed=5)
+    clone.load_state_dict(saved_model)
+    opt2 = pmp.nn.EMSA(clone)
+    opt2.load_state_dict(saved_opt)
+    opt2.step(closure_for(opt2, clone, x, y))
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in clone.parameters()]), after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_steps_match_the_cpu():
+    x, y = data()
+    results = []
+    for device in ("cpu", "cuda"):
+        model = small_net().to(device)
+        opt = pmp.nn.EMSA(model, rho=0.05)
+        for _ in range(2):
+            opt.step(closure_for(opt, model, x.to(device), y.to(device)))
+        results.append(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], rtol=1e-8, atol=1e-10)

@@ -1,7 +1,9 @@
 """Training networks by the maximum principle (paper section 4, Alg. 3; docs/networks.md).
 
 ``EMSA`` (and ``MSA``, ``SQH``) are ``torch.optim.Optimizer`` s for a ``torch.nn.Sequential``
-whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x).
+whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x). ``DiscreteRule`` sets the
+discrete-weight rule of parameters with a ``pmp.Finite`` set; ``StraightThrough`` and
+``MagnitudePruning`` are the baselines for discrete and sparse weights (docs/discrete.md).
 
     >>> import torch, pmpsolve as pmp
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
@@ -9,7 +11,9 @@ whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x
     ...                             torch.nn.Linear(8, 2))
     >>> opt = pmp.nn.EMSA(model)
 """
+from .baselines import MagnitudePruning, StraightThrough
+from .discrete import DiscreteRule
 from .layers import Residual
 from .optim import EMSA, MSA, SQH
 
-__all__ = ["Residual", "EMSA", "MSA", "SQH"]
+__all__ = ["Residual", "EMSA", "MSA", "SQH", "DiscreteRule", "StraightThrough", "MagnitudePruning"]

@@ -10,7 +10,7 @@ unchanged. A layer with buffers (batch norm) is a group of its own.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -124,9 +124,9 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
                                  f"every weight), got shape {tuple(lo_t.shape)}")
             lo, hi = float(lo_t), float(hi_t)
         elif isinstance(s, Finite):
-            raise NotImplementedError(
-                f"pmp.nn: finite weight sets ({s!r} for {full!r}: binary / ternary weights) need the per-weight "
-                "closed form of the discrete-weight MSA, not built yet; boxes (pmp.Box) and R (pmp.Reals) work")
+            # finite-set parameters are updated by the discrete-weight rule (discrete.py), never as rows here
+            raise ValueError(f"pmp.nn: parameter {full!r} has a finite set {s!r} and cannot be a row of a "
+                             "continuous maximisation; pass it in `exclude` of group_layers")
         else:
             raise TypeError(f"pmp.nn: parameter {full!r}: unsupported control set {s!r} (use pmp.Box or pmp.Reals)")
         lows.append(torch.full((p.numel(),), lo, dtype=torch.float64))
@@ -148,27 +148,35 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
 
 
 def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, torch.Tensor],
-                 controls: Mapping[str, ControlSet], penalties: Mapping[str, ControlPenalty]) -> List[LayerGroup]:
+                 controls: Mapping[str, ControlSet], penalties: Mapping[str, ControlPenalty],
+                 exclude: Set[str] = frozenset()) -> List[LayerGroup]:
     """Group the layers (index -> module) that can be maximised as rows of one objective.
 
     Same function of (x, theta): same class, same ``repr`` (hyper-parameters), same parameter
     names, shapes and dtypes, same input shape, same per-parameter control sets and penalties.
+    Parameters named in ``exclude`` (full names: the finite-set weights, updated by their own
+    rule) are not rows; they enter the layer's function at their current values, so a layer
+    with excluded parameters is a group of its own (the template is the layer itself).
     """
     buckets: Dict[tuple, List[int]] = {}
     for n, module in layers.items():
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         prefix = f"{n}."
+        named = [(name, p) for name, p in module.named_parameters()
+                 if p.requires_grad and prefix + name not in exclude]
+        if not named:
+            continue
         options = tuple((name, repr(controls.get(prefix + name)), repr(penalties.get(prefix + name)))
                         for name, _ in named)
         key = (type(module), repr(module), tuple((name, tuple(p.shape), p.dtype, str(p.device)) for name, p in named),
                tuple(inputs[n].shape), options)
-        if any(True for _ in module.buffers()):
-            key = key + (n,)  # layers with buffers are not batched
+        if any(True for _ in module.buffers()) or any(prefix + name in exclude for name, _ in module.named_parameters()):
+            key = key + (n,)  # layers with buffers or fixed (excluded) parameters are not batched
         buckets.setdefault(key, []).append(n)
     groups = []
     for indices in buckets.values():
         mods = [layers[n] for n in indices]
-        names = [name for name, p in mods[0].named_parameters() if p.requires_grad]
+        prefix = f"{indices[0]}."
+        names = [name for name, p in mods[0].named_parameters() if p.requires_grad and prefix + name not in exclude]
         row_set, penalty = _row_set(mods[0], names, f"{indices[0]}.", controls, penalties)
         groups.append(LayerGroup(indices, mods, names, row_set, penalty))
     return groups

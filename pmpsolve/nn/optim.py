@@ -10,7 +10,17 @@ One ``step(closure)`` is one iteration of the paper's Alg. 3 on the closure's
    maximisation, by the control-problem engine's maximisers (``HamiltonianMaximiser``);
 4. with an adaptive rule (``rho=None``, or ``method="sqh"``) the closure is evaluated
    again at the new parameters and the step is kept only if J = loss + sum_n L_n
-   decreased enough; otherwise the weight grows and step 3 is redone from the same data.
+   decreased enough; otherwise the weight grows and step 3 is redone from the same data;
+5. parameters with a finite set (``controls={name: pmp.Finite(...)}``: binary, ternary
+   weights) are updated by Li & Hao's closed form from a moving average of dH/dW
+   (``discrete.py``), every step, from the same frozen data (no decrease test: the
+   reference's rule has none; its safeguard is the threshold rho_k).
+
+Where the augmented Hamiltonian of a layer separates over its parameters (a ``Linear``
+or ``Conv`` layer, rho = 0: ``method="sqh"`` or ``"msa"``, with eps or weight decay > 0)
+the layer is maximised in closed form: the per-parameter quadratic's maximiser passed
+through the penalty's proximal map (hard thresholding for L0, bSQH; soft for L1) and
+the box, checked by one exact evaluation (``separable_maximise``).
 """
 from __future__ import annotations
 
@@ -19,13 +29,14 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
-from ..controls import ControlSet
+from ..controls import Box, ControlSet, Finite, Reals
 from ..maximisers import HamiltonianMaximiser
-from ..penalties import ControlPenalty
+from ..penalties import ControlPenalty, prox_in_box
 from ..rules import SQH as _SQHRule
 from ..rules import ExtendedMSA as _EMSARule
 from ..rules import adapt_rho
-from .groups import group_layers
+from .discrete import DiscreteRule, FiniteWeights
+from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .recording import CostateRecorder
 
@@ -51,10 +62,15 @@ class EMSA(torch.optim.Optimizer):
         maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
             reference code uses 0.005; needed to leave a symmetric start such as all zeros).
-        controls: ``{parameter name: pmp.Box(low, high) | pmp.Reals()}`` (names as in
-            ``model.named_parameters()``); default: unrestricted.
+        controls: ``{parameter name: pmp.Box(low, high) | pmp.Reals() | pmp.Finite(values)}``
+            (names as in ``model.named_parameters()``); default: unrestricted. A ``Finite`` set
+            (e.g. ``pmp.Finite([-1., 1.])`` binary, ``[-1., 0., 1.]`` ternary; its ``shape`` is
+            ignored, every weight takes one of the values) puts the parameter under Li & Hao's
+            discrete-weight rule (see ``discrete``); the weights are put into the set when the
+            optimizer is built (``DiscreteRule.init``).
         penalties: ``{parameter name: pmp.L1(c) | pmp.L0(c)}``: c |theta|_1 or c |theta|_0
-            added to the loss, handled exactly (soft / hard thresholding).
+            added to the loss, handled exactly (soft / hard thresholding; on a finite-set
+            parameter c is the sparsity weight lambda of the ternary rule).
         process_group: a ``torch.distributed`` group: each rank's closure is the mean loss of
             its shard of the batch; sums over samples are all-reduced, parameters stay
             identical on every rank. None: one process.
@@ -66,6 +82,14 @@ class EMSA(torch.optim.Optimizer):
         seed: seed of the generator of the ``perturb`` noise.
         max_trials: maximisations per step with an adaptive rule before the step gives up
             (parameters unchanged, the weight grown).
+        discrete: the ``pmp.nn.DiscreteRule`` of the finite-set parameters (threshold rho, moving
+            average rate and its decay schedule); default ``DiscreteRule()``.
+        adam_lr: None (default): every parameter without a finite set is maximised as above. A
+            number: the parameters without a control set and without a penalty (biases, batch
+            norm) take one Adam step of this learning rate on -H_n instead (the discrete-
+            weight reference code's treatment of its batch-norm parameters, lr 1e-3). With x, p
+            frozen, grad(-H_n) is the closure's loss gradient (paper Prop. 2), so this is Adam on
+            those parameters, with ``weight_decay`` as Adam's L2 term; no second closure call.
 
     Example (full batch; the closure is the one ``torch.optim.LBFGS`` takes):
 
@@ -91,7 +115,8 @@ class EMSA(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, rho: Optional[float] = None, maximiser_iter: int = 10,
                  perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
                  penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None, *,
-                 method: str = "emsa", weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10):
+                 method: str = "emsa", weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10,
+                 discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None):
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(
                 f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
@@ -114,6 +139,10 @@ class EMSA(torch.optim.Optimizer):
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
         if int(max_trials) < 1:
             raise ValueError(f"`max_trials` must be >= 1, got {max_trials!r}")
+        if discrete is not None and not isinstance(discrete, DiscreteRule):
+            raise TypeError(f"`discrete` must be a pmp.nn.DiscreteRule, got {type(discrete).__name__}")
+        if adam_lr is not None and not (math.isfinite(float(adam_lr)) and float(adam_lr) > 0):
+            raise ValueError(f"`adam_lr` must be a number > 0 or None, got {adam_lr!r}")
         seen = set()
         for n, module in enumerate(model):
             if id(module) in seen:
@@ -134,7 +163,12 @@ class EMSA(torch.optim.Optimizer):
             bad = {k: v for k, v in table.items() if not isinstance(v, kind)}
             if bad:
                 raise TypeError(f"pmp.nn: {what} values must be {kind.__name__} objects "
-                                f"({'pmp.Box / pmp.Reals' if kind is ControlSet else 'pmp.L1 / pmp.L0'}), got {bad}")
+                                f"({'pmp.Box / pmp.Reals / pmp.Finite' if kind is ControlSet else 'pmp.L1 / pmp.L0'}), "
+                                f"got {bad}")
+        unsupported = {k: v for k, v in controls.items() if not isinstance(v, (Box, Reals, Finite))}
+        if unsupported:
+            raise TypeError(f"pmp.nn: unsupported control set(s) {unsupported}: a network parameter takes "
+                            "pmp.Box, pmp.Reals or pmp.Finite")
         if process_group is not None:
             import torch.distributed as dist
             if not dist.is_available() or not dist.is_initialized():
@@ -151,6 +185,21 @@ class EMSA(torch.optim.Optimizer):
         if method == "msa":
             self.param_groups[0]["current_rho"] = 0.0
         self._recorder = CostateRecorder(self._layers)
+        named = dict(model.named_parameters())
+        self._named = named
+        finite = {k: v for k, v in controls.items() if isinstance(v, Finite)}
+        self._finite: Optional[FiniteWeights] = None
+        if finite:
+            self._finite = FiniteWeights({k: named[k] for k in finite}, finite, penalties, discrete or DiscreteRule())
+        self._finite_names = frozenset(finite)
+        free = {k: p for k, p in named.items() if p.requires_grad and k not in controls and k not in penalties}
+        self._adam = None
+        self._exclude = self._finite_names
+        if adam_lr is not None and free:
+            self._adam = torch.optim.Adam(list(free.values()), lr=float(adam_lr), weight_decay=float(weight_decay))
+            self._exclude = self._finite_names | frozenset(free)
+        self._refused: set = set()  # groups (their layer indices) whose objective did not separate
+        self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
         self._generator = torch.Generator().manual_seed(int(seed))
         #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
         self.last_step: Dict[str, object] = {}
@@ -188,6 +237,25 @@ class EMSA(torch.optim.Optimizer):
                 total += float(group.penalty.value(u).sum())
         return total
 
+    def decay_average(self) -> Optional[float]:
+        """Decay the finite-set rule's moving-average rate, a <- 1 - (1 - a) d (call once per epoch,
+        as the reference does); returns the new a (None without finite-set parameters)."""
+        return None if self._finite is None else self._finite.decay()
+
+    def _maximise_group(self, g: LayerGroup, objective: LayerHamiltonian, settings) -> torch.Tensor:
+        """The group's new rows: the separable closed form where it holds, else the engine's maximiser."""
+        key = tuple(g.indices)
+        if objective.rho == 0 and key not in self._refused:
+            u = separable_maximise(g, objective)
+            if u is not None:
+                self._routes[key] = "closed-form"
+                return u
+            self._refused.add(key)
+        self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
+        maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
+                                         perturb=settings["perturb"], method="lbfgs")
+        return maximiser.maximise(objective, self._generator).controls
+
     def _evaluate(self, closure: Callable) -> torch.Tensor:
         with torch.enable_grad():
             loss = closure()
@@ -216,11 +284,21 @@ class EMSA(torch.optim.Optimizer):
         if self._group is not None:
             global_batch = int(self._all_reduce(torch.tensor(float(batch), dtype=torch.float64)))
         groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
-                              self._penalties)
+                              self._penalties, self._exclude)
+        scale = batch / global_batch
         if self._group is not None and global_batch != batch:
             # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
-            scale = batch / global_batch
             records = {n: r._replace(costates=r.costates * scale) for n, r in records.items()}
+        finite_grads = None
+        if self._finite is not None:
+            # dH/dW = -d loss/dW (Prop. 2), read now: trial closures below overwrite .grad
+            finite_grads = self._finite.gradients(scale)
+            if self._group is not None:
+                finite_grads = [self._all_reduce(g) for g in finite_grads]
+        adam_grads = None
+        if self._adam is not None:  # grad(-H_n) = d loss / d theta (Prop. 2), kept: trial closures overwrite .grad
+            adam_grads = [None if p.grad is None else p.grad.detach().clone()
+                          for grp in self._adam.param_groups for p in grp["params"]]
         old = [g.parameters() for g in groups]
         adaptive_rho = self.method == "emsa" and settings["rho"] is None
         if adaptive_rho and settings["current_rho"] is None:
@@ -236,18 +314,14 @@ class EMSA(torch.optim.Optimizer):
         wd = settings["weight_decay"] / world
         J0 = loss_value + self._parameter_cost(groups, old)
         adaptive = adaptive_rho or self.method == "sqh"
-        info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": False}
-        for trial in range(1, settings["max_trials"] + 1):
+        info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": not groups}
+        for trial in range(1, (settings["max_trials"] if groups else 0) + 1):
             eps = settings["current_eps"] or 0.0
             objectives = [LayerHamiltonian(g, d, rho, eps / world, wd, reduce) for g, d in zip(groups, datas)]
-            new = []
-            for g, objective in zip(groups, objectives):
-                maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
-                                                 perturb=settings["perturb"], method="lbfgs")
-                new.append(maximiser.maximise(objective, self._generator).controls)
+            new = [self._maximise_group(g, objective, settings) for g, objective in zip(groups, objectives)]
             for g, u in zip(groups, new):
                 g.assign(u)
-            info.update(trials=trial, rho=rho, eps=eps)
+            info.update(trials=trial, rho=rho, eps=eps, routes=dict(self._routes))
             if not adaptive:
                 info["accepted"] = True
                 break
@@ -270,8 +344,31 @@ class EMSA(torch.optim.Optimizer):
                 break
             for g, u in zip(groups, old):
                 g.assign(u)
+        if self._adam is not None:
+            for p, g in zip((p for grp in self._adam.param_groups for p in grp["params"]), adam_grads):
+                p.grad = None if g is None or self._group is None else self._all_reduce(g * scale)
+                if g is not None and self._group is None:
+                    p.grad = g
+            self._adam.step()  # Adam on -H_n of the free parameters (the reference's batch norm), same data
+        if self._finite is not None:
+            info["finite"] = self._finite.step(finite_grads, settings["weight_decay"])
+        sparse = [g for g in groups if g.penalty is not None]
+        if sparse or self._finite is not None:
+            info["nonzero"] = self.nonzero_fraction()
         self.last_step = info
         return loss
+
+    def nonzero_fraction(self) -> float:
+        """The fraction of non-zero weights among the parameters with a penalty or a finite set."""
+        names = set(self._penalties) | set(self._finite_names)
+        if not names:
+            return 1.0
+        count, total = 0, 0
+        for name, p in self._named.items():
+            if name in names:
+                count += int((p.detach() != 0).sum())
+                total += p.numel()
+        return count / max(total, 1)
 
 
 class MSA(EMSA):
@@ -292,3 +389,37 @@ class SQH(EMSA):
     def __init__(self, model: torch.nn.Module, **kwargs):
         kwargs.pop("method", None)
         super().__init__(model, **kwargs, method="sqh")
+
+
+#: layers whose output is affine in their parameters: their Hamiltonian p . g(x, theta) is linear in theta
+AFFINE_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def separable_maximise(group: LayerGroup, objective: LayerHamiltonian) -> Optional[torch.Tensor]:
+    """The exact maximiser [G, m] of a separable augmented Hamiltonian, or None where it does not separate.
+
+    With rho = 0 and a layer affine in theta, Htilde(theta) = H(theta^k) + g . d - c |d|^2
+    - wd/2 ... is, per parameter, the concave quadratic -c (theta - v)^2 with
+    c = eps + weight_decay / 2 and v = theta^k + g / (2 c) (g: the gradient at theta^k), minus
+    the penalty: its maximiser is prox_{penalty / (2c)}(v) in the box, i.e. hard
+    thresholding |v| > sqrt(lambda / c) for L0 (Hofmann & Borzi's bSQH step), soft for L1.
+    One exact evaluation checks the prediction (a layer that is not affine is refused).
+    """
+    if not isinstance(group.template, AFFINE_LAYERS) or objective.rho != 0:
+        return None
+    c = objective.eps + 0.5 * objective.weight_decay
+    if not c > 0:
+        return None  # linear objective: unbounded without a box, no closed form here
+    u0 = objective.data.controls
+    value0, g = objective.value_and_grad(u0)
+    v = u0 + g / (2 * c)
+    low, high = group.controls.bounds(u0.dtype, u0.device)
+    step = torch.full_like(v, 1.0 / (2 * c))
+    u = prox_in_box(objective.penalty, v, step, low.expand_as(v), high.expand_as(v))
+    d = u - u0
+    predicted = value0 + (g * d - c * d * d).sum(-1) - objective.penalty_value(u)
+    exact = objective(u).detach()
+    tol = 1e3 * torch.finfo(u0.dtype).eps * (value0.abs() + (g * d).abs().sum(-1) + c * (d * d).sum(-1) + 1.0)
+    if not bool(((exact - predicted).abs() <= tol).all()):
+        return None
+    return u
