@@ -16,12 +16,17 @@ from pmpsolve.studies import cnn as study
 from problems.cnn import ChannelMean, residual_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("sklearn", reason="the 8x8 digits need scikit-learn (pip install 'pmpsolve[data]')")
+
+
+@pytest.fixture
+def sklearn():
+    """The 8x8 digits (and --quick) need scikit-learn: the test extra installs it; skipped without."""
+    return pytest.importorskip("sklearn", reason="the 8x8 digits need scikit-learn (pip install 'pmpsolve[data]')")
 
 
 # ---------------------------------------------------------------- data
 
-def test_digits8x8_shapes_range_labels_and_seeded_shuffle():
+def test_digits8x8_shapes_range_labels_and_seeded_shuffle(sklearn):
     d = data.digits8x8(seed=0)
     assert d.train_images.shape == (1437, 1, 8, 8) and d.test_images.shape == (360, 1, 8, 8)
     assert d.train_images.dtype == torch.float32 and d.train_labels.dtype == torch.int64
@@ -157,7 +162,7 @@ def test_network_is_one_flat_sequential_of_layers():
 
 # ---------------------------------------------------------------- the study
 
-def test_quick_study_writes_results_figures_and_a_table(tmp_path, capsys):
+def test_quick_study_writes_results_figures_and_a_table(tmp_path, capsys, sklearn):
     results = study.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["dataset"] == "digits8x8" and saved["config"]["iterations_per_epoch"] == 11
@@ -180,7 +185,7 @@ def test_quick_study_writes_results_figures_and_a_table(tmp_path, capsys):
     assert not (tmp_path / "checkpoints" / "emsa.pt").exists()  # complete runs leave no state behind
 
 
-def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_as_if_never_stopped(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_from_its_last_epoch_as_if_never_stopped(tmp_path, monkeypatch, sklearn):
     args = ["--quick", "--methods", "adam", "sgd", "--epochs", "3", "--no-progress"]
     whole = study.main(args + ["--out", str(tmp_path / "whole")])
     write, stopped = study.cli.write_json, []
@@ -213,7 +218,7 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_as_if_never_sto
     assert refused.value.code == 2
 
 
-def test_tune_gives_every_method_the_same_grid_size_and_budget(tmp_path):
+def test_tune_gives_every_method_the_same_grid_size_and_budget(tmp_path, sklearn):
     # Batches of 512: 2 iterations per tuning run, 5 values per method.
     results = study.main(["--quick", "--tune", "--epochs", "1", "--batch-size", "512", "--out", str(tmp_path),
                           "--no-progress"])

@@ -260,7 +260,8 @@ def study_settings(*, size: str = "default", dataset: Optional[str] = None, data
                   rho=rho, learning_rates=rates, maximiser_iter=maximiser_iter, perturb=0.0, reg=reg,
                   eval_every=eval_every if eval_every is not None else "auto", eval_train=EVAL_TRAIN,
                   tune=tune, tune_epochs=tune_epochs, lr_grid=list(LR_GRID), rho_grid=list(RHO_GRID),
-                  dtype="float32", device=str(device), loss="softmax cross-entropy, mean over the batch (the recorded losses; "
+                  dtype="float32", device=str(device),
+                  loss="softmax cross-entropy, mean over the batch (the recorded losses; "
                        "each method minimises it plus reg/2 |theta|^2)")
     return config
 
@@ -520,7 +521,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="which methods (default: all four)")
     parser.add_argument("--rho", type=_rho, default=RHO,
-                        help=f"E-MSA's rho (default {RHO:g}, the reference code's; 'auto': pmp.nn.EMSA's adaptive rule)")
+                        help=f"E-MSA's rho (default {RHO:g}, the reference code's; "
+                             "'auto': pmp.nn.EMSA's adaptive rule)")
     parser.add_argument("--reg", type=cli.nonnegative_float, default=REG,
                         help=f"L2 weight of every method, reg/2 |theta|^2 (default {REG:g}, the reference code's; "
                              "0: off); E-MSA's weight_decay, the baselines' weight_decay")
@@ -540,7 +542,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--tune-epochs", type=cli.positive_int, default=1,
                         help="epochs of each tuning run (default 1; the same for every method)")
     parser.add_argument("--quick", action="store_const", dest="size", const="quick", default="default",
-                        help="a smoke test: the 8x8 digits, 8 channels, 1 residual layer, 3 epochs, larger learning rates")
+                        help="a smoke test: the 8x8 digits, 8 channels, 1 residual layer, 3 epochs, "
+                             "larger learning rates, one thread")
     parser.add_argument("--device", type=cli.device, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (default: torch's, --quick 1; 1 is much faster on a busy "
