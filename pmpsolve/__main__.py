@@ -3,8 +3,10 @@
 Studies: ``sine`` (the paper's Fig. 1a/1b: E-MSA against SGD, Adagrad and Adam
 on the sine approximation; the main job, docs/sine.md), ``reference`` (the
 reference problems, solved and re-checked by an independent integrator;
-docs/guide.md section 5) and ``controls`` (msa, emsa, sqh and gradient compared
-on those and on the control-set examples; docs/controls.md). ``python -m pmpsolve
+docs/guide.md section 5), ``controls`` (msa, emsa, sqh and gradient compared
+on those and on the control-set examples; docs/controls.md) and ``cnn`` (the
+paper's Figs. 2-4: E-MSA against SGD, Adagrad and Adam training a residual CNN
+on real handwritten digits; docs/networks.md). ``python -m pmpsolve
 reproduce`` with no study runs the main job; ``... reproduce sine --help``
 lists a study's options.
 
@@ -21,6 +23,7 @@ STUDIES = {
     "sine": "pmpsolve.studies.sine",
     "reference": "pmpsolve.studies.reference",
     "controls": "pmpsolve.studies.controls",
+    "cnn": "pmpsolve.studies.cnn",
 }
 MAIN_STUDY = "sine"
 
