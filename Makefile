@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PY) scripts/bench_sine.py --no-progress
 	$(PY) scripts/bench_scaling.py
 	$(PY) scripts/bench_maximisers.py
+	$(PY) scripts/bench_networks.py
+	$(PY) scripts/bench_gpu.py
 
 clean:
 	rm -rf results .pytest_cache build *.egg-info

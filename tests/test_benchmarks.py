@@ -79,3 +79,14 @@ def test_bench_gpu_reports_a_missing_gpu_or_compares_both_devices(tmp_path):
     load("bench_gpu").main(["--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert data["cuda"] is False and "no CUDA device" in data["message"]
+
+
+def test_bench_networks_splits_an_emsa_step_and_compares_with_adam(tmp_path):
+    load("bench_networks").main(["--batch", "8", "--repeats", "1", "--epochs", "0", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_networks.json").read_text())
+    steps = data["steps"]
+    assert steps["adam"]["ratio_to_adam"] == 1.0
+    for name, row in steps.items():
+        assert row["step_s"] > 0 and row["closure_calls"] >= 1
+        assert abs(row["closure_s"] + row["maximisation_s"] - row["step_s"]) < 1e-9
+    assert steps["emsa adaptive, 10 it"]["closure_calls"] >= 2  # the trial step is re-evaluated

