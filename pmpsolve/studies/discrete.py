@@ -52,8 +52,8 @@ VARIANT_KEYS = tuple(v[0] for v in VARIANTS)
 SETS = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0]}
 #: The sizes: "default" is ``reproduce discrete``, "quick" the smoke test of CI.
 CONFIGS = {
-    "quick": dict(dataset="digits8x8", epochs=10, hidden=32, channels=4, residual_layers=1),
-    "default": dict(dataset="mnist5k", epochs=10, hidden=256, channels=8, residual_layers=2),
+    "quick": dict(dataset="digits8x8", epochs=5, hidden=32, channels=4, residual_layers=1),
+    "default": dict(dataset="mnist5k", epochs=30, hidden=256, channels=8, residual_layers=2),
 }
 #: The methods' settings (the same for every network; docs/discrete.md says where they come from).
 SETTINGS = dict(
@@ -447,7 +447,7 @@ def main(argv=None) -> Dict:
                         help=f"which networks (default: all: {', '.join(NETWORKS)})")
     parser.add_argument("--quick", action="store_const", dest="size", const="quick", default="default",
                         help="a smoke test: the 8x8 digits, hidden width 32, a CNN of 4 channels and 1 residual "
-                             "layer, 10 epochs")
+                             "layer, 5 epochs")
     parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: faster than 2 on a busy 2-core machine)")
     parser.add_argument("--no-progress", action="store_true")
