@@ -343,7 +343,8 @@ def targets(results: Dict) -> List[str]:
             nz = ter["final_nonzero_fraction"]
             met = gap <= 2.0 and nz <= 0.2
             lines.append(f"- {network}: ternary (MSA) {100 * ter['final_test_accuracy']:.2f} % vs float (Adam) "
-                         f"{100 * adam['final_test_accuracy']:.2f} % ({gap:+.2f} points behind), {100 * nz:.2f} % "
+                         f"{100 * adam['final_test_accuracy']:.2f} % ({abs(gap):.2f} points {'behind' if gap > 0 else 'ahead'}), "
+                         f"{100 * nz:.2f} % "
                          f"non-zero: {'met' if met else 'not met'} (within 2 points, <= 20 % non-zero)")
         msa, ste = _find(runs, network, "binary-msa"), _find(runs, network, "binary-ste")
         if msa and ste:
