@@ -6,7 +6,9 @@ reference problems, solved and re-checked by an independent integrator;
 docs/guide.md section 5), ``controls`` (msa, emsa, sqh and gradient compared
 on those and on the control-set examples; docs/controls.md) and ``cnn`` (the
 paper's Figs. 2-4: E-MSA against SGD, Adagrad and Adam training a residual CNN
-on real handwritten digits; docs/networks.md). ``python -m pmpsolve
+on real handwritten digits; docs/networks.md) and ``discrete`` (binary,
+ternary and L0-sparse weights by MSA / SQH against straight-through and
+magnitude pruning; docs/discrete.md). ``python -m pmpsolve
 reproduce`` with no study runs the main job; ``... reproduce sine --help``
 lists a study's options.
 
@@ -24,6 +26,7 @@ STUDIES = {
     "reference": "pmpsolve.studies.reference",
     "controls": "pmpsolve.studies.controls",
     "cnn": "pmpsolve.studies.cnn",
+    "discrete": "pmpsolve.studies.discrete",
 }
 MAIN_STUDY = "sine"
 
