@@ -5,6 +5,13 @@ shard of the LQR-samples x0 (9 samples split 5 / 4) and the one-process referenc
 concatenated x0 in the test process. Checked: every iteration's J, the cost and the controls
 equal the reference, the ranks return bit-identical controls, and an error on one rank reaches
 both ranks as the same error type well within the group's timeout.
+
+The same spawn trains a small residual network (tests/test_nn.py's small_net, float64) with
+``pmp.nn.EMSA(..., process_group=...)``: each rank's closure is the mean loss of its shard of
+one batch (96 two-moons points split 40 / 56; or mini-batches of a DistributedSampler), and the
+one-process reference trains on the concatenated batch. Checked: parameters after several steps
+equal the reference, the ranks' parameters are bit-identical, and an exception in one rank's
+closure reaches both ranks.
 """
 import datetime
 import pickle
@@ -18,6 +25,8 @@ import torch
 
 import pmpsolve as pmp
 from problems import lqr_samples
+from test_nn import data as moons
+from test_nn import small_net
 
 try:
     import torch.distributed as dist
@@ -41,6 +50,76 @@ SCENARIOS = {
     # a box and an L1 cost: proximal gradient (value_and_grad), the penalty counted once
     "box l1": (lambda: _box_l1(), dict(RK4, max_iter=5)),
 }
+
+
+NET_STEPS = 4
+NET_SPLIT = 40  # rank 0 holds points [0, 40), rank 1 [40, 96): an uneven split of one batch of 96
+NET_SCENARIOS = {
+    # tolerance: measured max |theta_2 ranks - theta_1 process| (4 steps) x ~4. Not bit-exact: one process sums
+    # the batch in one order, two ranks sum their shards and then add the two sums (gloo), so every
+    # Hamiltonian value and gradient differs in the last bits, and the maximisations' L-BFGS
+    # (10 iterations of a nearly flat objective, then the next step's data) amplify that to ~1e-9.
+    "fixed rho": (dict(rho=0.05, perturb=0.005), 1e-8),  # measured 2.5e-9
+    "sqh": (dict(method="sqh", weight_decay=1e-3), 1e-8),  # measured 1.8e-9
+    # adam_lr: every parameter is free here, so the step is Adam on the all-reduced gradient (measured 8e-17)
+    "adam_lr": (dict(rho=0.05, adam_lr=1e-2), 1e-12),
+}
+BINARY = {"2.module.0.weight": pmp.Finite([-1.0, 1.0])}  # a binary-weight residual layer
+
+
+def _train_net(x, y, group, steps=NET_STEPS, batches=None, **options):
+    """small_net's parameters after ``steps`` E-MSA steps on (x, y) (or one step per (x, y) in ``batches``)."""
+    model = small_net()
+    opt = pmp.nn.EMSA(model, process_group=group, **options)
+    for xb, yb in batches if batches is not None else [(x, y)] * steps:
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _sampler_batches(rank: int, world: int, epochs: int = 2, batch: int = 24):
+    """Rank ``rank``'s mini-batches of 2 epochs of a shuffling DistributedSampler over the 96 points."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = TensorDataset(*moons(96))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler)
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out.extend(loader)
+    return out
+
+
+def _network_results(rank: int, world: int, group) -> dict:
+    x, y = moons(96)
+    part = slice(0, NET_SPLIT) if rank == 0 else slice(NET_SPLIT, None)
+    results = {name: _train_net(x[part], y[part], group, **options) for name, (options, _) in NET_SCENARIOS.items()}
+    results["binary"] = _train_net(x[part], y[part], group, rho=0.05, perturb=0.005, controls=BINARY)
+    results["sampler"] = _train_net(None, None, group, batches=_sampler_batches(rank, world), rho=0.05, perturb=0.005)
+    model = small_net()
+    opt = pmp.nn.EMSA(model, process_group=group)
+
+    def failing():  # rank 1's closure raises: both ranks must raise it, neither wait for the other
+        if rank == 1:
+            raise RankOneError("closure refused on rank 1")
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[part]), y[part])
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    try:
+        opt.step(failing)
+        results["closure error"] = ("no error", "", time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - which error reached this rank
+        results["closure error"] = (type(err).__name__, str(err), time.perf_counter() - start)
+    return results
 
 
 class RankOneError(Exception):
@@ -123,6 +202,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                 results[name] = ("no error", "", time.perf_counter() - start)
             except Exception as err:  # noqa: BLE001 - the point: which error reached this rank
                 results[name] = (type(err).__name__, str(err), time.perf_counter() - start)
+        results["networks"] = _network_results(rank, world, group)
         dist.destroy_process_group()
         # plain pickle: the tensors travel as bytes, not as shared memory the exiting worker would take along
         queue.put((rank, pickle.dumps(results)))
@@ -215,3 +295,51 @@ def test_process_group_without_init_is_a_clear_error():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         pmp.solve(lqr_samples(4)[0], mesh=4, max_iter=1, process_group=object())
+
+
+# -- networks: pmp.nn.EMSA(process_group=...) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(NET_SCENARIOS))
+def test_network_two_ranks_equal_one_process(ranks, name):
+    options, tol = NET_SCENARIOS[name]
+    x, y = moons(96)
+    one = _train_net(x, y, None, **options)
+    two = [r["networks"][name] for r in ranks]
+    assert torch.equal(two[0], two[1])  # every rank holds the same parameters, bit for bit
+    assert (two[0] - one).abs().max() <= tol
+    assert (one - _train_net(x, y, None, steps=0)).abs().max() > 1e-2  # the steps moved the parameters
+
+
+def test_network_binary_weights_ranks_identical(ranks):
+    """A pmp.Finite layer (binary weights, the moving average of dH/dW all-reduced): measured 1.3e-9
+    from one process. With perturb = 0 the continuous layers' L-BFGS starts exactly at theta^k and
+    takes another branch on a rounding difference at step 2 (1e-2; docs/distributed.md)."""
+    two = [r["networks"]["binary"] for r in ranks]
+    assert torch.equal(two[0], two[1])
+    x, y = moons(96)
+    one = _train_net(x, y, None, rho=0.05, perturb=0.005, controls=BINARY)
+    binary = small_net()[2].module[0].weight.numel()
+    start = sum(p.numel() for p in list(small_net().parameters())[:2])
+    for w in (two[0], one):  # the binary layer's weights are in the set
+        assert set(w[start:start + binary].tolist()) <= {-1.0, 1.0}
+    assert (two[0] - one).abs().max() <= 1e-8
+
+
+def test_network_distributed_sampler(ranks):
+    """Each rank steps on its DistributedSampler mini-batch (8 steps); one process on the union of both
+    ranks' batches (measured 1.9e-9)."""
+    two = [r["networks"]["sampler"] for r in ranks]
+    assert torch.equal(two[0], two[1])
+    parts = [_sampler_batches(r, WORLD) for r in range(WORLD)]
+    union = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*parts)]
+    one = _train_net(None, None, None, batches=union, rho=0.05, perturb=0.005)
+    assert (two[0] - one).abs().max() <= 1e-8
+
+
+def test_network_closure_error_reaches_every_rank(ranks):
+    outcomes = [r["networks"]["closure error"] for r in ranks]
+    for rank, (kind, message, seconds) in enumerate(outcomes):
+        assert kind == "RankOneError", f"rank {rank}: {kind}: {message}"
+        assert seconds < TIMEOUT / 2
+    assert outcomes[0][1] == outcomes[1][1] == "closure refused on rank 1"

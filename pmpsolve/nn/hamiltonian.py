@@ -54,7 +54,9 @@ class LayerHamiltonian:
         rho: the E-MSA weight of the feasibility terms (0: basic MSA, the costate term is skipped).
         eps: the SQH proximity weight.
         weight_decay: L_n(theta) = weight_decay/2 |theta|^2.
-        reduce: sums over samples made global (``SampleReducer.total``-like; identity in one process).
+        reduce: None (one process) or the ``reduce.SampleReducer`` of a process group: sums over
+            the batch are made global by its ``totals`` (one fused buffer per evaluation), and an
+            exception while this rank computes its part is raised on every rank (``guard``).
     """
 
     def __init__(self, group: LayerGroup, data: LayerData, rho: float = 0.0, eps: float = 0.0,
@@ -94,20 +96,31 @@ class LayerHamiltonian:
         out = fn(*(a[0] for a in args))
         return tuple(o.unsqueeze(0) for o in out) if isinstance(out, tuple) else out.unsqueeze(0)
 
-    def _total(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self._reduce is None else self._reduce(t)
-
     # -- IntervalObjective -----------------------------------------------------------------
     def smooth(self, u: torch.Tensor) -> torch.Tensor:
-        """Htilde of every row without the L1 / L0 penalty [G] (differentiable in u)."""
-        return self._total(self._rows(self._row, u))
+        """Htilde of every row without the L1 / L0 penalty [G] (differentiable in u in one process)."""
+        if self._reduce is None:
+            return self._rows(self._row, u)
+        values = None
+        with self._reduce.guard() as guard:  # a failure here still joins the collective, then raises everywhere
+            values = self._rows(self._row, u)
+        if values is None:
+            values = u.new_zeros(u.shape[:-1])
+        return self._reduce.totals(values.detach(), error=guard.error)[0]
 
     def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and torch.equal(self._last[0], u):
             return self._last[1], self._last[2]
-        grads, values = self._rows(grad_and_value(self._row), u.detach())
-        if self._reduce is not None:  # one fused buffer: value and gradient together
-            fused = self._reduce(torch.cat([values[:, None], grads], dim=1))
+        if self._reduce is None:
+            grads, values = self._rows(grad_and_value(self._row), u.detach())
+        else:  # one fused buffer: value and gradient together (and the error flag)
+            fused = None
+            with self._reduce.guard() as guard:
+                grads, values = self._rows(grad_and_value(self._row), u.detach())
+                fused = torch.cat([values[:, None], grads], dim=1)
+            if fused is None:
+                fused = u.new_zeros(u.shape[:-1] + (u.shape[-1] + 1,))
+            fused = self._reduce.totals(fused, error=guard.error)[0]
             values, grads = fused[:, 0], fused[:, 1:]
         self._last = (u.detach().clone(), values.detach(), grads.detach())
         return self._last[1], self._last[2]

@@ -25,7 +25,7 @@ the box, checked by one exact evaluation (``separable_maximise``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -176,6 +176,13 @@ class EMSA(torch.optim.Optimizer):
                                    "torch.distributed.init_process_group first (or launch with torchrun)")
         self._controls, self._penalties = controls, penalties
         self._group = process_group
+        # The reducer of the group: all-reduces (one fused buffer, with an error flag) and the error
+        # guard that turns an exception on one rank into the same exception on every rank.
+        self._reducer = None
+        if process_group is not None:
+            from ..reduce import DistributedSampleReducer, _check_group
+            _check_group(process_group)
+            self._reducer = DistributedSampleReducer(process_group, 1, 1)
         self.method = method
         defaults = dict(rho=rho, maximiser_iter=int(maximiser_iter), perturb=float(perturb),
                         weight_decay=float(weight_decay), max_trials=int(max_trials),
@@ -205,6 +212,12 @@ class EMSA(torch.optim.Optimizer):
         self.last_step: Dict[str, object] = {}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _guard(self):
+        """``with self._guard() as guard:``: keeps an exception of this rank in ``guard.error`` (a process
+        group; see ``reduce.ErrorGuard``), lets it propagate in one process."""
+        from ..reduce import ErrorGuard
+        return ErrorGuard(self._reducer is not None)
+
     def _world(self) -> int:
         if self._group is None:
             return 1
@@ -212,19 +225,23 @@ class EMSA(torch.optim.Optimizer):
         return dist.get_world_size(self._group)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        t = t.clone()
-        dist.all_reduce(t, group=self._group)
-        return t
+        return self._reducer.totals(t)[0].clone()
 
-    def _global_loss(self, loss: torch.Tensor, batch: int) -> float:
-        """The batch-mean loss over all ranks (weighted by each rank's batch size)."""
-        loss = loss.detach().reshape(())
+    def _global_loss(self, loss: Optional[torch.Tensor], batch: int,
+                     error: Optional[BaseException] = None) -> Tuple[float, int]:
+        """The batch-mean loss over all ranks (weighted by each rank's batch size) and the global batch
+        size, in one all-reduce; ``error`` (this rank's closure failed) is raised on every rank."""
         if self._group is None:
-            return float(loss)
-        buf = torch.stack([loss * batch, torch.as_tensor(float(batch), dtype=loss.dtype, device=loss.device)])
-        buf = self._all_reduce(buf)
-        return float(buf[0] / buf[1])
+            if error is not None:
+                raise error
+            return float(loss.detach().reshape(())), batch
+        if error is None:
+            loss = loss.detach().reshape(())
+            buf = torch.stack([loss * batch, torch.as_tensor(float(batch), dtype=loss.dtype, device=loss.device)])
+        else:
+            buf = torch.zeros(2, dtype=torch.float64, device=self._reducer._device())
+        buf = self._reducer.totals(buf, error=error)[0]
+        return float(buf[0] / buf[1]), int(buf[1])
 
     def _parameter_cost(self, groups, rows) -> float:
         """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
@@ -271,18 +288,19 @@ class EMSA(torch.optim.Optimizer):
                             "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); "
                             "return loss")
         settings = self.param_groups[0]
-        with self._recorder.recording():
-            loss = self._evaluate(closure)
-        records = self._recorder.records(list(self._layers))
-        first = records[next(iter(self._layers))]
-        batch = int(first.inputs.shape[0]) if first.inputs.ndim else 1
-        loss_value = self._global_loss(loss, batch)
+        loss, batch = None, 0
+        # With a process group an exception on one rank (in its closure, say) is kept until the next
+        # all-reduce, which carries an error flag: then every rank raises it, none waits for the others.
+        with self._guard() as guard:
+            with self._recorder.recording():
+                loss = self._evaluate(closure)
+            records = self._recorder.records(list(self._layers))
+            first = records[next(iter(self._layers))]
+            batch = int(first.inputs.shape[0]) if first.inputs.ndim else 1
+        loss_value, global_batch = self._global_loss(loss, batch, guard.error)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
         world = self._world()
-        global_batch = batch
-        if self._group is not None:
-            global_batch = int(self._all_reduce(torch.tensor(float(batch), dtype=torch.float64)))
         groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
                               self._penalties, self._exclude)
         scale = batch / global_batch
@@ -309,7 +327,7 @@ class EMSA(torch.optim.Optimizer):
         rho = settings["current_rho"] or 0.0
         need_p_in = self.method == "emsa"
         datas = [layer_data(g, records, u, need_p_in) for g, u in zip(groups, old)]
-        reduce = None if self._group is None else self._all_reduce
+        reduce = self._reducer
         # Parameter terms are added on every rank and then summed: each rank adds 1/R of them.
         wd = settings["weight_decay"] / world
         J0 = loss_value + self._parameter_cost(groups, old)
@@ -326,7 +344,15 @@ class EMSA(torch.optim.Optimizer):
                 info["accepted"] = True
                 break
             gain = sum(float((o.hamiltonian(u) - o.hamiltonian(u0)).sum()) for o, u, u0 in zip(objectives, new, old))
-            J1 = self._global_loss(self._evaluate(closure), batch) + self._parameter_cost(groups, new)
+            trial_loss = None
+            with self._guard() as guard:
+                trial_loss = self._evaluate(closure)
+            try:
+                J1 = self._global_loss(trial_loss, batch, guard.error)[0] + self._parameter_cost(groups, new)
+            except Exception:
+                for g, u in zip(groups, old):  # the closure failed (on some rank): parameters as before the step
+                    g.assign(u)
+                raise
             info.update(gain=gain, J_new=J1)
             if self.method == "emsa":
                 o = _EMSARule.defaults

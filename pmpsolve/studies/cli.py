@@ -247,3 +247,49 @@ def exit_interrupted(study: str, argv: Optional[List[str]], done: int, path: Pat
     saved = f"{done} complete run(s) saved in {path}" if done else "no run was complete"
     print(f"\ninterrupted: {saved}; resume with: {resume_command(study, argv)}", file=sys.stderr, flush=True)
     raise SystemExit(INTERRUPT_EXIT_CODE)
+
+
+def init_distributed(timeout_seconds: float = 600.0):
+    """``--distributed``: the process group of a ``torchrun`` launch (docs/distributed.md, Networks).
+
+    Reads torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and
+    initialises ``torch.distributed`` with NCCL when CUDA is present (each rank on the GPU
+    LOCAL_RANK), else gloo on the CPU. Returns (group, rank, world size, device or None).
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise SystemExit(f"--distributed: {', '.join(missing)} not set; launch with torchrun, e.g. "
+                         "torchrun --nproc_per_node=2 -m pmpsolve reproduce cnn --distributed")
+    device = None
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "nccl"
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), device
+
+
+def average_gradients(parameters, group, weight: float) -> None:
+    """A baseline's step on every rank's shard: grad <- sum over ranks of weight_r * grad_r (weight_r =
+    B_r / B, so that it is the gradient of the global batch mean), in one all-reduce of a flat buffer."""
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.detach().reshape(-1) * weight for p in params])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()

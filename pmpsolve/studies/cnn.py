@@ -52,20 +52,22 @@ EVALS_PER_EPOCH = 4  # evaluations per epoch when --eval-every is not given (and
 
 
 def make_emsa(model: torch.nn.Sequential, *, rho: Optional[float], maximiser_iter: int,
-              weight_decay: float = 0.0) -> torch.optim.Optimizer:
+              weight_decay: float = 0.0, process_group=None) -> torch.optim.Optimizer:
     """The E-MSA optimizer of the study: pmp.nn.EMSA without start perturbation (the reference code's)."""
-    return pmp.nn.EMSA(model, rho=rho, maximiser_iter=maximiser_iter, perturb=0.0, weight_decay=weight_decay)
+    return pmp.nn.EMSA(model, rho=rho, maximiser_iter=maximiser_iter, perturb=0.0, weight_decay=weight_decay,
+                       process_group=process_group)
 
 
 def make_optimizer(method: str, model: torch.nn.Sequential, value: Optional[float], *,
-                   maximiser_iter: int = 10, reg: float = 0.0) -> torch.optim.Optimizer:
+                   maximiser_iter: int = 10, reg: float = 0.0, process_group=None) -> torch.optim.Optimizer:
     """E-MSA with rho = ``value`` (None: EMSA's adaptive rule), or a baseline with learning rate ``value``.
 
     ``reg``: every method minimises loss + reg/2 |theta|^2 (EMSA's ``weight_decay``; the baselines'
     L2 ``weight_decay``, which adds reg * theta to the gradient: the same objective).
     """
     if method == "emsa":
-        return make_emsa(model, rho=value, maximiser_iter=maximiser_iter, weight_decay=reg)
+        return make_emsa(model, rho=value, maximiser_iter=maximiser_iter, weight_decay=reg,
+                         process_group=process_group)
     baselines = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
     if method not in baselines:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -132,7 +134,7 @@ def _load_checkpoint(path: Optional[Path], record: Optional[Dict], model, optimi
 def train_run(method: str, value: Optional[float], data: datasets.ImageData, build: Callable[[], torch.nn.Module],
               *, epochs: int, batch_size: int, seed: int, eval_every: int, maximiser_iter: int = 10,
               reg: float = 0.0, progress: bool = False, desc: str = "", on_epoch: Optional[Callable] = None,
-              checkpoint: Optional[Path] = None, previous: Optional[Dict] = None) -> Dict:
+              checkpoint: Optional[Path] = None, previous: Optional[Dict] = None, group=None) -> Dict:
     """Train ``build()`` by ``method`` for ``epochs`` epochs of mini-batches; return the run's record.
 
     The record holds per iteration (1, 2, ...) ``batch_loss`` and ``batch_accuracy`` (the
@@ -142,9 +144,20 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
     run (``diverged``). After each epoch ``on_epoch(record)`` is called and, with
     ``checkpoint``, the model and optimizer state saved there; ``previous``: the record of an
     incomplete earlier run whose checkpoint is continued.
+
+    ``group``: a torch.distributed process group (``--distributed``): every rank holds the whole
+    data set and the same model, and steps on its shard of every mini-batch (``torch.chunk`` of
+    the batch's indices); E-MSA reduces over the ranks itself (``process_group``), a baseline
+    averages its gradients (weighted by shard size) before its step. The recorded batch loss and
+    accuracy are those of the whole mini-batch; every rank evaluates the (identical) model.
     """
     model = build()
-    optimizer = make_optimizer(method, model, value, maximiser_iter=maximiser_iter, reg=reg)
+    optimizer = make_optimizer(method, model, value, maximiser_iter=maximiser_iter, reg=reg, process_group=group)
+    rank, world = 0, 1
+    if group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = data.train_labels.shape[0]
     batches = max(1, n // batch_size)  # the last incomplete batch is dropped: every step sees batch_size images
     device = data.train_images.device
@@ -176,6 +189,8 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
             order = batch_order(n, epoch, seed).to(device)
             for b in range(batches):
                 index = order[b * batch_size:(b + 1) * batch_size]
+                if group is not None:  # this rank's shard of the mini-batch
+                    index = index.chunk(world)[rank]
                 x, y = data.train_images[index], data.train_labels[index]
                 first: List[torch.Tensor] = []
 
@@ -194,6 +209,8 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
                         optimizer.step(closure)
                     else:
                         closure()
+                        if group is not None:
+                            cli.average_gradients(model.parameters(), group, y.shape[0] / batch_size)
                         optimizer.step()
                 except FloatingPointError:  # EMSA refuses a non-finite loss: the run diverged
                     if not first:
@@ -202,10 +219,18 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
                     torch.cuda.synchronize(device)
                 elapsed += time.perf_counter() - start
                 iteration += 1
-                loss = float(first[0])
+                correct = (first[1].argmax(dim=1) == y).sum().to(first[0].dtype)
+                if group is not None:  # the whole mini-batch's loss and accuracy (one all-reduce)
+                    import torch.distributed as dist
+
+                    sums = torch.stack([first[0] * y.shape[0], correct, first[0].new_tensor(float(y.shape[0]))])
+                    dist.all_reduce(sums, group=group)
+                    loss, accuracy = float(sums[0] / sums[2]), float(sums[1] / sums[2])
+                else:
+                    loss, accuracy = float(first[0]), float(correct) / y.shape[0]
                 record["iteration"].append(iteration)
                 record["batch_loss"].append(loss)
-                record["batch_accuracy"].append(float((first[1].argmax(dim=1) == y).float().mean()))
+                record["batch_accuracy"].append(accuracy)
                 record["seconds"].append(elapsed)
                 if bar is not None:
                     bar.update(1)
@@ -268,7 +293,7 @@ def study_settings(*, size: str = "default", dataset: Optional[str] = None, data
 
 def run_study(*, methods: Sequence[str] = METHODS, progress: bool = True, results_path: Optional[Path] = None,
               previous: Optional[Dict] = None, data: Optional[datasets.ImageData] = None,
-              threads: Optional[int] = None, **settings) -> Dict:
+              threads: Optional[int] = None, group=None, **settings) -> Dict:
     """Run every method (after tuning, with ``tune``); return the results dictionary (see ``main``).
 
     ``settings``: the keyword arguments of ``study_settings``. With ``results_path`` the results
@@ -277,6 +302,8 @@ def run_study(*, methods: Sequence[str] = METHODS, progress: bool = True, result
     earlier call with the same settings (``main --resume``): its complete runs and tuned
     settings are taken over, an incomplete run continues from its last epoch. ``data``: the
     data set, when already loaded. ``threads``: torch's CPU threads for the study (None: as they are).
+    ``group``: a process group (``--distributed``): every run is data-parallel over its ranks
+    (``train_run``); give ``results_path`` and ``progress`` on rank 0 only.
     Ctrl-C raises ``cli.Interrupted`` with the results so far
     in its ``results`` attribute (saved).
     """
@@ -294,6 +321,10 @@ def run_study(*, methods: Sequence[str] = METHODS, progress: bool = True, result
     eval_every = config["eval_every"] if config["eval_every"] != "auto" else max(1, round(per_epoch / EVALS_PER_EPOCH))
     config.update(data.summary(), iterations_per_epoch=per_epoch, eval_every_iterations=eval_every,
                   threads=torch.get_num_threads(), torch=torch.__version__)
+    if group is not None:
+        import torch.distributed as dist
+
+        config.update(ranks=dist.get_world_size(group), backend=str(dist.get_backend(group)))
 
     def build():
         return residual_cnn(channels=config["channels"], residual_layers=config["residual_layers"],
@@ -321,7 +352,7 @@ def run_study(*, methods: Sequence[str] = METHODS, progress: bool = True, result
             cli.write_json(results_path, results)
 
     common = dict(batch_size=config["batch_size"], seed=config["seed"], maximiser_iter=config["maximiser_iter"],
-                  reg=config["reg"], progress=progress)
+                  reg=config["reg"], progress=progress, group=group)
     loaded = 0
     try:
         if config["tune"]:
@@ -548,9 +579,23 @@ def main(argv=None) -> Dict:
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (default: torch's, --quick 1; 1 is much faster on a busy "
                              "machine, where threads wait for each other)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the ranks of a torchrun launch (torchrun --nproc_per_node=R -m "
+                             "pmpsolve reproduce cnn --distributed): each rank steps on its shard of every "
+                             "mini-batch; gloo on the CPU, NCCL with CUDA; rank 0 writes the results "
+                             "(docs/distributed.md)")
     parser.add_argument("--no-progress", action="store_true")
     cli.add_resume_option(parser)
     args = parser.parse_args(argv)
+    group, rank = None, 0
+    if args.distributed:
+        if args.resume:
+            parser.error("--resume is not supported with --distributed")
+        if args.tune:
+            parser.error("--tune is not supported with --distributed")
+        group, rank, _, cuda = cli.init_distributed()
+        if cuda is not None and args.device is None:
+            args.device = cuda
     options = dict(size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed, channels=args.channels,
                    residual_layers=args.residual_layers, pooling=args.pooling, channel_mean=args.channel_mean,
@@ -569,9 +614,13 @@ def main(argv=None) -> Dict:
     threads = args.threads if args.threads is not None else (1 if args.size == "quick" else None)
     path = args.out / "results.json"
     previous = cli.load_previous(parser, path, settings, key="config") if args.resume else None
+    if rank != 0:  # the other ranks train, rank 0 reports and writes
+        run_study(methods=args.methods, progress=False, results_path=None, data=data, threads=threads,
+                  group=group, **options)
+        return {}
     try:
         results = run_study(methods=args.methods, progress=not args.no_progress, results_path=path,
-                            previous=previous, data=data, threads=threads, **options)
+                            previous=previous, data=data, threads=threads, group=group, **options)
     except cli.Interrupted as stop:
         done = sum(1 for r in stop.results["runs"] if r.get("complete"))
         try:
