@@ -49,7 +49,8 @@ def _loss_evaluator(problem, dtype, device, rtol, atol):
     return lambda u: float(sweeper.forward(u.to(dtype=dtype, device=device), samples=False).cost)
 
 
-def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress, quadrature=3):
+def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, rtol, atol, progress, quadrature=3,
+              group=None):
     record = {"iteration": [], "train_loss": [], "test_loss": [], "wall_time": []}
     excluded = [0.0]
 
@@ -69,7 +70,8 @@ def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, r
         # layer whose Hamiltonian is delta * H: in the continuous scaling that is rho * delta (docs/sine.md).
         sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
                         maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
-                        atol=atol, quadrature=quadrature, callback=callback, progress=progress)
+                        atol=atol, quadrature=quadrature, callback=callback, progress=progress,
+                        process_group=group)
     cli.check_interrupted(sol)  # a solve stopped by Ctrl-C returns its best controls: not a complete run
     del start
     first = sol.history[0]
@@ -133,8 +135,13 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
               seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
               dtype=torch.float64, rtol: float = 1e-6, atol: float = 1e-8, progress: bool = True,
               inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam"), quadrature: int = 3,
-              results_path: Optional[Path] = None, previous: Optional[Dict] = None) -> Dict:
+              results_path: Optional[Path] = None, previous: Optional[Dict] = None, group=None) -> Dict:
     """Run every method from each initialisation; return the results dictionary (see ``main``).
+
+    ``group``: a torch.distributed process group (``--distributed``): E-MSA solves with each rank
+    holding its shard of the training samples (``solve(process_group=...)``, the same controls on
+    every rank); the gradient baselines back-propagate through one differentiable sweep, which
+    does not take a group, so they run on rank 0 alone on all the samples.
 
     With ``results_path`` the results are written there (atomically) after every run,
     so a study stopped at any moment keeps its complete runs. ``previous``: results
@@ -174,6 +181,13 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     loaded = 0
     try:
         train = sine_problem(*sine_data(config["train"], seed=seed), reg=reg, delta=delta, name="sine-train")
+        shard = train
+        if group is not None:  # this rank's samples; J stays the mean over all of them (global K)
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            x, y = (t.chunk(world)[rank] for t in sine_data(config["train"], seed=seed))
+            shard = sine_problem(x, y, reg=reg, delta=delta, name="sine-train")
         test = sine_problem(*sine_data(config["test"], seed=seed + 1), reg=reg, delta=delta, name="sine-test")
         test_loss = _loss_evaluator(test, dtype, device, rtol, atol)
         common = dict(dtype=dtype, device=device, rtol=rtol, atol=atol, progress=progress)
@@ -185,7 +199,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
                 for opt in ("sgd", "adagrad", "adam"):
                     learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, **common)
                 rhos[init_kind] = min(RHO_GRID, key=lambda r: _run_emsa(
-                    train, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
+                    shard, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
                     **common)["train_loss"][-1])
                 tuned_inits.append(init_kind)
                 save()
@@ -198,8 +212,10 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
                     continue
                 start = time.perf_counter()
                 if method == "emsa":
-                    rec = _run_emsa(train, test_loss, init, iterations=config["emsa_iterations"],
-                                    rho=rhos[init_kind], seed=seed, quadrature=quadrature, **common)
+                    rec = _run_emsa(shard, test_loss, init, iterations=config["emsa_iterations"],
+                                    rho=rhos[init_kind], seed=seed, quadrature=quadrature, group=group, **common)
+                elif group is not None and dist.get_rank(group) != 0:
+                    continue  # the baselines run on rank 0 (see the docstring)
                 else:
                     rec = _run_baseline(train, test_loss, init, optimizer=method, lr=setting["lr"],
                                         iterations=config["iterations"], **common)
@@ -289,16 +305,31 @@ def main(argv=None) -> Dict:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="a smoke-test size")
     size.add_argument("--full", action="store_const", dest="size", const="full", help="the paper's size")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel E-MSA under torchrun (torchrun --nproc_per_node=2 -m pmpsolve reproduce "
+                             "sine --distributed): each rank holds its shard of the training samples; the "
+                             "baselines run on rank 0 (docs/distributed.md)")
     parser.add_argument("--no-progress", action="store_true")
     cli.add_resume_option(parser)
     args = parser.parse_args(argv)
+    group, rank = None, 0
+    if args.distributed:
+        if args.resume or args.tune:
+            parser.error("--resume and --tune are not supported with --distributed")
+        group, rank, _, cuda = cli.init_distributed()
+        if cuda is not None and args.device is None:
+            args.device = cuda
     options = dict(size=args.size or "default", iterations=args.iterations, emsa_iterations=args.emsa_iterations,
                    seed=args.seed, device=args.device, rho=args.rho, tune=args.tune, reg=args.reg,
                    quadrature=args.quadrature)
     path = args.out / "results.json"
     previous = cli.load_previous(parser, path, study_settings(**options), key="config") if args.resume else None
+    if rank != 0:  # the other ranks take part in E-MSA's solves; rank 0 reports and writes
+        run_study(progress=False, results_path=None, group=group, **options)
+        return {}
     try:
-        results = run_study(progress=not args.no_progress, results_path=path, previous=previous, **options)
+        results = run_study(progress=not args.no_progress, results_path=path, previous=previous, group=group,
+                            **options)
     except cli.Interrupted as stop:
         done = len(stop.results["runs"])
         try:
