@@ -1,8 +1,10 @@
 """Seconds per iteration of a data-parallel control solve on 1 and R ranks, and the communication share.
 
-The LQR from K initial states (``problems.lqr_samples``), the default solve (E-MSA, closed-form
-maximisation, dopri5) on ``--mesh`` intervals for ``--iterations`` iterations (tol = 0 so that
-every run does the same number). Each configuration runs in fresh processes started here
+``--problem sine`` (default): the sine network of the paper's Fig. 1 (``problems.sine``) with K
+training samples, the sine study's E-MSA settings (rho 0.25, 10 L-BFGS iterations, the "good"
+start, rtol 1e-6). ``--problem lqr``: the LQR from K initial states (``problems.lqr_samples``),
+the default solve (E-MSA, closed-form maximisation, dopri5). On ``--mesh`` intervals for
+``--iterations`` iterations (tol = 0 so that every run does the same number). Each configuration runs in fresh processes started here
 (torch.multiprocessing, gloo on the CPU, one thread per rank): R = 1 is the plain one-process
 solve, R > 1 splits x0 into R shards with ``process_group``. Reported per run (rank 0; the
 slowest rank for the wall time): the median seconds per iteration, the whole solve's seconds,
@@ -36,9 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `problems`
 import pmpsolve as pmp  # noqa: E402
 from problems import lqr_samples  # noqa: E402
+from problems.sine import sine_data, sine_initial_controls, sine_problem  # noqa: E402
 
 
-def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, queue) -> None:
+def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, queue, which: str = "sine") -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # one core per rank: R ranks use R cores
@@ -49,13 +52,21 @@ def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, 
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=1800))
             group = dist.group.WORLD
-        full = lqr_samples(K)[0]
-        problem = pmp.ControlProblem(full.dynamics, full.x0.chunk(world)[rank], full.horizon, full.controls,
-                                     full.terminal_cost, full.running_cost, name=full.name)
+        if which == "sine":
+            x, y = (t.chunk(world)[rank] for t in sine_data(K, seed=0))
+            problem = sine_problem(x, y, reg=0.001, delta=5.0 / mesh, name="sine-train")
+            options = dict(rho=0.25, maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8,
+                           init=sine_initial_controls("good", mesh, seed=0))
+        else:
+            full = lqr_samples(K)[0]
+            problem = pmp.ControlProblem(full.dynamics, full.x0.chunk(world)[rank], full.horizon, full.controls,
+                                         full.terminal_cost, full.running_cost, name=full.name)
+            options = {}
         if group is not None:
             dist.barrier(group)  # start together
         start, cpu = time.perf_counter(), time.process_time()
-        sol = pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0, stall_tol=0.0, process_group=group)
+        sol = pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0, stall_tol=0.0, process_group=group,
+                        **options)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         records = sol.history[1:]
         info = sol.settings.get("distributed") or {"all_reduces": 0, "numbers_reduced": 0, "all_reduce_seconds": 0.0}
@@ -83,7 +94,7 @@ def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, 
         queue.put((rank, f"{type(err).__name__}: {err}"))
 
 
-def run(K: int, world: int, mesh: int, iterations: int) -> dict:
+def run(K: int, world: int, mesh: int, iterations: int, which: str = "sine") -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -91,7 +102,7 @@ def run(K: int, world: int, mesh: int, iterations: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = [ctx.Process(target=_rank, args=(r, world, port, K, mesh, iterations, queue)) for r in range(world)]
+    processes = [ctx.Process(target=_rank, args=(r, world, port, K, mesh, iterations, queue, which)) for r in range(world)]
     for p in processes:
         p.start()
     got = dict(queue.get() for _ in range(world))
@@ -120,18 +131,20 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[10000])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--mesh", type=int, default=20)
+    parser.add_argument("--problem", choices=["sine", "lqr"], default="sine")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
     results = {"machine": dict(platform=platform.platform(), torch=torch.__version__, cpus=os.cpu_count(),
                                threads_per_rank=1, load_average_before=os.getloadavg()),
-               "problem": "lqr_samples(K), default solve (emsa, closed form, dopri5)", "rows": []}
+               "problem": ("sine network, the sine study's E-MSA settings" if args.problem == "sine" else
+                           "lqr_samples(K), default solve (emsa, closed form, dopri5)"), "rows": []}
     print(f"{'K':>7} {'ranks':>5} {'s/iter':>8} {'solve s':>8} {'cpu s':>7} {'fwd':>6} {'bwd':>6} {'max':>6} "
           f"{'comm s':>7} {'share':>6} {'lat us':>7} {'xfer':>6} {'red/it':>6} {'nums/it':>8}  J")
     for K in args.samples:
         base = None
         for world in args.ranks:
-            row = run(K, world, args.mesh, args.iterations)
+            row = run(K, world, args.mesh, args.iterations, args.problem)
             results["rows"].append(row)
             base = row if world == 1 else base
             print(f"{K:>7} {world:>5} {row['seconds_per_iteration']:>8.3f} {row['solve_seconds']:>8.2f} "
