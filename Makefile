@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_scaling.py
 	$(PY) scripts/bench_maximisers.py
 	$(PY) scripts/bench_networks.py
+	$(PY) scripts/bench_compile.py
 	$(PY) scripts/bench_gpu.py
 
 clean:

@@ -90,3 +90,20 @@ def test_bench_networks_splits_an_emsa_step_and_compares_with_adam(tmp_path):
         assert row["step_s"] > 0 and row["closure_calls"] >= 1
         assert abs(row["closure_s"] + row["maximisation_s"] - row["step_s"]) < 1e-9
     assert steps["emsa adaptive, 10 it"]["closure_calls"] >= 2  # the trial step is re-evaluated
+
+
+def test_bench_compile_records_timings_or_failures_and_host_syncs(tmp_path):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    # aot_eager only (tracing, no C++ code generation): seconds, not the minutes inductor takes.
+    code = load("bench_compile").main(["--problems", "lqr", "--mesh", "10", "--sine-samples", "0", "--repeats", "1",
+                                       "--max-iter", "5", "--forward-variants", "aot_eager",
+                                       "--objective-variants", "aot_eager", "--out", str(tmp_path)])
+    assert code == 0
+    (row,) = json.loads((tmp_path / "compile.json").read_text())["rows"]
+    forward = row["forward"]["aot_eager"]
+    assert forward["ok"] and forward["max_difference"] == 0.0 and forward["median_seconds"] > 0
+    for task in ("value_and_grad", "maximise_lbfgs", "value_and_grad_rho0"):
+        result = row[task]["aot_eager"]
+        assert result["ok"] or result["error"], result  # a failure is recorded with its message
+    assert row["host_syncs"]["total"] >= row["host_syncs"]["iterations"] >= 1
