@@ -22,11 +22,11 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 __all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "writable_dir", "device",
            "one_of", "write_json", "load_previous", "Interrupted", "check_interrupted", "resume_command",
-           "exit_interrupted", "add_resume_option"]
+           "exit_interrupted", "add_resume_option", "run_and_report", "init_distributed", "average_gradients"]
 
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
@@ -247,6 +247,31 @@ def exit_interrupted(study: str, argv: Optional[List[str]], done: int, path: Pat
     saved = f"{done} complete run(s) saved in {path}" if done else "no run was complete"
     print(f"\ninterrupted: {saved}; resume with: {resume_command(study, argv)}", file=sys.stderr, flush=True)
     raise SystemExit(INTERRUPT_EXIT_CODE)
+
+
+def run_and_report(study: str, argv: Optional[List[str]], path: Path, out: Path, run: Callable[[], Dict],
+                   write_outputs: Callable[[Dict, Path], Tuple[List[Path], str]],
+                   partial: Callable[[Dict], bool] = lambda results: bool(results["runs"])) -> Dict:
+    """The end every study's ``main`` shares: ``run()``, then its figures and table (``write_outputs``
+    returns the figure paths and the table) and where they went. Stopped by Ctrl-C: the complete runs
+    are already saved; their outputs are written when ``partial(results)`` says there is something to
+    show, and the process exits with the resume command (code 130)."""
+    try:
+        results = run()
+    except Interrupted as stop:
+        done = sum(1 for r in stop.results["runs"] if r.get("complete", True))
+        try:
+            if partial(stop.results):
+                print(write_outputs(stop.results, out)[1])
+        except KeyboardInterrupt:
+            pass
+        exit_interrupted(study, argv, done, path)
+    figures, table = write_outputs(results, out)
+    print(table)
+    loaded = results.pop("loaded_runs", 0)
+    note = f"; {loaded} run(s) loaded from the earlier results" if loaded else ""
+    print(f"\nwrote {path} and {len(figures)} figure(s) in {out} ({results['config']['total_seconds']:.0f} s{note})")
+    return results
 
 
 def init_distributed(timeout_seconds: float = 600.0):

@@ -618,24 +618,11 @@ def main(argv=None) -> Dict:
         run_study(methods=args.methods, progress=False, results_path=None, data=data, threads=threads,
                   group=group, **options)
         return {}
-    try:
-        results = run_study(methods=args.methods, progress=not args.no_progress, results_path=path,
-                            previous=previous, data=data, threads=threads, group=group, **options)
-    except cli.Interrupted as stop:
-        done = sum(1 for r in stop.results["runs"] if r.get("complete"))
-        try:
-            if any(r.get("iteration") for r in stop.results["runs"]):
-                print(_write_outputs(stop.results, args.out)[1])
-        except KeyboardInterrupt:
-            pass
-        cli.exit_interrupted("cnn", argv, done, path)
-    figures, table = _write_outputs(results, args.out)
-    print(table)
-    loaded = results.pop("loaded_runs", 0)
-    note = f"; {loaded} run(s) loaded from the earlier results" if loaded else ""
-    print(f"\nwrote {path}, {args.out / 'results.md'} and {len(figures)} figures in {args.out} "
-          f"({results['config']['total_seconds']:.0f} s{note})")
-    return results
+    return cli.run_and_report(
+        "cnn", argv, path, args.out,
+        lambda: run_study(methods=args.methods, progress=not args.no_progress, results_path=path,
+                          previous=previous, data=data, threads=threads, group=group, **options),
+        _write_outputs, partial=lambda results: any(r.get("iteration") for r in results["runs"]))
 
 
 if __name__ == "__main__":

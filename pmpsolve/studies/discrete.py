@@ -465,24 +465,11 @@ def main(argv=None) -> Dict:
         parser.error(f"--dataset {settings['dataset']}: {err}")
     path = args.out / "results.json"
     previous = cli.load_previous(parser, path, settings, key="config") if args.resume else None
-    try:
-        results = run_study(networks=list(dict.fromkeys(args.networks)), progress=not args.no_progress,
-                            results_path=path, previous=previous, data=data, threads=args.threads, **options)
-    except cli.Interrupted as stop:
-        done = sum(1 for r in stop.results["runs"] if r.get("complete"))
-        try:
-            if done:
-                print(_write_outputs(stop.results, args.out)[1])
-        except KeyboardInterrupt:
-            pass
-        cli.exit_interrupted("discrete", argv, done, path)
-    figures, table = _write_outputs(results, args.out)
-    print(table)
-    loaded = results.pop("loaded_runs", 0)
-    note = f"; {loaded} run(s) loaded from the earlier results" if loaded else ""
-    print(f"\nwrote {path}, {args.out / 'results.md'} and {len(figures)} figure(s) in {args.out} "
-          f"({results['config']['total_seconds']:.0f} s{note})")
-    return results
+    return cli.run_and_report(
+        "discrete", argv, path, args.out,
+        lambda: run_study(networks=list(dict.fromkeys(args.networks)), progress=not args.no_progress,
+                          results_path=path, previous=previous, data=data, threads=args.threads, **options),
+        _write_outputs, partial=lambda results: any(r.get("complete") for r in results["runs"]))
 
 
 if __name__ == "__main__":

@@ -327,25 +327,11 @@ def main(argv=None) -> Dict:
     if rank != 0:  # the other ranks take part in E-MSA's solves; rank 0 reports and writes
         run_study(progress=False, results_path=None, group=group, **options)
         return {}
-    try:
-        results = run_study(progress=not args.no_progress, results_path=path, previous=previous, group=group,
-                            **options)
-    except cli.Interrupted as stop:
-        done = len(stop.results["runs"])
-        try:
-            if done:
-                plot(stop.results, args.out)
-                print(format_table(stop.results))
-        except KeyboardInterrupt:
-            pass
-        cli.exit_interrupted("sine", argv, done, path)
-    figures = plot(results, args.out)
-    print(format_table(results))
-    loaded = results.pop("loaded_runs", 0)
-    note = f"; {loaded} run(s) loaded from the earlier results" if loaded else ""
-    print(f"\nwrote {path} and {len(figures)} figures in {args.out} "
-          f"({results['config']['total_seconds']:.0f} s{note})")
-    return results
+    return cli.run_and_report(
+        "sine", argv, path, args.out,
+        lambda: run_study(progress=not args.no_progress, results_path=path, previous=previous, group=group,
+                          **options),
+        lambda results, out: (plot(results, out), format_table(results)))
 
 
 if __name__ == "__main__":
