@@ -1,7 +1,8 @@
-"""Small problems with closed-form answers, shared by the tests."""
+"""Small problems with closed-form answers, and network-training helpers, shared by the tests."""
 import torch
 
 import pmpsolve as pmp
+from pmpsolve.nn.recording import CostateRecorder
 
 
 def scalar_terminal(c: float = 5.0, T: float = 1.0, x0: float = 1.0) -> pmp.ControlProblem:
@@ -16,3 +17,26 @@ def scalar_terminal(c: float = 5.0, T: float = 1.0, x0: float = 1.0) -> pmp.Cont
 
 def scalar_terminal_optimum(c: float = 5.0, T: float = 1.0, x0: float = 1.0):
     return -c * x0 / (1 + c * T), c * x0 ** 2 / (2 * (1 + c * T))
+
+
+def closure_for(opt, model, x, y):
+    """The closure torch.optim.LBFGS takes: the batch's mean cross-entropy, backward, returned."""
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def recorded(model, x, y):
+    """The parametrised layers {index: module} of a Sequential and their LayerRecords from one forward and
+    one backward pass of the mean cross-entropy (the hooks are removed afterwards)."""
+    layers = {n: m for n, m in enumerate(model) if any(True for _ in m.parameters())}
+    rec = CostateRecorder(layers)
+    with rec.recording():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    records = rec.records(list(layers))
+    rec.remove()
+    return layers, records

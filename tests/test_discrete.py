@@ -11,6 +11,8 @@ from pmpsolve.nn.groups import group_layers
 from pmpsolve.nn.hamiltonian import LayerHamiltonian, layer_data
 from pmpsolve.nn.recording import CostateRecorder
 
+from helpers import closure_for, recorded
+
 F = torch.nn.functional
 BINARY, TERNARY = [-1.0, 1.0], [-1.0, 0.0, 1.0]
 
@@ -27,24 +29,9 @@ def data(n=40, seed=1, dtype=torch.float64, features=2, classes=3):
     return x, torch.randint(0, classes, (n,), generator=g)
 
 
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 def layer0_objective(model, x, y):
     """The plain Hamiltonian of layer 0 (its weight as the row) at the model's current parameters."""
-    layers = {n: m for n, m in enumerate(model) if any(True for _ in m.parameters())}
-    rec = CostateRecorder(layers)
-    with rec.recording():
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-    records = rec.records(list(layers))
-    rec.remove()
+    layers, records = recorded(model, x, y)
     (group,) = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}) if g.indices == [0]]
     u = group.parameters()
     return LayerHamiltonian(group, layer_data(group, records, u, False)), u

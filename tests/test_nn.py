@@ -8,8 +8,9 @@ import torch
 import pmpsolve as pmp
 from pmpsolve.nn.groups import LayerGroup, group_layers
 from pmpsolve.nn.hamiltonian import LayerHamiltonian, layer_data
-from pmpsolve.nn.recording import CostateRecorder
 from problems.moons import two_moons
+
+from helpers import closure_for, recorded
 
 F = torch.nn.functional
 
@@ -26,24 +27,6 @@ def small_net(width=6, blocks=3, seed=0, dtype=torch.float64):
 
 def data(n=64, seed=1, dtype=torch.float64):
     return two_moons(n, 0.1, torch.Generator().manual_seed(seed), dtype)
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
-def recorded(model, x, y):
-    layers = {n: m for n, m in enumerate(model) if any(True for _ in m.parameters())}
-    rec = CostateRecorder(layers)
-    with rec.recording():
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-    return layers, rec.records(list(layers))
 
 
 def test_costates_are_minus_the_loss_gradient_at_each_layer_output():
