@@ -39,6 +39,7 @@ import torch
 from .mesh import chebyshev_fractions, interval_index
 from .ode import ODE
 from .pointwise import PointwiseProblem
+from .scan import affine_suffix_scan
 from .trajectory import IntervalSamples
 
 __all__ = ["CostateStrategy", "AutogradCostate", "SequentialLinearCostate", "ParallelScanCostate",
@@ -230,13 +231,7 @@ class ParallelScanCostate:
         Ys = self.ode.solve(rhs, Y0, unit, options=options)  # [Q + 2, N, K, n, n + 1]
         Y = Ys[-1]
         inner = Ys[1:-1].flip(0).transpose(0, 1)  # [N, Q, K, n, n + 1], in the order of ``fractions``
-        Phi, r = Y[..., :n], Y[..., n]  # [N, K, n, n], [N, K, n]
-        d = 1
-        while d < N:  # Hillis-Steele: after this step G_j covers F_j ... F_{j + 2d - 1}
-            head_Phi, head_r = Phi[: N - d], r[: N - d]
-            r = torch.cat([(head_Phi @ r[d:].unsqueeze(-1)).squeeze(-1) + head_r, r[N - d:]])
-            Phi = torch.cat([head_Phi @ Phi[d:], Phi[N - d:]])
-            d *= 2
+        Phi, r = affine_suffix_scan(Y[..., :n], Y[..., n])  # [N, K, n, n], [N, K, n]: the maps T -> t_n
         P = torch.cat([(Phi @ pT.unsqueeze(-1)).squeeze(-1) + r, pT.unsqueeze(0)])  # [N + 1, K, n]
         # Inside interval n: P(t_n + c h_n) = Phi_n(1 - c) P_{n+1} + r_n(1 - c).
         interior = (inner[..., :n] @ P[1:].unsqueeze(1).unsqueeze(-1)).squeeze(-1) + inner[..., n]
