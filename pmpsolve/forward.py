@@ -22,7 +22,7 @@ from .mesh import interval_index
 from .ode import ODE
 from .pointwise import PointwiseProblem
 
-__all__ = ["StateSolution", "solve_state"]
+__all__ = ["StateSolution", "solve_state", "state_solution"]
 
 
 class StateSolution(NamedTuple):
@@ -64,16 +64,22 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
         if fractions is None:
             fractions = mesh.new_zeros(0)
         Z, Z_interior = ode.solve_sampled(rhs, z0, fractions)  # [N + 1, K, n (+1)], [N, R, K, n (+1)]
-        X = Z[..., :n]
-        running = Z[-1, :, n] if pw.has_running_cost else X.new_zeros(K)
-        terminal = pw.terminal_cost(X[-1])
-        # In a distributed solve this is this rank's part of J (its samples' sum / global K, and the
-        # penalty on the rank that keeps shared terms): ``Sweeper.forward`` adds the parts of all ranks.
-        cost = pw.reducer.mean_costs(terminal + running)
-        penalty = pw.problem.control_penalty
-        if penalty is not None and pw.reducer.keeps_shared_terms:  # int c |u|: exact for piecewise-constant u
-            cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
-        # End slopes of each interval, both with that interval's control (f jumps at nodes).
-        slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach()).detach()
-        slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach()).detach()
-    return StateSolution(X, cost, terminal, running, slope_left, slope_right, Z_interior[..., :n].detach())
+        running = Z[-1, :, n] if pw.has_running_cost else Z.new_zeros(K)
+        return state_solution(pw, mesh, u, Z[..., :n], running, Z_interior[..., :n])
+
+
+def state_solution(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, X: torch.Tensor,
+                   running: torch.Tensor, interior: torch.Tensor) -> StateSolution:
+    """The StateSolution of a forward sweep that gave X at the nodes [N + 1, K, n], the running costs
+    [K] and X inside the intervals [N, R, K, n]: J, and the end slopes of every interval."""
+    terminal = pw.terminal_cost(X[-1])
+    # In a distributed solve this is this rank's part of J (its samples' sum / global K, and the
+    # penalty on the rank that keeps shared terms): ``Sweeper.forward`` adds the parts of all ranks.
+    cost = pw.reducer.mean_costs(terminal + running)
+    penalty = pw.problem.control_penalty
+    if penalty is not None and pw.reducer.keeps_shared_terms:  # int c |u|: exact for piecewise-constant u
+        cost = cost + ((mesh[1:] - mesh[:-1]) * penalty.value(u)).sum()
+    with torch.no_grad():  # end slopes of each interval, both with that interval's control (f jumps at nodes)
+        slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach())
+        slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach())
+    return StateSolution(X, cost, terminal, running, slope_left, slope_right, interior.detach())

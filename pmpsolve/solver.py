@@ -200,7 +200,7 @@ class Solver:
             # the dynamics stiff or blow up. An adaptive rule abandons such a trial (counted as rejected).
             budget = BUDGET_FACTOR * max(fw.evaluations, MIN_EVALS_PER_INTERVAL * N)
             try:
-                fw_new = self.sweeper.forward(u_new, iteration=k, budget=budget)
+                fw_new = self.sweeper.forward(u_new, iteration=k, budget=budget, start=fw)
             except (SweepBudgetError, NonFiniteError):
                 if not rule.adaptive:
                     raise

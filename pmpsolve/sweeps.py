@@ -27,6 +27,7 @@ from .forward import solve_state
 from .mesh import gauss_legendre
 from .ode import DEFAULT_BUDGET, METHODS, ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
+from .shooting import ShootingPolicy, solve_state_shooting
 from .trajectory import HermiteTrajectory, IntervalSamples
 
 __all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "ODE_METHODS", "DEFAULT_BUDGET"]
@@ -49,6 +50,7 @@ class ForwardSweep(NamedTuple):
     # X from the solver at the nodes and at the Sweeper's sample fractions (the Gauss and the
     # linearisation points); None for a forward sweep asked for J only (``samples=False``).
     samples: Optional[IntervalSamples] = None
+    strategy: str = "sequential"  # "shooting" when multiple shooting gave it (``shooting.py``)
 
 
 class BackwardSweep(NamedTuple):
@@ -65,6 +67,8 @@ class Sweeper:
 
     ``costate_policy``: chooses the co-state strategy per backward sweep (``costate.CostatePolicy``,
     or any object with its ``choose``); ``CostatePolicy(parallel=False)`` forces the sequential one.
+    ``forward_policy``: when a forward sweep given start values runs by multiple shooting
+    (``shooting.ShootingPolicy``); ``ShootingPolicy(enabled=False)`` keeps every one sequential.
     ``quadrature``: the Gauss points per interval of the interval data the sweeps feed
     (``hamiltonian.interval_data``): both sweeps sample their solution there.
     """
@@ -81,11 +85,13 @@ class Sweeper:
         self.state_fractions = torch.unique(torch.cat([self.gauss_fractions,
                                                        linearisation_fractions(mesh.dtype, mesh.device)]))
         self.costate_policy = CostatePolicy()
+        self.forward_policy = ShootingPolicy()
         self._synchronize = self.pw.device.type == "cuda"
 
     # ----------------------------------------------------------------- forward
     def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
-                budget: Optional[int] = None, differentiable: bool = False, samples: bool = True) -> ForwardSweep:
+                budget: Optional[int] = None, differentiable: bool = False, samples: bool = True,
+                start: Optional[ForwardSweep] = None) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
         ``budget``: raise SweepBudgetError after that many right-hand-side
@@ -97,19 +103,31 @@ class Sweeper:
         ``samples``: also return X at the sample fractions of every interval (what a backward
         sweep and the interval data need); False when only J is wanted. J and the node values
         are the same either way (the solver takes the same steps).
+        ``start``: the sweep of nearby controls (the current iterate's, for a trial step): its nodes
+        are the start values of a multiple-shooting sweep where ``forward_policy`` allows one
+        (``shooting.py``; J and X then agree with the sequential sweep's to the ODE tolerance), else
+        the sweep is sequential.
         """
-        start = self._clock()
+        clock = self._clock()
         count = EvaluationBudget(budget, "forward", iteration)
         reducer = self.pw.reducer
         if differentiable and reducer.distributed:
             raise ValueError("a differentiable forward sweep (the gradient baselines) does not support a process group")
-        state = None
+        state, strategy = None, "sequential"
         # In a distributed solve a failure on this rank is kept and raised on every rank by the one
         # collective that adds the ranks' parts of J (ErrorGuard); in one process it propagates as is.
         with reducer.guard() as guard:
+            fractions = self.state_fractions if samples else None
+            policy = self.forward_policy
             try:
-                state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
-                                    fractions=self.state_fractions if samples else None)
+                if start is not None and policy.applies(self.pw, self.ode, differentiable=differentiable):
+                    state = solve_state_shooting(self.pw, self.ode, u, count, start.states.values,
+                                                 fractions=fractions, max_newton=policy.max_newton,
+                                                 contraction=policy.contraction, accept=policy.accept)
+                strategy = "sequential" if state is None else "shooting"
+                if state is None:  # not tried, or Newton did not converge: the sequential sweep
+                    state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
+                                        fractions=fractions)
             except IntegrationFailure as err:
                 raise self._failure(err, "forward", count, iteration) from err
             self._check_finite(state.values, state.cost, "forward", iteration)
@@ -121,7 +139,7 @@ class Sweeper:
         traj = HermiteTrajectory(self.mesh, X, state.slope_left, state.slope_right)
         sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
         return ForwardSweep(traj, cost, state.terminal_cost, state.running_cost, count.evaluations,
-                            self._clock() - start, sampled)
+                            self._clock() - clock, sampled, strategy)
 
     # ---------------------------------------------------------------- backward
     def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None,

@@ -1,0 +1,159 @@
+"""The parallel-in-time forward sweep: multiple shooting over the mesh intervals, Newton on the node defects.
+
+The sequential forward sweep (``forward.py``) restarts the adaptive solver at every node, where the
+control jumps: at least 6 dopri5 stages per interval, N intervals one after the other, each stage a few
+tiny tensor ops. With one trajectory (K = 1) that is ~1,500 right-hand-side evaluations of torch
+dispatch per sweep, and it bounds an iteration (docs/benchmarks.md, section 1).
+
+Multiple shooting makes the N intervals independent. With start values S_n at the nodes (S_0 = x0),
+interval n is integrated from S_n on its own: on the common axis sigma in [0, 1], t = t_n + sigma h_n,
+dX/dsigma = h_n f(t, X, u_n), all intervals as one batch in one adaptive solve (the step control takes
+the worst interval's error, as the parallel co-state does). The ends phi_n(S_n) must meet the next
+start values; Newton on the defects d_{n+1} = phi_n(S_n) - S_{n+1} gives the correction
+
+    delta_0 = 0,   delta_{n+1} = Phi_n delta_n + d_{n+1},   S <- S + delta,
+
+with Phi_n = d phi_n / d S_n, a linear recursion chained by the affine prefix scan (``scan.py``).
+Phi_n comes from the same solve: 2n more copies of every interval start at S_n +- eps e_i and are
+stepped with the nominal one (the same steps: internal numerical differentiation by central
+differences, the derivative of the discrete scheme to ~1e-10), one f call per stage on a batch
+(1 + 2n) times larger.
+An inexact Phi changes how fast Newton converges, never what it converges to: a sweep is accepted
+only when every defect is within the solver's own error tolerance, atol + rtol |X| (one local error
+of the sequential sweep), and everything it returns (J, the nodes, the samples inside the intervals)
+comes from that last integration.
+
+Start values: the previous iterate's nodes (in an iteration the controls move little: one Newton
+step and the check, typically). When Newton does not contract (or an integration fails, e.g. a
+trial control that blows the state up) the sweep returns None and the caller runs the sequential
+sweep: the result is then exactly the sequential one. ``ShootingPolicy`` says when to try.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .forward import StateSolution, state_solution
+from .ode import ODE, EvaluationBudget, IntegrationFailure
+from .pointwise import PointwiseProblem
+from .scan import affine_prefix_scan
+
+__all__ = ["ShootingPolicy", "solve_state_shooting"]
+
+
+@dataclass(frozen=True)
+class ShootingPolicy:
+    """When the forward sweep runs by multiple shooting (``Sweeper.forward_policy``).
+
+    With an adaptive method, for a sweep that has start values (the solver's trial sweeps, from the
+    current iterate's nodes), not differentiable (the gradient baselines back-propagate through the
+    sequential solver's steps), and while the batch per interval, K n (2n + 1) numbers, stays at most
+    ``max_batch``: like the parallel co-state, all intervals at once pays where the per-step overhead
+    of N sequential restarts dominates (few samples, a small state). Measured at N = 200 (one
+    thread, a sweep from the nodes of controls 0.01 away; scripts/bench_shooting.py): lqr_samples
+    (n = 2) 0.07x the sequential sweep's time at K = 1, 0.28x at K = 10, 0.70x at K = 30 (batch 300),
+    2.3x at K = 100; the sine network (n = 5) 0.56x at K = 1, 1.25x at K = 10 (batch 550).
+
+    ``max_newton`` integrations per sweep at most; each Newton step must shrink the largest scaled
+    defect by ``contraction`` at least; a sweep is accepted when every defect is at most ``accept``
+    times the solver's local error tolerance. ``ShootingPolicy(enabled=False)`` keeps every sweep
+    sequential.
+    """
+
+    enabled: bool = True
+    max_batch: int = 400
+    max_newton: int = 4
+    contraction: float = 0.5
+    accept: float = 0.1
+
+    def applies(self, pointwise: PointwiseProblem, ode: ODE, *, differentiable: bool) -> bool:
+        """Whether a sweep that has start values runs by multiple shooting."""
+        K, n = pointwise.num_samples, pointwise.state_dim
+        return (self.enabled and ode.adaptive and not differentiable
+                and K * n * (2 * n + 1) <= self.max_batch)
+
+
+class _OverBudget(Exception):
+    """The attempt used its share of the sweep's evaluation budget."""
+
+
+def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget: EvaluationBudget,
+                         start: torch.Tensor, *, fractions: Optional[torch.Tensor] = None, max_newton: int = 4,
+                         contraction: float = 0.5, accept: float = 0.1) -> Optional[StateSolution]:
+    """The forward sweep for controls u [N, m] by multiple shooting from start values ``start``
+    [N + 1, K, n] (the nodes of a nearby trajectory; entry 0 is replaced by x0), or None when Newton
+    did not meet the tolerance within ``max_newton`` integrations (see the module).
+
+    ``fractions`` [R] as in ``forward.solve_state``. The attempt's evaluations are added to
+    ``budget``; it gives up (None) past half of what is left of it, so that the sequential sweep
+    that follows still has the other half and, if the controls do blow the state up, reports the
+    time where (which an all-intervals solve has no single value of). Runs without autograd graph.
+    """
+    mesh = ode.mesh
+    N, K, n = mesh.numel() - 1, pw.num_samples, pw.state_dim
+    starts, h = mesh[:-1], mesh[1:] - mesh[:-1]
+    scale_h = h.view(N, 1, 1, 1)
+
+    share, used = (budget.limit - budget.evaluations) // 2, 0
+
+    def rhs(sigma, Y):  # Y [N, 1 + 2n, K, n (+1)]: the nominal start and 2n perturbed ones per interval
+        nonlocal used
+        used += 1
+        if used > share:
+            raise _OverBudget
+        t = starts + sigma * h  # [N], each interval at its own time
+        if not pw.has_running_cost:
+            return scale_h * pw.dynamics(t, Y, u)
+        f, L = pw.dynamics_and_running_cost(t, Y[..., :n], u)
+        return scale_h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
+
+    # The mesh's jump and step times mean nothing on the common sigma axis [0, 1]; the error is the
+    # nominal copies' (per-interval RMS, as the sequential sweep's per step, then the worst interval).
+    options = {k: v for k, v in ode.options.items() if k not in ("jump_t", "first_step", "step_t")}
+    options["norm"] = lambda e: e.reshape(N, copies, -1)[:, 0].pow(2).mean(-1).sqrt().amax()
+    inner = mesh.new_zeros(0) if fractions is None else fractions.to(mesh.dtype)
+    unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
+    eps = torch.finfo(mesh.dtype).eps ** (1 / 3)  # central differences: truncation and rounding balanced
+    component = torch.arange(n, device=mesh.device)
+    plus, minus, copies = 1 + component, 1 + n + component, 1 + 2 * n
+    S = torch.cat([pw.x0.unsqueeze(0), start[1:].to(pw.x0)])  # [N + 1, K, n]
+    previous = math.inf
+    try:  # the attempt's evaluations count, whatever its outcome
+        with torch.no_grad():
+            for _ in range(max_newton):
+                Y0 = S[:-1].unsqueeze(1).repeat(1, copies, 1, 1)  # [N, 1 + 2n, K, n]
+                # copies 1 + i and 1 + n + i of interval j start at S_j +- eps_i e_i
+                offset = (eps * S[:-1].abs().clamp_min(1.0)).permute(2, 0, 1)  # [n, N, K]
+                Y0[:, plus, :, component] += offset
+                Y0[:, minus, :, component] -= offset
+                # the widths as represented (exact differences of the two starts) [N, K, n]
+                width = (Y0[:, plus, :, component] - Y0[:, minus, :, component]).permute(1, 2, 0)
+                if pw.has_running_cost:
+                    Y0 = torch.cat([Y0, Y0.new_zeros(N, copies, K, 1)], dim=-1)
+                try:
+                    Ys = ode.solve(rhs, Y0, unit, options=options)  # [R + 2, N, 1 + 2n, K, n (+1)]
+                except (IntegrationFailure, _OverBudget):
+                    return None
+                end = Ys[-1]
+                X_end = end[:, 0, :, :n]  # [N, K, n]
+                defect = X_end - S[1:]
+                tolerance = ode.atol + ode.rtol * torch.maximum(X_end.abs(), S[1:].abs())
+                size = float((defect.abs() / tolerance).amax())  # one host sync per Newton step
+                if not math.isfinite(size) or size > contraction * previous:
+                    return None
+                if size <= accept:  # every node within a fraction of the local error tolerance: the sweep
+                    X = torch.cat([S[:-1], X_end[-1:]])
+                    running = end[:, 0, :, n].sum(0) if pw.has_running_cost else X.new_zeros(K)
+                    interior = Ys[1:-1, :, 0].transpose(0, 1)  # [N, R, K, n (+1)]
+                    return state_solution(pw, mesh, u, X, running, interior[..., :n])
+                previous = size
+                # Phi_j[:, a, i] = d X_end_a / d S_i from the perturbed copies: [N, K, n, n]
+                Phi = (end[:, plus, :, :n] - end[:, minus, :, :n]).permute(0, 2, 3, 1) / width.unsqueeze(-2)
+                _, delta = affine_prefix_scan(Phi, defect)  # delta_{j+1} = Phi_j delta_j + d_{j+1}
+                S = torch.cat([S[:1], S[1:] + delta])
+        return None
+    finally:
+        budget.evaluations += used

@@ -1,0 +1,137 @@
+"""The multiple-shooting forward sweep (pmpsolve/shooting.py) against an independent integrator, its
+fallback, its policy, and the pieces it rests on (the affine scan, the time probe)."""
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import pmpsolve as pmp
+from pmpsolve.mesh import make_mesh
+from pmpsolve.pointwise import PointwiseProblem, reads_time
+from pmpsolve.scan import affine_prefix_scan, affine_suffix_scan
+from pmpsolve.shooting import ShootingPolicy
+from pmpsolve.sweeps import Sweeper
+from problems import rayleigh, van_der_pol
+
+RTOL, ATOL = 1e-9, 1e-11
+
+
+def scipy_nodes(problem, controls, mesh):
+    """X at the nodes and J by scipy's DOP853 at rtol 1e-13, interval by interval (K = 1)."""
+    pw = PointwiseProblem(problem, torch.float64, "cpu")
+    n = pw.state_dim
+    z, nodes = np.concatenate([pw.x0[0].numpy(), [0.0]]), [pw.x0[0].numpy()]
+
+    def rhs_for(u):
+        def rhs(t, z):
+            t, x = torch.tensor(t, dtype=torch.float64), torch.tensor(z[:n])[None]
+            return np.concatenate([pw.dynamics(t, x, u)[0].numpy(), pw.running_cost(t, x, u).numpy()])
+        return rhs
+
+    for j in range(len(mesh) - 1):
+        z = np.concatenate([z[:n], [z[n]]])
+        z = solve_ivp(rhs_for(controls[j]), (float(mesh[j]), float(mesh[j + 1])), z, method="DOP853",
+                      rtol=1e-13, atol=1e-15).y[:, -1]
+        nodes.append(z[:n])
+    X = np.array(nodes)
+    return X, float(z[n] + pw.terminal_cost(torch.tensor(X[-1])[None])[0])
+
+
+@pytest.mark.parametrize("make", [van_der_pol, rayleigh])
+def test_shooting_matches_an_independent_integrator(make):
+    problem = make()[0]
+    pw = PointwiseProblem(problem, torch.float64, "cpu")
+    mesh = make_mesh(40, problem.horizon, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(1)
+    u_start = 0.3 * torch.rand(40, 1, generator=g, dtype=torch.float64)
+    u = u_start + 0.05 * torch.rand(40, 1, generator=g, dtype=torch.float64)  # another control: real defects
+    sweeper = Sweeper(pw, mesh, rtol=RTOL, atol=ATOL)
+    start = sweeper.forward(u_start)
+    shot, sequential = sweeper.forward(u, start=start), sweeper.forward(u)
+    assert (shot.strategy, sequential.strategy) == ("shooting", "sequential")
+    assert shot.evaluations < sequential.evaluations / 3
+    X, J = scipy_nodes(problem, u, mesh)
+    scale = max(1.0, float(np.abs(X).max()))
+    # Measured: van der Pol 9e-11 (sequential 1.5e-9), Rayleigh 2.6e-9 (1.4e-9) at rtol 1e-9, |X| <= 7.
+    assert np.abs(shot.states.values[:, 0].numpy() - X).max() <= 10 * RTOL * scale
+    assert abs(float(shot.cost) - J) <= 10 * RTOL * max(1.0, abs(J))
+    # the samples inside the intervals are the solver's, consistent with the nodes it returns
+    assert shot.samples.interior.shape == sequential.samples.interior.shape
+    assert (shot.samples.interior - sequential.samples.interior).abs().max() <= 10 * RTOL * scale
+
+
+def test_shooting_falls_back_to_the_sequential_sweep_bit_for_bit():
+    # x' = x^2 + u from x0 = 1 blows up near t = 1 for u = 0: from the nodes of u = -1 Newton cannot
+    # meet the tolerance (or the integration fails) and the sequential sweep is the result, unchanged.
+    problem = pmp.ControlProblem(lambda t, x, u: x ** 2 + u, torch.tensor([1.0]), 0.9, pmp.Reals(1),
+                                 terminal_cost=lambda x: x[..., 0])
+    pw = PointwiseProblem(problem, torch.float64, "cpu")
+    mesh = make_mesh(10, 0.9, torch.float64, "cpu")
+    sweeper = Sweeper(pw, mesh, rtol=RTOL, atol=ATOL)
+    start = sweeper.forward(-torch.ones(10, 1, dtype=torch.float64))
+    u = torch.zeros(10, 1, dtype=torch.float64)
+    fallback, sequential = sweeper.forward(u, start=start), sweeper.forward(u)
+    assert fallback.strategy == "sequential"
+    assert torch.equal(fallback.states.values, sequential.states.values) and torch.equal(fallback.cost, sequential.cost)
+    assert fallback.evaluations > sequential.evaluations  # the Newton attempt is counted
+
+
+def test_policy_keeps_sweeps_sequential_where_shooting_does_not_apply():
+    problem = van_der_pol()[0]
+    pw = PointwiseProblem(problem, torch.float64, "cpu")
+    mesh = make_mesh(8, problem.horizon, torch.float64, "cpu")
+    u = torch.full((8, 1), 0.1, dtype=torch.float64)
+    fixed = Sweeper(pw, mesh, method="rk4", options={"step_size": 0.1})
+    assert fixed.forward(u, start=fixed.forward(u)).strategy == "sequential"  # needs an adaptive method
+    adaptive = Sweeper(pw, mesh)
+    start = adaptive.forward(u)
+    assert adaptive.forward(u, start=start, differentiable=True).strategy == "sequential"
+    adaptive.forward_policy = ShootingPolicy(enabled=False)
+    assert adaptive.forward(u, start=start).strategy == "sequential"
+    assert not ShootingPolicy().applies(PointwiseProblem(pmp.ControlProblem(
+        problem.dynamics, torch.zeros(50, 2), 1.0, pmp.Reals(1), terminal_cost=lambda x: x[..., 0]),
+        torch.float64, "cpu"), adaptive.ode,
+        differentiable=False)  # K n (2n + 1) = 500 > 400
+
+
+def test_solve_with_and_without_shooting_agree():
+    problem = rayleigh()[0]
+    with_shooting = pmp.solve(problem, mesh=20, max_iter=3)
+    solver = pmp.Solver(problem, mesh=20, max_iter=3)
+    solver.sweeper.forward_policy = ShootingPolicy(enabled=False)
+    state = solver.init()
+    while not state.done:
+        state = solver.step(state)
+    without = solver.solution(state)
+    assert abs(with_shooting.cost - without.cost) <= 1e-8 * abs(without.cost)
+    assert (with_shooting.controls - without.controls).abs().max() <= 1e-6
+
+
+def test_affine_scans_equal_the_recursions():
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(13, 2, 3, 3, generator=g, dtype=torch.float64) / 2, torch.randn(13, 2, 3, generator=g,
+                                                                                         dtype=torch.float64)
+    _, forward = affine_prefix_scan(A, b)
+    y = torch.zeros(2, 3, dtype=torch.float64)
+    for j in range(13):
+        y = (A[j] @ y.unsqueeze(-1)).squeeze(-1) + b[j]
+        assert torch.allclose(forward[j], y, rtol=1e-12, atol=1e-12)
+    _, backward = affine_suffix_scan(A, b)
+    y = torch.zeros(2, 3, dtype=torch.float64)
+    for j in reversed(range(13)):
+        y = (A[j] @ y.unsqueeze(-1)).squeeze(-1) + b[j]
+        assert torch.allclose(backward[j], y, rtol=1e-12, atol=1e-12)
+
+
+def test_time_probe_and_the_plain_batched_call():
+    x0, reads = torch.zeros(1, 2, dtype=torch.float64), lambda fn: reads_time(fn, x0, 1)
+    assert not reads(lambda t, x, u: x * u)
+    assert reads(lambda t, x, u: x * t) and reads(lambda t, x, u: x * float(t))
+    assert reads(lambda t, x, u: torch.where(t < 1, x, u))
+    # f that ignores t is called once on all points; one that reads t is mapped: same values
+    free, timed = (pmp.ControlProblem(f, torch.ones(2), 1.0, pmp.Reals(1), terminal_cost=lambda x: x[..., 0])
+                   for f in (lambda t, x, u: x * u, lambda t, x, u: x * u + 0 * t))
+    a, b = (PointwiseProblem(p, torch.float64, "cpu") for p in (free, timed))
+    assert not a.dynamics_reads_time and b.dynamics_reads_time
+    t, x, u = (torch.rand(shape, dtype=torch.float64) for shape in ((5,), (5, 3, 1, 2), (5, 1)))
+    assert torch.equal(a.dynamics(t, x, u), b.dynamics(t, x, u))
