@@ -164,7 +164,7 @@ class Solver:
         N, m = self.mesh.numel() - 1, self.problem.control_dim
         u = initial_controls(init, self.problem, N, m, self.dtype, self.device)
         start = time.perf_counter()
-        fw = self.sweeper.forward(u, iteration=0)
+        fw = self.sweeper.forward(u, iteration=0, cold_start=True)
         cost = float(fw.cost)
         record = IterationRecord(0, cost, parameters=self.rule.parameters(), seconds=fw.seconds,
                                  elapsed=time.perf_counter() - start, forward_evals=fw.evaluations,

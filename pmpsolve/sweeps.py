@@ -16,6 +16,7 @@ Backward: dP/dt = -grad_x H(t, X(t), P, u_t), P_T = -grad Phi(X_T) (paper eq. 6)
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple, Optional
 
@@ -91,7 +92,7 @@ class Sweeper:
     # ----------------------------------------------------------------- forward
     def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
                 budget: Optional[int] = None, differentiable: bool = False, samples: bool = True,
-                start: Optional[ForwardSweep] = None) -> ForwardSweep:
+                start: Optional[ForwardSweep] = None, cold_start: bool = False) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
         ``budget``: raise SweepBudgetError after that many right-hand-side
@@ -106,7 +107,8 @@ class Sweeper:
         ``start``: the sweep of nearby controls (the current iterate's, for a trial step): its nodes
         are the start values of a multiple-shooting sweep where ``forward_policy`` allows one
         (``shooting.py``; J and X then agree with the sequential sweep's to the ODE tolerance), else
-        the sweep is sequential.
+        the sweep is sequential. ``cold_start``: the same with x0 held at every node as the start
+        values (the solver's first sweep; more Newton steps allowed, ``ShootingPolicy.cold_newton``).
         """
         clock = self._clock()
         count = EvaluationBudget(budget, "forward", iteration)
@@ -120,10 +122,15 @@ class Sweeper:
             fractions = self.state_fractions if samples else None
             policy = self.forward_policy
             try:
-                if start is not None and policy.applies(self.pw, self.ode, differentiable=differentiable):
-                    state = solve_state_shooting(self.pw, self.ode, u, count, start.states.values,
-                                                 fractions=fractions, max_newton=policy.max_newton,
-                                                 contraction=policy.contraction, accept=policy.accept)
+                if (start is not None or cold_start) and policy.applies(self.pw, self.ode,
+                                                                        differentiable=differentiable):
+                    if start is not None:
+                        nodes, newton, contraction = start.states.values, policy.max_newton, policy.contraction
+                    else:
+                        nodes = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape)
+                        newton, contraction = policy.cold_newton, math.inf
+                    state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
+                                                 max_newton=newton, contraction=contraction, accept=policy.accept)
                 strategy = "sequential" if state is None else "shooting"
                 if state is None:  # not tried, or Newton did not converge: the sequential sweep
                     state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,

@@ -94,6 +94,16 @@ def test_policy_keeps_sweeps_sequential_where_shooting_does_not_apply():
         differentiable=False)  # K n (2n + 1) = 500 > 400
 
 
+def test_first_sweep_shoots_from_the_initial_state_held_at_every_node():
+    problem = van_der_pol()[0]  # nonlinear: several Newton steps from the flat start
+    state = pmp.Solver(problem, mesh=30).init()
+    sequential = pmp.Solver(problem, mesh=30)
+    sequential.sweeper.forward_policy = ShootingPolicy(enabled=False)
+    reference = sequential.init()
+    assert (state.forward.strategy, reference.forward.strategy) == ("shooting", "sequential")
+    assert abs(state.cost - reference.cost) <= 10 * RTOL * max(1.0, abs(reference.cost))
+
+
 def test_solve_with_and_without_shooting_agree():
     problem = rayleigh()[0]
     with_shooting = pmp.solve(problem, mesh=20, max_iter=3)

@@ -1,0 +1,130 @@
+"""The multiple-shooting forward sweep against the sequential one, in one process (docs/benchmarks.md, section 9).
+
+Two tables:
+
+1. One forward sweep (N = 200 by default), from the nodes of controls 0.01 away (what a trial sweep of
+   an iteration starts from), shooting against sequential, over the number of samples K on
+   ``lqr_samples`` (n = 2) and on the sine network (n = 5): where ``ShootingPolicy.max_batch``
+   comes from.
+2. Whole E-MSA solves (K = 1, N = 200) of the reference problems with the default policy and with
+   shooting off: iterations, J, median milliseconds per iteration and per forward sweep.
+
+One thread (the per-step overhead is what is measured); CPU seconds (``time.process_time``) for the
+sweeps, wall seconds for the solves; medians of ``--repeats``.
+
+    python scripts/bench_shooting.py            # -> results/bench/shooting.json (~5 minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pmpsolve as pmp  # noqa: E402
+import problems  # noqa: E402
+from pmpsolve.mesh import make_mesh  # noqa: E402
+from pmpsolve.pointwise import PointwiseProblem  # noqa: E402
+from pmpsolve.shooting import ShootingPolicy  # noqa: E402
+from pmpsolve.sweeps import Sweeper  # noqa: E402
+from problems.sine import sine_data, sine_problem  # noqa: E402
+
+
+def sweep_times(problem, mesh: int, repeats: int) -> dict:
+    """Median CPU seconds of one forward sweep, sequential and by shooting from nearby nodes."""
+    pw = PointwiseProblem(problem, torch.float64, "cpu")
+    nodes = make_mesh(mesh, problem.horizon, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    u_start = 0.1 * torch.randn(mesh, problem.control_dim, generator=g, dtype=torch.float64)
+    u = u_start + 0.01 * torch.randn(mesh, problem.control_dim, generator=g, dtype=torch.float64)
+    sweeper = Sweeper(pw, nodes, rtol=1e-9, atol=1e-11)
+    sweeper.forward_policy = ShootingPolicy(max_batch=10 ** 9)  # measure shooting beyond the policy's limit
+    start = sweeper.forward(u_start)
+    row = {}
+    for name, kwargs in (("sequential", {}), ("shooting", {"start": start})):
+        seconds = []
+        for _ in range(repeats):
+            clock = time.process_time()
+            fw = sweeper.forward(u, **kwargs)
+            seconds.append(time.process_time() - clock)
+        row[name] = {"seconds": statistics.median(seconds), "evaluations": fw.evaluations, "strategy": fw.strategy,
+                     "cost": float(fw.cost)}
+    row["ratio"] = row["shooting"]["seconds"] / row["sequential"]["seconds"]
+    row["cost_difference"] = abs(row["shooting"]["cost"] - row["sequential"]["cost"])
+    return row
+
+
+def solve_row(name: str, mesh: int, shooting: bool) -> dict:
+    problem = problems.REFERENCE_PROBLEMS[name]()[0]
+    solver = pmp.Solver(problem, mesh=mesh)
+    if not shooting:
+        solver.sweeper.forward_policy = ShootingPolicy(enabled=False)
+    clock = time.perf_counter()
+    state = solver.init()
+    while not state.done:
+        state = solver.step(state)
+    solution = solver.solution(state)
+    seconds = time.perf_counter() - clock
+    records = solution.history[1:]
+    sweeps = [r.forward_seconds / (1 + r.rejected) for r in records]
+    return {"problem": name, "shooting": shooting, "iterations": len(records), "status": solution.status,
+            "cost": solution.cost, "seconds": seconds,
+            "ms_per_iteration": 1e3 * statistics.median(r.seconds for r in records),
+            "ms_per_forward_sweep": 1e3 * statistics.median(sweeps),
+            "forward_evaluations_per_iteration": statistics.median(r.forward_evals for r in records)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mesh", type=int, default=200)
+    parser.add_argument("--lqr-samples", type=int, nargs="*", default=[1, 10, 30, 100])
+    parser.add_argument("--sine-samples", type=int, nargs="*", default=[1, 3, 10, 30])
+    parser.add_argument("--problems", nargs="*", default=list(problems.REFERENCE_PROBLEMS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    sweeps = []
+    print(f"One forward sweep, N = {args.mesh}: shooting from nodes of controls 0.01 away vs sequential "
+          "(CPU ms, median)")
+    print("| problem | K | K n (2n + 1) | sequential ms (evals) | shooting ms (evals) | ratio | |J diff| |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    cases = [("lqr_samples", K, problems.lqr_samples(K)[0]) for K in args.lqr_samples]
+    cases += [("sine", K, sine_problem(*sine_data(K))) for K in args.sine_samples]
+    for name, K, problem in cases:
+        row = {"problem": name, "samples": K, **sweep_times(problem, args.mesh, args.repeats)}
+        n = problem.state_dim
+        row["batch"] = K * n * (2 * n + 1)
+        sweeps.append(row)
+        s, m = row["sequential"], row["shooting"]
+        print(f"| {name} | {K} | {row['batch']} | {1e3 * s['seconds']:.1f} ({s['evaluations']}) | "
+              f"{1e3 * m['seconds']:.1f} ({m['evaluations']}) | {row['ratio']:.2f} | {row['cost_difference']:.1e} |",
+              flush=True)
+    solves = []
+    print(f"\nE-MSA solves, K = 1, N = {args.mesh} (wall ms, medians over iterations)")
+    print("| problem | forward sweep | iterations | J | ms / iteration | ms / forward sweep | forward evals / it | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.problems:
+        for shooting in (True, False):
+            r = solve_row(name, args.mesh, shooting)
+            solves.append(r)
+            print(f"| {name} | {'shooting' if shooting else 'sequential'} | {r['iterations']} ({r['status']}) | "
+                  f"{r['cost']:.8f} | {r['ms_per_iteration']:.1f} | {r['ms_per_forward_sweep']:.1f} | "
+                  f"{r['forward_evaluations_per_iteration']:.0f} | {r['seconds']:.2f} |", flush=True)
+    result = {"mesh": args.mesh, "threads": 1, "sweeps": sweeps, "solves": solves,
+              "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "shooting.json").write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out / 'shooting.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
