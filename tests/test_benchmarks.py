@@ -107,3 +107,14 @@ def test_bench_compile_records_timings_or_failures_and_host_syncs(tmp_path):
         result = row[task]["aot_eager"]
         assert result["ok"] or result["error"], result  # a failure is recorded with its message
     assert row["host_syncs"]["total"] >= row["host_syncs"]["iterations"] >= 1
+
+
+def test_bench_shooting_compares_the_two_forward_sweeps(tmp_path):
+    data = load("bench_shooting").main(["--mesh", "10", "--lqr-samples", "1", "--sine-samples", "1", "--problems",
+                                        "lqr", "--repeats", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "shooting.json").read_text())["mesh"] == 10
+    for row in data["sweeps"]:
+        assert (row["sequential"]["strategy"], row["shooting"]["strategy"]) == ("sequential", "shooting")
+        assert row["cost_difference"] <= 1e-8 * max(1.0, abs(row["sequential"]["cost"]))
+    assert [r["shooting"] for r in data["solves"]] == [True, False]
+    assert data["solves"][0]["cost"] == pytest.approx(data["solves"][1]["cost"], rel=1e-8)
