@@ -16,7 +16,6 @@ Backward: dP/dt = -grad_x H(t, X(t), P, u_t), P_T = -grad Phi(X_T) (paper eq. 6)
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import NamedTuple, Optional
 
@@ -125,12 +124,12 @@ class Sweeper:
                 if (start is not None or cold_start) and policy.applies(self.pw, self.ode,
                                                                         differentiable=differentiable):
                     if start is not None:
-                        nodes, newton, contraction = start.states.values, policy.max_newton, policy.contraction
+                        nodes, newton = start.states.values, policy.max_newton
                     else:
-                        nodes = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape)
-                        newton, contraction = policy.cold_newton, math.inf
+                        nodes, newton = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape), policy.cold_newton
                     state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
-                                                 max_newton=newton, contraction=contraction, accept=policy.accept)
+                                                 max_newton=newton, max_growth=policy.max_growth,
+                                                 accept=policy.accept)
                 strategy = "sequential" if state is None else "shooting"
                 if state is None:  # not tried, or Newton did not converge: the sequential sweep
                     state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
