@@ -61,8 +61,8 @@ def test_shooting_matches_an_independent_integrator(make):
 
 
 def test_shooting_falls_back_to_the_sequential_sweep_bit_for_bit():
-    # x' = x^2 + u from x0 = 1 blows up near t = 1 for u = 0: from the nodes of u = -1 Newton cannot
-    # meet the tolerance (or the integration fails) and the sequential sweep is the result, unchanged.
+    # x' = x^2 + u from x0 = 1: x = 1 / (1 - t) for u = 0, from the nodes of u = -1 one integration
+    # does not meet the tolerance; with one allowed the sequential sweep is the result, unchanged.
     problem = pmp.ControlProblem(lambda t, x, u: x ** 2 + u, torch.tensor([1.0]), 0.9, pmp.Reals(1),
                                  terminal_cost=lambda x: x[..., 0])
     pw = PointwiseProblem(problem, torch.float64, "cpu")
@@ -70,6 +70,8 @@ def test_shooting_falls_back_to_the_sequential_sweep_bit_for_bit():
     sweeper = Sweeper(pw, mesh, rtol=RTOL, atol=ATOL)
     start = sweeper.forward(-torch.ones(10, 1, dtype=torch.float64))
     u = torch.zeros(10, 1, dtype=torch.float64)
+    assert sweeper.forward(u, start=start).strategy == "shooting"  # converges with the default policy
+    sweeper.forward_policy = ShootingPolicy(max_newton=1)
     fallback, sequential = sweeper.forward(u, start=start), sweeper.forward(u)
     assert fallback.strategy == "sequential"
     assert torch.equal(fallback.states.values, sequential.states.values) and torch.equal(fallback.cost, sequential.cost)
