@@ -35,6 +35,8 @@ class StateSolution(NamedTuple):
     slope_left: torch.Tensor  # f at the left end of each interval, t_n+, [N, K, n]
     slope_right: torch.Tensor  # f at the right end of each interval, t_{n+1}-, [N, K, n]
     interior: torch.Tensor  # X at the requested fractions of each interval [N, R, K, n] (detached)
+    # d X(t_{n+1}) / d X(t_n) per interval [N, K, n, n] where the sweep computed them (shooting), else None
+    transitions: Optional[torch.Tensor] = None
 
 
 def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable[[Optional[torch.Tensor]], None],
@@ -69,9 +71,11 @@ def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable
 
 
 def state_solution(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, X: torch.Tensor,
-                   running: torch.Tensor, interior: torch.Tensor) -> StateSolution:
+                   running: torch.Tensor, interior: torch.Tensor,
+                   transitions: Optional[torch.Tensor] = None) -> StateSolution:
     """The StateSolution of a forward sweep that gave X at the nodes [N + 1, K, n], the running costs
-    [K] and X inside the intervals [N, R, K, n]: J, and the end slopes of every interval."""
+    [K] and X inside the intervals [N, R, K, n] (and maybe the transition matrices): J, and the end
+    slopes of every interval."""
     terminal = pw.terminal_cost(X[-1])
     # In a distributed solve this is this rank's part of J (its samples' sum / global K, and the
     # penalty on the rank that keeps shared terms): ``Sweeper.forward`` adds the parts of all ranks.
@@ -82,4 +86,4 @@ def state_solution(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, X:
     with torch.no_grad():  # end slopes of each interval, both with that interval's control (f jumps at nodes)
         slope_left = pw.dynamics(mesh[:-1], X[:-1].detach(), u.detach())
         slope_right = pw.dynamics(mesh[1:], X[1:].detach(), u.detach())
-    return StateSolution(X, cost, terminal, running, slope_left, slope_right, interior.detach())
+    return StateSolution(X, cost, terminal, running, slope_left, slope_right, interior.detach(), transitions)

@@ -27,7 +27,7 @@ from .forward import solve_state
 from .mesh import gauss_legendre
 from .ode import DEFAULT_BUDGET, METHODS, ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
-from .shooting import ShootingPolicy, solve_state_shooting
+from .shooting import ShootingPolicy, predict_nodes, solve_state_shooting
 from .trajectory import HermiteTrajectory, IntervalSamples
 
 __all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "ODE_METHODS", "DEFAULT_BUDGET"]
@@ -51,6 +51,8 @@ class ForwardSweep(NamedTuple):
     # linearisation points); None for a forward sweep asked for J only (``samples=False``).
     samples: Optional[IntervalSamples] = None
     strategy: str = "sequential"  # "shooting" when multiple shooting gave it (``shooting.py``)
+    controls: Optional[torch.Tensor] = None  # the u [N, m] swept
+    transitions: Optional[torch.Tensor] = None  # d X(t_{n+1}) / d X(t_n) [N, K, n, n] (shooting), else None
 
 
 class BackwardSweep(NamedTuple):
@@ -81,7 +83,7 @@ class Sweeper:
         self.quadrature = quadrature
         #: Fractions of every interval where P is sampled (the Gauss points) and where X is (those and
         #: the co-state's linearisation points), increasing.
-        self.gauss_fractions = gauss_legendre(quadrature, mesh.dtype, mesh.device)[0]
+        self.gauss_fractions, self.gauss_weights = gauss_legendre(quadrature, mesh.dtype, mesh.device)
         self.state_fractions = torch.unique(torch.cat([self.gauss_fractions,
                                                        linearisation_fractions(mesh.dtype, mesh.device)]))
         self.costate_policy = CostatePolicy()
@@ -124,7 +126,7 @@ class Sweeper:
                 if (start is not None or cold_start) and policy.applies(self.pw, self.ode,
                                                                         differentiable=differentiable):
                     if start is not None:
-                        nodes, newton = start.states.values, policy.max_newton
+                        nodes, newton = self._start_values(start, u), policy.max_newton
                     else:
                         nodes, newton = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape), policy.cold_newton
                     state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
@@ -145,7 +147,16 @@ class Sweeper:
         traj = HermiteTrajectory(self.mesh, X, state.slope_left, state.slope_right)
         sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
         return ForwardSweep(traj, cost, state.terminal_cost, state.running_cost, count.evaluations,
-                            self._clock() - clock, sampled, strategy)
+                            self._clock() - clock, sampled, strategy, u.detach(), state.transitions)
+
+    def _start_values(self, start: ForwardSweep, u: torch.Tensor) -> torch.Tensor:
+        """Shooting start values for controls u from a nearby sweep: its nodes, moved by the linear
+        prediction of the control change where it has what that needs (``shooting.predict_nodes``)."""
+        if start.transitions is None or start.controls is None or start.samples is None:
+            return start.states.values
+        return predict_nodes(self.pw, self.mesh, start.states.values, start.transitions,
+                             start.samples.on_intervals(self.gauss_fractions), self.gauss_fractions,
+                             self.gauss_weights, start.controls, u.detach())
 
     # ---------------------------------------------------------------- backward
     def backward(self, u: torch.Tensor, forward: ForwardSweep, *, iteration: Optional[int] = None,
