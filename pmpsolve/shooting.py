@@ -26,9 +26,10 @@ comes from that last integration.
 Start values: the previous iterate's nodes, moved by the linear prediction of what the new
 controls change (``predict_nodes``: the previous sweep's transition matrices chained with the change
 of f at its Gauss points; one batched evaluation and a scan), so that Newton starts with defects of
-second order in the interval length and the control change (1-2 Newton steps and the check). When Newton does not meet the tolerance in a few integrations, or diverges
-(or an integration fails, e.g. a trial control that blows the state up) the sweep returns None and
-the caller runs the sequential sweep: the result is then exactly the sequential one. ``ShootingPolicy`` says when to try.
+second order in the interval length and the control change (1-3 Newton steps and the check). When
+Newton does not meet the tolerance in a few integrations, or diverges (or an integration fails,
+e.g. a trial control that blows the state up) the sweep returns None and the caller runs the
+sequential sweep: the result is then exactly the sequential one. ``ShootingPolicy`` says when to try.
 """
 from __future__ import annotations
 
