@@ -154,20 +154,31 @@ class ExtendedMSA(UpdateRule):
     without tuning (rho starts at ``rho0`` / K for K samples):
 
     * adaptive rho: a step is kept only if J decreases by at least ``eta`` times
-      the Hamiltonian gain mu_k (Theorem 2's bound with D = eta); then
-      rho <- ``shrink`` * rho, otherwise rho <- ``grow`` * rho and the
-      maximisation is redone from the same sweep;
+      the Hamiltonian gain mu_k (Theorem 2's bound with D = eta), otherwise
+      rho <- ``grow`` * rho and the maximisation is redone from the same sweep;
+      after a kept plain step rho changes as in ``adapt_rho`` (shrinks only when
+      the decrease is above ``high_ratio`` of mu_k); ``floor_decay`` (a number in
+      (0, 1], default None: off) keeps rho from shrinking back below one shrink above
+      the last rejected rho, that floor decaying by that factor per kept step;
     * Anderson acceleration (memory ``anderson``; 0 turns it off): E-MSA is a
       fixed-point iteration u <- g(u) that converges only linearly; the
       Anderson mixture of the last steps is tried first and kept under the same
       decrease test, else the plain E-MSA step g(u^k) is tried. rho is adapted
       on plain steps only, and the Anderson memory restarts when rho changes
-      (the map g depends on rho).
+      (the map g depends on rho; ``anderson_reset``: "rho" (default), "grow"
+      (only when rho grows) or "never"). ``anderson_screen`` (default 0.0;
+      None: off): the mixture is not swept unless its Hamiltonian gain over
+      u^k is at least that fraction of the plain step's (a mixture with no
+      predicted decrease was never kept in the measurements, and its trial
+      sweep is saved).
     """
 
     name = "emsa"
+    # high_ratio 0.9 and anderson_screen 0.0 since issue 15 (docs/benchmarks.md, section 9: 210 forward
+    # sweeps on the four reference problems at mesh 200 against 391 with 0.5 and None).
     defaults = {"rho": None, "rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
-                "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.5}
+                "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.9, "anderson_reset": "rho", "anderson_screen": 0.0,
+                "floor_decay": None}
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
@@ -182,6 +193,11 @@ class ExtendedMSA(UpdateRule):
             raise ValueError(f"emsa options need 0 < shrink <= 1 <= grow, got shrink={o['shrink']}, grow={o['grow']}")
         if int(o["anderson"]) < 0:
             raise ValueError(f"emsa option 'anderson' must be an int >= 0 (0: off), got {o['anderson']!r}")
+        if o["anderson_reset"] not in ("rho", "grow", "never"):
+            raise ValueError(f"emsa option 'anderson_reset' must be 'rho', 'grow' or 'never', got {o['anderson_reset']!r}")
+        decay = o["floor_decay"]
+        if decay is not None and not (0 < float(decay) <= 1):
+            raise ValueError(f"emsa option 'floor_decay' must be None or in (0, 1], got {decay!r}")
         self.adaptive = rho is None
         # The feasibility penalties are sums over the K samples while H is their mean, so rho acts
         # K-fold: the adaptive rule starts at rho0 / K (measured on lqr_samples: 10 iterations for
@@ -194,6 +210,7 @@ class ExtendedMSA(UpdateRule):
         self._aggressive = None  # the last rho whose plain step was rejected at this iteration
         self._fixed = False  # u^k maximises the augmented Hamiltonian for rho -> rho_min
         self._plain_gain = 0.0  # Hamiltonian gain of the plain step at this iteration
+        self._floor = 0.0  # rho does not shrink below this (floor_decay: one shrink above the last rejected rho)
 
     def propose(self, data):
         if self._stage is None or self._stage == "plain":
@@ -203,7 +220,7 @@ class ExtendedMSA(UpdateRule):
                     data, self.rho, self._aggressive, float(self.options["rho_min"]),
                     lambda r: self._maximise(data, r))
                 if rho != self.rho:
-                    self._history = []  # the fixed-point map depends on rho
+                    self._reset(rho)  # the fixed-point map depends on rho
                     self.rho = rho
             else:
                 new = self._maximise(data, self.rho)
@@ -214,10 +231,18 @@ class ExtendedMSA(UpdateRule):
             if self._stage is None and self._memory and self._history:
                 mixed = _anderson(self._history, self._current, data.lengths, self.controls)
                 if mixed is not None:
-                    self._stage = "anderson"
                     # The plain step's Hamiltonian gain: the decrease an accepted Anderson step must match.
-                    plain = IntervalHamiltonian(self.pw, data, 0.0).terms(new, create_graph=False).hamiltonian
+                    H = IntervalHamiltonian(self.pw, data, 0.0)
+                    plain = H.terms(new, create_graph=False).hamiltonian
                     self._plain_gain = float((plain.detach() - data.hamiltonian).sum())
+                    screen = self.options["anderson_screen"]
+                    if screen is not None:
+                        mixed_gain = float((H.terms(mixed, create_graph=False).hamiltonian.detach()
+                                            - data.hamiltonian).sum())
+                        if mixed_gain < float(screen) * max(self._plain_gain, 0.0):
+                            mixed = None
+                if mixed is not None:
+                    self._stage = "anderson"
                     return mixed
         self._stage = "plain"
         return self._current[1]
@@ -240,12 +265,25 @@ class ExtendedMSA(UpdateRule):
         # (its first-order prediction, Lemma 1); keep rho while the two agree.
         self._aggressive = None if accept else self.rho
         rho = adapt_rho(self.rho, accept, old_cost - new_cost, gain, o)
+        decay = o["floor_decay"]
+        if decay is not None:
+            if not accept:
+                self._floor = max(self._floor, self.rho / float(o["shrink"]))
+            elif rho < self.rho:
+                rho = max(rho, min(self._floor, self.rho))
+            if accept:
+                self._floor *= float(decay)
         if rho != self.rho:
-            self._history = []
+            self._reset(rho)
             self.rho = rho
         if accept:
             self._remember()
         return accept
+
+    def _reset(self, rho):
+        when = self.options["anderson_reset"]
+        if when == "rho" or (when == "grow" and rho > self.rho):
+            self._history = []
 
     def _remember(self):
         self._history = (self._history + [self._current])[-self._memory:] if self._memory else []

@@ -95,3 +95,16 @@ def test_unknown_rule_option_is_refused():
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     with pytest.raises(ValueError, match="unknown option.*'stepsize'.*lr"):
         pmp.solve(problem, method="gradient", mesh=5, options={"stepsize": 0.1})
+
+
+def test_emsa_iteration_options_are_validated_and_converge_on_lqr():
+    """The issue-15 options of E-MSA: bad values are refused; the non-default ones still converge, monotonically."""
+    problem, _ = REFERENCE_PROBLEMS["lqr"]()
+    with pytest.raises(ValueError, match="anderson_reset"):
+        pmp.solve(problem, mesh=20, options={"anderson_reset": "sometimes"})
+    with pytest.raises(ValueError, match="floor_decay"):
+        pmp.solve(problem, mesh=20, options={"floor_decay": 2.0})
+    sol = pmp.solve(problem, mesh=20, options={"anderson_reset": "grow", "floor_decay": 0.9, "anderson_screen": None})
+    assert sol.converged
+    costs = [r.cost for r in sol.history]
+    assert all(b < a for a, b in zip(costs, costs[1:]))  # steps are kept only when J decreases
