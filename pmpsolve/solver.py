@@ -339,7 +339,7 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             controls (``pmpsolve.optimality``: the projected L2 gradient for boxes and R^m, the
             largest Hamiltonian gap per unit time for finite and user sets) is at most
             ``tol * max(1, |J|)``. The solve stops as soon as it is. Default by dtype:
-            1e-6 (float64), 1e-3 (float32).
+            1e-5 (float64), 1e-3 (float32) (``optimality.DEFAULT_OPTIMALITY_TOL``).
         stall_tol: stop (``converged=False`` unless the measure says otherwise) when
             |J(u^{k+1}) - J(u^k)| <= stall_tol * max(1, |J|) on 3 iterations in a row.
         rho: E-MSA penalty (eq. 7). A number: fixed, every step taken (Alg. 2). None
