@@ -154,9 +154,16 @@ class Sweeper:
         self._check_finite(P.nodes, None, "backward", iteration)
         self._check_finite(P.interior, None, "backward", iteration)  # rows: intervals
         X, nodes = states.values, P.nodes
-        _, _, g_left = pw.hamiltonian(mesh[:-1], X[:-1], nodes[:-1], u, with_grad_x=True)
-        _, _, g_right = pw.hamiltonian(mesh[1:], X[1:], nodes[1:], u, with_grad_x=True)
-        traj = HermiteTrajectory(mesh, nodes, -g_left.detach(), -g_right.detach())
+        slopes = []
+        for end in (slice(None, -1), slice(1, None)):  # the left and the right end of every interval
+            t, x, p = mesh[end], X[end], nodes[end]
+            blocks = pw.point_blocks(t, x)  # cache-sized blocks of intervals: the same numbers, faster
+            if len(blocks) == 1:
+                slopes.append(-pw.hamiltonian(t, x, p, u, with_grad_x=True)[2].detach())
+            else:
+                slopes.append(-torch.cat([pw.hamiltonian(t[rows], x[rows], p[rows], u[rows], with_grad_x=True)[2]
+                                          .detach() for rows in blocks]))
+        traj = HermiteTrajectory(mesh, nodes, *slopes)
         return BackwardSweep(traj, evaluations, self._clock() - start, P)
 
     # --------------------------------------------------------------- internals
