@@ -79,13 +79,20 @@ def interval_data(pw: PointwiseProblem, u: torch.Tensor, forward: ForwardSweep, 
     P = backward.samples.on_intervals(c)  # from the co-state solver
     hamiltonian = lengths.new_zeros(lengths.shape)
     with pw.reducer.guard() as guard:
-        H, f, gx = pw.hamiltonian(times, X, P, u, with_grad_x=True)
-        hamiltonian = (weights * H.detach()).sum(-1)  # this rank's samples; the total over all below
+        blocks = pw.point_blocks(times, X)  # intervals in cache-sized blocks: the same numbers, faster
+        if len(blocks) == 1:
+            H, f, gx = (a.detach() for a in pw.hamiltonian(times, X, P, u, with_grad_x=True))
+        else:
+            H, f, gx = times.new_empty(times.shape), torch.empty_like(X), torch.empty_like(X)
+            for rows in blocks:
+                parts = pw.hamiltonian(times[rows], X[rows], P[rows], u[rows], with_grad_x=True)
+                H[rows], f[rows], gx[rows] = (a.detach() for a in parts)
+        hamiltonian = (weights * H).sum(-1)  # this rank's samples; the total over all below
     (hamiltonian,) = pw.reducer.totals(hamiltonian, error=guard.error)
     penalty = pw.problem.control_penalty
     if penalty is not None:
         hamiltonian = hamiltonian - lengths * penalty.value(u)
-    return IntervalData(times, weights, lengths, X, P, f.detach(), -gx.detach(), u, hamiltonian)
+    return IntervalData(times, weights, lengths, X, P, f, -gx, u, hamiltonian)
 
 
 class HamiltonianTerms(NamedTuple):
@@ -121,21 +128,27 @@ class IntervalHamiltonian:
 
     def terms(self, u: torch.Tensor, *, need_costate: bool = True, create_graph: bool = True) -> HamiltonianTerms:
         """HamiltonianTerms at u [N, m]: three [N] integrals (totals over all ranks, one all-reduce)."""
-        d = self.data
+        d, pw = self.data, self.pw
         self.evaluations += 1
         parts = [u.new_zeros(u.shape[0])] * 3
-        with self.pw.reducer.guard() as guard:
-            H, f, gx = self.pw.hamiltonian(d.times, d.states, d.costates, u, with_grad_x=need_costate,
-                                           create_graph=create_graph)
-            sum_states = self.pw.reducer.sum_states
-            state_err = sum_states((f - d.state_slope) ** 2)  # [N, Q]
-            if gx is None:
-                costate_err = torch.zeros_like(state_err)
-            else:
-                costate_err = sum_states((gx + d.costate_slope) ** 2)
-            w = d.weights
-            parts = [(w * H).sum(-1), (w * state_err).sum(-1), (w * costate_err).sum(-1)]
-        hamiltonian, state_error, costate_error = self.pw.reducer.totals(*parts, error=guard.error)
+        with pw.reducer.guard() as guard:
+            sum_states = pw.reducer.sum_states
+            # intervals in cache-sized blocks (``PointwiseProblem.point_blocks``): the same numbers, faster
+            blocks = [(rows, d if rows == slice(None) else self.restricted(rows).data)
+                      for rows in pw.point_blocks(d.times, d.states)]
+            pieces = []
+            for rows, b in blocks:
+                H, f, gx = pw.hamiltonian(b.times, b.states, b.costates, u[rows], with_grad_x=need_costate,
+                                          create_graph=create_graph)
+                state_err = sum_states((f - b.state_slope) ** 2)  # [rows, Q]
+                if gx is None:
+                    costate_err = torch.zeros_like(state_err)
+                else:
+                    costate_err = sum_states((gx + b.costate_slope) ** 2)
+                w = b.weights
+                pieces.append([(w * H).sum(-1), (w * state_err).sum(-1), (w * costate_err).sum(-1)])
+            parts = pieces[0] if len(pieces) == 1 else [torch.cat(column) for column in zip(*pieces)]
+        hamiltonian, state_error, costate_error = pw.reducer.totals(*parts, error=guard.error)
         if self.penalty is not None:
             hamiltonian = hamiltonian - self.penalty_value(u)
         return HamiltonianTerms(hamiltonian, state_error, costate_error)

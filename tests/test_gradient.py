@@ -116,3 +116,36 @@ def test_blocked_evaluation_equals_one_pass(monkeypatch, budget, rho, eps):
     torch.testing.assert_close(value_b, value.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_b, grad.detach(), rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(blocked.curvature(v, d), -(d * hd).sum(-1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("quadrature", [3, 1])
+def test_point_blocks_give_the_one_pass_numbers_bit_for_bit(monkeypatch, quadrature):
+    """The interval data, the gain terms and the co-state's end slopes, taken in blocks of intervals
+    (``PointwiseProblem.point_blocks``), equal one pass over all intervals exactly (torch.equal), and
+    every block holds at least 2 points."""
+    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.mesh import make_mesh
+    from pmpsolve.pointwise import PointwiseProblem
+    from pmpsolve.sweeps import Sweeper
+    from problems.sine import sine_data, sine_initial_controls, sine_problem
+
+    pw = PointwiseProblem(sine_problem(*sine_data(60, seed=0), reg=0.001, delta=0.5), torch.float64, "cpu")
+    u = sine_initial_controls("good", 9, seed=0)
+    sweeper = Sweeper(pw, make_mesh(9, 5.0, torch.float64, "cpu"), quadrature=quadrature)
+    fw = sweeper.forward(u)
+    v = u + 0.01 * torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
+
+    def evaluate():
+        bw = sweeper.backward(u, fw)
+        data = interval_data(pw, u, fw, bw, quadrature)
+        return (bw.costates.slope_left, bw.costates.slope_right, *data, *IntervalHamiltonian(pw, data).terms(v))
+
+    one_pass = evaluate()
+    assert pw.point_blocks(one_pass[2], one_pass[5]) == [slice(None)]
+    monkeypatch.setattr(PointwiseProblem, "block_elements", 1)
+    for t, x in ((one_pass[2], one_pass[5]), (sweeper.mesh[:-1], fw.states.values[:-1])):
+        blocks = pw.point_blocks(t, x)
+        assert len(blocks) > 1 and blocks[-1].stop == x.shape[0]
+        assert all(t[b].numel() >= 2 for b in blocks)
+    for blocked, whole in zip(evaluate(), one_pass):
+        assert torch.equal(blocked, whole)
