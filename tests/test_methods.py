@@ -56,7 +56,9 @@ def test_gradient_step_is_gradient_descent():
     sol = pmp.solve(problem, method="gradient", mesh=N, max_iter=1, options={"lr": lr, "adaptive": False})
     _, grad = cost_gradient(problem, u0)
     h = problem.horizon / N
-    assert torch.allclose(sol.controls, u0 - lr * grad / h, rtol=1e-9, atol=1e-12)
+    # The solve's first sweep shoots (error ~ rtol = 1e-9 on J and the co-state), cost_gradient's is
+    # sequential: the two agree to 3.7e-9 relative (measured), not to rounding.
+    assert torch.allclose(sol.controls, u0 - lr * grad / h, rtol=2e-8, atol=1e-12)
     assert sol.history[1].cost < sol.history[0].cost
 
 
