@@ -23,7 +23,7 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The benchmarks of docs/benchmarks.md (about 30 minutes on 2 cores); CasADi comes with the extra.
+# The benchmarks of docs/benchmarks.md (about 45 minutes on 2 cores); CasADi comes with the extra.
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[test,bench]'
 	$(PY) scripts/bench_control.py
@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(PY) scripts/bench_maximisers.py
 	$(PY) scripts/bench_networks.py
 	$(PY) scripts/bench_compile.py
+	$(PY) scripts/bench_iteration_parts.py
+	$(PY) scripts/bench_iterations.py
+	$(PY) scripts/bench_shooting.py
 	$(PY) scripts/bench_gpu.py
 
 clean:
