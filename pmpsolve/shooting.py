@@ -18,10 +18,15 @@ Phi_n comes from the same solve: 2n more copies of every interval start at S_n +
 stepped with the nominal one (the same steps: internal numerical differentiation by central
 differences, the derivative of the discrete scheme to ~1e-10), one f call per stage on a batch
 (1 + 2n) times larger.
-An inexact Phi changes how fast Newton converges, never what it converges to: a sweep is accepted
-only when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, and
-everything it returns (J, the nodes, the samples inside the intervals) comes from that last
-integration. Its error is then the tolerance's: on Rayleigh at N = 200 (rtol 1e-9) J is 3.5e-9
+An inexact Phi changes how fast Newton converges, never what it converges to. A sweep is accepted
+when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, or when the
+defect the next Newton step would leave, predicted from the quadratic rate c of d_{k+1} ~ c d_k^2
+seen in earlier steps (``ForwardSweep.newton_rate``, times a safety factor 10), is. What it returns
+(the nodes, J, the samples inside the intervals) is that last integration moved by its Newton
+correction to first order, from the same perturbed copies: no further integration, and an error of
+second order in the defects, so that J does not carry Newton's residual (0.1 of the tolerance at
+each node adds up to noise of 6e-11 in van der Pol's J, where E-MSA compares decreases of 1e-12
+near an optimum). Its error is then the tolerance's: on Rayleigh at N = 200 (rtol 1e-9) J is 3.5e-9
 from scipy's DOP853 at 1e-12, 3.9e-10 at rtol 1e-10. The sequential sweep, whose steps are cut
 at every node (over-resolved for this N), is at 1.2e-10 and 2.4e-11: where J is wanted to more
 digits than rtol promises, lower rtol or ``ShootingPolicy(enabled=False)``.
@@ -29,7 +34,8 @@ digits than rtol promises, lower rtol or ``ShootingPolicy(enabled=False)``.
 Start values: the previous iterate's nodes, moved by the linear prediction of what the new
 controls change (``predict_nodes``: the previous sweep's transition matrices chained with the change
 of f at its Gauss points; one batched evaluation and a scan), so that Newton starts with defects of
-second order in the interval length and the control change (1-3 Newton steps and the check). When
+second order in the interval length and the control change (usually one integration once the rate is
+known, else two: a Newton step and the check). When
 Newton does not meet the tolerance in a few integrations, or diverges (or an integration fails,
 e.g. a trial control that blows the state up) the sweep returns None and the caller runs the
 sequential sweep: the result is then exactly the sequential one. ``ShootingPolicy`` says when to try.
@@ -48,6 +54,16 @@ from .pointwise import PointwiseProblem
 from .scan import affine_prefix_scan
 
 __all__ = ["ShootingPolicy", "solve_state_shooting", "predict_nodes"]
+
+#: Newton steps whose defect before them lies in this range (tolerance units) give the rate c of
+#: d_{k+1} ~ c d_k^2: below it the floor of rounding and of the differenced Phi dominates, above it the
+#: step is not yet in its quadratic regime.
+RATE_OBSERVED = (10.0, 1e6)
+#: Safety factor on the rate's prediction of the defect a Newton step leaves.
+RATE_SAFETY = 10.0
+#: The largest defect (tolerance units) accepted by that prediction: beyond it the first-order
+#: correction is not trusted whatever the rate says.
+MAX_CORRECTED = 1e4
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,8 @@ class _OverBudget(Exception):
 
 def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget: EvaluationBudget,
                          start: torch.Tensor, *, fractions: Optional[torch.Tensor] = None, max_newton: int = 4,
-                         max_growth: float = 1e3, accept: float = 0.1) -> Optional[StateSolution]:
+                         max_growth: float = 1e3, accept: float = 0.1,
+                         newton_rate: float = 0.0) -> Optional[StateSolution]:
     """The forward sweep for controls u [N, m] by multiple shooting from start values ``start``
     [N + 1, K, n] (the nodes of a nearby trajectory; entry 0 is replaced by x0), or None when Newton
     did not meet the tolerance within ``max_newton`` integrations (see the module).
@@ -104,6 +121,14 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     ``budget``; it gives up (None) past half of what is left of it, so that the sequential sweep
     that follows still has the other half and, if the controls do blow the state up, reports the
     time where (which an all-intervals solve has no single value of). Runs without autograd graph.
+
+    The result is the Newton iterate after the last integration, to first order (nodes, J and the
+    samples moved by the correction delta, with the transition matrices of that integration). It is
+    accepted when the largest scaled defect ``size`` is at most ``accept``, or when the defect Newton
+    leaves after it, estimated as ``newton_rate * size**2`` (times ``RATE_SAFETY``), is: ``newton_rate``
+    is the largest ratio defect / (previous defect)^2 seen in the Newton steps of the sweeps this one
+    descends from (``ForwardSweep.newton_rate``; 0: none seen, accept by ``size`` alone). The returned
+    StateSolution carries that ratio, updated with this sweep's steps.
     """
     mesh = ode.mesh
     N, K, n = mesh.numel() - 1, pw.num_samples, pw.state_dim
@@ -133,7 +158,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     component = torch.arange(n, device=mesh.device)
     plus, minus, copies = 1 + component, 1 + n + component, 1 + 2 * n
     S = torch.cat([pw.x0.unsqueeze(0), start[1:].to(pw.x0)])  # [N + 1, K, n]
-    smallest = math.inf
+    smallest, previous = math.inf, None
     try:  # the attempt's evaluations count, whatever its outcome
         with torch.no_grad():
             for _ in range(max_newton):
@@ -159,17 +184,42 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
                 size = float((defect.abs() / tolerance).amax())  # one host sync per Newton step
                 if not math.isfinite(size) or size > max_growth * smallest:
                     return None
-                if size <= accept:  # every node within a fraction of the local error tolerance: the sweep
-                    X = torch.cat([S[:-1], X_end[-1:]])
-                    running = end[:, 0, :, n].sum(0) if pw.has_running_cost else X.new_zeros(K)
-                    interior = Ys[1:-1, :, 0].transpose(0, 1)  # [N, R, K, n (+1)]
-                    return state_solution(pw, mesh, u, X, running, interior[..., :n], Phi)
-                smallest = min(smallest, size)
+                if previous is not None and RATE_OBSERVED[0] <= previous <= RATE_OBSERVED[1] and size < previous:
+                    # Newton's quadratic convergence, d_{k+1} ~ c d_k^2: the largest c seen (rounding and
+                    # the differenced Phi add a floor, which only makes c larger, i.e. safer)
+                    newton_rate = max(newton_rate, size / previous ** 2)
                 _, delta = affine_prefix_scan(Phi, defect)  # delta_{j+1} = Phi_j delta_j + d_{j+1}
+                # Accept: the defects are within a fraction of the tolerance, or what the Newton step
+                # delta would leave is (Hairer & Wanner, Solving ODEs II, IV.8: a simplified Newton
+                # iteration stops on the contraction rate of the previous steps, eq. (8.10)-(8.12)).
+                if size <= accept or (newton_rate > 0 and size <= MAX_CORRECTED
+                                      and RATE_SAFETY * newton_rate * size ** 2 <= accept):
+                    return _corrected(pw, mesh, u, S, delta, end, Ys, Phi, width, plus, minus, newton_rate)
+                smallest, previous = min(smallest, size), size
                 S = torch.cat([S[:1], S[1:] + delta])
         return None
     finally:
         budget.evaluations += used
+
+
+def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: torch.Tensor, delta: torch.Tensor,
+               end: torch.Tensor, Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, plus: torch.Tensor,
+               minus: torch.Tensor, newton_rate: float) -> StateSolution:
+    """The sweep from the last integration moved by its Newton correction ``delta`` [N, K, n] (the nodes
+    1..N), to first order and without another integration: the nodes S + delta, and J and the samples
+    inside the intervals moved by their start-value derivatives, differenced from the same perturbed
+    copies as Phi. The defects' own error, up to 0.1 of the tolerance at each of the N nodes, would
+    otherwise add up in J to noise that swamps the decreases E-MSA compares near an optimum (catalyst
+    stalled at optimality 1.4e-5 on it); what is left is second order in the defects."""
+    N, K, n = delta.shape
+    X = torch.cat([S[:1], S[1:] + delta])
+    # the correction at each interval's start over the width of its differences: [N, K, n]
+    ratio = torch.cat([delta.new_zeros(1, K, n), delta[:-1]]) / width
+    differences = Ys[1:, :, plus] - Ys[1:, :, minus]  # [R + 1, N, n (copy), K, n (+1)]
+    moved = Ys[1:, :, 0] + torch.einsum("rnika,nki->rnka", differences, ratio)  # [R + 1, N, K, n (+1)]
+    running = moved[-1, :, :, n].sum(0) if pw.has_running_cost else X.new_zeros(K)
+    interior = moved[:-1, ..., :n].transpose(0, 1)  # [N, R, K, n]
+    return state_solution(pw, mesh, u, X, running, interior, Phi)._replace(newton_rate=newton_rate)
 
 
 def predict_nodes(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.Tensor, transitions: torch.Tensor,
@@ -180,8 +230,9 @@ def predict_nodes(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.Tensor,
 
     To first order the new trajectory is X + delta with delta_{n+1} = Phi_n delta_n + b_n,
     b_n = int over interval n of Phi(t_{n+1}, s) (f(s, X, u_new) - f(s, X, u_old)) ds, which the
-    Gauss rule with Phi(t_{n+1}, s) ~ I takes to O(h^2 |du|): the defects Newton starts from shrink
-    from O(h |du|) to O(h^2 |du| + |du|^2). Returns the predicted nodes [N + 1, K, n].
+    Gauss rule takes with Phi(t_{n+1}, s) ~ I + (1 - c)(Phi_n - I) at s = t_n + c h_n (linear between
+    its two ends): the defects Newton starts from shrink from O(h |du|) to O(h^3 |du| + |du|^2).
+    Returns the predicted nodes [N + 1, K, n].
     """
     with torch.no_grad():
         N = mesh.numel() - 1
@@ -191,6 +242,10 @@ def predict_nodes(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.Tensor,
         index = torch.arange(N, device=mesh.device).repeat_interleave(Q)
         X = gauss_states.reshape((N * Q,) + gauss_states.shape[2:])
         change = (pw.dynamics(times.reshape(-1), X, u_new[index]) - pw.dynamics(times.reshape(-1), X, u_old[index]))
-        b = (gauss_weights.view(1, Q, 1, 1) * change.view(gauss_states.shape)).sum(1) * h.view(N, 1, 1)
+        change = change.view(gauss_states.shape)  # [N, Q, K, n]
+        # Phi(t_{n+1}, s) ~ I + (1 - c)(Phi_n - I) at s = t_n + c h_n (linear in c between s = t_{n+1} and s = t_n)
+        carried = torch.einsum("nkab,nqkb->nqka", transitions, change) - change
+        change = change + (1 - gauss_fractions).view(1, Q, 1, 1) * carried
+        b = (gauss_weights.view(1, Q, 1, 1) * change).sum(1) * h.view(N, 1, 1)
         _, delta = affine_prefix_scan(transitions, b)
         return torch.cat([nodes[:1], nodes[1:] + delta])
