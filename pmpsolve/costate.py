@@ -59,11 +59,12 @@ def linearisation_fractions(dtype, device) -> torch.Tensor:
     return chebyshev_fractions(LINEAR_DEGREE - 1, dtype, device)
 
 
-def chebyshev_basis(z: torch.Tensor, degree: int) -> torch.Tensor:
+def chebyshev_basis(z: torch.Tensor, degree: int, orders: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T_0(z), ..., T_degree(z) for a 0-d z -> [degree + 1]. One op per call of a right-hand side, and
     the polynomial continues smoothly beyond [-1, 1]: an adaptive step may overshoot the last node
-    of a solve, and a basis clamped there costs the dense output at that node 100x its accuracy."""
-    k = torch.arange(degree + 1, dtype=z.dtype, device=z.device)
+    of a solve, and a basis clamped there costs the dense output at that node 100x its accuracy.
+    ``orders``: 0, ..., degree in z's dtype, made once by a caller that calls this per evaluation."""
+    k = torch.arange(degree + 1, dtype=z.dtype, device=z.device) if orders is None else orders
     return torch.special.chebyshev_polynomial_t(z.expand(degree + 1), k)
 
 Counter = Callable[[Optional[torch.Tensor]], None]
@@ -210,15 +211,18 @@ class ParallelScanCostate:
     def _scan(self, coef, split, pT, count, fractions):
         mesh, N = self.mesh, self.mesh.numel() - 1
         K, n = pT.shape
-        h = (mesh[1:] - mesh[:-1]).view(N, 1, 1, 1)
+        minus_h = -(mesh[1:] - mesh[:-1]).view(N, 1, 1, 1)
+        degree = coef.shape[1] - 1
+        orders = torch.arange(degree + 1, dtype=coef.dtype, device=coef.device)
 
-        def rhs(sigma, Y):
+        def rhs(sigma, Y):  # runs without graph: MY is a fresh product, updated in place
             count(None)
-            values = chebyshev_basis(1 - 2 * sigma, coef.shape[1] - 1) @ coef  # [N, K * (n * n + n)]
+            values = chebyshev_basis(1 - 2 * sigma, degree, orders) @ coef  # [N, K * (n * n + n)]
             M = values[:, :split].view(N, K, n, n)
             c = values[:, split:].view(N, K, n, 1)
             MY = M @ Y
-            return -h * torch.cat([MY[..., :n], MY[..., n:] + c], dim=-1)
+            MY[..., n:] += c
+            return minus_h * MY
 
         eye = torch.eye(n, dtype=pT.dtype, device=pT.device).expand(N, K, n, n)
         Y0 = torch.cat([eye, pT.new_zeros(N, K, n, 1)], dim=-1)

@@ -40,7 +40,8 @@ names raises ImportError naming the supported versions.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -51,9 +52,9 @@ SUPPORTED_TORCHDIFFEQ = ">=0.2.3,<0.3"
 
 try:
     import torchdiffeq
-    from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
+    from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape, _nextafter, _PerturbFunc
     from torchdiffeq._impl.odeint import SOLVERS
-    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _RungeKuttaState
     from torchdiffeq._impl.solvers import FixedGridODESolver
 
     for _name in ("_adaptive_step", "_advance"):
@@ -90,8 +91,169 @@ class IntegrationFailure(RuntimeError):
     torchdiffeq's assert for the same condition carries."""
 
 
+class _Weights(NamedTuple):
+    """A Runge-Kutta tableau (torchdiffeq's ``_ButcherTableau`` and ``mid``) as Python numbers, so that a stage
+    combination sum_j (w_j dt) k_j is a chain of axpys with scalar weights (see ``_lean_step``)."""
+
+    alpha: List[float]
+    beta: List[List[float]]
+    c_sol: Optional[List[float]]  # None when the last stage is the solution (FSAL: Dormand-Prince, Bosh3)
+    c_error: List[float]
+    mid: List[float]
+
+
+def _weights(solver: type) -> Optional[_Weights]:
+    """``solver``'s tableau as ``_Weights`` for dopri5 (the default method, the one measured), else None:
+    the other methods keep torchdiffeq's step bit for bit (dopri8's large weights make the reordered sums
+    differ at 1e-10 where dopri5's differ at 1e-15). None too where the lean step would not mirror
+    ``_adaptive_step`` (a subclass overriding it or the dense output fit, a torchdiffeq without ``min_step``)."""
+    base = RKAdaptiveStepsizeODESolver
+    if (solver is not SOLVERS.get("dopri5") or solver._adaptive_step is not base._adaptive_step
+            or solver._interp_fit is not base._interp_fit or "min_step" not in base.__init__.__code__.co_varnames):
+        return None
+    tableau = solver.tableau
+    fsal = bool(tableau.c_sol[-1] == 0 and (tableau.c_sol[:-1] == tableau.beta[-1]).all())
+    return _Weights(alpha=tableau.alpha.tolist(), beta=[b.tolist() for b in tableau.beta],
+                    c_sol=None if fsal else tableau.c_sol.tolist(), c_error=tableau.c_error.tolist(),
+                    mid=solver.mid.tolist())
+
+
+def _combine(y0: Optional[torch.Tensor], k: List[torch.Tensor], weights: List[float], dt: float):
+    """y0 + sum_j (w_j dt) k_j (y0 None: the sum alone), as torchdiffeq's ``torch.sum(k * (w * dt), dim=-1)``
+    over its stage-last buffer, but as one multiply and in-place axpys on the stage list (zero weights
+    skipped): a few small ops instead of a strided reduction over a [..., stages] copy. The same sums in
+    another order, so the last bits may differ. Differentiable (the axpys act on a fresh product)."""
+    total = None
+    for w, kj in zip(weights, k):
+        if w != 0:
+            total = kj * (w * dt) if total is None else total.add_(kj, alpha=w * dt)
+    if y0 is None:
+        return total
+    return y0 if total is None else y0 + total
+
+
+def _lean_step(self, rk_state, dt):
+    """torchdiffeq's ``RKAdaptiveStepsizeODESolver._adaptive_step`` (0.2.5), decision for decision, after
+    ``_checked``'s checks and its clamp of ``dt``. What it saves per step is dispatch, not arithmetic:
+    the stages are a Python list combined by ``_combine`` instead of a stage-last tensor written through
+    an autograd.Function (``_UncheckedAssign``) and summed per stage; the right-hand side is called past
+    the ``_PerturbFunc`` module (its ``y.abs()`` per call only reads a dtype); the error ratio is taken
+    without autograd and becomes a Python number once (the step's one host sync besides the time
+    comparisons), from which the accept decision and ``_optimal_step_size``'s factor follow in Python.
+    The weights times the step are Python numbers too (one more sync: ``float(dt)``)."""
+    y0, f0, _, t0, _, interp_coeff = rk_state
+    weights = self._weights
+    self.func.callback_step(t0, y0, dt)
+    t1 = t0 + dt
+
+    # Prescribed grid points, as torchdiffeq: step_t first, then jump_t.
+    on_step_t = False
+    if len(self.step_t):
+        next_step_t = self.step_t[self.next_step_index]
+        on_step_t = t0 < next_step_t < t0 + dt
+        if on_step_t:
+            t1 = next_step_t
+            dt = t1 - t0
+    on_jump_t = False
+    if len(self.jump_t):
+        next_jump_t = self.jump_t[self.next_jump_index]
+        on_jump_t = t0 < next_jump_t < t0 + dt
+        if on_jump_t:
+            on_step_t = False
+            t1 = next_jump_t
+            dt = t1 - t0
+
+    # torchdiffeq's _runge_kutta_step: stage times in y's (real) dtype, the last stages just before t1.
+    ts0, tsd, ts1 = t0, dt, t1
+    if t0.dtype != self._t_dtype:
+        ts0, tsd, ts1 = t0.to(self._t_dtype), dt.to(self._t_dtype), t1.to(self._t_dtype)
+    h = float(dt)
+    k = [f0]
+    for alpha_i, beta_i in zip(weights.alpha, weights.beta):
+        yi = _combine(y0, k, beta_i, h)
+        if alpha_i == 1.0:
+            k.append(self._evaluate(ts1, yi, Perturb.PREV))
+        else:
+            k.append(self._evaluate(ts0 + alpha_i * tsd, yi, Perturb.NONE))
+    y1 = yi if weights.c_sol is None else _combine(y0, k, weights.c_sol, h)
+    f1 = k[-1]
+
+    # _compute_error_ratio; the ratio only decides, so no graph.
+    with torch.no_grad():
+        error = _combine(None, k, weights.c_error, h)
+        tolerance = torch.maximum(y0.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
+        ratio = float(self.norm(error / tolerance).abs())
+    accept_step = ratio <= 1
+    if h > self._max_step:
+        accept_step = False
+    if h <= self._min_step:
+        accept_step = True
+
+    if accept_step:
+        self.func.callback_accept_step(t0, y0, dt)
+        t_next, y_next = t1, y1
+        # RKAdaptiveStepsizeODESolver._interp_fit: the mid point, then the quartic fit.
+        interp_coeff = _quartic_fit(y0, y1, _combine(y0, k, weights.mid, h), f0, f1, h)
+        if on_step_t and self.next_step_index != len(self.step_t) - 1:
+            self.next_step_index += 1
+        if on_jump_t:
+            if self.next_jump_index != len(self.jump_t) - 1:
+                self.next_jump_index += 1
+            f1 = self.func(t_next, y_next, perturb=Perturb.NEXT)  # the new side of the discontinuity
+        f_next = f1
+    else:
+        self.func.callback_reject_step(t0, y0, dt)
+        t_next, y_next, f_next = t0, y0, f0
+
+    # _optimal_step_size in Python numbers (the same operations on the same doubles), NaN kept NaN.
+    if ratio == 0:
+        factor = self._ifactor
+    elif math.isnan(ratio):
+        factor = math.nan
+    else:
+        dfactor = 1.0 if ratio < 1 else self._dfactor
+        factor = min(self._ifactor, max(self._safety / ratio ** (1.0 / self.order), dfactor))
+    dt_next = (dt * factor).clamp(self.min_step, self.max_step)
+    return _RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
+
+
+def _quartic_fit(y0, y1, y_mid, f0, f1, dt: float):
+    """torchdiffeq's ``interp._interp_fit`` (the dense output's coefficients [e, d, c, b, a] of
+    a x^4 + b x^3 + c x^2 + d x + e), each coefficient one product and in-place axpys with the same
+    weights: 16 small ops instead of 28 (the last bits may differ)."""
+    a = (y_mid * 16).sub_(y1, alpha=8).sub_(y0, alpha=8).add_(f1, alpha=2 * dt).sub_(f0, alpha=2 * dt)
+    b = (y0 * 18).add_(y1, alpha=14).sub_(y_mid, alpha=32).add_(f0, alpha=5 * dt).sub_(f1, alpha=3 * dt)
+    c = (y_mid * 16).sub_(y0, alpha=11).sub_(y1, alpha=5).add_(f1, alpha=dt).sub_(f0, alpha=4 * dt)
+    return [y0, f0 * dt, c, b, a]
+
+
+def _evaluate(self, t, y, perturb):
+    """``self.func(t, y, perturb=perturb)`` past the ``_PerturbFunc`` module: its forward without the
+    module call and the ``y.abs()`` it takes for a dtype (t is already in it), and without
+    ``_StitchGradient`` when t carries no gradient."""
+    func = self.func
+    if type(func) is not _PerturbFunc:
+        return func(t, y, perturb=perturb)
+    if perturb is Perturb.NONE:
+        return func.base_func(t, y)
+    other = t + 1 if perturb is Perturb.NEXT else t - 1
+    t = _nextafter(t, other) if t.requires_grad else torch.nextafter(t, other)
+    return func.base_func(t, y)
+
+
 def _checked(solver: type) -> type:
-    """``solver`` (an adaptive Runge-Kutta class) with the jump fix and its asserts as exceptions."""
+    """``solver`` (an adaptive Runge-Kutta class) with the jump fix, its asserts as exceptions and, where
+    ``_weights`` allows, the lean step (``_lean_step``)."""
+    weights = _weights(solver)
+
+    def __init__(self, *args, **kwargs):
+        solver.__init__(self, *args, **kwargs)
+        if weights is not None:
+            self._weights = weights
+            self._t_dtype = self.y0.abs().dtype
+            # The step control's constants as Python numbers, once (they are 0-d tensors of self.dtype).
+            self._min_step, self._max_step = float(self.min_step), float(self.max_step)
+            self._safety, self._ifactor, self._dfactor = float(self.safety), float(self.ifactor), float(self.dfactor)
 
     def _advance(self, next_t):
         self._steps_to_output = 0
@@ -119,6 +281,8 @@ def _checked(solver: type) -> type:
             raise IntegrationFailure(f"underflow in dt {dt.item()}")
         if not torch.isfinite(y0).all():
             raise IntegrationFailure(f"non-finite values in state `y`: {y0}")
+        if weights is not None and not (dt.requires_grad or t0.requires_grad):
+            return _lean_step(self, rk_state, dt)
         return solver._adaptive_step(self, rk_state)
 
     def integrate(self, t):
@@ -140,7 +304,8 @@ def _checked(solver: type) -> type:
                 i = j
         return solution
 
-    return type(solver.__name__, (solver,), {"_advance": _advance, "_adaptive_step": _adaptive_step,
+    return type(solver.__name__, (solver,), {"__init__": __init__, "_advance": _advance,
+                                             "_adaptive_step": _adaptive_step, "_evaluate": _evaluate,
                                              "integrate": integrate})
 
 

@@ -74,9 +74,29 @@ class PointwiseProblem:
             return x.new_zeros(x.shape[:-1])
         return self.problem.terminal_cost(x)
 
+    def with_controls(self, u: torch.Tensor, x_shape: torch.Size):
+        """``dynamics_and_running_cost`` (``dynamics`` alone when there is no running cost) for points with
+        fixed controls u [P, m] and states of shape ``x_shape`` [P, ..., n], as (fn, reads_time): fn(t, x)
+        -> (f, L) or f, with t [P] when reads_time, else any one of the points' times (f and L do not read
+        it). The control is expanded once, not at every call of a right-hand side that evaluates hundreds
+        of times per sweep with the same u."""
+        u_full = _expand_control(u, torch.empty(x_shape, device="meta"), batched=True)
+        problem = self.problem
+        if not self.has_running_cost:
+            fn, reads_t = problem.dynamics, self.dynamics_reads_time
+        else:
+            fn = lambda t, x, u: (problem.dynamics(t, x, u), problem.running_cost(t, x, u))  # noqa: E731
+            reads_t = self.dynamics_reads_time or self.cost_reads_time
+        if not reads_t:
+            return (lambda t, x: fn(t, x, u_full)), False
+        return (lambda t, x: self._map_expanded(fn, t, x, u_full, True)), True
+
     @staticmethod
     def _map(fn, t, x, u, reads_t: bool = True):
-        u_full = _expand_control(u, x, batched=t.ndim > 0)
+        return PointwiseProblem._map_expanded(fn, t, x, _expand_control(u, x, batched=t.ndim > 0), reads_t)
+
+    @staticmethod
+    def _map_expanded(fn, t, x, u_full, reads_t: bool):
         if t.ndim == 0:
             return fn(t, x, u_full)
         if not reads_t:  # fn ignores t: one call over all points (x, u share their leading dims)

@@ -136,16 +136,20 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     scale_h = h.view(N, 1, 1, 1)
 
     share, used = (budget.limit - budget.evaluations) // 2, 0
+    copies = 1 + 2 * n
+    evaluate, reads_time = pw.with_controls(u, torch.Size((N, copies, K, n)))
+    start0, h0 = starts[0], h[0]
 
     def rhs(sigma, Y):  # Y [N, 1 + 2n, K, n (+1)]: the nominal start and 2n perturbed ones per interval
         nonlocal used
         used += 1
         if used > share:
             raise _OverBudget
-        t = starts + sigma * h  # [N], each interval at its own time
+        # [N], each interval at its own time; interval 0's time alone where f and L do not read it
+        t = starts + sigma * h if reads_time else start0 + sigma * h0
         if not pw.has_running_cost:
-            return scale_h * pw.dynamics(t, Y, u)
-        f, L = pw.dynamics_and_running_cost(t, Y[..., :n], u)
+            return scale_h * evaluate(t, Y)
+        f, L = evaluate(t, Y[..., :n])
         return scale_h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
 
     # The mesh's jump and step times mean nothing on the common sigma axis [0, 1]; the error is the
@@ -156,7 +160,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
     eps = torch.finfo(mesh.dtype).eps ** (1 / 3)  # central differences: truncation and rounding balanced
     component = torch.arange(n, device=mesh.device)
-    plus, minus, copies = 1 + component, 1 + n + component, 1 + 2 * n
+    plus, minus = 1 + component, 1 + n + component
     S = torch.cat([pw.x0.unsqueeze(0), start[1:].to(pw.x0)])  # [N + 1, K, n]
     smallest, previous = math.inf, None
     try:  # the attempt's evaluations count, whatever its outcome

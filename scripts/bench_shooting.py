@@ -13,6 +13,7 @@ One thread (the per-step overhead is what is measured); CPU seconds (``time.proc
 sweeps, wall seconds for the solves; medians of ``--repeats``.
 
     python scripts/bench_shooting.py            # -> results/bench/shooting.json (~5 minutes)
+    python scripts/bench_shooting.py --step-only  # the lean dopri5 step against torchdiffeq's (-> shooting_step.json)
 """
 from __future__ import annotations
 
@@ -81,6 +82,45 @@ def solve_row(name: str, mesh: int, shooting: bool) -> dict:
             "forward_evaluations_per_iteration": statistics.median(r.forward_evals for r in records)}
 
 
+def step_rows(names, mesh: int, repeats: int) -> list:
+    """CPU ms per E-MSA iteration (medians over the iterations, then over ``repeats``) with the lean dopri5
+    step of ``pmpsolve.ode`` and with torchdiffeq's own step (the same wrapper, ``_weights`` off),
+    solves alternating in this process."""
+    from pmpsolve import ode
+
+    lean = ode._SOLVERS["dopri5"]
+    weights, ode._weights = ode._weights, (lambda solver: None)
+    torchdiffeqs = ode._checked(ode.SOLVERS["dopri5"])
+    ode._weights = weights
+    rows = []
+    try:
+        for name in names:
+            runs = {"lean": [], "torchdiffeq": []}
+            for _ in range(repeats):
+                for label, cls in (("torchdiffeq", torchdiffeqs), ("lean", lean)):
+                    ode._SOLVERS["dopri5"] = cls
+                    solver = pmp.Solver(problems.REFERENCE_PROBLEMS[name]()[0], mesh=mesh)
+                    state, cpu = solver.init(), []
+                    while not state.done:
+                        clock = time.process_time()
+                        state = solver.step(state)
+                        cpu.append(time.process_time() - clock)
+                    solution = solver.solution(state)
+                    runs[label].append((1e3 * statistics.median(cpu), len(solution.history) - 1, solution.cost))
+            row = {"problem": name}
+            for label, r in runs.items():
+                row[label] = {"cpu_ms_per_iteration": statistics.median(x[0] for x in r), "iterations": r[0][1],
+                              "cost": r[0][2]}
+            row["ratio"] = row["lean"]["cpu_ms_per_iteration"] / row["torchdiffeq"]["cpu_ms_per_iteration"]
+            rows.append(row)
+            print(f"| {name} | {row['torchdiffeq']['cpu_ms_per_iteration']:.1f} ({row['torchdiffeq']['iterations']}) | "
+                  f"{row['lean']['cpu_ms_per_iteration']:.1f} ({row['lean']['iterations']}) | {row['ratio']:.2f} | "
+                  f"{row['lean']['cost']:.8f} |", flush=True)
+    finally:
+        ode._SOLVERS["dopri5"] = lean
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", type=int, default=200)
@@ -89,8 +129,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--problems", nargs="*", default=list(problems.REFERENCE_PROBLEMS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only the lean dopri5 step against torchdiffeq's, E-MSA solves of --problems")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.step_only:
+        print(f"E-MSA, K = 1, N = {args.mesh}: CPU ms per iteration (iterations), torchdiffeq's dopri5 step "
+              f"against the lean one, alternating in one process, medians of {args.repeats}")
+        print("| problem | torchdiffeq step | lean step | ratio | J (lean) |")
+        print("| --- | --- | --- | --- | --- |")
+        rows = step_rows(args.problems, args.mesh, args.repeats)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "shooting_step.json").write_text(json.dumps({"mesh": args.mesh, "threads": 1, "rows": rows,
+                                                                  "torch": torch.__version__}, indent=1))
+        return {"steps": rows}
     sweeps = []
     print(f"One forward sweep, N = {args.mesh}: shooting from nodes of controls 0.01 away vs sequential "
           "(CPU ms, median)")

@@ -118,3 +118,16 @@ def test_bench_shooting_compares_the_two_forward_sweeps(tmp_path):
         assert row["cost_difference"] <= 1e-8 * max(1.0, abs(row["sequential"]["cost"]))
     assert [r["shooting"] for r in data["solves"]] == [True, False]
     assert data["solves"][0]["cost"] == pytest.approx(data["solves"][1]["cost"], rel=1e-8)
+
+
+def test_bench_shooting_compares_the_lean_step_with_torchdiffeqs(tmp_path):
+    from pmpsolve import ode
+
+    lean = ode._SOLVERS["dopri5"]
+    data = load("bench_shooting").main(["--step-only", "--mesh", "10", "--problems", "lqr", "--repeats", "1",
+                                        "--out", str(tmp_path)])
+    assert ode._SOLVERS["dopri5"] is lean  # the benchmark puts the lean step back
+    (row,) = data["steps"]
+    assert json.loads((tmp_path / "shooting_step.json").read_text())["rows"][0]["problem"] == "lqr"
+    assert row["lean"]["iterations"] == row["torchdiffeq"]["iterations"]
+    assert row["lean"]["cost"] == pytest.approx(row["torchdiffeq"]["cost"], rel=1e-10)

@@ -177,16 +177,37 @@ def test_step_budget_holds_under_python_O():
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8"])
 def test_dense_output_in_batches_is_torchdiffeqs_own(method):
     """The ODE layer interpolates the output times after the first inside a step together; every value
-    is the one torchdiffeq's own loop gives (bit for bit), in both directions."""
+    is the one torchdiffeq's own loop (one ``_advance`` per output time) gives with the same solver class,
+    bit for bit, in both directions. That class is torchdiffeq's step itself for bosh3 and dopri8 (so
+    torchdiffeq.odeint gives the same bits); for dopri5 it is the lean step (``ode._lean_step``): the same
+    steps and evaluations as torchdiffeq, its sums in another order (the last bits)."""
     import torchdiffeq
+    from torchdiffeq._impl.misc import _check_inputs
+    from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
-    from pmpsolve.ode import integrate
+    from pmpsolve.ode import _SOLVERS, integrate
 
-    rhs = lambda t, y: torch.stack([y[1], -torch.sin(y[0]) + 0.1 * torch.cos(3 * t)])  # noqa: E731
+    calls = []
+
+    def rhs(t, y):
+        calls.append(1)
+        return torch.stack([y[1], -torch.sin(y[0]) + 0.1 * torch.cos(3 * t)])
+
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     times = torch.sort(torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5)[0]
     times = torch.cat([torch.zeros(1, dtype=torch.float64), times])
     for t in (times, times.flip(0)):
         ours = integrate(rhs, y0, t, method=method, rtol=1e-7, atol=1e-9)
+        evaluations = len(calls)
+        _, func, y, tt, rtol, atol, _, options, _, _ = _check_inputs(rhs, y0, t, 1e-7, 1e-9, method, {}, None, _SOLVERS)
+        one_by_one = AdaptiveStepsizeODESolver.integrate(_SOLVERS[method](func=func, y0=y, rtol=rtol, atol=atol,
+                                                                         **options), tt)
+        assert torch.equal(ours, one_by_one)
+        del calls[:]
         theirs = torchdiffeq.odeint(rhs, y0, t, method=method, rtol=1e-7, atol=1e-9)
-        assert torch.equal(ours, theirs)
+        assert len(calls) == evaluations
+        del calls[:]
+        if method == "dopri5":
+            assert float((ours - theirs).abs().max()) < 1e-13
+        else:
+            assert torch.equal(ours, theirs)
