@@ -37,7 +37,7 @@ class StateSolution(NamedTuple):
     interior: torch.Tensor  # X at the requested fractions of each interval [N, R, K, n] (detached)
     # d X(t_{n+1}) / d X(t_n) per interval [N, K, n, n] where the sweep computed them (shooting), else None
     transitions: Optional[torch.Tensor] = None
-    newton_rate: float = 0.0  # the shooting sweep's Newton rate (``shooting.solve_state_shooting``), else 0
+    newton_rate: Optional[object] = None  # shooting.NewtonRate of a shooting sweep, else None
 
 
 def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable[[Optional[torch.Tensor]], None],

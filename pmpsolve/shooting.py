@@ -21,7 +21,8 @@ differences, the derivative of the discrete scheme to ~1e-10), one f call per st
 An inexact Phi changes how fast Newton converges, never what it converges to. A sweep is accepted
 when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, or when the
 defect the next Newton step would leave, predicted from the quadratic rate c of d_{k+1} ~ c d_k^2
-seen in earlier steps (``ForwardSweep.newton_rate``, times a safety factor 10), is. What it returns
+seen in earlier steps that contracted at least 100-fold, from defects no larger than the current one
+(``NewtonRate``, carried by ``ForwardSweep.newton_rate``, times a safety factor 10), is. What it returns
 (the nodes, J, the samples inside the intervals) is that last integration moved by its Newton
 correction to first order, from the same perturbed copies: no further integration, and an error of
 second order in the defects, so that J does not carry Newton's residual (0.1 of the tolerance at
@@ -53,17 +54,42 @@ from .ode import ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
 from .scan import affine_prefix_scan
 
-__all__ = ["ShootingPolicy", "solve_state_shooting", "predict_nodes"]
+__all__ = ["ShootingPolicy", "NewtonRate", "solve_state_shooting", "predict_nodes"]
 
-#: Newton steps whose defect before them lies in this range (tolerance units) give the rate c of
-#: d_{k+1} ~ c d_k^2: below it the floor of rounding and of the differenced Phi dominates, above it the
-#: step is not yet in its quadratic regime.
-RATE_OBSERVED = (10.0, 1e6)
-#: Safety factor on the rate's prediction of the defect a Newton step leaves.
-RATE_SAFETY = 10.0
-#: The largest defect (tolerance units) accepted by that prediction: beyond it the first-order
-#: correction is not trusted whatever the rate says.
-MAX_CORRECTED = 1e4
+@dataclass(frozen=True)
+class NewtonRate:
+    """What the Newton steps of earlier shooting sweeps showed: d_{k+1} <= ``rate`` d_k^2 (defects in
+    tolerance units) in every step seen that contracted at least 100-fold from a defect d_k of at
+    most ``reach``. Immutable; it travels with the sweeps (``ForwardSweep.newton_rate``).
+
+    Only steps that contract that strongly count: in Newton's linear phase d_{k+1} / d_k^2 is small
+    for a large d_k and would under-predict the defect left at a smaller one; and the prediction is
+    trusted only up to the largest defect such a step started from (``reach``)."""
+
+    rate: float = 0.0
+    reach: float = 0.0
+
+    #: steps from a defect in this range count: below it the floor of rounding and of the differenced
+    #: Phi dominates the next defect, above it the linearisation is not trusted
+    OBSERVED = (10.0, 1e6)
+    #: the contraction a step must show to count as quadratic
+    CONTRACTION = 1e-2
+    #: safety factor on the predicted defect
+    SAFETY = 10.0
+
+    def observe(self, before: float, after: float) -> "NewtonRate":
+        """The record with one more Newton step, from defect ``before`` to ``after``."""
+        low, high = self.OBSERVED
+        if not (low <= before <= high and after <= self.CONTRACTION * before):
+            return self
+        return NewtonRate(max(self.rate, after / before ** 2), max(self.reach, before))
+
+    def merged(self, other: "NewtonRate") -> "NewtonRate":
+        return NewtonRate(max(self.rate, other.rate), max(self.reach, other.reach))
+
+    def settles(self, size: float, accept: float) -> bool:
+        """Whether one Newton step from defect ``size`` is predicted to leave at most ``accept``."""
+        return self.rate > 0 and size <= self.reach and self.SAFETY * self.rate * size ** 2 <= accept
 
 
 @dataclass(frozen=True)
@@ -112,7 +138,7 @@ class _OverBudget(Exception):
 def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget: EvaluationBudget,
                          start: torch.Tensor, *, fractions: Optional[torch.Tensor] = None, max_newton: int = 4,
                          max_growth: float = 1e3, accept: float = 0.1,
-                         newton_rate: float = 0.0) -> Optional[StateSolution]:
+                         newton_rate: NewtonRate = NewtonRate()) -> Optional[StateSolution]:
     """The forward sweep for controls u [N, m] by multiple shooting from start values ``start``
     [N + 1, K, n] (the nodes of a nearby trajectory; entry 0 is replaced by x0), or None when Newton
     did not meet the tolerance within ``max_newton`` integrations (see the module).
@@ -125,10 +151,9 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     The result is the Newton iterate after the last integration, to first order (nodes, J and the
     samples moved by the correction delta, with the transition matrices of that integration). It is
     accepted when the largest scaled defect ``size`` is at most ``accept``, or when the defect Newton
-    leaves after it, estimated as ``newton_rate * size**2`` (times ``RATE_SAFETY``), is: ``newton_rate``
-    is the largest ratio defect / (previous defect)^2 seen in the Newton steps of the sweeps this one
-    descends from (``ForwardSweep.newton_rate``; 0: none seen, accept by ``size`` alone). The returned
-    StateSolution carries that ratio, updated with this sweep's steps.
+    would leave after it is predicted to be (``NewtonRate.settles``: from the Newton steps of the sweeps
+    this one descends from, ``newton_rate``, and of this one). The returned StateSolution carries that
+    record, updated with this sweep's steps.
     """
     mesh = ode.mesh
     N, K, n = mesh.numel() - 1, pw.num_samples, pw.state_dim
@@ -188,16 +213,13 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
                 size = float((defect.abs() / tolerance).amax())  # one host sync per Newton step
                 if not math.isfinite(size) or size > max_growth * smallest:
                     return None
-                if previous is not None and RATE_OBSERVED[0] <= previous <= RATE_OBSERVED[1] and size < previous:
-                    # Newton's quadratic convergence, d_{k+1} ~ c d_k^2: the largest c seen (rounding and
-                    # the differenced Phi add a floor, which only makes c larger, i.e. safer)
-                    newton_rate = max(newton_rate, size / previous ** 2)
+                if previous is not None:
+                    newton_rate = newton_rate.observe(previous, size)
                 _, delta = affine_prefix_scan(Phi, defect)  # delta_{j+1} = Phi_j delta_j + d_{j+1}
                 # Accept: the defects are within a fraction of the tolerance, or what the Newton step
                 # delta would leave is (Hairer & Wanner, Solving ODEs II, IV.8: a simplified Newton
                 # iteration stops on the contraction rate of the previous steps, eq. (8.10)-(8.12)).
-                if size <= accept or (newton_rate > 0 and size <= MAX_CORRECTED
-                                      and RATE_SAFETY * newton_rate * size ** 2 <= accept):
+                if size <= accept or newton_rate.settles(size, accept):
                     return _corrected(pw, mesh, u, S, delta, end, Ys, Phi, width, plus, minus, newton_rate)
                 smallest, previous = min(smallest, size), size
                 S = torch.cat([S[:1], S[1:] + delta])
@@ -208,7 +230,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
 
 def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: torch.Tensor, delta: torch.Tensor,
                end: torch.Tensor, Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, plus: torch.Tensor,
-               minus: torch.Tensor, newton_rate: float) -> StateSolution:
+               minus: torch.Tensor, newton_rate: NewtonRate) -> StateSolution:
     """The sweep from the last integration moved by its Newton correction ``delta`` [N, K, n] (the nodes
     1..N), to first order and without another integration: the nodes S + delta, and J and the samples
     inside the intervals moved by their start-value derivatives, differenced from the same perturbed

@@ -27,7 +27,7 @@ from .forward import solve_state
 from .mesh import gauss_legendre
 from .ode import DEFAULT_BUDGET, METHODS, ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
-from .shooting import ShootingPolicy, predict_nodes, solve_state_shooting
+from .shooting import NewtonRate, ShootingPolicy, predict_nodes, solve_state_shooting
 from .trajectory import HermiteTrajectory, IntervalSamples
 
 __all__ = ["ForwardSweep", "BackwardSweep", "Sweeper", "ODE_METHODS", "DEFAULT_BUDGET"]
@@ -53,8 +53,8 @@ class ForwardSweep(NamedTuple):
     strategy: str = "sequential"  # "shooting" when multiple shooting gave it (``shooting.py``)
     controls: Optional[torch.Tensor] = None  # the u [N, m] swept
     transitions: Optional[torch.Tensor] = None  # d X(t_{n+1}) / d X(t_n) [N, K, n, n] (shooting), else None
-    # the largest Newton rate d_{k+1} / d_k^2 seen by the shooting sweeps this one descends from (0: none)
-    newton_rate: float = 0.0
+    # what the Newton steps of the shooting sweeps this one descends from showed (``shooting.NewtonRate``)
+    newton_rate: NewtonRate = NewtonRate()
 
 
 class BackwardSweep(NamedTuple):
@@ -134,7 +134,7 @@ class Sweeper:
                     state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
                                                  max_newton=newton, max_growth=policy.max_growth,
                                                  accept=policy.accept,
-                                                 newton_rate=0.0 if start is None else start.newton_rate)
+                                                 newton_rate=NewtonRate() if start is None else start.newton_rate)
                 strategy = "sequential" if state is None else "shooting"
                 if state is None:  # not tried, or Newton did not converge: the sequential sweep
                     state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,
@@ -151,7 +151,8 @@ class Sweeper:
         sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
         return ForwardSweep(traj, cost, state.terminal_cost, state.running_cost, count.evaluations,
                             self._clock() - clock, sampled, strategy, u.detach(), state.transitions,
-                            max(state.newton_rate, 0.0 if start is None else start.newton_rate))
+                            (state.newton_rate or NewtonRate()).merged(
+                                NewtonRate() if start is None else start.newton_rate))
 
     def _start_values(self, start: ForwardSweep, u: torch.Tensor) -> torch.Tensor:
         """Shooting start values for controls u from a nearby sweep: its nodes, moved by the linear

@@ -9,7 +9,7 @@ import pmpsolve as pmp
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem, reads_time
 from pmpsolve.scan import affine_prefix_scan, affine_suffix_scan
-from pmpsolve.shooting import ShootingPolicy
+from pmpsolve.shooting import NewtonRate, ShootingPolicy
 from pmpsolve.sweeps import Sweeper
 from problems import rayleigh, van_der_pol
 
@@ -92,13 +92,15 @@ def test_accepted_sweep_is_the_corrected_newton_iterate_whatever_the_start():
 @pytest.mark.parametrize("make", [van_der_pol, rayleigh])
 def test_known_newton_rate_saves_integrations_at_the_same_accuracy(make):
     # A sweep that starts knowing Newton's rate d_{k+1} ~ c d_k^2 (from the sweeps before it) accepts
-    # the corrected iterate once 10 c d_k^2 is within the tolerance instead of integrating once more.
+    # the corrected iterate once 10 c d_k^2 is within the tolerance (d_k no larger than a defect the
+    # rate was seen from) instead of integrating once more.
     # Measured at N = 40: van der Pol 272 -> 204 evaluations (J 2e-12 apart), Rayleigh 168 both.
     problem = make()[0]
     sweeper, u_start, u, mesh = two_controls(problem)
     start = sweeper.forward(u_start)  # sequential: no rate known
     plain = sweeper.forward(u, start=start)
-    assert plain.strategy == "shooting" and 0 < plain.newton_rate < 1e-6  # measured 5e-11 and 1.3e-9
+    rate = plain.newton_rate
+    assert plain.strategy == "shooting" and 0 < rate.rate < 1e-6 and rate.reach >= 10  # measured 5e-11, 1.3e-9
     informed = sweeper.forward(u, start=start._replace(newton_rate=plain.newton_rate))
     assert informed.strategy == "shooting" and informed.evaluations <= plain.evaluations
     if make is van_der_pol:  # one integration fewer
@@ -106,6 +108,16 @@ def test_known_newton_rate_saves_integrations_at_the_same_accuracy(make):
     for sweep in (plain, informed):
         assert_matches_scipy(problem, sweep, u, mesh)
     assert abs(float(informed.cost - plain.cost)) <= 1e-2 * RTOL * max(1.0, abs(float(plain.cost)))
+
+
+def test_newton_rate_counts_only_quadratic_steps_and_predicts_within_their_reach():
+    rate = NewtonRate().observe(1e6, 1e5)  # a linear phase (10-fold): d_{k+1} / d_k^2 would under-predict
+    assert rate == NewtonRate()
+    rate = rate.observe(1.3e3, 1e-4).observe(5, 1e-7)  # quadratic; the second starts below the counted range
+    assert rate == NewtonRate(1e-4 / 1.3e3 ** 2, 1.3e3)
+    assert rate.settles(1e3, 0.1) and not rate.settles(2e3, 0.1)  # beyond the reach seen
+    assert not NewtonRate(1e-7, 1e4).settles(1e3, 0.1)  # 10 c d^2 = 1 > 0.1
+    assert rate.merged(NewtonRate(1e-12, 1e5)) == NewtonRate(rate.rate, 1e5)
 
 
 def test_prediction_of_the_control_change_moves_the_start_values_closer():
