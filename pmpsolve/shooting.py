@@ -56,6 +56,7 @@ from .scan import affine_prefix_scan
 
 __all__ = ["ShootingPolicy", "NewtonRate", "solve_state_shooting", "predict_nodes"]
 
+
 @dataclass(frozen=True)
 class NewtonRate:
     """What the Newton steps of earlier shooting sweeps showed: d_{k+1} <= ``rate`` d_k^2 (defects in
