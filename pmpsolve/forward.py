@@ -14,13 +14,16 @@ output (``ODE.solve_sampled``): the same steps, so the same J and node values.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 
 from .mesh import interval_index
 from .ode import ODE
 from .pointwise import PointwiseProblem
+
+if TYPE_CHECKING:  # shooting.py imports this module
+    from .shooting import NewtonRate
 
 __all__ = ["StateSolution", "solve_state", "state_solution"]
 
@@ -37,7 +40,7 @@ class StateSolution(NamedTuple):
     interior: torch.Tensor  # X at the requested fractions of each interval [N, R, K, n] (detached)
     # d X(t_{n+1}) / d X(t_n) per interval [N, K, n, n] where the sweep computed them (shooting), else None
     transitions: Optional[torch.Tensor] = None
-    newton_rate: Optional[object] = None  # shooting.NewtonRate of a shooting sweep, else None
+    newton_rate: Optional["NewtonRate"] = None  # what a shooting sweep's Newton steps showed, else None
 
 
 def solve_state(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, count: Callable[[Optional[torch.Tensor]], None],

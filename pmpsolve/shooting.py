@@ -85,9 +85,6 @@ class NewtonRate:
             return self
         return NewtonRate(max(self.rate, after / before ** 2), max(self.reach, before))
 
-    def merged(self, other: "NewtonRate") -> "NewtonRate":
-        return NewtonRate(max(self.rate, other.rate), max(self.reach, other.reach))
-
     def settles(self, size: float, accept: float) -> bool:
         """Whether one Newton step from defect ``size`` is predicted to leave at most ``accept``."""
         return self.rate > 0 and size <= self.reach and self.SAFETY * self.rate * size ** 2 <= accept

@@ -151,8 +151,8 @@ class Sweeper:
         sampled = IntervalSamples(self.mesh, X, self.state_fractions, state.interior) if samples else None
         return ForwardSweep(traj, cost, state.terminal_cost, state.running_cost, count.evaluations,
                             self._clock() - clock, sampled, strategy, u.detach(), state.transitions,
-                            (state.newton_rate or NewtonRate()).merged(
-                                NewtonRate() if start is None else start.newton_rate))
+                            # a shooting sweep's record includes its start's; a sequential one passes it on
+                            state.newton_rate or (NewtonRate() if start is None else start.newton_rate))
 
     def _start_values(self, start: ForwardSweep, u: torch.Tensor) -> torch.Tensor:
         """Shooting start values for controls u from a nearby sweep: its nodes, moved by the linear

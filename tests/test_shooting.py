@@ -117,7 +117,6 @@ def test_newton_rate_counts_only_quadratic_steps_and_predicts_within_their_reach
     assert rate == NewtonRate(1e-4 / 1.3e3 ** 2, 1.3e3)
     assert rate.settles(1e3, 0.1) and not rate.settles(2e3, 0.1)  # beyond the reach seen
     assert not NewtonRate(1e-7, 1e4).settles(1e3, 0.1)  # 10 c d^2 = 1 > 0.1
-    assert rate.merged(NewtonRate(1e-12, 1e5)) == NewtonRate(rate.rate, 1e5)
 
 
 def test_prediction_of_the_control_change_moves_the_start_values_closer():
