@@ -214,10 +214,13 @@ class ParallelScanCostate:
         minus_h = -(mesh[1:] - mesh[:-1]).view(N, 1, 1, 1)
         degree = coef.shape[1] - 1
         orders = torch.arange(degree + 1, dtype=coef.dtype, device=coef.device)
+        # [d + 1, N * J]: the basis is the same on every interval, so the values of all intervals are one
+        # matrix-vector product (N batched [1, d + 1] @ [d + 1, J] products cost 4-8x more, measured)
+        by_order = coef.transpose(0, 1).reshape(degree + 1, -1)
 
         def rhs(sigma, Y):  # runs without graph: MY is a fresh product, updated in place
             count(None)
-            values = chebyshev_basis(1 - 2 * sigma, degree, orders) @ coef  # [N, K * (n * n + n)]
+            values = (chebyshev_basis(1 - 2 * sigma, degree, orders) @ by_order).view(N, -1)  # [N, K (n n + n)]
             M = values[:, :split].view(N, K, n, n)
             c = values[:, split:].view(N, K, n, 1)
             MY = M @ Y

@@ -81,6 +81,11 @@ class PointwiseProblem:
         it). The control is expanded once, not at every call of a right-hand side that evaluates hundreds
         of times per sweep with the same u."""
         u_full = _expand_control(u, torch.empty(x_shape, device="meta"), batched=True)
+        if u_full.numel() <= self.materialise_controls:
+            # a stride-0 u makes every matmul in f or L a batch of tiny products (u @ B.T: 3.5x slower at
+            # [200, 3, 5, 1], measured); stored once, it folds into one. Large batches keep the view
+            # (problems/sine.py reads the one control from it: one matmul over all samples).
+            u_full = u_full.contiguous()
         problem = self.problem
         if not self.has_running_cost:
             fn, reads_t = problem.dynamics, self.dynamics_reads_time
@@ -137,6 +142,9 @@ class PointwiseProblem:
                 return H, f, torch.zeros_like(x)
             (gx,) = torch.autograd.grad(H.sum(), x, create_graph=create_graph, allow_unused=True)
         return H, f, torch.zeros_like(x) if gx is None else gx
+
+    #: ``with_controls`` stores the expanded controls when they have at most this many elements.
+    materialise_controls = 2 ** 16
 
     #: Elements of x that ``point_blocks`` puts in one block (as ``IntervalHamiltonian.block_elements``).
     block_elements = 2 ** 17

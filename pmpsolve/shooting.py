@@ -14,15 +14,18 @@ start values; Newton on the defects d_{n+1} = phi_n(S_n) - S_{n+1} gives the cor
     delta_0 = 0,   delta_{n+1} = Phi_n delta_n + d_{n+1},   S <- S + delta,
 
 with Phi_n = d phi_n / d S_n, a linear recursion chained by the affine prefix scan (``scan.py``).
-Phi_n comes from the same solve: 2n more copies of every interval start at S_n +- eps e_i and are
-stepped with the nominal one (the same steps: internal numerical differentiation by central
-differences, the derivative of the discrete scheme to ~1e-10), one f call per stage on a batch
-(1 + 2n) times larger.
-An inexact Phi changes how fast Newton converges, never what it converges to. A sweep is accepted
-when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, or when the
-defect the next Newton step would leave, predicted from the quadratic rate c of d_{k+1} ~ c d_k^2
-seen in earlier steps that contracted at least 100-fold, from defects no larger than the current one
-(``NewtonRate``, carried by ``ForwardSweep.newton_rate``, times a safety factor 10), is. What it returns
+Phi_n comes from the same solve: n more copies of every interval start at S_n + eps e_i and are
+stepped with the nominal one (the same steps: internal numerical differentiation by forward
+differences, eps = sqrt(machine epsilon) |S|, the derivative of the discrete scheme to ~1e-7), one f
+call per stage on a batch (1 + n) times larger. (Central differences, 2n copies, give Phi to ~1e-10 but
+cost 10-25 % more per solve at K = 1-10 for the same Newton iterates and J, measured.)
+An inexact Phi changes how fast Newton converges, never what it converges to: a Newton step leaves
+~1e-7 of the defect it started from (the Jacobian's error) plus a term of second order. A sweep is
+accepted when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, or
+when the defect the next Newton step would leave, predicted from the contraction factor
+theta = d_{k+1} / d_k of earlier steps that contracted at least 100-fold, from defects no smaller
+than the current one (``NewtonRate``, carried by ``ForwardSweep.newton_rate``, times a safety factor
+10), is. What it returns
 (the nodes, J, the samples inside the intervals) is that last integration moved by its Newton
 correction to first order, from the same perturbed copies: no further integration, and an error of
 second order in the defects, so that J does not carry Newton's residual (0.1 of the tolerance at
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -59,21 +62,28 @@ __all__ = ["ShootingPolicy", "NewtonRate", "solve_state_shooting", "predict_node
 
 @dataclass(frozen=True)
 class NewtonRate:
-    """What the Newton steps of earlier shooting sweeps showed: d_{k+1} <= ``rate`` d_k^2 (defects in
-    tolerance units) in every step seen that contracted at least 100-fold from a defect d_k of at
-    most ``reach``. Immutable; it travels with the sweeps (``ForwardSweep.newton_rate``).
+    """What the Newton steps of earlier shooting sweeps showed (defects in tolerance units): ``steps``,
+    pairs (d_k, theta_k) of the defect a step started from and its contraction factor d_{k+1} / d_k, for
+    the steps that contracted at least 100-fold; only the pairs no other pair beats in both (a larger
+    d_k and a smaller theta_k) are kept, by increasing d_k. Immutable; it travels with the sweeps
+    (``ForwardSweep.newton_rate``).
 
-    Only steps that contract that strongly count: in Newton's linear phase d_{k+1} / d_k^2 is small
-    for a large d_k and would under-predict the defect left at a smaller one; and the prediction is
-    trusted only up to the largest defect such a step started from (``reach``)."""
+    What a step from d leaves is a d + c d^2: a, the differenced Jacobian's relative error (forward
+    differences: ~1e-7), and c, the nonlinearity. A step seen from d_k >= d bounds it by theta_k d,
+    since a + c d <= a + c d_k = theta_k; the tightest such bound is the prediction (a simplified Newton
+    iteration stops on its contraction factor, Hairer & Wanner, Solving ODEs II, IV.8, eq. (8.10)-
+    (8.12)). No prediction beyond the largest d_k seen. A quadratic model d_{k+1} / d_k^2 would
+    under-predict the linear part at a defect 10x below the one it was seen from; a single largest
+    factor would over-predict the quadratic part at a small defect by the ratio of the two defects.
+    Only steps that contract at least 100-fold count (the slow first steps of Newton from far away
+    would never let a sweep settle)."""
 
-    rate: float = 0.0
-    reach: float = 0.0
+    steps: Tuple[Tuple[float, float], ...] = ()
 
     #: steps from a defect in this range count: below it the floor of rounding and of the differenced
     #: Phi dominates the next defect, above it the linearisation is not trusted
     OBSERVED = (10.0, 1e6)
-    #: the contraction a step must show to count as quadratic
+    #: the contraction a step must show to count
     CONTRACTION = 1e-2
     #: safety factor on the predicted defect
     SAFETY = 10.0
@@ -83,11 +93,15 @@ class NewtonRate:
         low, high = self.OBSERVED
         if not (low <= before <= high and after <= self.CONTRACTION * before):
             return self
-        return NewtonRate(max(self.rate, after / before ** 2), max(self.reach, before))
+        new = (before, after / before)
+        if any(d >= new[0] and theta <= new[1] for d, theta in self.steps):
+            return self
+        kept = [(d, theta) for d, theta in self.steps if not (new[0] >= d and new[1] <= theta)]
+        return NewtonRate(tuple(sorted(kept + [new])))
 
     def settles(self, size: float, accept: float) -> bool:
         """Whether one Newton step from defect ``size`` is predicted to leave at most ``accept``."""
-        return self.rate > 0 and size <= self.reach and self.SAFETY * self.rate * size ** 2 <= accept
+        return any(d >= size and self.SAFETY * theta * size <= accept for d, theta in self.steps)
 
 
 @dataclass(frozen=True)
@@ -96,13 +110,14 @@ class ShootingPolicy:
 
     With an adaptive method, for a sweep that has start values (the solver's trial sweeps, from the
     current iterate's nodes), not differentiable (the gradient baselines back-propagate through the
-    sequential solver's steps), and while the batch per interval, K n (2n + 1) numbers, stays at most
+    sequential solver's steps), and while the batch per interval, K n (n + 1) numbers, stays at most
     ``max_batch``: like the parallel co-state, all intervals at once pays where the per-step overhead
     of N sequential restarts dominates (few samples, a small state). Measured at N = 200 (one
     thread, a sweep from the nodes of controls 0.01 away; scripts/bench_shooting.py, docs/benchmarks.md
-    section 10): lqr_samples (n = 2) 0.07x the sequential sweep's time at K = 1, 0.29x at K = 10,
-    0.65x at K = 30 (batch 300), 2.8x at K = 100 (1000); the sine network (n = 5) 0.18x at K = 1,
-    0.40x at K = 3 (165), 1.27x at K = 10 (550).
+    section 10): lqr_samples (n = 2) 0.08x the sequential sweep's time at K = 1, 0.23x at K = 10,
+    0.53x at K = 30 (batch 180), 1.57x at K = 100 (600); the sine network (n = 5) 0.10x at K = 1,
+    0.20x at K = 3, 0.54x at K = 10 (300), 1.36x at K = 30 (900). Both ratios grow about linearly in
+    K, through 1 near batch 360 (lqr_samples, K = 60) and 600 (sine, K = 20).
 
     ``max_newton`` integrations per sweep at most (``cold_newton`` from a cold start, the solver's
     first sweep: x0 held at every node); a sweep is accepted when every defect is at most ``accept``
@@ -116,7 +131,7 @@ class ShootingPolicy:
     """
 
     enabled: bool = True
-    max_batch: int = 400
+    max_batch: int = 360
     max_newton: int = 8
     cold_newton: int = 12
     max_growth: float = 1e3
@@ -126,7 +141,7 @@ class ShootingPolicy:
         """Whether a sweep that has start values runs by multiple shooting."""
         K, n = pointwise.num_samples, pointwise.state_dim
         return (self.enabled and ode.adaptive and not differentiable
-                and K * n * (2 * n + 1) <= self.max_batch)
+                and K * n * (n + 1) <= self.max_batch)
 
 
 class _OverBudget(Exception):
@@ -159,11 +174,11 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     scale_h = h.view(N, 1, 1, 1)
 
     share, used = (budget.limit - budget.evaluations) // 2, 0
-    copies = 1 + 2 * n
+    copies = 1 + n
     evaluate, reads_time = pw.with_controls(u, torch.Size((N, copies, K, n)))
     start0, h0 = starts[0], h[0]
 
-    def rhs(sigma, Y):  # Y [N, 1 + 2n, K, n (+1)]: the nominal start and 2n perturbed ones per interval
+    def rhs(sigma, Y):  # Y [N, 1 + n, K, n (+1)]: the nominal start and n perturbed ones per interval
         nonlocal used
         used += 1
         if used > share:
@@ -181,32 +196,30 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     options["norm"] = lambda e: e.reshape(N, copies, -1)[:, 0].pow(2).mean(-1).sqrt().amax()
     inner = mesh.new_zeros(0) if fractions is None else fractions.to(mesh.dtype)
     unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
-    eps = torch.finfo(mesh.dtype).eps ** (1 / 3)  # central differences: truncation and rounding balanced
+    eps = torch.finfo(mesh.dtype).eps ** 0.5  # forward differences: truncation and rounding balanced
     component = torch.arange(n, device=mesh.device)
-    plus, minus = 1 + component, 1 + n + component
+    plus = 1 + component
     S = torch.cat([pw.x0.unsqueeze(0), start[1:].to(pw.x0)])  # [N + 1, K, n]
     smallest, previous = math.inf, None
     try:  # the attempt's evaluations count, whatever its outcome
         with torch.no_grad():
             for _ in range(max_newton):
-                Y0 = S[:-1].unsqueeze(1).repeat(1, copies, 1, 1)  # [N, 1 + 2n, K, n]
-                # copies 1 + i and 1 + n + i of interval j start at S_j +- eps_i e_i
-                offset = (eps * S[:-1].abs().clamp_min(1.0)).permute(2, 0, 1)  # [n, N, K]
-                Y0[:, plus, :, component] += offset
-                Y0[:, minus, :, component] -= offset
-                # the widths as represented (exact differences of the two starts) [N, K, n]
-                width = (Y0[:, plus, :, component] - Y0[:, minus, :, component]).permute(1, 2, 0)
+                Y0 = S[:-1].unsqueeze(1).repeat(1, copies, 1, 1)  # [N, 1 + n, K, n]
+                # copy 1 + i of interval j starts at S_j + eps_i e_i
+                bumped = S[:-1] + eps * S[:-1].abs().clamp_min(1.0)  # [N, K, n]
+                Y0[:, plus, :, component] = bumped.permute(2, 0, 1)
+                width = bumped - S[:-1]  # the widths as represented (exact differences of the two starts)
                 if pw.has_running_cost:
                     Y0 = torch.cat([Y0, Y0.new_zeros(N, copies, K, 1)], dim=-1)
                 try:
-                    Ys = ode.solve(rhs, Y0, unit, options=options)  # [R + 2, N, 1 + 2n, K, n (+1)]
+                    Ys = ode.solve(rhs, Y0, unit, options=options)  # [R + 2, N, 1 + n, K, n (+1)]
                 except (IntegrationFailure, _OverBudget):
                     return None
                 end = Ys[-1]
                 X_end = end[:, 0, :, :n]  # [N, K, n]
                 defect = X_end - S[1:]
                 # Phi_j[:, a, i] = d X_end_a / d S_i from the perturbed copies: [N, K, n, n]
-                Phi = (end[:, plus, :, :n] - end[:, minus, :, :n]).permute(0, 2, 3, 1) / width.unsqueeze(-2)
+                Phi = (end[:, 1:, :, :n] - end[:, :1, :, :n]).permute(0, 2, 3, 1) / width.unsqueeze(-2)
                 tolerance = ode.atol + ode.rtol * torch.maximum(X_end.abs(), S[1:].abs())
                 size = float((defect.abs() / tolerance).amax())  # one host sync per Newton step
                 if not math.isfinite(size) or size > max_growth * smallest:
@@ -218,7 +231,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
                 # delta would leave is (Hairer & Wanner, Solving ODEs II, IV.8: a simplified Newton
                 # iteration stops on the contraction rate of the previous steps, eq. (8.10)-(8.12)).
                 if size <= accept or newton_rate.settles(size, accept):
-                    return _corrected(pw, mesh, u, S, delta, end, Ys, Phi, width, plus, minus, newton_rate)
+                    return _corrected(pw, mesh, u, S, delta, Ys, Phi, width, newton_rate)
                 smallest, previous = min(smallest, size), size
                 S = torch.cat([S[:1], S[1:] + delta])
         return None
@@ -227,8 +240,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
 
 
 def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: torch.Tensor, delta: torch.Tensor,
-               end: torch.Tensor, Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, plus: torch.Tensor,
-               minus: torch.Tensor, newton_rate: NewtonRate) -> StateSolution:
+               Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, newton_rate: NewtonRate) -> StateSolution:
     """The sweep from the last integration moved by its Newton correction ``delta`` [N, K, n] (the nodes
     1..N), to first order and without another integration: the nodes S + delta, and J and the samples
     inside the intervals moved by their start-value derivatives, differenced from the same perturbed
@@ -239,7 +251,7 @@ def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: tor
     X = torch.cat([S[:1], S[1:] + delta])
     # the correction at each interval's start over the width of its differences: [N, K, n]
     ratio = torch.cat([delta.new_zeros(1, K, n), delta[:-1]]) / width
-    differences = Ys[1:, :, plus] - Ys[1:, :, minus]  # [R + 1, N, n (copy), K, n (+1)]
+    differences = Ys[1:, :, 1:] - Ys[1:, :, :1]  # [R + 1, N, n (copy), K, n (+1)]
     moved = Ys[1:, :, 0] + torch.einsum("rnika,nki->rnka", differences, ratio)  # [R + 1, N, K, n (+1)]
     running = moved[-1, :, :, n].sum(0) if pw.has_running_cost else X.new_zeros(K)
     interior = moved[:-1, ..., :n].transpose(0, 1)  # [N, R, K, n]

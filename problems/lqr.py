@@ -34,14 +34,19 @@ def linear_quadratic_problem(A, B, Q, R, x0, horizon: float, S=None, name: str =
     A, B, Q, R = (torch.as_tensor(M, dtype=torch.float64) for M in (A, B, Q, R))
     S = torch.zeros_like(Q) if S is None else torch.as_tensor(S, dtype=torch.float64)
 
+    def quadratic(v, M):  # v' M v per row, [..., k] -> [...]
+        # summed by a product with ones: torch's CPU sum over a last axis of 2 or 3 doubles takes
+        # ~10x longer (130 us against 14 us on [200, 5, 5, 2], torch 2.13; docs/guide.md)
+        return ((v @ M.to(v)) * v) @ v.new_ones(v.shape[-1])
+
     def dynamics(t, x, u):
         return x @ A.to(x).T + u @ B.to(u).T
 
     def running_cost(t, x, u):
-        return 0.5 * (((x @ Q.to(x)) * x).sum(-1) + ((u @ R.to(u)) * u).sum(-1))
+        return 0.5 * (quadratic(x, Q) + quadratic(u, R))
 
     def terminal_cost(x):
-        return 0.5 * ((x @ S.to(x)) * x).sum(-1)
+        return 0.5 * quadratic(x, S)
 
     return pmp.ControlProblem(dynamics, torch.as_tensor(x0, dtype=torch.float64), horizon, pmp.Reals(B.shape[1]),
                               terminal_cost=terminal_cost, running_cost=running_cost, name=name)

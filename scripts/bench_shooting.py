@@ -146,14 +146,14 @@ def main(argv=None) -> dict:
     sweeps = []
     print(f"One forward sweep, N = {args.mesh}: shooting from nodes of controls 0.01 away vs sequential "
           "(CPU ms, median)")
-    print("| problem | K | K n (2n + 1) | sequential ms (evals) | shooting ms (evals) | ratio | |J diff| |")
+    print("| problem | K | K n (n + 1) | sequential ms (evals) | shooting ms (evals) | ratio | |J diff| |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     cases = [("lqr_samples", K, problems.lqr_samples(K)[0]) for K in args.lqr_samples]
     cases += [("sine", K, sine_problem(*sine_data(K))) for K in args.sine_samples]
     for name, K, problem in cases:
         row = {"problem": name, "samples": K, **sweep_times(problem, args.mesh, args.repeats)}
         n = problem.state_dim
-        row["batch"] = K * n * (2 * n + 1)
+        row["batch"] = K * n * (n + 1)
         sweeps.append(row)
         s, m = row["sequential"], row["shooting"]
         print(f"| {name} | {K} | {row['batch']} | {1e3 * s['seconds']:.1f} ({s['evaluations']}) | "
