@@ -114,10 +114,10 @@ class ShootingPolicy:
     ``max_batch``: like the parallel co-state, all intervals at once pays where the per-step overhead
     of N sequential restarts dominates (few samples, a small state). Measured at N = 200 (one
     thread, a sweep from the nodes of controls 0.01 away; scripts/bench_shooting.py, docs/benchmarks.md
-    section 10): lqr_samples (n = 2) 0.08x the sequential sweep's time at K = 1, 0.23x at K = 10,
-    0.53x at K = 30 (batch 180), 1.57x at K = 100 (600); the sine network (n = 5) 0.10x at K = 1,
-    0.20x at K = 3, 0.54x at K = 10 (300), 1.36x at K = 30 (900). Both ratios grow about linearly in
-    K, through 1 near batch 360 (lqr_samples, K = 60) and 600 (sine, K = 20).
+    section 10): lqr_samples (n = 2) 0.07x the sequential sweep's time at K = 1, 0.17x at K = 10,
+    0.37x at K = 30 (batch 180), 0.99x at K = 100 (600); the sine network (n = 5) 0.10x at K = 1,
+    0.20x at K = 3, 0.55x at K = 10 (300), 1.45x at K = 30 (900). Both ratios grow about linearly
+    in K and cross 1 near batch 600; the limit keeps a margin (lqr_samples K <= 80, sine K <= 16).
 
     ``max_newton`` integrations per sweep at most (``cold_newton`` from a cold start, the solver's
     first sweep: x0 held at every node); a sweep is accepted when every defect is at most ``accept``
@@ -131,7 +131,7 @@ class ShootingPolicy:
     """
 
     enabled: bool = True
-    max_batch: int = 360
+    max_batch: int = 480
     max_newton: int = 8
     cold_newton: int = 12
     max_growth: float = 1e3

@@ -182,9 +182,9 @@ def test_policy_keeps_sweeps_sequential_where_shooting_does_not_apply():
     adaptive.forward_policy = ShootingPolicy(enabled=False)
     assert adaptive.forward(u, start=start).strategy == "sequential"
     assert not ShootingPolicy().applies(PointwiseProblem(pmp.ControlProblem(
-        problem.dynamics, torch.zeros(61, 2), 1.0, pmp.Reals(1), terminal_cost=lambda x: x[..., 0]),
+        problem.dynamics, torch.zeros(81, 2), 1.0, pmp.Reals(1), terminal_cost=lambda x: x[..., 0]),
         torch.float64, "cpu"), adaptive.ode,
-        differentiable=False)  # K n (n + 1) = 366 > 360
+        differentiable=False)  # K n (n + 1) = 486 > 480
 
 
 def test_first_sweep_shoots_from_the_initial_state_held_at_every_node():
