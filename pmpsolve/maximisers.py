@@ -432,11 +432,12 @@ class ClosedForm:
         u = C.gather(0, best.unsqueeze(0)).squeeze(0)
         # Predicted and exact gains over u0 (the model of u0 is minus its own penalty).
         predicted = scores.gather(0, best.unsqueeze(0)).squeeze(0).sum(-1) + objective.penalty_value(u0)
-        exact = objective(u).detach() - base + objective.penalty_value(u0)
+        value = objective(u).detach()
+        exact = value - base + objective.penalty_value(u0)
         scale = base.abs() + predicted.abs() + 1e-300  # 1e-300: a zero objective with a zero gain is not 0/0
         if not bool(((exact - predicted).abs() <= self.rtol * scale + 1e-12 * scale.max()).all()):
             return None
-        return MaximiserResult(u, objective(u).detach(), 1, 2 + m)
+        return MaximiserResult(u, value, 1, 2 + m)
 
     @staticmethod
     def _model(objective: IntervalObjective, start: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
