@@ -26,24 +26,25 @@ block as ``IntervalHamiltonian.blocks`` cuts it:
 
 Every variant is timed in the same process: after its first call, ``--rounds`` pairs of one
 autograd call and one call of the variant (wall and CPU seconds); medians, and the ratio of the
-autograd median to the variant's over the same pairs. ``fullgraph=True``: a function dynamo cannot
-put in one graph fails (with dynamo's message) instead of running eagerly. "compile" is the first call minus the
-autograd median; the inductor cache is a fresh directory unless TORCHINDUCTOR_CACHE_DIR is set,
-so it is a cold compile (the first compile of the process also pays inductor's start-up; ``--warm-cache``
-uses the usual directory). Also:
-max |difference| of values and gradients against autograd (absolute and relative to the largest
-entry), whether every steady call returned the same bits as the first, dynamo's graph and
-graph-break counts, failures with their message. One thread (``torch.set_num_threads(1)``).
+autograd median to the variant's over the same pairs. ``fullgraph=True``: a function dynamo
+cannot put in one graph fails (with dynamo's message) instead of running eagerly. "compile" is
+the first call minus the autograd median, in a fresh inductor cache directory (a cold compile;
+the first compile of the process also pays inductor's start-up; ``--warm-cache``: the usual
+directory). Also: max |difference| of values and gradients against autograd (absolute and
+relative to the largest entry), whether every steady call returned the same bits as the first,
+dynamo's graph and graph-break counts, failures with their message. One thread
+(``torch.set_num_threads(1)``). ``--block-elements``: another block size for the compiled
+variants only.
 
     python scripts/bench_func_objective.py [--samples 10000 100000] [--problems lqr vanderpol]
-        [--rounds 5] [--decompose-bmm] [--out results/bench]
+        [--rounds 5] [--decompose-bmm] [--block-elements 1048576] [--out results/bench]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
-import contextlib
 import platform
 import statistics
 import sys
