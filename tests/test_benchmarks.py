@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at a tiny size and write what docs/benchmarks.md reads."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,30 @@ def test_bench_compile_records_timings_or_failures_and_host_syncs(tmp_path):
         result = row[task]["aot_eager"]
         assert result["ok"] or result["error"], result  # a failure is recorded with its message
     assert row["host_syncs"]["total"] >= row["host_syncs"]["iterations"] >= 1
+
+
+def test_bench_func_objective_matches_autograd_and_records_dynamo_failures(tmp_path, monkeypatch):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    module = load("bench_func_objective")
+    monkeypatch.setitem(sys.modules, "bench_func_objective", module)  # dynamo looks the traced code's module up
+    # torch.func eager and aot_eager only (tracing, no C++ code generation): seconds, not inductor's minutes.
+    code = module.main(["--samples", "40", "--problems", "lqr", "--rounds", "1",
+                                              "--variants", "func eager", "aot_eager", "--out", str(tmp_path)])
+    assert code == 0
+    cases = json.loads((tmp_path / "func_objective.json").read_text())["cases"]
+    assert set(cases) == {"sine K=40", "lqr", "side-effect"}
+    for label, case in cases.items():
+        eager = case["variants"]["func eager"]  # the same aten ops as the autograd path: the same bits
+        assert eager["ok"] and eager["max_diff_value"] == 0.0 and eager["max_diff_grad"] == 0.0, label
+        assert eager["bit_identical_repeats"] and eager["speedup_wall"] > 0
+    for label in ("sine K=40", "lqr"):  # one graph, no double backward for aot_autograd to refuse
+        traced = cases[label]["variants"]["aot_eager"]
+        assert traced["ok"] and traced["dynamo"]["graph_breaks"] == 0, traced
+        assert traced["rel_diff_value"] < 1e-12 and traced["rel_diff_grad"] < 1e-12
+    # a print in f: fullgraph=True makes dynamo refuse it, with its message, instead of running eagerly
+    failed = cases["side-effect"]["variants"]["aot_eager"]
+    assert not failed["ok"] and "print" in failed["error"]
 
 
 def test_bench_shooting_compares_the_two_forward_sweeps(tmp_path):
