@@ -14,6 +14,8 @@ sweeps, wall seconds for the solves; medians of ``--repeats``.
 
     python scripts/bench_shooting.py            # -> results/bench/shooting.json (~5 minutes)
     python scripts/bench_shooting.py --step-only  # the lean dopri5 step against torchdiffeq's (-> shooting_step.json)
+    python scripts/bench_shooting.py --compiled-step --lqr-samples 5  # one dopri5 step of a shooting batch,
+        # eager vs torch.compile (-> shooting_compiled_step.json; the library's steps are not compiled)
 """
 from __future__ import annotations
 
@@ -121,6 +123,81 @@ def step_rows(names, mesh: int, repeats: int) -> list:
     return rows
 
 
+def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor") -> list:
+    """One dopri5 step over a multiple-shooting batch [N, 1 + n, K, n + 1] (the nominal start, n perturbed
+    copies, the running cost as a last component) written as one pure function of tensors, with the user's
+    f and L (``PointwiseProblem.with_controls``), eager against ``torch.compile`` (``backend``) in this process:
+    CPU microseconds per step (median of ``repeats`` blocks of 200 calls), the wall time of the first
+    compiled call minus an eager one ("compile"), and the largest difference of the outputs. What compiling a whole solver step
+    would give and cost; the library's steps are not compiled (docs/benchmarks.md, section 10)."""
+    from pmpsolve import ode
+
+    tableau = ode._weights(ode.SOLVERS["dopri5"])
+    rows = []
+    for name, problem in cases:
+        torch._dynamo.reset()
+        pw = PointwiseProblem(problem, torch.float64, "cpu")
+        K, n = pw.num_samples, pw.state_dim
+        grid = make_mesh(mesh, problem.horizon, torch.float64, "cpu")
+        h = (grid[1:] - grid[:-1]).view(mesh, 1, 1, 1)
+        u = torch.full((mesh, problem.control_dim), 0.1, dtype=torch.float64)
+        evaluate, reads_time = pw.with_controls(u, torch.Size((mesh, 1 + n, K, n)))
+        if reads_time or not pw.has_running_cost:
+            continue  # the shooting right-hand side of the cases measured (f and L, no time)
+        t0 = grid[0]
+
+        def rhs(y):
+            f, L = evaluate(t0, y[..., :n])
+            return h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
+
+        def combine(y0, k, w, dt):
+            total = None
+            for wj, kj in zip(w, k):
+                if wj != 0:
+                    total = kj * (wj * dt) if total is None else total + kj * (wj * dt)
+            return total if y0 is None else y0 + total
+
+        def step(y0, f0, dt, rtol, atol):  # y1, f1, error ratio (per-interval RMS, worst interval), midpoint
+            k = [f0]
+            for beta in tableau.beta:
+                yi = combine(y0, k, beta, dt)
+                k.append(rhs(yi))
+            error = combine(None, k, tableau.c_error, dt)
+            ratio = (error / (torch.maximum(y0.abs(), yi.abs()) * rtol + atol)).reshape(mesh, 1 + n, -1)[:, 0]
+            return yi, k[-1], ratio.pow(2).mean(-1).sqrt().amax(), combine(y0, k, tableau.mid, dt)
+
+        y = torch.cat([pw.x0.expand(mesh, 1 + n, K, n), torch.zeros(mesh, 1 + n, K, 1, dtype=torch.float64)], -1)
+        args = (y, rhs(y), torch.tensor(0.25, dtype=torch.float64), torch.tensor(1e-9, dtype=torch.float64),
+                torch.tensor(1e-11, dtype=torch.float64))
+
+        def per_call(fn):
+            fn(*args)
+            blocks = []
+            for _ in range(repeats):
+                clock = time.process_time()
+                for _ in range(200):
+                    fn(*args)
+                blocks.append((time.process_time() - clock) / 200)
+            return 1e6 * statistics.median(blocks)
+
+        eager = per_call(step)
+        clock = time.perf_counter()  # wall time: inductor compiles in g++ subprocesses
+        eager_once = step(*args)
+        eager_call = time.perf_counter() - clock
+        compiled = torch.compile(step, backend=backend, dynamic=False)
+        clock = time.perf_counter()
+        compiled_once = compiled(*args)
+        compile_seconds = time.perf_counter() - clock - eager_call
+        fast = per_call(compiled)
+        difference = max(float((a - b).abs().max()) for a, b in zip(eager_once, compiled_once))
+        row = {"problem": name, "samples": K, "batch": list(y.shape), "eager_us": eager, "compiled_us": fast,
+               "speedup": eager / fast, "compile_seconds": compile_seconds, "max_difference": difference}
+        rows.append(row)
+        print(f"| {name} | {K} | {list(y.shape)} | {eager:.0f} | {fast:.0f} | {row['speedup']:.1f} | "
+              f"{compile_seconds:.1f} | {difference:.1e} |", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", type=int, default=200)
@@ -131,8 +208,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--step-only", action="store_true",
                         help="only the lean dopri5 step against torchdiffeq's, E-MSA solves of --problems")
+    parser.add_argument("--compiled-step", action="store_true",
+                        help="only one dopri5 step of a shooting batch, eager against torch.compile, for --problems "
+                             "and lqr_samples(K) for --lqr-samples K > 1")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled-step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.compiled_step:
+        print(f"One dopri5 step of a multiple-shooting batch, N = {args.mesh}: CPU us per step, medians of "
+              f"{args.repeats} blocks of 200 calls")
+        print("| problem | K | batch | eager us | compiled us | speed-up | compile s | max difference |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        cases = [(name, problems.REFERENCE_PROBLEMS[name]()[0]) for name in args.problems]
+        cases += [("lqr_samples", problems.lqr_samples(K)[0]) for K in args.lqr_samples if K > 1]
+        rows = compiled_step_rows(cases, args.mesh, args.repeats, args.backend)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "shooting_compiled_step.json").write_text(json.dumps(
+            {"mesh": args.mesh, "threads": 1, "rows": rows, "torch": torch.__version__}, indent=1))
+        return {"compiled_steps": rows}
     if args.step_only:
         print(f"E-MSA, K = 1, N = {args.mesh}: CPU ms per iteration (iterations), torchdiffeq's dopri5 step "
               f"against the lean one, alternating in one process, medians of {args.repeats}")

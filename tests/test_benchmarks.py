@@ -156,3 +156,17 @@ def test_bench_shooting_compares_the_lean_step_with_torchdiffeqs(tmp_path):
     assert json.loads((tmp_path / "shooting_step.json").read_text())["rows"][0]["problem"] == "lqr"
     assert row["lean"]["iterations"] == row["torchdiffeq"]["iterations"]
     assert row["lean"]["cost"] == pytest.approx(row["torchdiffeq"]["cost"], rel=1e-10)
+
+
+def test_bench_shooting_compiles_one_step_of_the_shooting_batch(tmp_path):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    # aot_eager (tracing, no C++ code generation): seconds; the documented run uses inductor
+    data = load("bench_shooting").main(["--compiled-step", "--backend", "aot_eager", "--mesh", "10", "--problems",
+                                        "lqr", "--lqr-samples", "1", "3", "--repeats", "1", "--out", str(tmp_path)])
+    rows = data["compiled_steps"]
+    assert [(r["problem"], r["samples"]) for r in rows] == [("lqr", 1), ("lqr_samples", 3)]
+    assert rows[1]["batch"] == [10, 3, 3, 3]  # N, 1 + n copies, K, n + the running cost
+    for row in rows:
+        assert row["max_difference"] <= 1e-15 and row["eager_us"] > 0 and row["compiled_us"] > 0
+    assert json.loads((tmp_path / "shooting_compiled_step.json").read_text())["rows"] == rows
