@@ -17,8 +17,9 @@ with Phi_n = d phi_n / d S_n, a linear recursion chained by the affine prefix sc
 Phi_n comes from the same solve: n more copies of every interval start at S_n + eps e_i and are
 stepped with the nominal one (the same steps: internal numerical differentiation by forward
 differences, eps = sqrt(machine epsilon) |S|, the derivative of the discrete scheme to ~1e-7), one f
-call per stage on a batch (1 + n) times larger. (Central differences, 2n copies, give Phi to ~1e-10 but
-cost 10-25 % more per solve at K = 1-10 for the same Newton iterates and J, measured.)
+call per stage on a batch (1 + n) times larger. (Central differences, 2n copies, give Phi to ~1e-10, the
+same J to 1e-11 (catalyst to 2e-8: its singular arc) and cost 3-20 % more per solve at K = 1, 20-35 % at
+K = 5-10, measured.)
 An inexact Phi changes how fast Newton converges, never what it converges to: a Newton step leaves
 ~1e-7 of the defect it started from (the Jacobian's error) plus a term of second order. A sweep is
 accepted when every defect is within 0.1 of the solver's own error tolerance, atol + rtol |X|, or
