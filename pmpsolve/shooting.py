@@ -17,7 +17,8 @@ with Phi_n = d phi_n / d S_n, a linear recursion chained by the affine prefix sc
 Phi_n comes from the same solve: n more copies of every interval start at S_n + eps e_i and are
 stepped with the nominal one (the same steps: internal numerical differentiation by forward
 differences, eps = sqrt(machine epsilon) |S|, the derivative of the discrete scheme to ~1e-7), one f
-call per stage on a batch (1 + n) times larger. (Central differences, 2n copies, give Phi to ~1e-10, the
+call per stage on a batch (1 + n) times larger; in float32 and below by central differences (2n
+copies at S_n +- eps e_i, eps = machine epsilon^(1/3)). (Central differences, 2n copies, give Phi to ~1e-10, the
 same J to 1e-11 (catalyst to 2e-8: its singular arc) and cost 3-20 % more per solve at K = 1, 20-35 % at
 K = 5-10, measured.)
 An inexact Phi changes how fast Newton converges, never what it converges to: a Newton step leaves
@@ -175,11 +176,15 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     scale_h = h.view(N, 1, 1, 1)
 
     share, used = (budget.limit - budget.evaluations) // 2, 0
-    copies = 1 + n
+    # float64: forward differences (Phi to ~1e-7, n copies); in a lower precision their sqrt(eps) error
+    # (3e-4 in float32) slows Newton down (measured: 25-30 % more forward evaluations), central ones
+    # (2n copies, eps^(2/3)) do not
+    central = torch.finfo(mesh.dtype).eps > 1e-10
+    copies = 1 + (2 * n if central else n)
     evaluate, reads_time = pw.with_controls(u, torch.Size((N, copies, K, n)))
     start0, h0 = starts[0], h[0]
 
-    def rhs(sigma, Y):  # Y [N, 1 + n, K, n (+1)]: the nominal start and n perturbed ones per interval
+    def rhs(sigma, Y):  # Y [N, copies, K, n (+1)]: the nominal start and the perturbed ones per interval
         nonlocal used
         used += 1
         if used > share:
@@ -197,30 +202,34 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
     options["norm"] = lambda e: e.reshape(N, copies, -1)[:, 0].pow(2).mean(-1).sqrt().amax()
     inner = mesh.new_zeros(0) if fractions is None else fractions.to(mesh.dtype)
     unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
-    eps = torch.finfo(mesh.dtype).eps ** 0.5  # forward differences: truncation and rounding balanced
+    eps = torch.finfo(mesh.dtype).eps ** (1 / 3 if central else 1 / 2)  # truncation and rounding balanced
     component = torch.arange(n, device=mesh.device)
     plus = 1 + component
+    low = slice(1 + n, 1 + 2 * n) if central else slice(0, 1)  # what the copies 1..n are differenced with
     S = torch.cat([pw.x0.unsqueeze(0), start[1:].to(pw.x0)])  # [N + 1, K, n]
     smallest, previous = math.inf, None
     try:  # the attempt's evaluations count, whatever its outcome
         with torch.no_grad():
             for _ in range(max_newton):
-                Y0 = S[:-1].unsqueeze(1).repeat(1, copies, 1, 1)  # [N, 1 + n, K, n]
-                # copy 1 + i of interval j starts at S_j + eps_i e_i
-                bumped = S[:-1] + eps * S[:-1].abs().clamp_min(1.0)  # [N, K, n]
+                Y0 = S[:-1].unsqueeze(1).repeat(1, copies, 1, 1)  # [N, copies, K, n]
+                # copy 1 + i of interval j starts at S_j + eps_i e_i (and copy 1 + n + i at S_j - eps_i e_i)
+                offset = eps * S[:-1].abs().clamp_min(1.0)  # [N, K, n]
+                bumped, lowered = S[:-1] + offset, (S[:-1] - offset if central else S[:-1])
                 Y0[:, plus, :, component] = bumped.permute(2, 0, 1)
-                width = bumped - S[:-1]  # the widths as represented (exact differences of the two starts)
+                if central:
+                    Y0[:, plus + n, :, component] = lowered.permute(2, 0, 1)
+                width = bumped - lowered  # the widths as represented (exact differences of the two starts)
                 if pw.has_running_cost:
                     Y0 = torch.cat([Y0, Y0.new_zeros(N, copies, K, 1)], dim=-1)
                 try:
-                    Ys = ode.solve(rhs, Y0, unit, options=options)  # [R + 2, N, 1 + n, K, n (+1)]
+                    Ys = ode.solve(rhs, Y0, unit, options=options)  # [R + 2, N, copies, K, n (+1)]
                 except (IntegrationFailure, _OverBudget):
                     return None
                 end = Ys[-1]
                 X_end = end[:, 0, :, :n]  # [N, K, n]
                 defect = X_end - S[1:]
                 # Phi_j[:, a, i] = d X_end_a / d S_i from the perturbed copies: [N, K, n, n]
-                Phi = (end[:, 1:, :, :n] - end[:, :1, :, :n]).permute(0, 2, 3, 1) / width.unsqueeze(-2)
+                Phi = (end[:, 1:1 + n, :, :n] - end[:, low, :, :n]).permute(0, 2, 3, 1) / width.unsqueeze(-2)
                 tolerance = ode.atol + ode.rtol * torch.maximum(X_end.abs(), S[1:].abs())
                 size = float((defect.abs() / tolerance).amax())  # one host sync per Newton step
                 if not math.isfinite(size) or size > max_growth * smallest:
@@ -232,7 +241,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
                 # delta would leave is (Hairer & Wanner, Solving ODEs II, IV.8: a simplified Newton
                 # iteration stops on the contraction rate of the previous steps, eq. (8.10)-(8.12)).
                 if size <= accept or newton_rate.settles(size, accept):
-                    return _corrected(pw, mesh, u, S, delta, Ys, Phi, width, newton_rate)
+                    return _corrected(pw, mesh, u, S, delta, Ys, Phi, width, low, newton_rate)
                 smallest, previous = min(smallest, size), size
                 S = torch.cat([S[:1], S[1:] + delta])
         return None
@@ -241,7 +250,8 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
 
 
 def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: torch.Tensor, delta: torch.Tensor,
-               Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, newton_rate: NewtonRate) -> StateSolution:
+               Ys: torch.Tensor, Phi: torch.Tensor, width: torch.Tensor, low: slice,
+               newton_rate: NewtonRate) -> StateSolution:
     """The sweep from the last integration moved by its Newton correction ``delta`` [N, K, n] (the nodes
     1..N), to first order and without another integration: the nodes S + delta, and J and the samples
     inside the intervals moved by their start-value derivatives, differenced from the same perturbed
@@ -252,7 +262,7 @@ def _corrected(pw: PointwiseProblem, mesh: torch.Tensor, u: torch.Tensor, S: tor
     X = torch.cat([S[:1], S[1:] + delta])
     # the correction at each interval's start over the width of its differences: [N, K, n]
     ratio = torch.cat([delta.new_zeros(1, K, n), delta[:-1]]) / width
-    differences = Ys[1:, :, 1:] - Ys[1:, :, :1]  # [R + 1, N, n (copy), K, n (+1)]
+    differences = Ys[1:, :, 1:1 + n] - Ys[1:, :, low]  # [R + 1, N, n (copy), K, n (+1)]
     moved = Ys[1:, :, 0] + torch.einsum("rnika,nki->rnka", differences, ratio)  # [R + 1, N, K, n (+1)]
     running = moved[-1, :, :, n].sum(0) if pw.has_running_cost else X.new_zeros(K)
     interior = moved[:-1, ..., :n].transpose(0, 1)  # [N, R, K, n]

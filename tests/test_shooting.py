@@ -238,3 +238,28 @@ def test_time_probe_and_the_plain_batched_call():
     assert not a.dynamics_reads_time and b.dynamics_reads_time
     t, x, u = (torch.rand(shape, dtype=torch.float64) for shape in ((5,), (5, 3, 1, 2), (5, 1)))
     assert torch.equal(a.dynamics(t, x, u), b.dynamics(t, x, u))
+
+
+def test_shooting_in_float32_differences_centrally_and_meets_its_tolerance():
+    # float32: forward differences would carry sqrt(eps) ~ 3e-4 into Phi; the central ones (2n copies, where
+    # float64 takes n) are used there, and the sweep matches the float64 sweep to its own tolerance
+    problem = van_der_pol()[0]
+    sweeps, copies = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        pw = PointwiseProblem(problem, dtype, "cpu")
+        mesh = make_mesh(40, problem.horizon, dtype, "cpu")
+        g = torch.Generator().manual_seed(1)
+        u_start = 0.3 * torch.rand(40, 1, generator=g, dtype=torch.float64)
+        u = (u_start + 0.05 * torch.rand(40, 1, generator=g, dtype=torch.float64)).to(dtype)
+        low_precision = dtype == torch.float32
+        sweeper = Sweeper(pw, mesh, rtol=1e-5 if low_precision else RTOL, atol=1e-7 if low_precision else ATOL)
+        start = sweeper.forward(u_start.to(dtype))
+        solve, seen = sweeper.ode.solve, []
+        sweeper.ode.solve = lambda rhs, y0, *a, **k: (seen.append(y0.shape[1]), solve(rhs, y0, *a, **k))[1]
+        sweeps[dtype], copies[dtype] = sweeper.forward(u, start=start), set(seen)
+    assert copies == {torch.float32: {1 + 2 * 2}, torch.float64: {1 + 2}}
+    low = sweeps[torch.float32]
+    assert low.strategy == "shooting" and low.transitions.dtype == torch.float32
+    X64, J64 = sweeps[torch.float64].states.values, float(sweeps[torch.float64].cost)
+    assert (low.states.values.double() - X64).abs().max() <= 10 * 1e-5 * max(1.0, float(X64.abs().max()))
+    assert abs(float(low.cost) - J64) <= 10 * 1e-5 * abs(J64)
