@@ -126,10 +126,11 @@ def step_rows(names, mesh: int, repeats: int) -> list:
 def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor") -> list:
     """One dopri5 step over a multiple-shooting batch [N, 1 + n, K, n + 1] (the nominal start, n perturbed
     copies, the running cost as a last component) written as one pure function of tensors, with the user's
-    f and L (``PointwiseProblem.with_controls``), eager against ``torch.compile`` (``backend``) in this process:
-    CPU microseconds per step (median of ``repeats`` blocks of 200 calls), the wall time of the first
-    compiled call minus an eager one ("compile"), and the largest difference of the outputs. What compiling a whole solver step
-    would give and cost; the library's steps are not compiled (docs/benchmarks.md, section 10)."""
+    f and L (``PointwiseProblem.with_controls``), eager against ``torch.compile`` (``backend``) in this
+    process: CPU microseconds per step (median of ``repeats`` blocks of 200 calls), the wall time of the
+    first compiled call minus an eager one ("compile"), and the largest difference of the outputs. What
+    compiling a whole solver step would give and cost; the library's steps are not compiled
+    (docs/benchmarks.md, section 10)."""
     from pmpsolve import ode
 
     tableau = ode._weights(ode.SOLVERS["dopri5"])
@@ -150,7 +151,7 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
             f, L = evaluate(t0, y[..., :n])
             return h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
 
-        def combine(y0, k, w, dt):
+        def combine(y0, k, w, dt):  # ode._combine's sums, with dt a tensor (its in-place axpys need a number)
             total = None
             for wj, kj in zip(w, k):
                 if wj != 0:
