@@ -1,4 +1,5 @@
-# Two commands do all the set-up on a fresh machine: `make reproduce` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make reproduce` and `make test`
+# (`make docs` builds the documentation site the same way).
 # Each creates .venv when missing and installs the package with its dependencies.
 # torch==2.13.0 is installed first, and only where torch is not importable: that pins
 # the CPU build that lies on disk on our machines instead of a multi-GB CUDA build.
@@ -7,14 +8,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pmpsolve-installed
 
-.PHONY: install reproduce test bench clean
+.PHONY: install reproduce test docs gallery bench clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,docs]'
 	touch $(STAMP)
 
 reproduce: $(STAMP)
@@ -22,6 +23,15 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml) into site/, not committed; --strict: a broken link, a page
+# missing from the navigation or a reference to a missing docstring fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The gallery's pages and figures (docs/gallery/), each made by its own script; a few minutes.
+gallery: $(STAMP)
+	$(PY) scripts/gallery.py
 
 # The benchmarks of docs/benchmarks.md (about 45 minutes on 2 cores); CasADi comes with the extra.
 bench: $(STAMP)
@@ -38,4 +48,4 @@ bench: $(STAMP)
 	$(PY) scripts/bench_gpu.py
 
 clean:
-	rm -rf results .pytest_cache build *.egg-info
+	rm -rf results .pytest_cache build site *.egg-info
