@@ -53,7 +53,13 @@ def _shape(shape, name: str) -> Tuple[int]:
 
 
 class ControlSet:
-    """Base class of control sets. Subclasses set ``shape`` and implement the methods."""
+    """Base class of control sets. Subclasses set ``shape`` and implement the methods.
+
+    Example:
+        >>> import pmpsolve as pmp
+        >>> [isinstance(U, pmp.ControlSet) for U in (pmp.Reals(2), pmp.Box(0.0, 1.0), pmp.Finite([0.0, 1.0]))]
+        [True, True, True]
+    """
 
     shape: Tuple[int]
 
@@ -289,6 +295,20 @@ class UserSet(ControlSet):
         shape: ``(m,)``.
         contains: optional ``contains(u [..., m]) -> bool [...]`` used to check ``init``.
         default: optional default initial control [m] (else 0).
+
+    Example: the values {-1, 0, 1}, maximised by trying each on every interval.
+        >>> import torch, pmpsolve as pmp
+        >>> values = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+        >>> def maximise(data):                           # the best of the three values, per interval
+        ...     candidates = values[:, None, None].expand(3, *data.controls.shape)  # [C, N, m]
+        ...     best = data.objective.candidates(candidates).argmax(0)              # [N]
+        ...     return candidates[best, torch.arange(best.numel())]
+        >>> U = pmp.UserSet(maximise, (1,), contains=lambda u: (u[..., None] == values).any(-1).all(-1))
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, U,
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2)
+        >>> sol = pmp.solve(problem, mesh=4)
+        >>> sol.controls[:, 0].tolist(), round(sol.cost, 12)     # x(1) = 1 - 4 * 0.25 = 0
+        ([-1.0, -1.0, -1.0, -1.0], 0.0)
     """
 
     def __init__(self, maximise, shape, *, contains=None, default=None):

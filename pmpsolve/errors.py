@@ -14,6 +14,14 @@ class SolveError(RuntimeError):
         best_controls: the controls with the lowest J seen so far [N, m], or None.
         best_cost: their J, or None.
         history: the iteration records up to the failure.
+
+    Example: catch it (or any SolveError) and keep the best controls found.
+        >>> import pmpsolve as pmp
+        >>> try:
+        ...     raise pmp.SolveError("J grew on 5 iterations in a row", iteration=7)
+        ... except pmp.SolveError as error:
+        ...     print(type(error).__name__, error.iteration, error.best_controls)
+        SolveError 7 None
     """
 
     def __init__(self, message: str, *, iteration: Optional[int] = None):
@@ -38,6 +46,14 @@ class NonFiniteError(SolveError, FloatingPointError):
     Attributes (besides those of SolveError):
         sweep: "forward", "backward" or "maximisation".
         time: the time t at which values stopped being finite, when known.
+
+    Example: catch it (or any SolveError) and keep the best controls found.
+        >>> import pmpsolve as pmp
+        >>> try:
+        ...     raise pmp.NonFiniteError("J grew on 5 iterations in a row", iteration=7, sweep="forward")
+        ... except pmp.SolveError as error:
+        ...     print(type(error).__name__, error.iteration, error.best_controls)
+        NonFiniteError 7 None
     """
 
     def __init__(self, message: str, *, iteration: Optional[int] = None, sweep: str = "forward",
@@ -48,7 +64,16 @@ class NonFiniteError(SolveError, FloatingPointError):
 
 
 class DivergenceError(SolveError):
-    """The iteration diverged (the paper notes basic MSA can, Sec. 3.1)."""
+    """The iteration diverged (the paper notes basic MSA can, Sec. 3.1).
+
+    Example: catch it (or any SolveError) and keep the best controls found.
+        >>> import pmpsolve as pmp
+        >>> try:
+        ...     raise pmp.DivergenceError("J grew on 5 iterations in a row", iteration=7)
+        ... except pmp.SolveError as error:
+        ...     print(type(error).__name__, error.iteration, error.best_controls)
+        DivergenceError 7 None
+    """
 
 
 class SweepBudgetError(SolveError):
@@ -60,6 +85,14 @@ class SweepBudgetError(SolveError):
         sweep: "forward" or "backward".
         budget: the evaluations it was allowed.
         time: the last time t the solver reached, when known.
+
+    Example: catch it (or any SolveError) and keep the best controls found.
+        >>> import pmpsolve as pmp
+        >>> try:
+        ...     raise pmp.SweepBudgetError("J grew on 5 iterations in a row", iteration=7, budget=1000)
+        ... except pmp.SolveError as error:
+        ...     print(type(error).__name__, error.iteration, error.best_controls)
+        SweepBudgetError 7 None
     """
 
     def __init__(self, message: str, *, iteration: Optional[int] = None, sweep: str = "forward",

@@ -465,6 +465,17 @@ class MaximisationData(NamedTuple):
     (-grad_x H(u^k)) [N, Q, K, n]; controls u^k [N, m]; rho (E-MSA) and eps (SQH);
     objective: ``objective(u [N, m]) -> [N]`` evaluates the interval objective and
     ``objective.candidates(U [C, N, m]) -> [C, N]`` many candidates at once.
+
+    Example: a ``pmp.UserSet`` maximiser that looks at what it gets (see ``UserSet`` for one
+    that maximises).
+        >>> import torch, pmpsolve as pmp
+        >>> def maximise(data):
+        ...     print(tuple(data.times.shape), tuple(data.states.shape), tuple(data.controls.shape))
+        ...     return data.controls
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0,
+        ...                              pmp.UserSet(maximise, (1,)), terminal_cost=lambda x: x[..., 0] ** 2)
+        >>> sol = pmp.solve(problem, mesh=4, quadrature=3, max_iter=1)
+        (4, 3) (4, 3, 1, 1) (4, 1)
     """
 
     times: torch.Tensor

@@ -16,7 +16,13 @@ __all__ = ["ControlPenalty", "L1", "L0", "prox_in_box"]
 
 
 class ControlPenalty:
-    """Base class: ``value(u [..., m]) -> [...]``, the penalty rate (per unit time)."""
+    """Base class: ``value(u [..., m]) -> [...]``, the penalty rate (per unit time).
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> pmp.L1(0.5).value(torch.tensor([[1.0, -2.0], [0.0, 0.0]]))   # u [2, 2] -> [2]
+        tensor([1.5000, 0.0000])
+    """
 
     name = ""
 
@@ -44,7 +50,16 @@ class ControlPenalty:
 
 
 class L1(ControlPenalty):
-    """c |u|_1: the sum of absolute values (soft thresholding; makes controls sparse in time)."""
+    """c |u|_1: the sum of absolute values (soft thresholding; makes controls sparse in time).
+
+    Example: a fuel cost, ``control_penalty=`` of a ControlProblem (docs/controls.md).
+        >>> import torch, pmpsolve as pmp
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Box(-2.0, 2.0),
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2, control_penalty=pmp.L1(0.5))
+        >>> sol = pmp.solve(problem, mesh=10)
+        >>> round(float(sol.controls[0, 0]), 4), round(sol.cost, 4)   # x(1) = 0.1: 5 x(1) = c
+        (-0.9, 0.475)
+    """
 
     name = "L1"
 
@@ -56,7 +71,13 @@ class L1(ControlPenalty):
 
 
 class L0(ControlPenalty):
-    """c |u|_0: c times the number of non-zero components (hard thresholding)."""
+    """c |u|_0: c times the number of non-zero components (hard thresholding).
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> pmp.L0(0.5).value(torch.tensor([[1.0, -2.0], [0.0, 3.0]]))
+        tensor([1.0000, 0.5000])
+    """
 
     name = "L0"
 

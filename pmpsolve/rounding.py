@@ -28,6 +28,11 @@ def sum_up_rounding(controls: torch.Tensor, mesh: torch.Tensor, control_set: Fin
     whose accumulated deficit int_0^{t_{n+1}} omega_j - int_0^{t_n} r_j is largest is taken
     (SUR for SOS1 constraints, Sager et al. 2012): the integral of every omega_j is followed
     within O(max h_n).
+
+    Example: a relaxed control of 1/2 becomes an alternation whose integral stays within h/2.
+        >>> import torch, pmpsolve as pmp
+        >>> pmp.sum_up_rounding(torch.full((4, 1), 0.5), torch.linspace(0, 1, 5), pmp.Finite([0.0, 1.0]))[:, 0]
+        tensor([1., 0., 1., 0.])
     """
     if not isinstance(control_set, Finite):
         raise ValueError(f"sum_up_rounding: `control_set` must be a pmp.Finite, got {control_set!r}")

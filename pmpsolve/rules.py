@@ -457,10 +457,23 @@ class SQH(UpdateRule):
 
 
 RULES: Dict[str, Type[UpdateRule]] = {}
+"""The update rules by name, the names ``solve(method=...)`` accepts; ``register_rule`` adds one.
+
+Example:
+    >>> import pmpsolve as pmp
+    >>> sorted(pmp.RULES)[:4]
+    ['emsa', 'gradient', 'msa', 'sqh']
+"""
 
 
 def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
-    """Make ``rule`` available as ``solve(..., method=rule.name)``."""
+    """Make ``rule`` available as ``solve(..., method=rule.name)``.
+
+    Example: see ``UpdateRule`` for a rule of one's own; the built-in rules are registered so.
+        >>> import pmpsolve as pmp
+        >>> pmp.register_rule(pmp.RULES["msa"]) is pmp.RULES["msa"]
+        True
+    """
     RULES[rule.name] = rule
     return rule
 

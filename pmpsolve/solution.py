@@ -31,6 +31,16 @@ class IterationRecord(NamedTuple):
     forward_seconds, backward_seconds, maximise_seconds: the split of ``seconds``.
     optimality: the first-order optimality measure of u^k (``pmpsolve.optimality``; NaN where
         it was not measured: the solve stopped before the next co-state sweep).
+
+    Example: ``sol.history[k]`` is iteration k.
+        >>> import torch, pmpsolve as pmp
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2,
+        ...                              running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1))
+        >>> sol = pmp.solve(problem, mesh=10)
+        >>> first, last = sol.history[0], sol.history[-1]
+        >>> first.iteration, round(first.cost, 6), last.iteration == sol.iterations, round(last.cost, 6)
+        (0, 2.5, True, 0.416667)
     """
 
     iteration: int
@@ -70,6 +80,19 @@ class Solution:
             "interrupted" (KeyboardInterrupt: the best controls so far are returned).
         relaxed_cost: for a finite control set solved by relaxation (the default), J of the
             relaxed problem over the convex hull: a lower bound when that solve is globally optimal.
+
+    Example: x' = u, x(0) = 1, J = 5/2 x(1)^2 + 1/2 int u^2, whose optimal control is u = -5/6.
+        >>> import torch, pmpsolve as pmp
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2,
+        ...                              running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1))
+        >>> sol = pmp.solve(problem, mesh=10)
+        >>> round(sol.cost, 6), sol.status, tuple(sol.controls.shape), tuple(sol.mesh.shape)
+        (0.416667, 'converged', (10, 1), (11,))
+        >>> sol.state(torch.tensor([0.0, 1.0])).shape          # X(t): [*t.shape, n]
+        torch.Size([2, 1])
+        >>> round(float(sol.control(torch.tensor(0.5))[0]), 4)  # u(t): [*t.shape, m]
+        -0.8333
     """
 
     cost: float

@@ -65,6 +65,16 @@ class SolverState:
     rises, since_best, small_steps, change: what the stopping tests read.
     status, message: set when the solve is done ("converged", "max_iter", "stalled",
     "callback", "interrupted").
+
+    Example: ``Solver.init`` and ``Solver.step`` return it.
+        >>> import torch, pmpsolve as pmp
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2,
+        ...                              running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1))
+        >>> solver = pmp.Solver(problem, mesh=10)
+        >>> state = solver.step(solver.init())
+        >>> state.iteration, len(state.history), state.done
+        (1, 2, False)
     """
 
     iteration: int
@@ -388,6 +398,15 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
         blows up, SweepBudgetError if a sweep needs far more work than before (e.g. an
         unbounded problem) and DivergenceError if a method without safeguard (basic MSA,
         fixed rho) diverges; each carries the best controls found so far.
+
+    Example: x' = u, x(0) = 1, J = 5/2 x(1)^2 + 1/2 int_0^1 u^2 dt, whose optimum is J* = 5/12.
+        >>> import torch, pmpsolve as pmp
+        >>> problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 1.0, pmp.Reals(1),
+        ...                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2,
+        ...                              running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1))
+        >>> sol = pmp.solve(problem, mesh=10)
+        >>> round(sol.cost, 6), sol.converged, tuple(sol.controls.shape)
+        (0.416667, True, (10, 1))
     """
     arguments = {key: value for key, value in locals().items() if key != "problem"}
     if callback is not None and not callable(callback):

@@ -58,6 +58,13 @@ class StraightThrough(torch.optim.Optimizer):
         controls: {parameter name: pmp.Finite}.
         lr: Adam's learning rate (latent and other parameters).
         weight_decay: Adam's L2 term on the other parameters.
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Tanh())
+        >>> opt = pmp.nn.StraightThrough(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])}, lr=1e-3)
+        >>> sorted(set(model[0].weight.flatten().tolist()))
+        [-1.0, 1.0]
     """
 
     def __init__(self, model: torch.nn.Module, controls: Mapping[str, Finite], lr: float = 1e-3,
@@ -118,6 +125,23 @@ class MagnitudePruning(torch.optim.Optimizer):
         keep: the fraction of non-zero weights kept in each of them, in (0, 1].
         prune_at: the step (1, 2, ...) after which the pruning happens (e.g. half the training).
         lr, weight_decay: Adam's.
+
+    Example: keep 20 % of the weights after 3 steps.
+        >>> import torch, pmpsolve as pmp
+        >>> torch.manual_seed(0)   # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 10))
+        >>> x, y = torch.randn(16, 10), torch.randn(16, 10)
+        >>> opt = pmp.nn.MagnitudePruning(model, ["0.weight"], keep=0.2, prune_at=3, lr=1e-2)
+        >>> def closure():                                  # as for pmp.nn.EMSA
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     loss = opt.step(closure)
+        >>> int((model[0].weight != 0).sum())               # of 100
+        20
     """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str], keep: float = 0.2, prune_at: int = 1,

@@ -61,6 +61,14 @@ class DiscreteRule:
             in it: "scaled" (default): the nearest value to w / std(w) per parameter tensor
             (binary: sgn(w); ternary: about 30 % zeros from PyTorch's uniform initialisation);
             "keep": raise if a weight is not in the set.
+
+    Example: binary weights in a layer trained by MSA (docs/discrete.md).
+        >>> import torch, pmpsolve as pmp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Tanh())
+        >>> opt = pmp.nn.MSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])},
+        ...                  discrete=pmp.nn.DiscreteRule(rho=0.5, average=0.999, decay=0.95))
+        >>> sorted(set(model[0].weight.flatten().tolist()))   # put into the set when built
+        [-1.0, 1.0]
     """
 
     rho: Optional[float] = None

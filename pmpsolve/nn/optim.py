@@ -406,6 +406,11 @@ class MSA(EMSA):
 
     Basic MSA maximises the plain Hamiltonian; a layer whose Hamiltonian is linear in its
     parameters is unbounded without a bound (``controls``) or ``weight_decay``.
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> opt = pmp.nn.MSA(model, weight_decay=1e-2)   # used as pmp.nn.EMSA: opt.step(closure)
     """
 
     def __init__(self, model: torch.nn.Module, **kwargs):
@@ -414,7 +419,24 @@ class MSA(EMSA):
 
 
 class SQH(EMSA):
-    """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps): ``EMSA(model, method="sqh")``."""
+    """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps): ``EMSA(model, method="sqh")``.
+
+    Example:
+        >>> import torch, pmpsolve as pmp
+        >>> torch.manual_seed(0)   # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
+        >>> opt = pmp.nn.SQH(model)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> losses = [float(opt.step(closure).detach()) for _ in range(5)]
+        >>> losses[-1] <= losses[0]
+        True
+    """
 
     def __init__(self, model: torch.nn.Module, **kwargs):
         kwargs.pop("method", None)
