@@ -461,8 +461,8 @@ RULES: Dict[str, Type[UpdateRule]] = {}
 
 Example:
     >>> import pmpsolve as pmp
-    >>> sorted(pmp.RULES)[:4]
-    ['emsa', 'gradient', 'msa', 'sqh']
+    >>> pmp.RULES["emsa"].__name__, pmp.RULES["sqh"].__name__
+    ('ExtendedMSA', 'SQH')
 """
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from pathlib import Path
-
-from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +46,10 @@ GROUPS = [
 
 
 def public_names(module: str) -> list:
+    # this checkout's package (mkdocstrings reads its source: paths [.]), even where another copy is
+    # installed; here and not at import: MkDocs restores sys.path after loading a hook
+    if sys.path[0] != str(ROOT):
+        sys.path.insert(0, str(ROOT))
     return list(importlib.import_module(module).__all__)
 
 
@@ -79,6 +82,8 @@ def home_page() -> str:
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     files.append(File.generated(config, "index.md", content=home_page()))
     for page, module, title, intro, sections in GROUPS:
         files.append(File.generated(config, page, content=reference_page(module, title, intro, sections)))
