@@ -25,28 +25,64 @@ the box, checked by one exact evaluation (``separable_maximise``).
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
+from types import SimpleNamespace
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
+from torch.func import vmap
 
 from ..controls import Box, ControlSet, Finite, Reals
+from ..errors import DivergenceError
 from ..maximisers import HamiltonianMaximiser
 from ..penalties import ControlPenalty, prox_in_box
 from ..rules import SQH as _SQHRule
 from ..rules import ExtendedMSA as _EMSARule
 from ..rules import adapt_rho
+from ..stopping import Divergence
 from .discrete import DiscreteRule, FiniteWeights
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .recording import CostateRecorder
 
-# The rho rule of the network optimiser: ExtendedMSA's before issue 15 (measured on networks); the
-# continuous-time default of high_ratio changed (0.5 -> 0.9) on the reference problems only.
+# The rho rule of the network optimiser: ExtendedMSA's with high_ratio 0.5 (measured on networks; the
+# control problems' default, 0.9, was tuned on the reference problems only).
 _NETWORK_RHO_RULE = {"high_ratio": 0.5}
 
 __all__ = ["EMSA", "MSA", "SQH"]
 
 METHODS = ("emsa", "msa", "sqh")
+
+#: dropout and its variants: random in training mode
+_DROPOUT = torch.nn.modules.dropout._DropoutNd
+
+
+def _whole(label: str, value, low: int) -> int:
+    """``value`` as an int >= low; refuses floats (2.7 is not silently 2) and bools."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{label}` must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def _finite(label: str, value, low: float = 0.0) -> float:
+    """``value`` as a finite float >= low (inf would write inf or NaN into the weights)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= low):
+        raise ValueError(f"`{label}` must be a finite number >= {low:g}, got {value!r}")
+    return float(value)
+
+
+class _Settings(dict):
+    """A param group of a pmp.nn optimizer. It has no learning rate, and says so when asked for one
+    (a torch.optim.lr_scheduler reads ``group["lr"]``)."""
+
+    def __missing__(self, key):
+        if key in ("lr", "initial_lr"):
+            raise KeyError(
+                f"pmp.nn optimizers have no learning rate {key!r}, so a torch.optim.lr_scheduler cannot drive them. "
+                "E-MSA's step size is set by rho (a larger rho, smaller steps): leave rho=None (adaptive), or "
+                "schedule a fixed rho yourself, e.g. `for g in opt.param_groups: g['rho'] = 0.03 * 0.5 ** epoch`")
+        raise KeyError(key)
 
 
 class EMSA(torch.optim.Optimizer):
@@ -129,30 +165,33 @@ class EMSA(torch.optim.Optimizer):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
         if rho is not None:
-            try:
-                rho = float(rho)
-            except (TypeError, ValueError):
-                raise TypeError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}") from None
-            if not (math.isfinite(rho) and rho >= 0):
-                raise ValueError(f"`rho` must be a finite number >= 0 or None (adaptive), got {rho!r}")
-        if int(maximiser_iter) < 1:
-            raise ValueError(f"`maximiser_iter` must be >= 1, got {maximiser_iter!r}")
-        if not (float(perturb) >= 0):
-            raise ValueError(f"`perturb` must be >= 0 (a half-width), got {perturb!r}")
-        if not (float(weight_decay) >= 0):
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
-        if int(max_trials) < 1:
-            raise ValueError(f"`max_trials` must be >= 1, got {max_trials!r}")
+            rho = _finite("rho", rho)
+        maximiser_iter = _whole("maximiser_iter", maximiser_iter, 1)
+        perturb = _finite("perturb", perturb)
+        weight_decay = _finite("weight_decay", weight_decay)
+        max_trials = _whole("max_trials", max_trials, 1)
+        seed = _whole("seed", seed, 0)
         if discrete is not None and not isinstance(discrete, DiscreteRule):
             raise TypeError(f"`discrete` must be a pmp.nn.DiscreteRule, got {type(discrete).__name__}")
-        if adam_lr is not None and not (math.isfinite(float(adam_lr)) and float(adam_lr) > 0):
-            raise ValueError(f"`adam_lr` must be a number > 0 or None, got {adam_lr!r}")
+        if adam_lr is not None and not (isinstance(adam_lr, numbers.Real) and math.isfinite(adam_lr) and adam_lr > 0):
+            raise ValueError(f"`adam_lr` must be a finite number > 0 or None, got {adam_lr!r}")
         seen = set()
         for n, module in enumerate(model):
             if id(module) in seen:
                 raise ValueError(f"pmp.nn: entry {n} of the Sequential is a module that appears twice; every layer "
                                  "must be its own module (shared weights are not a layer-wise control)")
             seen.add(id(module))
+        owners: Dict[int, list] = {}  # parameter -> the entries that reach it
+        for n, module in enumerate(model):
+            for name, p in module.named_parameters():
+                owners.setdefault(id(p), []).append(f"{n}.{name}")
+        shared = [names for names in owners.values() if len({name.split(".")[0] for name in names}) > 1]
+        if shared:
+            raise ValueError(
+                f"pmp.nn: parameter(s) shared between entries of the Sequential: {shared}. Each entry's parameters are "
+                "the control of one layer, maximised on their own (Jacobi over layers), so a weight reached from "
+                "two entries would be written twice. Give each layer its own parameters, or put the layers that "
+                "share a weight into one entry (one module)")
         self._layers: Dict[int, torch.nn.Module] = {
             n: module for n, module in enumerate(model) if any(p.requires_grad for p in module.parameters())}
         if not self._layers:
@@ -211,9 +250,72 @@ class EMSA(torch.optim.Optimizer):
             self._exclude = self._finite_names | frozenset(free)
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
         self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
-        self._generator = torch.Generator().manual_seed(int(seed))
+        self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
+        self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
+        # dropout modules (entry index, module): random in training mode
+        self._dropouts = [(n, module) for n, entry in enumerate(model) for module in entry.modules()
+                          if isinstance(module, _DROPOUT)]
+        self._generator = torch.Generator().manual_seed(seed)
+        self._steps = 0
+        # basic MSA's divergence test (the control solver's ``stopping.Divergence``): J at the first step,
+        # the rises in a row, and the best parameters seen
+        self._divergence = {"first": None, "rises": 0, "best_cost": math.inf, "best": None}
+        self.param_groups = [_Settings(g) for g in self.param_groups]
+        self._built = True
         #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
         self.last_step: Dict[str, object] = {}
+
+    # -- torch.optim.Optimizer -------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused after construction: the optimizer maximises the Hamiltonians of its model's layers."""
+        if getattr(self, "_built", False):
+            raise ValueError(
+                f"pmp.nn.{type(self).__name__} trains the layers of the Sequential it was built with; it cannot take "
+                "another param group (its parameters would never be updated). Build the optimizer on a Sequential "
+                "that holds every layer to train, or train the other parameters with their own optimizer")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on: torch's param groups (rho, eps as adapted), the generator of
+        ``perturb``, the finite-set rule's moving averages, rate and step count, the inner Adam of ``adam_lr``,
+        the divergence test's record and which layers took which route. ``load_state_dict`` of it on a new
+        optimizer of the same model continues bit for bit as if never stopped."""
+        state = super().state_dict()
+        d = self._divergence
+        state["pmpsolve"] = {
+            "steps": self._steps,
+            "generator": self._generator.get_state(),
+            "refused": sorted(self._refused), "vmap_checked": sorted(self._vmap_checked),
+            "unbatched": sorted(self._unbatched),
+            "finite": None if self._finite is None else self._finite.state_dict(),
+            "adam": None if self._adam is None else self._adam.state_dict(),
+            "divergence": {**d, "best": None if d["best"] is None else {k: v.clone() for k, v in d["best"].items()}},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("pmpsolve", None)
+        if extra is None:
+            raise ValueError(f"pmp.nn.{type(self).__name__}.load_state_dict: the state dict has no 'pmpsolve' entry; "
+                             "pass the dict returned by this optimizer's state_dict()")
+        if (extra["finite"] is None) != (self._finite is None) or (extra["adam"] is None) != (self._adam is None):
+            raise ValueError(f"pmp.nn.{type(self).__name__}.load_state_dict: the state dict comes from an optimizer "
+                             "with other options (finite-set controls or adam_lr differ)")
+        super().load_state_dict(state_dict)
+        self.param_groups = [_Settings(g) for g in self.param_groups]
+        self._steps = int(extra["steps"])
+        self._generator.set_state(extra["generator"])
+        self._refused = {tuple(k) for k in extra["refused"]}
+        self._vmap_checked = {tuple(k) for k in extra["vmap_checked"]}
+        self._unbatched = set(extra["unbatched"])
+        if self._finite is not None:
+            self._finite.load_state_dict(extra["finite"])
+        if self._adam is not None:
+            self._adam.load_state_dict(extra["adam"])
+        d = dict(extra["divergence"])
+        d["best"] = None if d["best"] is None else {k: v.clone() for k, v in d["best"].items()}
+        self._divergence = d
 
     # -- helpers ---------------------------------------------------------------------------
     def _guard(self):
@@ -266,23 +368,133 @@ class EMSA(torch.optim.Optimizer):
     def _maximise_group(self, g: LayerGroup, objective: LayerHamiltonian, settings) -> torch.Tensor:
         """The group's new rows: the separable closed form where it holds, else the engine's maximiser."""
         key = tuple(g.indices)
-        if objective.rho == 0 and key not in self._refused:
-            u = separable_maximise(g, objective)
-            if u is not None:
-                self._routes[key] = "closed-form"
-                return u
-            self._refused.add(key)
-        self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
-        maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
-                                         perturb=settings["perturb"], method="lbfgs")
-        return maximiser.maximise(objective, self._generator).controls
+        try:
+            if objective.rho == 0 and key not in self._refused:
+                u = separable_maximise(g, objective)
+                if u is not None:
+                    self._routes[key] = "closed-form"
+                    return u
+                self._refused.add(key)
+            self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
+            maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
+                                             perturb=settings["perturb"], method="lbfgs")
+            u = maximiser.maximise(objective, self._generator).controls
+        except RuntimeError as err:
+            raise RuntimeError(f"pmp.nn: maximising the Hamiltonian of {_layers(g)} failed: {err}. A layer must be "
+                               "a function of its input that torch.func can differentiate twice (grad of a vjp) "
+                               "(docs/networks.md, supported layers)") from err
+        if not bool(torch.isfinite(u).all()):
+            raise FloatingPointError(f"pmp.nn: the maximisation of {_layers(g)} returned non-finite parameters at "
+                                     f"step {self._steps + 1} (rho = {objective.rho:g}, eps = {objective.eps:g}); the "
+                                     "parameters are left as they were")
+        return u
 
     def _evaluate(self, closure: Callable) -> torch.Tensor:
         with torch.enable_grad():
             loss = closure()
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the closure must return the loss tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return the scalar loss (the mean over the batch), got a tensor of shape "
+                             f"{tuple(loss.shape)}; reduce it, e.g. loss_fn(model(x), y).mean() (or reduction='mean')")
         return loss
+
+    def _check_stochastic_layers(self, adaptive: bool) -> None:
+        """Dropout in training mode inside a layer makes its Hamiltonian random: refused. As an entry of its
+        own it changes the batch's data between the closure calls that the decrease test compares: warned."""
+        for n, module in self._dropouts:
+            if not (module.training and module.p > 0):
+                continue
+            if n in self._layers:
+                raise ValueError(
+                    f"pmp.nn: entry {n} ({type(self._layers[n]).__name__}) contains {type(module).__name__} in "
+                    "training mode: its Hamiltonian would be a different random function at every evaluation. Put "
+                    "the dropout between layers (an entry of the Sequential on its own), or call model.eval() "
+                    "(docs/networks.md, troubleshooting)")
+            if adaptive:
+                warnings.warn(
+                    f"pmp.nn.{type(self).__name__}: entry {n} is {type(module).__name__} in training mode, so every "
+                    "closure call draws another mask and the decrease test compares J on different networks; rho "
+                    "may then grow until training stops. Call model.eval(), re-seed torch inside the closure (the "
+                    "same mask for every call on a batch), or use a fixed rho (docs/networks.md, troubleshooting)",
+                    RuntimeWarning, stacklevel=3)
+
+    def _check_records(self, records) -> int:
+        """The batch size B, after checking that every layer keeps the batch as its first dimension."""
+        first = next(iter(records))
+        x0 = records[first].inputs
+        if x0.ndim == 0:
+            raise ValueError(f"pmp.nn: layer {first} got a 0-d input; the input must be a batch [B, ...]")
+        batch = int(x0.shape[0])
+        for n, r in records.items():
+            if r.outputs.ndim == 0 or r.inputs.shape[0] != batch or r.outputs.shape[0] != batch:
+                raise ValueError(
+                    f"pmp.nn: layer {n} ({type(self._layers[n]).__name__}) maps an input of shape "
+                    f"{tuple(r.inputs.shape)} to {tuple(r.outputs.shape)}, but the network's input has {batch} rows: "
+                    "every layer must keep the batch as its first dimension. An unbatched sample? pass x.unsqueeze(0)")
+        if x0.ndim == 1 and x0.is_floating_point() and isinstance(self._layers[first], AFFINE_LAYERS):
+            raise ValueError(f"pmp.nn: layer {first} ({type(self._layers[first]).__name__}) got a 1-D input of shape "
+                             f"{tuple(x0.shape)}: an unbatched sample. Pass a batch [B, features], e.g. x.unsqueeze(0)")
+        return batch
+
+    def _check_costates(self, records, loss_value: float) -> None:
+        finite = torch.stack([torch.isfinite(r.costates).all() for r in records.values()])
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(records, finite.tolist()) if not ok]
+            raise FloatingPointError(
+                f"pmp.nn: the co-state p_(n+1) = -d loss / d x_(n+1) of layer(s) {bad} is not finite (NaN or inf) "
+                f"although the loss is finite ({loss_value:.6g}): the backward pass produced non-finite gradients "
+                "there (e.g. sqrt or log at 0, an overflow in a later layer); nothing to maximise")
+
+    def _batchable(self, groups, records) -> bool:
+        """Run every group not seen before once under torch.func.vmap; the layers of a group vmap has no
+        batching rule for (e.g. a GRU wrapped tensor -> tensor) are run alone, without vmap, from then on.
+        True if the groups must be rebuilt."""
+        rebuild = False
+        for g in groups:
+            key = tuple(g.indices)
+            if not g.batched or key in self._vmap_checked:
+                continue
+            self._vmap_checked.add(key)
+            x = torch.stack([records[n].inputs for n in g.indices])
+            try:
+                with torch.no_grad():
+                    vmap(g.call)(g.parameters(), x)
+            except RuntimeError:
+                self._unbatched.update(g.indices)
+                rebuild = True
+        return rebuild
+
+    def _track_divergence(self, J: float, groups) -> None:
+        """Basic MSA has no safeguard and can diverge (paper Sec. 3.1): the control solver's ``Divergence`` test.
+        On mini-batches J is noisy, so a step counts as a rise only when J exceeds the first step's J by more than
+        max(|J_first|, 1) (J more than doubled); ``Divergence``'s patience of such rises in a row raises
+        DivergenceError carrying the parameters of the lowest J seen."""
+        if self.method != "msa" or not groups:
+            return
+        d = self._divergence
+        if d["first"] is None:
+            d["first"] = J
+        if J < d["best_cost"]:
+            d["best_cost"] = J
+            d["best"] = {name: p.detach().clone() for name, p in self._named.items()}
+        d["rises"] = d["rises"] + 1 if J > d["first"] + max(abs(d["first"]), 1.0) else 0
+        state = SimpleNamespace(rises=d["rises"], cost=J, iteration=self._steps,
+                                history=[SimpleNamespace(cost=d["first"])])
+        try:
+            Divergence("msa")(state)
+        except DivergenceError as err:
+            raise err.attach(d["best"], d["best_cost"], []) from None
+
+    def _warn_at_ceiling(self, name: str, value: float, ceiling: float) -> None:
+        if value >= ceiling:
+            warnings.warn(
+                f"pmp.nn.{type(self).__name__}: {name} reached its ceiling {ceiling:g} at step {self._steps}: no trial "
+                "step decreased J, so training has stopped moving. Usual causes: a closure that is not the same "
+                "function on every call (dropout in training mode: call model.eval() or re-seed torch inside the "
+                "closure; data augmentation inside the closure), a non-finite loss part, or a loss the layers do not "
+                "reach; or use a fixed rho, e.g. pmp.nn.EMSA(model, rho=0.03) (docs/networks.md, troubleshooting)",
+                RuntimeWarning, stacklevel=3)
 
     # -- the iteration ---------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
@@ -292,6 +504,11 @@ class EMSA(torch.optim.Optimizer):
                             "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); "
                             "return loss")
         settings = self.param_groups[0]
+        if self.method == "emsa" and settings["rho"] is not None:  # a fixed rho, possibly scheduled by the user
+            settings["rho"] = settings["current_rho"] = _finite("rho", settings["rho"])
+        adaptive_rho = self.method == "emsa" and settings["rho"] is None
+        adaptive = adaptive_rho or self.method == "sqh"
+        self._check_stochastic_layers(adaptive)
         loss, batch = None, 0
         # With a process group an exception on one rank (in its closure, say) is kept until the next
         # all-reduce, which carries an error flag: then every rank raises it, none waits for the others.
@@ -299,14 +516,17 @@ class EMSA(torch.optim.Optimizer):
             with self._recorder.recording():
                 loss = self._evaluate(closure)
             records = self._recorder.records(list(self._layers))
-            first = records[next(iter(self._layers))]
-            batch = int(first.inputs.shape[0]) if first.inputs.ndim else 1
+            batch = self._check_records(records)
         loss_value, global_batch = self._global_loss(loss, batch, guard.error)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
+        self._check_costates(records, loss_value)
         world = self._world()
-        groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
-                              self._penalties, self._exclude)
+        inputs = {n: r.inputs for n, r in records.items()}
+        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched)
+        if self._batchable(groups, records):
+            groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude,
+                                  self._unbatched)
         scale = batch / global_batch
         if self._group is not None and global_batch != batch:
             # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
@@ -322,7 +542,6 @@ class EMSA(torch.optim.Optimizer):
             adam_grads = [None if p.grad is None else p.grad.detach().clone()
                           for grp in self._adam.param_groups for p in grp["params"]]
         old = [g.parameters() for g in groups]
-        adaptive_rho = self.method == "emsa" and settings["rho"] is None
         if adaptive_rho and settings["current_rho"] is None:
             # rho acts on sums over the batch while p is the co-state of the batch mean: start at 1/B.
             settings["current_rho"] = float(_EMSARule.defaults["rho0"]) / global_batch
@@ -335,7 +554,8 @@ class EMSA(torch.optim.Optimizer):
         # Parameter terms are added on every rank and then summed: each rank adds 1/R of them.
         wd = settings["weight_decay"] / world
         J0 = loss_value + self._parameter_cost(groups, old)
-        adaptive = adaptive_rho or self.method == "sqh"
+        self._steps += 1
+        self._track_divergence(J0, groups)
         info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": not groups}
         for trial in range(1, (settings["max_trials"] if groups else 0) + 1):
             eps = settings["current_eps"] or 0.0
@@ -347,7 +567,14 @@ class EMSA(torch.optim.Optimizer):
             if not adaptive:
                 info["accepted"] = True
                 break
-            gain = sum(float((o.hamiltonian(u) - o.hamiltonian(u0)).sum()) for o, u, u0 in zip(objectives, new, old))
+            gains = [float((o.hamiltonian(u) - o.hamiltonian(u0)).sum()) for o, u, u0 in zip(objectives, new, old)]
+            bad = [g for g, value in zip(groups, gains) if not math.isfinite(value)]
+            if bad:
+                for g, u in zip(groups, old):
+                    g.assign(u)
+                raise FloatingPointError(f"pmp.nn: the Hamiltonian gain of {_layers(bad[0])} is not finite at step "
+                                         f"{self._steps}; the parameters are left as they were")
+            gain = sum(gains)
             trial_loss = None
             with self._guard() as guard:
                 trial_loss = self._evaluate(closure)
@@ -363,12 +590,14 @@ class EMSA(torch.optim.Optimizer):
                 accept = J1 <= J0 - float(o["eta"]) * max(gain, 0.0) and J1 < J0
                 rho = adapt_rho(rho, accept, J0 - J1, gain, o)
                 settings["current_rho"] = rho
+                self._warn_at_ceiling("rho", rho, float(o["rho_max"]))
             else:
                 o = _SQHRule.defaults
                 step = sum(float(((u - u0) ** 2).sum()) for u, u0 in zip(new, old))
                 accept = J1 - J0 <= -float(o["eta"]) * step and J1 <= J0
                 factor = float(o["zeta"]) if accept else float(o["sigma"])
                 settings["current_eps"] = min(max(eps * factor, float(o["eps_min"])), float(o["eps_max"]))
+                self._warn_at_ceiling("eps", settings["current_eps"], float(o["eps_max"]))
             if accept:
                 info["accepted"] = True
                 break
@@ -410,6 +639,9 @@ class MSA(EMSA):
 
     def __init__(self, model: torch.nn.Module, **kwargs):
         kwargs.pop("method", None)
+        if kwargs.get("rho") is not None:
+            raise ValueError(f"pmp.nn.MSA is basic MSA, rho = 0 (paper Alg. 1); got rho={kwargs['rho']!r}. For the "
+                             f"augmented Hamiltonian use pmp.nn.EMSA(model, rho={kwargs['rho']!r})")
         super().__init__(model, **kwargs, method="msa")
 
 
@@ -419,6 +651,14 @@ class SQH(EMSA):
     def __init__(self, model: torch.nn.Module, **kwargs):
         kwargs.pop("method", None)
         super().__init__(model, **kwargs, method="sqh")
+
+
+def _layers(group: LayerGroup) -> str:
+    """``layer 3 (Linear)`` or ``layers [2, 3, 4] (Residual)``: a group named for an error message."""
+    kind = type(group.template).__name__
+    if len(group.indices) == 1:
+        return f"layer {group.indices[0]} ({kind})"
+    return f"layers {group.indices} ({kind})"
 
 
 #: layers whose output is affine in their parameters: their Hamiltonian p . g(x, theta) is linear in theta
