@@ -77,7 +77,8 @@ BINARY = {"2.module.0.weight": pmp.Finite([-1.0, 1.0])}  # a binary-weight resid
 def _train_net(x, y, group, steps=NET_STEPS, batches=None, **options):
     """small_net's parameters after ``steps`` E-MSA steps on (x, y) (or one step per (x, y) in ``batches``)."""
     model = small_net()
-    opt = pmp.nn.EMSA(model, process_group=group, **options)
+    kind = {"emsa": pmp.nn.EMSA, "sqh": pmp.nn.SQH, "msa": pmp.nn.MSA}[options.pop("method", "emsa")]
+    opt = kind(model, process_group=group, **options)
     for xb, yb in batches if batches is not None else [(x, y)] * steps:
         def closure(xb=xb, yb=yb):
             opt.zero_grad()

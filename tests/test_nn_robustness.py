@@ -29,6 +29,12 @@ def train(model, opt, x, y, steps, loss=None):
     return losses
 
 
+def optimizer(model, **options):
+    """pmp.nn.EMSA, SQH or MSA by ``method`` (default E-MSA)."""
+    kind = {"emsa": pmp.nn.EMSA, "sqh": pmp.nn.SQH, "msa": pmp.nn.MSA}[options.pop("method", "emsa")]
+    return kind(model, **options)
+
+
 def parameters(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -76,7 +82,7 @@ def test_a_run_resumed_from_a_checkpoint_continues_bit_for_bit(name):
             train(model, opt, *batches[k % 2], 1)
 
     model = small_net()
-    opt = pmp.nn.EMSA(model, **options)
+    opt = optimizer(model, **options)
     run(model, opt, 3)
     saved = io.BytesIO()  # a checkpoint as users write one: through torch.save
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
@@ -87,7 +93,7 @@ def test_a_run_resumed_from_a_checkpoint_continues_bit_for_bit(name):
     checkpoint = torch.load(saved, weights_only=False)
     resumed_model = small_net(seed=1)  # other initial weights: everything must come from the checkpoint
     resumed_model.load_state_dict(checkpoint["model"])
-    resumed = pmp.nn.EMSA(resumed_model, **options)
+    resumed = optimizer(resumed_model, **options)
     resumed.load_state_dict(checkpoint["opt"])
     run(resumed_model, resumed, 3)
     assert torch.equal(parameters(resumed_model), uninterrupted)
@@ -218,7 +224,7 @@ def test_an_embedding_with_integer_input_trains(options):
     tokens = torch.randint(0, 10, (64,))
     y = (tokens % 2).long()
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    losses = train(model, pmp.nn.EMSA(model, **options), tokens, y, 6)
+    losses = train(model, optimizer(model, **options), tokens, y, 6)
     assert losses[-1] < losses[0]
 
 
