@@ -59,6 +59,12 @@ class IntervalData(NamedTuple):
     controls: torch.Tensor
     hamiltonian: torch.Tensor
 
+    def objective(self, pw: PointwiseProblem, rho: float = 0.0, eps: float = 0.0) -> "IntervalHamiltonian":
+        """The (augmented) interval Hamiltonian of this data: what an update rule maximises. A sweep's
+        data names its objective, so the rules run unchanged on another sweep's data (``pmp.nn``'s
+        ``LayerIterate``)."""
+        return IntervalHamiltonian(pw, self, rho, eps)
+
 
 def interval_data(pw: PointwiseProblem, u: torch.Tensor, forward: ForwardSweep, backward: BackwardSweep,
                   quadrature: int) -> IntervalData:

@@ -98,8 +98,16 @@ class UpdateRule:
         """A reason to stop after the step just kept, or None (rule-specific stopping tests)."""
         return None
 
+    def state(self) -> Dict[str, object]:
+        """The rule's adapted numbers (rho, eps, lr and their bookkeeping): what a checkpoint must keep."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+    def load_state(self, state: Dict[str, object]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def _maximise(self, data: IntervalData, rho: float, eps: float = 0.0) -> torch.Tensor:
-        objective = IntervalHamiltonian(self.pw, data, rho, eps)
+        objective = data.objective(self.pw, rho, eps)
         result = self.maximiser.maximise(objective, self.generator)
         self.evaluations += result.evaluations
         return result.controls
@@ -377,7 +385,7 @@ class GradientStep(UpdateRule):
         self._predicted = 0.0
 
     def propose(self, data):
-        objective = IntervalHamiltonian(self.pw, data, 0.0)
+        objective = data.objective(self.pw, 0.0)
         grad_H = objective.gradient(data.controls)  # [N, m] = -dJ/du of the smooth part
         self.evaluations += 1
         ascent = grad_H / data.lengths[:, None]  # interval means: minus the L2 gradient of J

@@ -1,4 +1,4 @@
-"""Data-parallel solves on torch.distributed (issue 14; docs/distributed.md): 2 gloo processes on the CPU.
+"""Data-parallel solves on torch.distributed (docs/distributed.md): 2 gloo processes on the CPU.
 
 One spawn of 2 ranks runs every scenario (start-up costs ~7 s, paid once); each rank holds its
 shard of the LQR-samples x0 (9 samples split 5 / 4) and the one-process reference solves the
@@ -10,7 +10,8 @@ The same spawn trains a small residual network (tests/test_nn.py's small_net, fl
 ``pmp.nn.EMSA(..., process_group=...)``: each rank's closure is the mean loss of its shard of
 one batch (96 two-moons points split 40 / 56; or mini-batches of a DistributedSampler), and the
 one-process reference trains on the concatenated batch. Checked: parameters after several steps
-equal the reference, the ranks' parameters are bit-identical, and an exception in one rank's
+equal the reference up to the round-off that reordering the batch shows, the ranks' parameters are
+bit-identical, and an exception in one rank's
 closure reaches both ranks.
 """
 import datetime
@@ -55,22 +56,29 @@ SCENARIOS = {
 NET_STEPS = 4
 NET_SPLIT = 40  # rank 0 holds points [0, 40), rank 1 [40, 96): an uneven split of one batch of 96
 NET_SCENARIOS = {
-    # tolerance: measured max |theta_2 ranks - theta_1 process| (4 steps) x ~4. Not bit-exact: one process sums
-    # the batch in one order, two ranks sum their shards and then add the two sums (gloo), so every
-    # Hamiltonian value and gradient differs in the last bits, and the maximisations' L-BFGS
-    # (10 iterations of a nearly flat objective, then the next step's data) amplify that to ~1e-9.
-    "fixed rho": (dict(rho=0.05, perturb=0.005), 1e-8),  # measured 2.5e-9
-    "sqh": (dict(method="sqh", weight_decay=1e-3), 1e-8),  # measured 1.8e-9
-    # adam_lr: every parameter is free here, so the step is Adam on the all-reduced gradient (measured 8e-17)
-    "adam_lr": (dict(rho=0.05, adam_lr=1e-2), 1e-12),
+    "fixed rho": dict(rho=0.05, perturb=0.005),
+    "sqh": dict(method="sqh", weight_decay=1e-3),
+    # adam_lr: every parameter is free here, so the step is Adam on the all-reduced gradient
+    "adam_lr": dict(rho=0.05, adam_lr=1e-2),
 }
+# Two ranks are not bit-identical to one process: one process sums the batch in one order, two ranks sum
+# their shards and then add the two sums (gloo), so every Hamiltonian value and gradient differs in the last
+# bits, and the steps' L-BFGS (10 iterations of a nearly flat objective, then the next step's data) amplify
+# that by a factor that depends on the machine's kernels (1e-9 here, 1.7e-8 measured on another machine after
+# 8 steps). What the comparison can promise is what a reordering of the same batch in one process shows: the
+# same round-off through the same amplification. So the distributed parameters must lie within ROUNDOFF_FACTOR
+# times the largest spread of one-process runs on reordered batches (measured: 0.9-2x of it on the scenarios
+# below), never a fixed number; a real error (a wrong shard weight B_r / B) moves them by 1e-2.
+ROUNDOFF_FACTOR = 20
+ROUNDOFF_FLOOR = 1e-14  # below a few ulps of O(1) parameters a spread is no measure of the amplification
 BINARY = {"2.module.0.weight": pmp.Finite([-1.0, 1.0])}  # a binary-weight residual layer
 
 
 def _train_net(x, y, group, steps=NET_STEPS, batches=None, **options):
     """small_net's parameters after ``steps`` E-MSA steps on (x, y) (or one step per (x, y) in ``batches``)."""
     model = small_net()
-    opt = pmp.nn.EMSA(model, process_group=group, **options)
+    kind = {"emsa": pmp.nn.EMSA, "sqh": pmp.nn.SQH, "msa": pmp.nn.MSA}[options.pop("method", "emsa")]
+    opt = kind(model, process_group=group, **options)
     for xb, yb in batches if batches is not None else [(x, y)] * steps:
         def closure(xb=xb, yb=yb):
             opt.zero_grad()
@@ -79,6 +87,26 @@ def _train_net(x, y, group, steps=NET_STEPS, batches=None, **options):
             return loss
         opt.step(closure)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _reordered(batches, split: int):
+    """The same (x, y) batches in two other orders: the second shard's points (from ``split`` on) first, and
+    reversed."""
+    swapped = [(torch.cat([x[split:], x[:split]]), torch.cat([y[split:], y[:split]])) for x, y in batches]
+    return [swapped, [(x.flip(0), y.flip(0)) for x, y in batches]]
+
+
+def _within_roundoff(two: torch.Tensor, batches, split: int = NET_SPLIT, **options) -> None:
+    """Assert the ranks' parameters equal one process's on ``batches`` up to reduction-order round-off, as
+    measured by reordering the batches in one process (see ROUNDOFF_FACTOR)."""
+    one = _train_net(None, None, None, batches=batches, **options)
+    spread = max(float((_train_net(None, None, None, batches=b, **options) - one).abs().max())
+                 for b in _reordered(batches, split))
+    difference = float((two - one).abs().max())
+    bound = max(ROUNDOFF_FACTOR * spread, ROUNDOFF_FLOOR)
+    assert difference <= bound, (f"2 ranks differ from 1 process by {difference:.3g}; reordering the batch in one "
+                                 f"process moves the parameters by {spread:.3g} (bound {bound:.3g})")
+    assert (one - _train_net(None, None, None, batches=[])).abs().max() > 1e-2  # the steps moved them
 
 
 def _sampler_batches(rank: int, world: int, epochs: int = 2, batch: int = 24):
@@ -99,7 +127,7 @@ def _sampler_batches(rank: int, world: int, epochs: int = 2, batch: int = 24):
 def _network_results(rank: int, world: int, group) -> dict:
     x, y = moons(96)
     part = slice(0, NET_SPLIT) if rank == 0 else slice(NET_SPLIT, None)
-    results = {name: _train_net(x[part], y[part], group, **options) for name, (options, _) in NET_SCENARIOS.items()}
+    results = {name: _train_net(x[part], y[part], group, **options) for name, options in NET_SCENARIOS.items()}
     results["binary"] = _train_net(x[part], y[part], group, rho=0.05, perturb=0.005, controls=BINARY)
     results["sampler"] = _train_net(None, None, group, batches=_sampler_batches(rank, world), rho=0.05, perturb=0.005)
     model = small_net()
@@ -241,23 +269,39 @@ def ranks():
 
 @pytest.fixture(scope="module")
 def references():
-    """The one-process solves of the concatenated x0."""
+    """The one-process solves of the concatenated x0, and of the same samples in reversed order."""
     with warnings.catch_warnings():  # tol = 0: "did not converge" is expected
         warnings.simplefilter("ignore", RuntimeWarning)
-        return {name: pmp.solve(make(), **kw) for name, (make, kw) in SCENARIOS.items()}
+        return {name: (pmp.solve(make(), **kw), pmp.solve(_reversed_samples(make()), **kw))
+                for name, (make, kw) in SCENARIOS.items()}
+
+
+def _reversed_samples(problem: pmp.ControlProblem) -> pmp.ControlProblem:
+    return pmp.ControlProblem(problem.dynamics, problem.x0.flip(0), problem.horizon, problem.controls,
+                              problem.terminal_cost, problem.running_cost, control_penalty=problem.control_penalty,
+                              name=problem.name)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_equal_one_process(ranks, references, name):
-    ref = references[name]
+    ref, reordered = references[name]
+    if "dopri5" in name:
+        # adaptive steps: each rank controls the error of its own samples, so the ranks take other steps than
+        # one process; the difference is the ODE tolerance (rtol 1e-12) through 6 iterations (measured 1e-12)
+        tol_cost = tol_controls = 1e-9
+    else:
+        # fixed steps: only the order of the sums over samples differs, so the ranks may differ from one
+        # process as much as the same samples in another order do (ROUNDOFF_FACTOR: see the networks' scenarios)
+        spread_cost = max(abs(a.cost - b.cost) for a, b in zip(reordered.history, ref.history))
+        spread_controls = float((reordered.controls - ref.controls).abs().max())
+        tol_cost = max(ROUNDOFF_FACTOR * spread_cost, 1e-13)
+        tol_controls = max(ROUNDOFF_FACTOR * spread_controls, 1e-13)
     for result in (r[name] for r in ranks):
         assert len(result["costs"]) == len(ref.history) >= 4  # several iterations, the same number
-        # fixed steps: only the order of the sums over samples differs (measured: controls within 1.5e-12)
-        tol = 1e-11 if "rk4" in name or "l1" in name else 1e-9
         for k, (a, b) in enumerate(zip(result["costs"], [r.cost for r in ref.history])):
-            assert abs(a - b) <= tol * max(1.0, abs(b)), f"iteration {k}: J = {a!r} on 2 ranks, {b!r} in one process"
-        assert abs(result["cost"] - ref.cost) <= tol
-        assert torch.allclose(result["controls"], ref.controls, rtol=0, atol=tol)
+            assert abs(a - b) <= tol_cost * max(1.0, abs(b)), f"iteration {k}: J = {a!r} on 2 ranks, {b!r} in one process"
+        assert abs(result["cost"] - ref.cost) <= tol_cost * max(1.0, abs(ref.cost))
+        assert torch.allclose(result["controls"], ref.controls, rtol=0, atol=tol_controls)
         assert result["status"] == ref.status
         info = result["distributed"]
         assert (info["ranks"], info["samples"]) == (WORLD, SAMPLES) and info["all_reduces"] > 0
@@ -270,6 +314,8 @@ def test_two_ranks_equal_one_process(ranks, references, name):
 def test_cost_gradient_over_ranks(ranks):
     u = torch.linspace(-0.5, 0.5, 20, dtype=torch.float64)[:, None]
     J, grad = pmp.cost_gradient(lqr_samples(SAMPLES)[0], u)
+    # adaptive steps at the default rtol 1e-9, chosen per rank: J and its gradient agree to the ODE tolerance
+    # (measured 1e-11 relative for J, 3e-10 for the gradient), not to round-off
     for result in ranks:
         J_r, grad_r = result["cost_gradient"]
         assert abs(J_r - J) <= 1e-9 * abs(J)
@@ -302,39 +348,31 @@ def test_process_group_without_init_is_a_clear_error():
 
 @pytest.mark.parametrize("name", list(NET_SCENARIOS))
 def test_network_two_ranks_equal_one_process(ranks, name):
-    options, tol = NET_SCENARIOS[name]
-    x, y = moons(96)
-    one = _train_net(x, y, None, **options)
     two = [r["networks"][name] for r in ranks]
     assert torch.equal(two[0], two[1])  # every rank holds the same parameters, bit for bit
-    assert (two[0] - one).abs().max() <= tol
-    assert (one - _train_net(x, y, None, steps=0)).abs().max() > 1e-2  # the steps moved the parameters
+    _within_roundoff(two[0], [moons(96)] * NET_STEPS, **NET_SCENARIOS[name])
 
 
 def test_network_binary_weights_ranks_identical(ranks):
-    """A pmp.Finite layer (binary weights, the moving average of dH/dW all-reduced): measured 1.3e-9
-    from one process. With perturb = 0 the continuous layers' L-BFGS starts exactly at theta^k and
+    """A pmp.Finite layer (binary weights, the moving average of dH/dW all-reduced): equal to one process up
+    to round-off (measured 1.3e-9, with a reordering spread of 1.3e-9). With perturb = 0 the continuous layers' L-BFGS starts exactly at theta^k and
     takes another branch on a rounding difference at step 2 (1e-2; docs/distributed.md)."""
     two = [r["networks"]["binary"] for r in ranks]
     assert torch.equal(two[0], two[1])
-    x, y = moons(96)
-    one = _train_net(x, y, None, rho=0.05, perturb=0.005, controls=BINARY)
     binary = small_net()[2].module[0].weight.numel()
     start = sum(p.numel() for p in list(small_net().parameters())[:2])
-    for w in (two[0], one):  # the binary layer's weights are in the set
-        assert set(w[start:start + binary].tolist()) <= {-1.0, 1.0}
-    assert (two[0] - one).abs().max() <= 1e-8
+    assert set(two[0][start:start + binary].tolist()) <= {-1.0, 1.0}  # the binary layer's weights are in the set
+    _within_roundoff(two[0], [moons(96)] * NET_STEPS, rho=0.05, perturb=0.005, controls=BINARY)
 
 
 def test_network_distributed_sampler(ranks):
     """Each rank steps on its DistributedSampler mini-batch (8 steps); one process on the union of both
-    ranks' batches (measured 1.9e-9)."""
+    ranks' batches, equal up to round-off (measured 1.9e-9 against a reordering spread of 2.8e-9)."""
     two = [r["networks"]["sampler"] for r in ranks]
     assert torch.equal(two[0], two[1])
     parts = [_sampler_batches(r, WORLD) for r in range(WORLD)]
     union = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*parts)]
-    one = _train_net(None, None, None, batches=union, rho=0.05, perturb=0.005)
-    assert (two[0] - one).abs().max() <= 1e-8
+    _within_roundoff(two[0], union, split=len(parts[0][0][0]), rho=0.05, perturb=0.005)
 
 
 def test_network_closure_error_reaches_every_rank(ranks):

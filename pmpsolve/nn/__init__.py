@@ -1,7 +1,7 @@
 """Training networks by the maximum principle (paper section 4, Alg. 3; docs/networks.md).
 
-``EMSA`` (and ``MSA``, ``SQH``) are ``torch.optim.Optimizer`` s for a ``torch.nn.Sequential``
-whose entries are the layers; ``Residual`` is the residual layer x + delta * f(x). ``DiscreteRule`` sets the
+``Optimizer`` (and its short forms ``EMSA``, ``MSA``, ``SQH``) is a ``torch.optim.Optimizer`` for a
+``torch.nn.Sequential`` whose entries are the layers, running the update rules of ``pmp.solve``; ``Residual`` is the residual layer x + delta * f(x). ``DiscreteRule`` sets the
 discrete-weight rule of parameters with a ``pmp.Finite`` set; ``StraightThrough`` and
 ``MagnitudePruning`` are the baselines for discrete and sparse weights (docs/discrete.md).
 
@@ -14,6 +14,6 @@ discrete-weight rule of parameters with a ``pmp.Finite`` set; ``StraightThrough`
 from .baselines import MagnitudePruning, StraightThrough
 from .discrete import DiscreteRule
 from .layers import Residual
-from .optim import EMSA, MSA, SQH
+from .optim import EMSA, MSA, SQH, Optimizer
 
-__all__ = ["Residual", "EMSA", "MSA", "SQH", "DiscreteRule", "StraightThrough", "MagnitudePruning"]
+__all__ = ["Residual", "Optimizer", "EMSA", "MSA", "SQH", "DiscreteRule", "StraightThrough", "MagnitudePruning"]

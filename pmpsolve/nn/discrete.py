@@ -278,6 +278,19 @@ class FiniteWeights:
             self.decay()
         return {"changed": changed, "nonzero": nonzero / max(total, 1), "average_rate": a}
 
+    def state_dict(self) -> dict:
+        """The rule's state: the moving average M of every bucket, the rate a and the step count."""
+        return {"rate": self.rate, "steps": self.steps,
+                "averages": [None if b.average is None else b.average.clone() for b in self.buckets]}
+
+    def load_state_dict(self, state: dict) -> None:
+        averages = state["averages"]
+        if len(averages) != len(self.buckets):
+            raise ValueError(f"the finite-set state has {len(averages)} value sets, this optimizer {len(self.buckets)}")
+        self.rate, self.steps = float(state["rate"]), int(state["steps"])
+        for b, average in zip(self.buckets, averages):
+            b.average = None if average is None else average.clone()
+
     def decay(self) -> float:
         """a <- 1 - (1 - a) d (Li & Hao's schedule, once per epoch in the reference); returns the new a."""
         self.rate = min(max(1.0 - (1.0 - self.rate) * float(self.rule.decay), 0.0), 1.0)

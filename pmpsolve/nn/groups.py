@@ -149,14 +149,16 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
 
 def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, torch.Tensor],
                  controls: Mapping[str, ControlSet], penalties: Mapping[str, ControlPenalty],
-                 exclude: Set[str] = frozenset()) -> List[LayerGroup]:
+                 exclude: Set[str] = frozenset(), unbatched: Set[int] = frozenset()) -> List[LayerGroup]:
     """Group the layers (index -> module) that can be maximised as rows of one objective.
 
     Same function of (x, theta): same class, same ``repr`` (hyper-parameters), same parameter
     names, shapes and dtypes, same input shape, same per-parameter control sets and penalties.
     Parameters named in ``exclude`` (full names: the finite-set weights, updated by their own
     rule) are not rows; they enter the layer's function at their current values, so a layer
-    with excluded parameters is a group of its own (the template is the layer itself).
+    with excluded parameters is a group of its own (the template is the layer itself). Layers in
+    ``unbatched`` (modules ``torch.func.vmap`` has no batching rule for, e.g. a wrapped ``GRU``) are
+    groups of their own too, evaluated without vmap.
     """
     buckets: Dict[tuple, List[int]] = {}
     for n, module in layers.items():
@@ -169,7 +171,8 @@ def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, tor
                         for name, _ in named)
         key = (type(module), repr(module), tuple((name, tuple(p.shape), p.dtype, str(p.device)) for name, p in named),
                tuple(inputs[n].shape), options)
-        if any(True for _ in module.buffers()) or any(prefix + name in exclude for name, _ in module.named_parameters()):
+        if (n in unbatched or any(True for _ in module.buffers())
+                or any(prefix + name in exclude for name, _ in module.named_parameters())):
             key = key + (n,)  # layers with buffers or fixed (excluded) parameters are not batched
         buckets.setdefault(key, []).append(n)
     groups = []
@@ -178,5 +181,8 @@ def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, tor
         prefix = f"{indices[0]}."
         names = [name for name, p in mods[0].named_parameters() if p.requires_grad and prefix + name not in exclude]
         row_set, penalty = _row_set(mods[0], names, f"{indices[0]}.", controls, penalties)
-        groups.append(LayerGroup(indices, mods, names, row_set, penalty))
+        group = LayerGroup(indices, mods, names, row_set, penalty)
+        if indices[0] in unbatched:
+            group.batched = False
+        groups.append(group)
     return groups

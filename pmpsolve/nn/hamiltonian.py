@@ -73,10 +73,15 @@ class LayerHamiltonian:
 
     def _row(self, theta, x, y, p, p_in, theta_k):
         """Htilde of one layer at theta [m] (a 0-d tensor); x, y, p, p_in: [B, ...]."""
-        if self.rho > 0:
+        if self.rho > 0 and x.is_floating_point():
             out, pullback = vjp(lambda x_: self._layer(theta, x_), x)
             (grad_x,) = pullback(p)  # grad_x H_n(x_n, p_{n+1}, theta)
             feasibility = ((y - out) ** 2).sum() + ((p_in - grad_x) ** 2).sum()
+        elif self.rho > 0:
+            # integer input (token indices of an Embedding): x_n has no co-state, so the co-state
+            # equation p_n = grad_x H_n is no constraint and only the state term remains
+            out = self._layer(theta, x)
+            feasibility = ((y - out) ** 2).sum()
         else:
             out = self._layer(theta, x)
             feasibility = out.new_zeros(())
@@ -170,7 +175,7 @@ def layer_data(group: LayerGroup, records, controls: torch.Tensor, need_input_co
     y = torch.stack([records[n].outputs for n in group.indices])
     p = torch.stack([records[n].costates for n in group.indices])
     lengths = torch.ones(group.rows, dtype=controls.dtype, device=controls.device)
-    if not need_input_costates:
+    if not need_input_costates or not x.is_floating_point():  # integer inputs have no co-state
         return LayerData(x, y, p, torch.zeros_like(x), controls, lengths)
 
     def input_costate(theta, x_, p_):

@@ -1,68 +1,228 @@
-"""``pmp.nn.EMSA``: training a network by the maximum principle, as a ``torch.optim.Optimizer``.
+"""``pmp.nn.Optimizer`` (``EMSA``, ``MSA``, ``SQH``): training a network by the maximum principle.
 
 One ``step(closure)`` is one iteration of the paper's Alg. 3 on the closure's
-(mini-)batch:
+(mini-)batch, driven by the same update-rule objects as ``pmp.solve`` (``pmpsolve.rules``):
 
 1. the closure's forward pass records every layer's input x_n and output x_{n+1};
 2. its ``loss.backward()`` gives the co-states p_{n+1} = -d loss / d x_{n+1} (hooks);
-3. every layer's augmented Hamiltonian (``hamiltonian.LayerHamiltonian``) is maximised
-   with x_n, p_{n+1} frozen, layers of equal shapes as the rows of one batched
-   maximisation, by the control-problem engine's maximisers (``HamiltonianMaximiser``);
-4. with an adaptive rule (``rho=None``, or ``method="sqh"``) the closure is evaluated
-   again at the new parameters and the step is kept only if J = loss + sum_n L_n
-   decreased enough; otherwise the weight grows and step 3 is redone from the same data;
-5. parameters with a finite set (``controls={name: pmp.Finite(...)}``: binary, ternary
-   weights) are updated by Li & Hao's closed form from a moving average of dH/dW
-   (``discrete.py``), every step, from the same frozen data (no decrease test: the
-   reference's rule has none; its safeguard is the threshold rho_k).
+3. the rule proposes new parameters: every layer's (augmented) Hamiltonian
+   (``hamiltonian.LayerHamiltonian``) maximised with x_n, p_{n+1} frozen, layers of equal
+   shapes as the rows of one batched maximisation (``network.LayerIterate``: the layer data
+   in the shape the rules read);
+4. an adaptive rule (E-MSA with ``rho=None``, SQH, an adaptive gradient step) judges the
+   proposal by J = loss + sum_n L_n at the new parameters (the closure runs again) and its
+   Hamiltonian gain, exactly as in a control solve; a rejected proposal is redone from the
+   same data with the rule's adapted weight;
+5. the collaborators that are not the rule: parameters with a finite set (``controls={name:
+   pmp.Finite(...)}``: binary, ternary weights) move by Li & Hao's closed form from a moving
+   average of dH/dW (``discrete.FiniteWeights``); with ``adam_lr`` the remaining free
+   parameters (batch norm) take one Adam step on -H_n (``AdamPath``); with a process group
+   every sum over the batch is all-reduced (``BatchReduction``).
 
-Where the augmented Hamiltonian of a layer separates over its parameters (a ``Linear``
-or ``Conv`` layer, rho = 0: ``method="sqh"`` or ``"msa"``, with eps or weight decay > 0)
-the layer is maximised in closed form: the per-parameter quadratic's maximiser passed
-through the penalty's proximal map (hard thresholding for L0, bSQH; soft for L1) and
-the box, checked by one exact evaluation (``separable_maximise``).
+Where a layer's augmented Hamiltonian separates over its parameters (a ``Linear`` or ``Conv``
+layer, rho = 0: SQH or MSA with eps or weight decay > 0) it is maximised in closed form: the
+per-parameter quadratic's maximiser passed through the penalty's proximal map (hard
+thresholding for L0, bSQH; soft for L1) and the box, checked by one exact evaluation
+(``separable_maximise``).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
+from types import SimpleNamespace
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
+from torch.func import vmap
 
 from ..controls import Box, ControlSet, Finite, Reals
+from ..errors import DivergenceError
 from ..maximisers import HamiltonianMaximiser
 from ..penalties import ControlPenalty, prox_in_box
 from ..rules import SQH as _SQHRule
-from ..rules import ExtendedMSA as _EMSARule
-from ..rules import adapt_rho
+from ..rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
+from ..stopping import Divergence
 from .discrete import DiscreteRule, FiniteWeights
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
+from .network import LayerIterate, LayerMaximiser, LayerProblem, row_penalty, row_set
 from .recording import CostateRecorder
 
-# The rho rule of the network optimiser: ExtendedMSA's before issue 15 (measured on networks); the
-# continuous-time default of high_ratio changed (0.5 -> 0.9) on the reference problems only.
-_NETWORK_RHO_RULE = {"high_ratio": 0.5}
+__all__ = ["Optimizer", "EMSA", "MSA", "SQH", "BatchReduction", "AdamPath"]
 
-__all__ = ["EMSA", "MSA", "SQH"]
+#: the update rules of ``pmp.solve`` that train networks (the same classes)
+METHODS = {"emsa": ExtendedMSA, "msa": BasicMSA, "sqh": _SQHRule, "gradient": GradientStep}
+# Where a network's defaults differ from a control problem's: E-MSA's rho rule with high_ratio 0.5
+# (measured on networks; 0.9 was tuned on the reference problems) and no Anderson acceleration
+# (its mixtures are of controls on a time mesh).
+NETWORK_OPTIONS = {"emsa": {"anderson": 0, "high_ratio": 0.5}}
 
-METHODS = ("emsa", "msa", "sqh")
+#: dropout and its variants: random in training mode
+_DROPOUT = torch.nn.modules.dropout._DropoutNd
 
 
-class EMSA(torch.optim.Optimizer):
-    """Train a ``torch.nn.Sequential`` by the (extended) method of successive approximations.
+def _whole(label: str, value, low: int) -> int:
+    """``value`` as an int >= low; refuses floats (2.7 is not silently 2) and bools."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{label}` must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def _finite(label: str, value, low: float = 0.0) -> float:
+    """``value`` as a finite float >= low (inf would write inf or NaN into the weights)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= low):
+        raise ValueError(f"`{label}` must be a finite number >= {low:g}, got {value!r}")
+    return float(value)
+
+
+class _Settings(dict):
+    """A param group of a pmp.nn optimizer. It has no learning rate, and says so when asked for one
+    (a torch.optim.lr_scheduler reads ``group["lr"]``)."""
+
+    def __missing__(self, key):
+        if key in ("lr", "initial_lr"):
+            raise KeyError(
+                f"pmp.nn optimizers have no learning rate {key!r}, so a torch.optim.lr_scheduler cannot drive them. "
+                "E-MSA's step size is set by rho (a larger rho, smaller steps): leave rho=None (adaptive), or "
+                "schedule a fixed rho yourself, e.g. `for g in opt.param_groups: g['rho'] = 0.03 * 0.5 ** epoch`")
+        raise KeyError(key)
+
+
+def _check_entries(model: torch.nn.Sequential) -> None:
+    """Every entry its own module, and no parameter reached from two entries (shared or tied weights)."""
+    seen = set()
+    for n, module in enumerate(model):
+        if id(module) in seen:
+            raise ValueError(f"pmp.nn: entry {n} of the Sequential is a module that appears twice; every layer "
+                             "must be its own module (shared weights are not a layer-wise control)")
+        seen.add(id(module))
+    owners: Dict[int, list] = {}  # parameter -> the entries that reach it
+    for n, module in enumerate(model):
+        for name, p in module.named_parameters():
+            owners.setdefault(id(p), []).append(f"{n}.{name}")
+    shared = [names for names in owners.values() if len({name.split(".")[0] for name in names}) > 1]
+    if shared:
+        raise ValueError(
+            f"pmp.nn: parameter(s) shared between entries of the Sequential: {shared}. Each entry's parameters are "
+            "the control of one layer, maximised on their own (Jacobi over layers), so a weight reached from "
+            "two entries would be written twice. Give each layer its own parameters, or put the layers that "
+            "share a weight into one entry (one module)")
+
+
+def _check_parameter_options(model, controls, penalties) -> Tuple[dict, dict]:
+    """``controls`` and ``penalties`` as dicts of known trainable parameter names and supported sets/costs."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    controls, penalties = dict(controls or {}), dict(penalties or {})
+    for what, table, kind in (("controls", controls, ControlSet), ("penalties", penalties, ControlPenalty)):
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise ValueError(f"pmp.nn: {what} names {unknown}, not trainable parameters of the model; "
+                             f"its parameters are e.g. {sorted(names)[:6]}")
+        bad = {k: v for k, v in table.items() if not isinstance(v, kind)}
+        if bad:
+            raise TypeError(f"pmp.nn: {what} values must be {kind.__name__} objects "
+                            f"({'pmp.Box / pmp.Reals / pmp.Finite' if kind is ControlSet else 'pmp.L1 / pmp.L0'}), "
+                            f"got {bad}")
+    unsupported = {k: v for k, v in controls.items() if not isinstance(v, (Box, Reals, Finite))}
+    if unsupported:
+        raise TypeError(f"pmp.nn: unsupported control set(s) {unsupported}: a network parameter takes "
+                        "pmp.Box, pmp.Reals or pmp.Finite")
+    return controls, penalties
+
+
+class BatchReduction:
+    """Sums over the batch across the ranks of a process group (identity in one process).
+
+    One all-reduce of a fused buffer per sum, carrying an error flag: an exception on one rank (in its
+    closure, say) is kept until the next all-reduce and then raised on every rank (``reduce.ErrorGuard``).
+    """
+
+    def __init__(self, process_group=None):
+        self.group, self.reducer = process_group, None
+        if process_group is not None:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("process_group given but torch.distributed is not initialised: call "
+                                   "torch.distributed.init_process_group first (or launch with torchrun)")
+            from ..reduce import DistributedSampleReducer, _check_group
+            _check_group(process_group)
+            self.reducer = DistributedSampleReducer(process_group, 1, 1)
+
+    def guard(self):
+        """``with reduction.guard() as guard:`` keeps this rank's exception in ``guard.error`` (a process group),
+        lets it propagate in one process."""
+        from ..reduce import ErrorGuard
+        return ErrorGuard(self.reducer is not None)
+
+    @property
+    def world(self) -> int:
+        if self.group is None:
+            return 1
+        import torch.distributed as dist
+        return dist.get_world_size(self.group)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.reducer.totals(t)[0].clone()
+
+    def mean_loss(self, loss: Optional[torch.Tensor], batch: int,
+                  error: Optional[BaseException] = None) -> Tuple[float, int]:
+        """The batch-mean loss over all ranks (weighted by each rank's batch size) and the global batch
+        size, in one all-reduce; ``error`` (this rank's closure failed) is raised on every rank."""
+        if self.group is None:
+            if error is not None:
+                raise error
+            return float(loss.detach().reshape(())), batch
+        if error is None:
+            loss = loss.detach().reshape(())
+            buf = torch.stack([loss * batch, torch.as_tensor(float(batch), dtype=loss.dtype, device=loss.device)])
+        else:
+            buf = torch.zeros(2, dtype=torch.float64, device=self.reducer._device())
+        buf = self.reducer.totals(buf, error=error)[0]
+        return float(buf[0] / buf[1]), int(buf[1])
+
+
+class AdamPath:
+    """``adam_lr``: the free parameters (no control set, no penalty: biases, batch norm) take one Adam step
+    on -H_n per step instead of a maximisation (the discrete-weight reference code's treatment of its
+    batch-norm parameters). With x, p frozen, grad(-H_n) is the closure's loss gradient (paper Prop. 2),
+    read right after the first closure call (trial closures overwrite ``.grad``)."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        self.adam = torch.optim.Adam(list(params), lr=lr, weight_decay=weight_decay)
+        self._grads = None
+
+    def params(self):
+        return [p for group in self.adam.param_groups for p in group["params"]]
+
+    def keep_gradients(self) -> None:
+        self._grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params()]
+
+    def step(self, reduction: BatchReduction, scale: float) -> None:
+        for p, g in zip(self.params(), self._grads):
+            if g is None:
+                p.grad = None
+            else:  # the gradient of the global batch mean: this rank's scaled share, all-reduced
+                p.grad = g if reduction.group is None else reduction.all_reduce(g * scale)
+        self.adam.step()
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Train a ``torch.nn.Sequential`` by the maximum principle with an update rule of ``pmp.solve``.
 
     The entries of the Sequential are the layers x_{n+1} = g_n(x_n, theta_n); entries
     without parameters (activations, pooling, flatten) are layers with nothing to maximise.
+    ``EMSA``, ``MSA`` and ``SQH`` are this class with the method fixed.
 
     Args:
         model: a ``torch.nn.Sequential`` (its entries may be any modules, e.g.
             ``pmp.nn.Residual``); each entry runs once per forward pass.
-        rho: the E-MSA weight of paper eq. (7). None (default): adaptive, starting at
-            1/B for batch size B and adapted by the decrease test (the closure runs again
-            for every trial step). A number: the paper's fixed rho, every step taken, one
-            closure call per step. Convention (the reference code's): p from the batch-mean
-            loss, the feasibility terms summed over the batch.
+        method: the update rule, as for ``pmp.solve``: "emsa" (default: extended MSA, adaptive
+            rho), "msa" (basic MSA, rho = 0, paper Alg. 1), "sqh" (sequential quadratic
+            Hamiltonian: eps |theta - theta^k|^2 with adaptive eps) or "gradient" (the soft step:
+            gradient descent on the loss, paper Prop. 2).
+        options: the rule's options (``pmpsolve.rules``: e.g. ``{"rho": 0.03}`` for "emsa",
+            ``{"lr": 0.1, "adaptive": False}`` for "gradient").
         maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
             reference code uses 0.005; needed to leave a symmetric start such as all zeros).
@@ -78,22 +238,466 @@ class EMSA(torch.optim.Optimizer):
         process_group: a ``torch.distributed`` group: each rank's closure is the mean loss of
             its shard of the batch; sums over samples are all-reduced, parameters stay
             identical on every rank. None: one process.
-        method: "emsa" (default), "msa" (basic MSA: rho = 0, paper Alg. 1) or "sqh" (the
-            sequential quadratic Hamiltonian method: eps |theta - theta^k|^2 with adaptive eps).
         weight_decay: L_n(theta) = weight_decay/2 |theta|^2 for every parameter (the reference
             code's ``reg``). Put parameter costs here or in ``penalties``, not in the closure's
             loss: the Hamiltonian sees the loss only through the layers' outputs.
         seed: seed of the generator of the ``perturb`` noise.
-        max_trials: maximisations per step with an adaptive rule before the step gives up
-            (parameters unchanged, the weight grown).
+        max_trials: proposals per step with an adaptive rule before the step gives up
+            (parameters unchanged, the rule's weight grown).
         discrete: the ``pmp.nn.DiscreteRule`` of the finite-set parameters (threshold rho, moving
             average rate and its decay schedule); default ``DiscreteRule()``.
         adam_lr: None (default): every parameter without a finite set is maximised as above. A
             number: the parameters without a control set and without a penalty (biases, batch
-            norm) take one Adam step of this learning rate on -H_n instead (the discrete-
-            weight reference code's treatment of its batch-norm parameters, lr 1e-3). With x, p
-            frozen, grad(-H_n) is the closure's loss gradient (paper Prop. 2), so this is Adam on
-            those parameters, with ``weight_decay`` as Adam's L2 term; no second closure call.
+            norm) take one Adam step of this learning rate on -H_n instead (``AdamPath``), with
+            ``weight_decay`` as Adam's L2 term; no second closure call.
+
+    Example: the gradient rule, which is gradient descent on the loss (paper Prop. 2).
+        >>> import torch, pmpsolve as pmp
+        >>> torch.manual_seed(0)   # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
+        >>> opt = pmp.nn.Optimizer(model, "gradient", options={"lr": 0.1, "adaptive": False})
+        >>> def closure():                          # the closure torch.optim.LBFGS takes
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> losses = [float(opt.step(closure).detach()) for _ in range(5)]
+        >>> losses[-1] < losses[0]
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, method: str = "emsa", *, options: Optional[dict] = None,
+                 maximiser_iter: int = 10, perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
+                 penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None,
+                 weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10,
+                 discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None):
+        if not isinstance(model, torch.nn.Sequential):
+            raise TypeError(
+                f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
+                f"x_(n+1) = g_n(x_n, theta_n), got {type(model).__name__}. Write the model as "
+                "torch.nn.Sequential(layer_0, ..., layer_(N-1)) (pmp.nn.Residual for residual layers)")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
+        options = {**NETWORK_OPTIONS.get(method, {}), **dict(options or {})}
+        rule_class = METHODS[method]
+        unknown = sorted(set(options) - set(rule_class.defaults))
+        if unknown:
+            raise ValueError(f"method {method!r} got unknown option(s) {unknown}; its options are: "
+                             f"{', '.join(sorted(rule_class.defaults)) or 'none'}")
+        rho = options.get("rho")
+        if rho is not None:
+            options["rho"] = rho = _finite("rho", rho)
+        if method == "emsa" and int(options.get("anderson", 0)) != 0:
+            raise ValueError("pmp.nn: E-MSA's Anderson acceleration mixes controls on a time mesh; on a network "
+                             "it is off (anderson=0)")
+        maximiser_iter = _whole("maximiser_iter", maximiser_iter, 1)
+        perturb = _finite("perturb", perturb)
+        weight_decay = _finite("weight_decay", weight_decay)
+        max_trials = _whole("max_trials", max_trials, 1)
+        seed = _whole("seed", seed, 0)
+        if discrete is not None and not isinstance(discrete, DiscreteRule):
+            raise TypeError(f"`discrete` must be a pmp.nn.DiscreteRule, got {type(discrete).__name__}")
+        if adam_lr is not None and not (isinstance(adam_lr, numbers.Real) and math.isfinite(adam_lr) and adam_lr > 0):
+            raise ValueError(f"`adam_lr` must be a finite number > 0 or None, got {adam_lr!r}")
+        _check_entries(model)
+        self._layers: Dict[int, torch.nn.Module] = {
+            n: module for n, module in enumerate(model) if any(p.requires_grad for p in module.parameters())}
+        if not self._layers:
+            raise ValueError("pmp.nn: the model has no trainable parameters")
+        controls, penalties = _check_parameter_options(model, controls, penalties)
+        self._controls, self._penalties = controls, penalties
+        self._reduction = BatchReduction(process_group)
+        self.method, self._rule_class, self._rule_options = method, rule_class, options
+        self._rule = None  # built at the first step, when the batch size is known (rho starts at rho0 / B)
+        self._pending_rule_state = None  # a checkpoint's rule state, applied when the rule is built
+        defaults = dict(rho=rho, maximiser_iter=maximiser_iter, perturb=perturb, weight_decay=weight_decay,
+                        max_trials=max_trials, current_rho=0.0 if method == "msa" else rho, current_eps=None)
+        params = [p for module in self._layers.values() for p in module.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        self._recorder = CostateRecorder(self._layers)
+        named = dict(model.named_parameters())
+        self._named = named
+        finite = {k: v for k, v in controls.items() if isinstance(v, Finite)}
+        self._finite: Optional[FiniteWeights] = None
+        if finite:
+            self._finite = FiniteWeights({k: named[k] for k in finite}, finite, penalties, discrete or DiscreteRule())
+        self._finite_names = frozenset(finite)
+        free = {k: p for k, p in named.items() if p.requires_grad and k not in controls and k not in penalties}
+        self._adam: Optional[AdamPath] = None
+        self._exclude = self._finite_names
+        if adam_lr is not None and free:
+            self._adam = AdamPath(free.values(), float(adam_lr), weight_decay)
+            self._exclude = self._finite_names | frozenset(free)
+        self._refused: set = set()  # groups (their layer indices) whose objective did not separate
+        self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
+        self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
+        self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
+        # dropout modules (entry index, module): random in training mode
+        self._dropouts = [(n, module) for n, entry in enumerate(model) for module in entry.modules()
+                          if isinstance(module, _DROPOUT)]
+        self._generator = torch.Generator().manual_seed(seed)
+        self._steps = 0
+        # basic MSA's divergence test (the control solver's ``stopping.Divergence``): J at the first step,
+        # the rises in a row, and the best parameters seen
+        self._divergence = {"first": None, "rises": 0, "best_cost": math.inf, "best": None}
+        self.param_groups = [_Settings(g) for g in self.param_groups]
+        self._built = True
+        #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
+        self.last_step: Dict[str, object] = {}
+
+    # -- torch.optim.Optimizer -------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused after construction: the optimizer maximises the Hamiltonians of its model's layers."""
+        if getattr(self, "_built", False):
+            raise ValueError(
+                f"pmp.nn.{type(self).__name__} trains the layers of the Sequential it was built with; it cannot take "
+                "another param group (its parameters would never be updated). Build the optimizer on a Sequential "
+                "that holds every layer to train, or train the other parameters with their own optimizer")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on: torch's param groups, the update rule's adapted state (rho,
+        eps, lr), the generator of ``perturb``, the finite-set rule's moving averages, rate and step count,
+        the inner Adam of ``adam_lr``, the divergence test's record and which layers took which route.
+        ``load_state_dict`` of it on a new optimizer of the same model continues bit for bit."""
+        state = super().state_dict()
+        d = self._divergence
+        state["pmpsolve"] = {
+            "steps": self._steps,
+            "rule": self._rule.state() if self._rule is not None else self._pending_rule_state,
+            "generator": self._generator.get_state(),
+            "refused": sorted(self._refused), "vmap_checked": sorted(self._vmap_checked),
+            "unbatched": sorted(self._unbatched),
+            "finite": None if self._finite is None else self._finite.state_dict(),
+            "adam": None if self._adam is None else self._adam.adam.state_dict(),
+            "divergence": {**d, "best": None if d["best"] is None else {k: v.clone() for k, v in d["best"].items()}},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("pmpsolve", None)
+        if extra is None:
+            raise ValueError(f"pmp.nn.{type(self).__name__}.load_state_dict: the state dict has no 'pmpsolve' entry; "
+                             "pass the dict returned by this optimizer's state_dict()")
+        if (extra["finite"] is None) != (self._finite is None) or (extra["adam"] is None) != (self._adam is None):
+            raise ValueError(f"pmp.nn.{type(self).__name__}.load_state_dict: the state dict comes from an optimizer "
+                             "with other options (finite-set controls or adam_lr differ)")
+        super().load_state_dict(state_dict)
+        self.param_groups = [_Settings(g) for g in self.param_groups]
+        self._steps = int(extra["steps"])
+        self._pending_rule_state = extra["rule"]
+        if self._rule is not None and extra["rule"] is not None:
+            self._rule.load_state(extra["rule"])
+        self._generator.set_state(extra["generator"])
+        self._refused = {tuple(k) for k in extra["refused"]}
+        self._vmap_checked = {tuple(k) for k in extra["vmap_checked"]}
+        self._unbatched = set(extra["unbatched"])
+        if self._finite is not None:
+            self._finite.load_state_dict(extra["finite"])
+        if self._adam is not None:
+            self._adam.adam.load_state_dict(extra["adam"])
+        d = dict(extra["divergence"])
+        d["best"] = None if d["best"] is None else {k: v.clone() for k, v in d["best"].items()}
+        self._divergence = d
+
+    def decay_average(self) -> Optional[float]:
+        """Decay the finite-set rule's moving-average rate, a <- 1 - (1 - a) d (call once per epoch,
+        as the reference does); returns the new a (None without finite-set parameters)."""
+        return None if self._finite is None else self._finite.decay()
+
+    def nonzero_fraction(self) -> float:
+        """The fraction of non-zero weights among the parameters with a penalty or a finite set."""
+        names = set(self._penalties) | set(self._finite_names)
+        if not names:
+            return 1.0
+        count, total = 0, 0
+        for name, p in self._named.items():
+            if name in names:
+                count += int((p.detach() != 0).sum())
+                total += p.numel()
+        return count / max(total, 1)
+
+    # -- the iteration ---------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        """One iteration of the rule on the closure's batch; returns the loss before the step (as LBFGS does)."""
+        if closure is None:
+            raise TypeError(f"pmp.nn.{type(self).__name__}.step needs a closure (like torch.optim.LBFGS): "
+                            "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); "
+                            "return loss")
+        settings = self.param_groups[0]
+        fixed_rho = self.method == "emsa" and settings["rho"] is not None
+        if fixed_rho:  # a fixed rho, read at every step: the user may schedule it
+            settings["rho"] = settings["current_rho"] = _finite("rho", settings["rho"])
+        reduction = self._reduction
+        loss, batch = None, 0
+        with reduction.guard() as guard:
+            with self._recorder.recording():
+                loss = self._evaluate(closure)
+            records = self._recorder.records(list(self._layers))
+            batch = self._check_records(records)
+        loss_value, global_batch = reduction.mean_loss(loss, batch, guard.error)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
+        self._check_costates(records, loss_value)
+        inputs = {n: r.inputs for n, r in records.items()}
+        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched)
+        if self._batchable(groups, records):
+            groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude,
+                                  self._unbatched)
+        # no layer to maximise (every parameter finite-set or under adam_lr): no rule
+        rule = self._rule_for(global_batch, groups) if groups else None
+        if fixed_rho and rule is not None:
+            rule.rho = settings["rho"]
+        self._check_stochastic_layers(rule is not None and rule.adaptive)
+        scale = batch / global_batch
+        if reduction.group is not None and global_batch != batch:
+            # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
+            records = {n: r._replace(costates=r.costates * scale) for n, r in records.items()}
+        finite_grads = None
+        if self._finite is not None:
+            # dH/dW = -d loss/dW (Prop. 2), read now: trial closures below overwrite .grad
+            finite_grads = self._finite.gradients(scale)
+            if reduction.group is not None:
+                finite_grads = [reduction.all_reduce(g) for g in finite_grads]
+        if self._adam is not None:
+            self._adam.keep_gradients()
+        old = [g.parameters() for g in groups]
+        datas = [layer_data(g, records, u, self.method == "emsa") for g, u in zip(groups, old)]
+        iterate = LayerIterate.of(groups, datas)
+        J0 = loss_value + self._parameter_cost(groups, old)
+        self._steps += 1
+        self._track_divergence(J0, groups)
+        info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": not groups}
+        for trial in range(1, (settings["max_trials"] if groups else 0) + 1):
+            new = iterate.split(rule.propose(iterate))
+            for g, u in zip(groups, new):
+                g.assign(u)
+            info.update(trials=trial, rho=float(getattr(rule, "rho", 0.0)), eps=float(getattr(rule, "eps", 0.0)),
+                        routes=dict(self._routes))
+            if not rule.adaptive:
+                info["accepted"] = True
+                break
+            gains = iterate.objective(self._layer_problem, 0.0).hamiltonian_gains(iterate.join(new))
+            bad = [g for g, value in zip(groups, gains) if not math.isfinite(value)]
+            if bad:
+                for g, u in zip(groups, old):
+                    g.assign(u)
+                raise FloatingPointError(f"pmp.nn: the Hamiltonian gain of {_layers(bad[0])} is not finite at step "
+                                         f"{self._steps}; the parameters are left as they were")
+            gain = sum(gains)
+            trial_loss = None
+            with reduction.guard() as guard:
+                trial_loss = self._evaluate(closure)
+            try:
+                J1 = reduction.mean_loss(trial_loss, batch, guard.error)[0] + self._parameter_cost(groups, new)
+            except Exception:
+                for g, u in zip(groups, old):  # the closure failed (on some rank): parameters as before the step
+                    g.assign(u)
+                raise
+            info.update(gain=gain, J_new=J1)
+            accept = rule.judge(J0, J1, gain)  # the rule's own acceptance test and adaptation (pmpsolve.rules)
+            self._warn_at_ceiling(rule)
+            if accept:
+                info["accepted"] = True
+                break
+            for g, u in zip(groups, old):
+                g.assign(u)
+        if rule is not None and self.method == "emsa":
+            settings["current_rho"] = rule.rho
+        elif rule is not None and self.method == "sqh":
+            settings["current_eps"] = rule.eps
+        if self._adam is not None:
+            self._adam.step(reduction, scale)  # Adam on -H_n of the free parameters, same data
+        if self._finite is not None:
+            info["finite"] = self._finite.step(finite_grads, settings["weight_decay"])
+        sparse = [g for g in groups if g.penalty is not None]
+        if sparse or self._finite is not None:
+            info["nonzero"] = self.nonzero_fraction()
+        self.last_step = info
+        return loss
+
+    # -- parts of a step -------------------------------------------------------------------
+    def _rule_for(self, global_batch: int, groups) -> UpdateRule:
+        """The update rule, built at the first step on the network's ``LayerProblem``."""
+        if self._rule is None:
+            settings = self.param_groups[0]
+            reduction = self._reduction
+            self._layer_problem = LayerProblem(
+                global_batch, dict(weight_decay=settings["weight_decay"], reduce=reduction.reducer,
+                                   world=reduction.world), row_penalty(groups))
+            dtype = next(iter(self._named.values())).dtype
+            device = next(iter(self._named.values())).device
+            self._rule = self._rule_class(self._layer_problem, row_set(groups, dtype, device),
+                                          LayerMaximiser(self._maximise_group), self._generator, self._rule_options)
+            if self._pending_rule_state is not None:
+                self._rule.load_state(self._pending_rule_state)
+        return self._rule
+
+    def _parameter_cost(self, groups, rows) -> float:
+        """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
+        wd = self.param_groups[0]["weight_decay"]
+        total = 0.0
+        for group, u in zip(groups, rows):
+            if wd:
+                total += float(0.5 * wd * (u * u).sum())
+            if group.penalty is not None:
+                total += float(group.penalty.value(u).sum())
+        return total
+
+    def _maximise_group(self, g: LayerGroup, objective: LayerHamiltonian,
+                        generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The group's new rows: the separable closed form where it holds, else the engine's maximiser."""
+        settings = self.param_groups[0]
+        key = tuple(g.indices)
+        try:
+            if objective.rho == 0 and key not in self._refused:
+                u = separable_maximise(g, objective)
+                if u is not None:
+                    self._routes[key] = "closed-form"
+                    return u
+                self._refused.add(key)
+            self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
+            maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
+                                             perturb=settings["perturb"], method="lbfgs")
+            u = maximiser.maximise(objective, generator).controls
+        except RuntimeError as err:
+            raise RuntimeError(f"pmp.nn: maximising the Hamiltonian of {_layers(g)} failed: {err}. A layer must be "
+                               "a function of its input that torch.func can differentiate twice (grad of a vjp) "
+                               "(docs/networks.md, supported layers)") from err
+        if not bool(torch.isfinite(u).all()):
+            raise FloatingPointError(f"pmp.nn: the maximisation of {_layers(g)} returned non-finite parameters at "
+                                     f"step {self._steps} (rho = {objective.rho:g}, eps = {objective.eps:g}); the "
+                                     "parameters are left as they were")
+        return u
+
+    def _evaluate(self, closure: Callable) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the closure must return the loss tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return the scalar loss (the mean over the batch), got a tensor of shape "
+                             f"{tuple(loss.shape)}; reduce it, e.g. loss_fn(model(x), y).mean() (or reduction='mean')")
+        return loss
+
+    def _check_stochastic_layers(self, adaptive: bool) -> None:
+        """Dropout in training mode inside a layer makes its Hamiltonian random: refused. As an entry of its
+        own it changes the batch's data between the closure calls that the decrease test compares: warned."""
+        for n, module in self._dropouts:
+            if not (module.training and module.p > 0):
+                continue
+            if n in self._layers:
+                raise ValueError(
+                    f"pmp.nn: entry {n} ({type(self._layers[n]).__name__}) contains {type(module).__name__} in "
+                    "training mode: its Hamiltonian would be a different random function at every evaluation. Put "
+                    "the dropout between layers (an entry of the Sequential on its own), or call model.eval() "
+                    "(docs/networks.md, troubleshooting)")
+            if adaptive:
+                warnings.warn(
+                    f"pmp.nn.{type(self).__name__}: entry {n} is {type(module).__name__} in training mode, so every "
+                    "closure call draws another mask and the decrease test compares J on different networks; rho "
+                    "may then grow until training stops. Call model.eval(), re-seed torch inside the closure (the "
+                    "same mask for every call on a batch), or use a fixed rho (docs/networks.md, troubleshooting)",
+                    RuntimeWarning, stacklevel=3)
+
+    def _check_records(self, records) -> int:
+        """The batch size B, after checking that every layer keeps the batch as its first dimension."""
+        first = next(iter(records))
+        x0 = records[first].inputs
+        if x0.ndim == 0:
+            raise ValueError(f"pmp.nn: layer {first} got a 0-d input; the input must be a batch [B, ...]")
+        batch = int(x0.shape[0])
+        for n, r in records.items():
+            if r.outputs.ndim == 0 or r.inputs.shape[0] != batch or r.outputs.shape[0] != batch:
+                raise ValueError(
+                    f"pmp.nn: layer {n} ({type(self._layers[n]).__name__}) maps an input of shape "
+                    f"{tuple(r.inputs.shape)} to {tuple(r.outputs.shape)}, but the network's input has {batch} rows: "
+                    "every layer must keep the batch as its first dimension. An unbatched sample? pass x.unsqueeze(0)")
+        if x0.ndim == 1 and x0.is_floating_point() and isinstance(self._layers[first], AFFINE_LAYERS):
+            raise ValueError(f"pmp.nn: layer {first} ({type(self._layers[first]).__name__}) got a 1-D input of shape "
+                             f"{tuple(x0.shape)}: an unbatched sample. Pass a batch [B, features], e.g. x.unsqueeze(0)")
+        return batch
+
+    def _check_costates(self, records, loss_value: float) -> None:
+        finite = torch.stack([torch.isfinite(r.costates).all() for r in records.values()])
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(records, finite.tolist()) if not ok]
+            raise FloatingPointError(
+                f"pmp.nn: the co-state p_(n+1) = -d loss / d x_(n+1) of layer(s) {bad} is not finite (NaN or inf) "
+                f"although the loss is finite ({loss_value:.6g}): the backward pass produced non-finite gradients "
+                "there (e.g. sqrt or log at 0, an overflow in a later layer); nothing to maximise")
+
+    def _batchable(self, groups, records) -> bool:
+        """Run every group not seen before once under torch.func.vmap; the layers of a group vmap has no
+        batching rule for (e.g. a GRU wrapped tensor -> tensor) are run alone, without vmap, from then on.
+        True if the groups must be rebuilt."""
+        rebuild = False
+        for g in groups:
+            key = tuple(g.indices)
+            if not g.batched or key in self._vmap_checked:
+                continue
+            self._vmap_checked.add(key)
+            x = torch.stack([records[n].inputs for n in g.indices])
+            try:
+                with torch.no_grad():
+                    vmap(g.call)(g.parameters(), x)
+            except RuntimeError:
+                self._unbatched.update(g.indices)
+                rebuild = True
+        return rebuild
+
+    def _track_divergence(self, J: float, groups) -> None:
+        """Basic MSA has no safeguard and can diverge (paper Sec. 3.1): the control solver's ``Divergence`` test.
+        On mini-batches J is noisy, so a step counts as a rise only when J exceeds the first step's J by more than
+        max(|J_first|, 1) (J more than doubled); ``Divergence``'s patience of such rises in a row raises
+        DivergenceError carrying the parameters of the lowest J seen."""
+        if self.method != "msa" or not groups:
+            return
+        d = self._divergence
+        if d["first"] is None:
+            d["first"] = J
+        if J < d["best_cost"]:
+            d["best_cost"] = J
+            d["best"] = {name: p.detach().clone() for name, p in self._named.items()}
+        d["rises"] = d["rises"] + 1 if J > d["first"] + max(abs(d["first"]), 1.0) else 0
+        state = SimpleNamespace(rises=d["rises"], cost=J, iteration=self._steps,
+                                history=[SimpleNamespace(cost=d["first"])])
+        try:
+            Divergence("msa")(state)
+        except DivergenceError as err:
+            raise err.attach(d["best"], d["best_cost"], []) from None
+
+    def _warn_at_ceiling(self, rule: UpdateRule) -> None:
+        """rho (E-MSA) or eps (SQH) at the rule's ceiling ``rho_max`` / ``eps_max``: every trial was rejected."""
+        for name in ("rho", "eps"):
+            ceiling = rule.options.get(f"{name}_max")
+            value = getattr(rule, name, None)
+            if ceiling is None or value is None or value < float(ceiling):
+                continue
+            warnings.warn(
+                f"pmp.nn.{type(self).__name__}: {name} reached its ceiling {float(ceiling):g} at step {self._steps}: no "
+                "trial step decreased J, so training has stopped moving. Usual causes: a closure that is not the same "
+                "function on every call (dropout in training mode: call model.eval() or re-seed torch inside the "
+                "closure; data augmentation inside the closure), a non-finite loss part, or a loss the layers do not "
+                "reach; or use a fixed rho, e.g. pmp.nn.EMSA(model, rho=0.03) (docs/networks.md, troubleshooting)",
+                RuntimeWarning, stacklevel=3)
+
+
+class EMSA(Optimizer):
+    """Train a ``torch.nn.Sequential`` by the extended method of successive approximations (paper Alg. 2/3).
+
+    ``pmp.nn.Optimizer(model, "emsa", options={"rho": rho}, ...)``; the other arguments are ``Optimizer``'s.
+
+    Args:
+        rho: the E-MSA weight of paper eq. (7). None (default): adaptive, starting at 1/B for
+            batch size B and adapted by the decrease test (the closure runs again for every trial
+            step; ``rules.ExtendedMSA``). A number: the paper's fixed rho, every step taken, one
+            closure call per step (read from ``param_groups[0]["rho"]`` at every step, so it can be
+            scheduled). Convention (the reference code's): p from the batch-mean loss, the
+            feasibility terms summed over the batch.
 
     Example (full batch; the closure is the one ``torch.optim.LBFGS`` takes):
 
@@ -118,294 +722,18 @@ class EMSA(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, rho: Optional[float] = None, maximiser_iter: int = 10,
                  perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
-                 penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None, *,
-                 method: str = "emsa", weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10,
-                 discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None):
-        if not isinstance(model, torch.nn.Sequential):
-            raise TypeError(
-                f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
-                f"x_(n+1) = g_n(x_n, theta_n), got {type(model).__name__}. Write the model as "
-                "torch.nn.Sequential(layer_0, ..., layer_(N-1)) (pmp.nn.Residual for residual layers)")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
-        if rho is not None:
-            try:
-                rho = float(rho)
-            except (TypeError, ValueError):
-                raise TypeError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}") from None
-            if not (math.isfinite(rho) and rho >= 0):
-                raise ValueError(f"`rho` must be a finite number >= 0 or None (adaptive), got {rho!r}")
-        if int(maximiser_iter) < 1:
-            raise ValueError(f"`maximiser_iter` must be >= 1, got {maximiser_iter!r}")
-        if not (float(perturb) >= 0):
-            raise ValueError(f"`perturb` must be >= 0 (a half-width), got {perturb!r}")
-        if not (float(weight_decay) >= 0):
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
-        if int(max_trials) < 1:
-            raise ValueError(f"`max_trials` must be >= 1, got {max_trials!r}")
-        if discrete is not None and not isinstance(discrete, DiscreteRule):
-            raise TypeError(f"`discrete` must be a pmp.nn.DiscreteRule, got {type(discrete).__name__}")
-        if adam_lr is not None and not (math.isfinite(float(adam_lr)) and float(adam_lr) > 0):
-            raise ValueError(f"`adam_lr` must be a number > 0 or None, got {adam_lr!r}")
-        seen = set()
-        for n, module in enumerate(model):
-            if id(module) in seen:
-                raise ValueError(f"pmp.nn: entry {n} of the Sequential is a module that appears twice; every layer "
-                                 "must be its own module (shared weights are not a layer-wise control)")
-            seen.add(id(module))
-        self._layers: Dict[int, torch.nn.Module] = {
-            n: module for n, module in enumerate(model) if any(p.requires_grad for p in module.parameters())}
-        if not self._layers:
-            raise ValueError("pmp.nn: the model has no trainable parameters")
-        names = {name for name, p in model.named_parameters() if p.requires_grad}
-        controls, penalties = dict(controls or {}), dict(penalties or {})
-        for what, table, kind in (("controls", controls, ControlSet), ("penalties", penalties, ControlPenalty)):
-            unknown = sorted(set(table) - names)
-            if unknown:
-                raise ValueError(f"pmp.nn: {what} names {unknown}, not trainable parameters of the model; "
-                                 f"its parameters are e.g. {sorted(names)[:6]}")
-            bad = {k: v for k, v in table.items() if not isinstance(v, kind)}
-            if bad:
-                raise TypeError(f"pmp.nn: {what} values must be {kind.__name__} objects "
-                                f"({'pmp.Box / pmp.Reals / pmp.Finite' if kind is ControlSet else 'pmp.L1 / pmp.L0'}), "
-                                f"got {bad}")
-        unsupported = {k: v for k, v in controls.items() if not isinstance(v, (Box, Reals, Finite))}
-        if unsupported:
-            raise TypeError(f"pmp.nn: unsupported control set(s) {unsupported}: a network parameter takes "
-                            "pmp.Box, pmp.Reals or pmp.Finite")
-        if process_group is not None:
-            import torch.distributed as dist
-            if not dist.is_available() or not dist.is_initialized():
-                raise RuntimeError("process_group given but torch.distributed is not initialised: call "
-                                   "torch.distributed.init_process_group first (or launch with torchrun)")
-        self._controls, self._penalties = controls, penalties
-        self._group = process_group
-        # The reducer of the group: all-reduces (one fused buffer, with an error flag) and the error
-        # guard that turns an exception on one rank into the same exception on every rank.
-        self._reducer = None
-        if process_group is not None:
-            from ..reduce import DistributedSampleReducer, _check_group
-            _check_group(process_group)
-            self._reducer = DistributedSampleReducer(process_group, 1, 1)
-        self.method = method
-        defaults = dict(rho=rho, maximiser_iter=int(maximiser_iter), perturb=float(perturb),
-                        weight_decay=float(weight_decay), max_trials=int(max_trials),
-                        current_rho=None if method == "msa" else rho, current_eps=None)
-        params = [p for module in self._layers.values() for p in module.parameters() if p.requires_grad]
-        super().__init__(params, defaults)
-        if method == "msa":
-            self.param_groups[0]["current_rho"] = 0.0
-        self._recorder = CostateRecorder(self._layers)
-        named = dict(model.named_parameters())
-        self._named = named
-        finite = {k: v for k, v in controls.items() if isinstance(v, Finite)}
-        self._finite: Optional[FiniteWeights] = None
-        if finite:
-            self._finite = FiniteWeights({k: named[k] for k in finite}, finite, penalties, discrete or DiscreteRule())
-        self._finite_names = frozenset(finite)
-        free = {k: p for k, p in named.items() if p.requires_grad and k not in controls and k not in penalties}
-        self._adam = None
-        self._exclude = self._finite_names
-        if adam_lr is not None and free:
-            self._adam = torch.optim.Adam(list(free.values()), lr=float(adam_lr), weight_decay=float(weight_decay))
-            self._exclude = self._finite_names | frozenset(free)
-        self._refused: set = set()  # groups (their layer indices) whose objective did not separate
-        self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
-        self._generator = torch.Generator().manual_seed(int(seed))
-        #: what the last step did: loss, J before/after, trials, rho/eps, gain, accepted
-        self.last_step: Dict[str, object] = {}
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _guard(self):
-        """``with self._guard() as guard:``: keeps an exception of this rank in ``guard.error`` (a process
-        group; see ``reduce.ErrorGuard``), lets it propagate in one process."""
-        from ..reduce import ErrorGuard
-        return ErrorGuard(self._reducer is not None)
-
-    def _world(self) -> int:
-        if self._group is None:
-            return 1
-        import torch.distributed as dist
-        return dist.get_world_size(self._group)
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reducer.totals(t)[0].clone()
-
-    def _global_loss(self, loss: Optional[torch.Tensor], batch: int,
-                     error: Optional[BaseException] = None) -> Tuple[float, int]:
-        """The batch-mean loss over all ranks (weighted by each rank's batch size) and the global batch
-        size, in one all-reduce; ``error`` (this rank's closure failed) is raised on every rank."""
-        if self._group is None:
-            if error is not None:
-                raise error
-            return float(loss.detach().reshape(())), batch
-        if error is None:
-            loss = loss.detach().reshape(())
-            buf = torch.stack([loss * batch, torch.as_tensor(float(batch), dtype=loss.dtype, device=loss.device)])
-        else:
-            buf = torch.zeros(2, dtype=torch.float64, device=self._reducer._device())
-        buf = self._reducer.totals(buf, error=error)[0]
-        return float(buf[0] / buf[1]), int(buf[1])
-
-    def _parameter_cost(self, groups, rows) -> float:
-        """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
-        wd = self.param_groups[0]["weight_decay"]
-        total = 0.0
-        for group, u in zip(groups, rows):
-            if wd:
-                total += float(0.5 * wd * (u * u).sum())
-            if group.penalty is not None:
-                total += float(group.penalty.value(u).sum())
-        return total
-
-    def decay_average(self) -> Optional[float]:
-        """Decay the finite-set rule's moving-average rate, a <- 1 - (1 - a) d (call once per epoch,
-        as the reference does); returns the new a (None without finite-set parameters)."""
-        return None if self._finite is None else self._finite.decay()
-
-    def _maximise_group(self, g: LayerGroup, objective: LayerHamiltonian, settings) -> torch.Tensor:
-        """The group's new rows: the separable closed form where it holds, else the engine's maximiser."""
-        key = tuple(g.indices)
-        if objective.rho == 0 and key not in self._refused:
-            u = separable_maximise(g, objective)
-            if u is not None:
-                self._routes[key] = "closed-form"
-                return u
-            self._refused.add(key)
-        self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
-        maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
-                                         perturb=settings["perturb"], method="lbfgs")
-        return maximiser.maximise(objective, self._generator).controls
-
-    def _evaluate(self, closure: Callable) -> torch.Tensor:
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"the closure must return the loss tensor, got {type(loss).__name__}")
-        return loss
-
-    # -- the iteration ---------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        """One MSA iteration on the closure's batch; returns the loss before the step (as LBFGS does)."""
-        if closure is None:
-            raise TypeError(f"pmp.nn.{type(self).__name__}.step needs a closure (like torch.optim.LBFGS): "
-                            "def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); "
-                            "return loss")
-        settings = self.param_groups[0]
-        loss, batch = None, 0
-        # With a process group an exception on one rank (in its closure, say) is kept until the next
-        # all-reduce, which carries an error flag: then every rank raises it, none waits for the others.
-        with self._guard() as guard:
-            with self._recorder.recording():
-                loss = self._evaluate(closure)
-            records = self._recorder.records(list(self._layers))
-            first = records[next(iter(self._layers))]
-            batch = int(first.inputs.shape[0]) if first.inputs.ndim else 1
-        loss_value, global_batch = self._global_loss(loss, batch, guard.error)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
-        world = self._world()
-        groups = group_layers(self._layers, {n: r.inputs for n, r in records.items()}, self._controls,
-                              self._penalties, self._exclude)
-        scale = batch / global_batch
-        if self._group is not None and global_batch != batch:
-            # Each rank's p is the co-state of its own shard mean; of the global mean it is B_r / B of that.
-            records = {n: r._replace(costates=r.costates * scale) for n, r in records.items()}
-        finite_grads = None
-        if self._finite is not None:
-            # dH/dW = -d loss/dW (Prop. 2), read now: trial closures below overwrite .grad
-            finite_grads = self._finite.gradients(scale)
-            if self._group is not None:
-                finite_grads = [self._all_reduce(g) for g in finite_grads]
-        adam_grads = None
-        if self._adam is not None:  # grad(-H_n) = d loss / d theta (Prop. 2), kept: trial closures overwrite .grad
-            adam_grads = [None if p.grad is None else p.grad.detach().clone()
-                          for grp in self._adam.param_groups for p in grp["params"]]
-        old = [g.parameters() for g in groups]
-        adaptive_rho = self.method == "emsa" and settings["rho"] is None
-        if adaptive_rho and settings["current_rho"] is None:
-            # rho acts on sums over the batch while p is the co-state of the batch mean: start at 1/B.
-            settings["current_rho"] = float(_EMSARule.defaults["rho0"]) / global_batch
-        if self.method == "sqh" and settings["current_eps"] is None:
-            settings["current_eps"] = float(_SQHRule.defaults["eps0"])
-        rho = settings["current_rho"] or 0.0
-        need_p_in = self.method == "emsa"
-        datas = [layer_data(g, records, u, need_p_in) for g, u in zip(groups, old)]
-        reduce = self._reducer
-        # Parameter terms are added on every rank and then summed: each rank adds 1/R of them.
-        wd = settings["weight_decay"] / world
-        J0 = loss_value + self._parameter_cost(groups, old)
-        adaptive = adaptive_rho or self.method == "sqh"
-        info = {"loss": loss_value, "J": J0, "trials": 0, "accepted": not groups}
-        for trial in range(1, (settings["max_trials"] if groups else 0) + 1):
-            eps = settings["current_eps"] or 0.0
-            objectives = [LayerHamiltonian(g, d, rho, eps / world, wd, reduce) for g, d in zip(groups, datas)]
-            new = [self._maximise_group(g, objective, settings) for g, objective in zip(groups, objectives)]
-            for g, u in zip(groups, new):
-                g.assign(u)
-            info.update(trials=trial, rho=rho, eps=eps, routes=dict(self._routes))
-            if not adaptive:
-                info["accepted"] = True
-                break
-            gain = sum(float((o.hamiltonian(u) - o.hamiltonian(u0)).sum()) for o, u, u0 in zip(objectives, new, old))
-            trial_loss = None
-            with self._guard() as guard:
-                trial_loss = self._evaluate(closure)
-            try:
-                J1 = self._global_loss(trial_loss, batch, guard.error)[0] + self._parameter_cost(groups, new)
-            except Exception:
-                for g, u in zip(groups, old):  # the closure failed (on some rank): parameters as before the step
-                    g.assign(u)
-                raise
-            info.update(gain=gain, J_new=J1)
-            if self.method == "emsa":
-                o = {**_EMSARule.defaults, **_NETWORK_RHO_RULE}
-                accept = J1 <= J0 - float(o["eta"]) * max(gain, 0.0) and J1 < J0
-                rho = adapt_rho(rho, accept, J0 - J1, gain, o)
-                settings["current_rho"] = rho
-            else:
-                o = _SQHRule.defaults
-                step = sum(float(((u - u0) ** 2).sum()) for u, u0 in zip(new, old))
-                accept = J1 - J0 <= -float(o["eta"]) * step and J1 <= J0
-                factor = float(o["zeta"]) if accept else float(o["sigma"])
-                settings["current_eps"] = min(max(eps * factor, float(o["eps_min"])), float(o["eps_max"]))
-            if accept:
-                info["accepted"] = True
-                break
-            for g, u in zip(groups, old):
-                g.assign(u)
-        if self._adam is not None:
-            for p, g in zip((p for grp in self._adam.param_groups for p in grp["params"]), adam_grads):
-                p.grad = None if g is None or self._group is None else self._all_reduce(g * scale)
-                if g is not None and self._group is None:
-                    p.grad = g
-            self._adam.step()  # Adam on -H_n of the free parameters (the reference's batch norm), same data
-        if self._finite is not None:
-            info["finite"] = self._finite.step(finite_grads, settings["weight_decay"])
-        sparse = [g for g in groups if g.penalty is not None]
-        if sparse or self._finite is not None:
-            info["nonzero"] = self.nonzero_fraction()
-        self.last_step = info
-        return loss
-
-    def nonzero_fraction(self) -> float:
-        """The fraction of non-zero weights among the parameters with a penalty or a finite set."""
-        names = set(self._penalties) | set(self._finite_names)
-        if not names:
-            return 1.0
-        count, total = 0, 0
-        for name, p in self._named.items():
-            if name in names:
-                count += int((p.detach() != 0).sum())
-                total += p.numel()
-        return count / max(total, 1)
+                 penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None, **options):
+        _fixed_method(type(self).__name__, "emsa", options)
+        super().__init__(model, "emsa", options={"rho": rho}, maximiser_iter=maximiser_iter, perturb=perturb,
+                         controls=controls, penalties=penalties, process_group=process_group, **options)
 
 
-class MSA(EMSA):
-    """Basic MSA (paper Alg. 1) for networks: ``EMSA(model, method="msa")``, rho = 0, no safeguard.
+class MSA(Optimizer):
+    """Basic MSA (paper Alg. 1) for networks: ``pmp.nn.Optimizer(model, "msa")``, rho = 0, no safeguard.
 
     Basic MSA maximises the plain Hamiltonian; a layer whose Hamiltonian is linear in its
-    parameters is unbounded without a bound (``controls``) or ``weight_decay``.
+    parameters is unbounded without a bound (``controls``) or ``weight_decay``. It can diverge
+    (paper Sec. 3.1): J above twice its first value on 3 steps in a row raises DivergenceError.
 
     Example:
         >>> import torch, pmpsolve as pmp
@@ -413,13 +741,14 @@ class MSA(EMSA):
         >>> opt = pmp.nn.MSA(model, weight_decay=1e-2)   # used as pmp.nn.EMSA: opt.step(closure)
     """
 
-    def __init__(self, model: torch.nn.Module, **kwargs):
-        kwargs.pop("method", None)
-        super().__init__(model, **kwargs, method="msa")
+    def __init__(self, model: torch.nn.Module, **options):
+        _fixed_method(type(self).__name__, "msa", options)
+        super().__init__(model, "msa", **options)
 
 
-class SQH(EMSA):
-    """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps): ``EMSA(model, method="sqh")``.
+class SQH(Optimizer):
+    """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps):
+    ``pmp.nn.Optimizer(model, "sqh")``.
 
     Example:
         >>> import torch, pmpsolve as pmp
@@ -438,9 +767,30 @@ class SQH(EMSA):
         True
     """
 
-    def __init__(self, model: torch.nn.Module, **kwargs):
-        kwargs.pop("method", None)
-        super().__init__(model, **kwargs, method="sqh")
+    def __init__(self, model: torch.nn.Module, **options):
+        _fixed_method(type(self).__name__, "sqh", options)
+        super().__init__(model, "sqh", **options)
+
+
+def _fixed_method(cls: str, method: str, options: dict) -> None:
+    """``pmp.nn.EMSA`` is E-MSA: a ``method`` other than its own, or a rho where the method has none, is refused."""
+    other = options.pop("method", method)
+    if other != method:
+        raise ValueError(f"pmp.nn.{cls} runs method {method!r}, not {other!r}: use pmp.nn.Optimizer(model, {other!r}) "
+                         f"(or pmp.nn.{ {'emsa': 'EMSA', 'msa': 'MSA', 'sqh': 'SQH'}.get(other, 'Optimizer') })")
+    if method != "emsa" and options.get("rho") is not None:
+        what = "basic MSA, rho = 0 (paper Alg. 1)" if method == "msa" else "SQH, whose proximity weight is eps"
+        raise ValueError(f"pmp.nn.{cls} is {what}; got rho={options['rho']!r}. For the augmented Hamiltonian use "
+                         f"pmp.nn.EMSA(model, rho={options['rho']!r})")
+    options.pop("rho", None)
+
+
+def _layers(group: LayerGroup) -> str:
+    """``layer 3 (Linear)`` or ``layers [2, 3, 4] (Residual)``: a group named for an error message."""
+    kind = type(group.template).__name__
+    if len(group.indices) == 1:
+        return f"layer {group.indices[0]} ({kind})"
+    return f"layers {group.indices} ({kind})"
 
 
 #: layers whose output is affine in their parameters: their Hamiltonian p . g(x, theta) is linear in theta
