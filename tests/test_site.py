@@ -83,8 +83,13 @@ def test_docstring_examples_run(module, name):
     else:  # a data attribute (RULES): the docstring in the source
         tests = [doctest.DocTestParser().get_doctest(docstring(module, name), globs, qualified, None, 0)]
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in tests:
-        runner.run(test, out=lambda text: print(text, end=""))
+    rules = dict(pmp.RULES)  # an example may register a rule of its own (UpdateRule); other tests must not see it
+    try:
+        for test in tests:
+            runner.run(test, out=lambda text: print(text, end=""))
+    finally:
+        pmp.RULES.clear()
+        pmp.RULES.update(rules)
     assert runner.failures == 0, f"{qualified}: {runner.failures} failing example(s), printed above"
 
 
