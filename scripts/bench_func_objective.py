@@ -1,6 +1,6 @@
 """The E-MSA objective (rho > 0) by torch.func, eager and compiled, against today's autograd path.
 
-Measurement only: the library is not changed (docs/benchmarks.md section 8). Compiling
+Measurement only: the library is not changed (docs/benchmarks.md, section 7). Compiling
 ``IntervalHamiltonian.smooth`` fails for rho > 0 (aot_autograd has no double backward); here the
 co-state term is written without one: grad_x H by ``torch.func.grad`` over x inside a function of
 u, and that function's value and u-gradient by ``torch.func.grad_and_value``, so the whole block

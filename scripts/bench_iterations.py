@@ -4,8 +4,8 @@ Solves the four reference problems (``problems.REFERENCE_PROBLEMS``) at one mesh
 default E-MSA and with each variant (``solve(..., options=...)``), and prints per problem and
 variant: status, iterations, forward sweeps (one per trial step, kept or rejected), right-hand
 side evaluations of the forward and backward sweeps, wall time (median of ``--repeats``), J and
-its relative difference from J of the defaults before issue 15
-("before": high_ratio 0.5, no Anderson screen). Saves everything to ``OUT/iterations.json``.
+its relative difference from J of "before" (high_ratio 0.5, no Anderson screen: the rule the
+variants start from). Saves everything to ``OUT/iterations.json``.
 
     python scripts/bench_iterations.py [--mesh 200] [--repeats 1] [--variants default,no-reset]
                                        [--problems lqr,catalyst] [--out results/bench]
@@ -19,10 +19,10 @@ import harness
 import pmpsolve as pmp
 from problems import REFERENCE_PROBLEMS
 
-#: The E-MSA defaults before issue 15 (high_ratio 0.5, no Anderson screen): the reference of the relative numbers.
+#: "before": high_ratio 0.5 and no Anderson screen, the reference of the relative numbers.
 BEFORE = {"high_ratio": 0.5, "anderson_screen": None}
 
-#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes the pre-issue-15 defaults.
+#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes "before" (or the defaults).
 VARIANTS = {
     "before": BEFORE,
     "default": {},
@@ -71,7 +71,7 @@ def main(argv=None):
     path = args.out / "iterations.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     results = {}
-    if "before" not in variants:  # the reference of every relative number: from an earlier run at this mesh if any
+    if "before" not in variants:  # the reference of every relative number: from the JSON at --out when it has this mesh
         variants = ["before"] + variants
         if previous.get("mesh") == args.mesh:
             results["before"] = {n: r for n, r in previous["results"].get("before", {}).items() if n in names}

@@ -6,7 +6,7 @@ pmp.nn.EMSA with the reference code's fixed rho 0.03 and with the adaptive rule,
 ``maximiser_iter`` 10 (the reference code's) and 3. An E-MSA step is split into the
 closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
 layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
-decides acceptance. The issue's target: an E-MSA step <= 5x an Adam step at batch 128.
+decides acceptance. The target: an E-MSA step <= 5x an Adam step at batch 128.
 
 Part 2, time to accuracy (--epochs > 0): Adam trains one epoch; E-MSA (fixed rho) trains
 until its test accuracy reaches Adam's 1-epoch accuracy or --epochs epochs pass.

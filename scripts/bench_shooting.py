@@ -122,7 +122,7 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
     process: CPU microseconds per step (median of ``repeats`` blocks of 200 calls), the wall time of the
     first compiled call minus an eager one ("compile"), and the largest difference of the outputs. What
     compiling a whole solver step would give and cost; the library's steps are not compiled
-    (docs/benchmarks.md, section 10)."""
+    (docs/benchmarks.md, section 6)."""
     from pmpsolve import ode  # internals: dopri5's tableau, to write one step as a pure function
 
     tableau = ode._weights(ode.SOLVERS["dopri5"])

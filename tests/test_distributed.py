@@ -1,4 +1,4 @@
-"""Data-parallel solves on torch.distributed (issue 14; docs/distributed.md): 2 gloo processes on the CPU.
+"""Data-parallel solves on torch.distributed (docs/distributed.md): 2 gloo processes on the CPU.
 
 One spawn of 2 ranks runs every scenario (start-up costs ~7 s, paid once); each rank holds its
 shard of the LQR-samples x0 (9 samples split 5 / 4) and the one-process reference solves the

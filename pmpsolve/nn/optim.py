@@ -40,8 +40,8 @@ from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .recording import CostateRecorder
 
-# The rho rule of the network optimiser: ExtendedMSA's before issue 15 (measured on networks); the
-# continuous-time default of high_ratio changed (0.5 -> 0.9) on the reference problems only.
+# The rho rule of the network optimiser: high_ratio 0.5, as measured on networks; the continuous-time
+# default (0.9) was measured on the reference problems only (docs/benchmarks.md, section 5).
 _NETWORK_RHO_RULE = {"high_ratio": 0.5}
 
 __all__ = ["EMSA", "MSA", "SQH"]
