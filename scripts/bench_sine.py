@@ -8,8 +8,8 @@ each target, or ``--emsa-iterations`` (500), once per ``--quadrature`` (Gauss po
 interval of the interval Hamiltonian: 3 is the study's setting, 1 the midpoint rule,
 which makes every maximisation about 3x cheaper). Reported per baseline: its seconds for
 the 500 iterations, E-MSA's seconds to reach the same loss, and their ratio
-(E-MSA / baseline; <= 1 means E-MSA gets there first). One run each, as the
-issue asks; the machine is noisy, so read ratios, not seconds.
+(E-MSA / baseline; <= 1 means E-MSA gets there first). One run each; the machine is
+noisy, so read ratios, not seconds.
 
     python scripts/bench_sine.py [--inits good zero] [--iterations 500] [--out results/bench]
 
