@@ -23,7 +23,7 @@ import torch
 
 import harness
 import pmpsolve as pmp
-from pmpsolve import baselines
+from pmpsolve import baselines  # the gradient baselines of the study (SGD, Adagrad, Adam through the same sweep)
 from pmpsolve.studies.sine import LEARNING_RATES, MESH  # the study's settings, so that the times are the study's
 from problems.sine import sine_data, sine_initial_controls, sine_problem
 
