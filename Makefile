@@ -34,6 +34,8 @@ gallery: $(STAMP)
 	$(PY) scripts/gallery.py
 
 # The benchmarks of docs/benchmarks.md (about 45 minutes on 2 cores); CasADi comes with the extra.
+# They write results/bench/; scripts/report.py then rewrites docs/benchmarks.md from docs/figures/*.json
+# (copy a new measurement there first: see docs/benchmarks.md, "Running them").
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[test,bench]'
 	$(PY) scripts/bench_control.py
@@ -46,6 +48,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_iterations.py
 	$(PY) scripts/bench_shooting.py
 	$(PY) scripts/bench_gpu.py
+	$(PY) scripts/report.py
 
 clean:
 	rm -rf results .pytest_cache build site *.egg-info

@@ -182,8 +182,8 @@ class ExtendedMSA(UpdateRule):
     """
 
     name = "emsa"
-    # high_ratio 0.9 and anderson_screen 0.0 since issue 15 (docs/benchmarks.md, section 9: 210 forward
-    # sweeps on the four reference problems at mesh 200 against 391 with 0.5 and None).
+    # high_ratio 0.9 and anderson_screen 0.0: 210 forward sweeps on the four reference problems at mesh 200
+    # against 391 with 0.5 and None (docs/benchmarks.md, section 5).
     defaults = {"rho": None, "rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
                 "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.9, "anderson_reset": "rho", "anderson_screen": 0.0,
                 "floor_decay": None}

@@ -116,7 +116,7 @@ class ShootingPolicy:
     ``max_batch``: like the parallel co-state, all intervals at once pays where the per-step overhead
     of N sequential restarts dominates (few samples, a small state). Measured at N = 200 (one
     thread, a sweep from the nodes of controls 0.01 away; scripts/bench_shooting.py, docs/benchmarks.md
-    section 10): lqr_samples (n = 2) 0.07x the sequential sweep's time at K = 1, 0.17x at K = 10,
+    section 6): lqr_samples (n = 2) 0.07x the sequential sweep's time at K = 1, 0.17x at K = 10,
     0.37x at K = 30 (batch 180), 0.99x at K = 100 (600); the sine network (n = 5) 0.10x at K = 1,
     0.20x at K = 3, 0.55x at K = 10 (300), 1.45x at K = 30 (900). Both ratios grow about linearly
     in K and cross 1 near batch 600; the limit keeps a margin (lqr_samples K <= 80, sine K <= 16).

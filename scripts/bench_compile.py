@@ -27,21 +27,20 @@ script exits 0 whatever fails.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 import warnings
-from pathlib import Path
 
 import torch
 
+import harness
+from harness import dynamo_counts, fresh_dynamo
+# Internals: torch.compile is tried on the library's own parts (sweep, interval objective), swapped in place.
 from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
 from pmpsolve.maximisers import HamiltonianMaximiser
 from pmpsolve.mesh import make_mesh
@@ -57,12 +56,7 @@ VARIANTS = {
     "inductor-dynamic": dict(backend="inductor", dynamic=True),
     "inductor-reduce-overhead": dict(backend="inductor", mode="reduce-overhead", dynamic=False),
 }
-MESSAGE_CHARS = 600
-
-
-def short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + " ..."
+short = harness.error_message
 
 
 def compiler_available() -> dict:
@@ -75,31 +69,6 @@ def compiler_available() -> dict:
         info["cxx"] = None
         info["cxx_error"] = short(err)
     return info
-
-
-def dynamo_counts() -> dict:
-    from torch._dynamo.utils import counters
-    stats = dict(counters["stats"])
-    return {"unique_graphs": stats.get("unique_graphs", 0), "calls_captured": stats.get("calls_captured", 0),
-            "graph_breaks": sum(counters["graph_break"].values()),
-            "graph_break_reasons": [str(k)[:200] for k in list(counters["graph_break"])[:5]],
-            "recompiles": sum(v for k, v in counters["recompiles"].items()) if "recompiles" in counters else None}
-
-
-def fresh_dynamo():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-
-
-def timed(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return times, result
 
 
 def explain(fn, *args) -> dict:
@@ -123,11 +92,9 @@ def measure(run, eager_seconds, eager_result, compare, repeats) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            start = time.perf_counter()
-            first = run()
-            first_seconds = time.perf_counter() - start
-            times, result = timed(run, repeats)
-            median = statistics.median(times)
+            first_seconds, _, first = harness.clock(run)
+            steady = harness.timed(run, repeats=repeats, warmup=0)  # the first call above compiled
+            result, median = steady.result, steady.median
             row.update(ok=True, first_call_seconds=first_seconds,
                        compile_seconds=max(first_seconds - eager_seconds, 0.0), median_seconds=median,
                        speedup=eager_seconds / median, max_difference=compare(eager_result, result),
@@ -156,9 +123,8 @@ def bench_forward(pw, sweeper, u, variants, repeats):
         return sweeper.forward(u)
 
     cost = lambda a, b: abs(float(a.cost) - float(b.cost))  # noqa: E731
-    run()  # warm-up (allocator, first-call costs of eager torch)
-    times, eager = timed(run, repeats)
-    eager_seconds = statistics.median(times)
+    steady = harness.timed(run, repeats=repeats)  # after a warm-up (allocator, first-call costs of eager torch)
+    eager, eager_seconds = steady.result, steady.median
     rows = {"eager": {"ok": True, "median_seconds": eager_seconds, "evaluations": eager.evaluations,
                       "cost": float(eager.cost)}}
     original = pw.problem
@@ -198,9 +164,8 @@ def bench_objective(pw, problem, objective, u, variants, repeats, max_iter):
         tasks["value_and_grad_rho0"] = (lambda: plain.value_and_grad(u), tasks["value_and_grad"][1])
     rows = {}
     for task, (run, compare) in tasks.items():
-        run()
-        times, eager = timed(run, repeats)
-        eager_seconds = statistics.median(times)
+        steady = harness.timed(run, repeats=repeats)
+        eager, eager_seconds = steady.result, steady.median
         rows[task] = {"eager": {"ok": True, "median_seconds": eager_seconds}}
         if task == "maximise_lbfgs":
             rows[task]["eager"].update(iterations=eager.iterations, evaluations=eager.evaluations)
@@ -270,7 +235,7 @@ def fmt(row):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--problems", nargs="*", default=list(REFERENCE_PROBLEMS))
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--sine-samples", type=int, default=1000, help="0: skip the sine network")
@@ -280,8 +245,9 @@ def main(argv=None):
     parser.add_argument("--rho", type=float, default=1.0)
     parser.add_argument("--forward-variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--objective-variants", nargs="*", default=["aot_eager", "inductor"], choices=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick=dict(problems=["lqr"], mesh=10, sine_samples=0, repeats=1, max_iter=5,
+                                                   forward_variants=["aot_eager"], objective_variants=["aot_eager"]))
+    harness.pin_threads(1)
     info = compiler_available()
     print(f"torch {info['torch']}, torch.compile: {info['compile']}, C++ compiler for inductor: {info['cxx']}")
     cases = []
@@ -324,14 +290,10 @@ def main(argv=None):
               f"{s['iterations']} iterations, {s['evaluations']} evaluations) by method {s['by_method']}")
         for site, n in s["by_site"].items():
             print(f"      {n:5d}  {site}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "compile.json"
-    path.write_text(json.dumps({"environment": info, "variants": VARIANTS, "argv": sys.argv[1:] if argv is None
-                                else list(argv), "rows": rows}, indent=2, default=str))
-    print(f"wrote {path}")
+    harness.write_json(args.out / "compile.json", {"environment": info, "variants": VARIANTS,
+                                                   "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows})
     return 0
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     sys.exit(main())

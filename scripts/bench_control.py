@@ -23,20 +23,18 @@ each solver cost, rel_error, seconds) and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+import harness
 import pmpsolve as pmp
-from pmpsolve.studies.reference import independent_cost
+from pmpsolve.studies.reference import independent_cost  # the scipy re-check the reference study uses (not a solver part)
 from problems import REFERENCE_PROBLEMS, lqr_samples
 
 try:
@@ -97,8 +95,7 @@ def casadi_model(name):
 
 
 def solve_casadi(name, N, rk4_steps):
-    """Direct multiple shooting; returns (controls [N] as numpy, seconds including building the NLP)."""
-    start = time.perf_counter()
+    """Direct multiple shooting, the NLP built and solved; returns the controls [N] as numpy."""
     rhs, running, terminal, low, high, x0, T = casadi_model(name)
     n = len(x0)
     x, u = ca.SX.sym("x", n + 1), ca.SX.sym("u")
@@ -127,10 +124,9 @@ def solve_casadi(name, N, rk4_steps):
     solver = ca.nlpsol("ms", "ipopt", {"x": w, "f": cost, "g": gaps},
                        {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes"})
     result = solver(x0=w0, lbx=lbx, ubx=ubx, lbg=0, ubg=0)
-    seconds = time.perf_counter() - start
     if not solver.stats()["success"]:
         warnings.warn(f"IPOPT on {name}: {solver.stats()['return_status']}")
-    return np.asarray(result["x"]).ravel()[-N:], seconds
+    return np.asarray(result["x"]).ravel()[-N:]
 
 
 def solve_pmpsolve(problem, reference, N, method, target):
@@ -150,32 +146,30 @@ def solve_pmpsolve(problem, reference, N, method, target):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("problems", nargs="*", default=list(PROBLEMS))
+    parser = harness.parser(__doc__)
+    parser.add_argument("problems", nargs="*", default=None, help=f"default: {' '.join(PROBLEMS)} (--quick: lqr)")
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rk4-steps", type=int, default=4)
     parser.add_argument("--target", type=float, default=1e-4)
     parser.add_argument("--methods", nargs="+", default=["emsa", "sqh"])
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick=dict(mesh=20, repeats=1, methods=["emsa"]))
     if ca is None:
         sys.exit("bench_control.py needs CasADi: pip install -e '.[bench]'  (or: pip install casadi)")
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    machine = dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
-                   casadi=ca.__version__, threads=torch.get_num_threads())
+    if args.quick and not args.problems:
+        args.problems = ["lqr"]
+    harness.pin_threads(1)
+    machine = harness.machine()
     rows = []
-    for name in args.problems:
+    for name in args.problems or list(PROBLEMS):
         problem, reference = make_problem(name)
         row = dict(problem=name, reference=reference, mesh=args.mesh, target=args.target)
-        times, controls = [], None
-        for _ in range(args.repeats):
-            controls, seconds = solve_casadi(name, args.mesh, args.rk4_steps)
-            times.append(seconds)
+        # No warm-up: every repeat builds the NLP afresh, and its seconds include the building.
+        casadi = harness.timed(lambda: solve_casadi(name, args.mesh, args.rk4_steps), repeats=args.repeats, warmup=0)
+        times, controls = casadi.times, casadi.result
         mesh = torch.linspace(0, problem.horizon, args.mesh + 1, dtype=torch.float64)
         cost = independent_cost(problem, torch.as_tensor(controls)[:, None], mesh)
-        row["casadi"] = dict(cost=cost, rel_error=(cost - reference) / abs(reference), seconds=statistics.median(times),
+        row["casadi"] = dict(cost=cost, rel_error=(cost - reference) / abs(reference), seconds=casadi.median,
                              seconds_all=times, rk4_steps=args.rk4_steps)
         for method in args.methods:
             runs = [solve_pmpsolve(problem, reference, args.mesh, method, args.target) for _ in range(args.repeats)]
@@ -197,7 +191,7 @@ def main(argv=None):
         print(f"{name}: " + json.dumps({k: (round(v['seconds'], 3) if isinstance(v, dict) else v)
                                         for k, v in row.items()}), flush=True)
         # Written after every problem, so that a long run keeps what it has measured.
-        (args.out / "control.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        harness.write_json(args.out / "control.json", {"machine": machine, "rows": rows}, quiet=True)
     print()
     print(format_table(rows, args.methods))
     print(f"\nwrote {args.out / 'control.json'}")

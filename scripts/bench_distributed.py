@@ -20,25 +20,20 @@ rank. Writes results/bench/distributed.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import pickle
-import platform
 import socket
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `problems`
-import pmpsolve as pmp  # noqa: E402
-from problems import lqr_samples  # noqa: E402
-from problems.sine import sine_data, sine_initial_controls, sine_problem  # noqa: E402
+import harness
+import pmpsolve as pmp
+from problems import lqr_samples
+from problems.sine import sine_data, sine_initial_controls, sine_problem
 
 
 def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, queue, which: str = "sine") -> None:
@@ -64,10 +59,8 @@ def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, 
             options = {}
         if group is not None:
             dist.barrier(group)  # start together
-        start, cpu = time.perf_counter(), time.process_time()
-        sol = pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0, stall_tol=0.0, process_group=group,
-                        **options)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        seconds, cpu, sol = harness.clock(lambda: pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0,
+                                                             stall_tol=0.0, process_group=group, **options))
         records = sol.history[1:]
         info = sol.settings.get("distributed") or {"all_reduces": 0, "numbers_reduced": 0, "all_reduce_seconds": 0.0}
         row = dict(rank=rank, seconds=seconds, cpu_seconds=cpu, iterations=len(records), cost=sol.cost,
@@ -127,16 +120,14 @@ def run(K: int, world: int, mesh: int, iterations: int, which: str = "sine") -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--samples", type=int, nargs="+", default=[10000])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--mesh", type=int, default=20)
     parser.add_argument("--problem", choices=["sine", "lqr"], default="sine")
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    results = {"machine": dict(platform=platform.platform(), torch=torch.__version__, cpus=os.cpu_count(),
-                               threads_per_rank=1, load_average_before=os.getloadavg()),
+    args = harness.parse(parser, argv, quick=dict(samples=[40], ranks=[1, 2], mesh=10, iterations=1, problem="lqr"))
+    results = {"machine": harness.machine(threads_per_rank=1, load_average_before=os.getloadavg()),
                "problem": ("sine network, the sine study's E-MSA settings" if args.problem == "sine" else
                            "lqr_samples(K), default solve (emsa, closed form, dopri5)"), "rows": []}
     print(f"{'K':>7} {'ranks':>5} {'s/iter':>8} {'solve s':>8} {'cpu s':>7} {'fwd':>6} {'bwd':>6} {'max':>6} "
@@ -157,8 +148,7 @@ def main(argv=None) -> None:
             if base is not None and world > 1:
                 row["speedup_per_iteration"] = base["seconds_per_iteration"] / row["seconds_per_iteration"]
     results["machine"]["load_average_after"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps(results, indent=2))
+    harness.write_json(args.out / "distributed.json", results, quiet=True)
     print(f"load average before {results['machine']['load_average_before']}, after "
           f"{results['machine']['load_average_after']} ({os.cpu_count()} CPUs)")
     print(f"wrote {args.out / 'distributed.json'}")

@@ -1,6 +1,6 @@
 """The E-MSA objective (rho > 0) by torch.func, eager and compiled, against today's autograd path.
 
-Measurement only: the library is not changed (docs/benchmarks.md section 8). Compiling
+Measurement only: the library is not changed (docs/benchmarks.md, section 7). Compiling
 ``IntervalHamiltonian.smooth`` fails for rho > 0 (aot_autograd has no double backward); here the
 co-state term is written without one: grad_x H by ``torch.func.grad`` over x inside a function of
 u, and that function's value and u-gradient by ``torch.func.grad_and_value``, so the whole block
@@ -44,18 +44,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
+import harness
 import pmpsolve as pmp
+from harness import clock, dynamo_counts
+# Internals: the interval objective of one maximisation, rewritten with torch.func and compiled, beside the library's.
 from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
 from pmpsolve.mesh import make_mesh
 from pmpsolve.pointwise import PointwiseProblem
@@ -63,12 +62,8 @@ from pmpsolve.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS
 from problems.sine import sine, sine_initial_controls
 
-MESSAGE_CHARS = 400
-
-
 def short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + " ..."
+    return harness.error_message(err, 400)
 
 
 # ------------------------------------------------------------------ the objective by torch.func
@@ -173,19 +168,6 @@ def trial_point(problem, u, seed=1):
 
 
 # -------------------------------------------------------------------------------- measurement
-def dynamo_counts() -> dict:
-    from torch._dynamo.utils import counters
-    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
-            "graph_breaks": sum(counters["graph_break"].values()),
-            "graph_break_reasons": [str(k)[:200] for k in list(counters["graph_break"])[:3]]}
-
-
-def clock(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
-
-
 def measure_case(pw, objective, u, rounds: int, decompose_bmm: bool, block_elements=None, only=None) -> dict:
     """Each variant after a fresh dynamo (its compile in the first call), then ``rounds`` pairs
     (autograd call, variant call): the ratio compares calls made under the same load. Variants are
@@ -203,15 +185,11 @@ def measure_case(pw, objective, u, rounds: int, decompose_bmm: bool, block_eleme
         variants["inductor + decomposed bmm"] = ((lambda: compiled(dynamic=False)), DecomposedBmm)
     only = only or [name for name in variants if name != "aot_eager"]
     variants = {name: v for name, v in variants.items() if name in only or name == "autograd"}
-    from torch._dynamo.utils import counters
-    objective.value_and_grad(u)  # warm-up of eager torch
-    reference = objective.value_and_grad(u)
-    base = [clock(lambda: objective.value_and_grad(u)) for _ in range(2)]
-    eager_seconds = statistics.median(w for w, _, _ in base)
+    base = harness.timed(lambda: objective.value_and_grad(u), repeats=2, warmup=2)  # after eager torch's warm-up
+    reference, eager_seconds = base.result, base.median
     rows = {}
     for name, (make, context) in variants.items():
-        torch._dynamo.reset()
-        counters.clear()
+        harness.fresh_dynamo()
         row = rows[name] = {"ok": False, "wall": [], "cpu": [], "autograd_wall": [], "autograd_cpu": []}
         results = []
         with warnings.catch_warnings(record=True) as caught:
@@ -272,7 +250,7 @@ def print_case(label, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--samples", type=int, nargs="*", default=[10_000, 100_000], help="sine network K")
     parser.add_argument("--problems", nargs="*", default=["lqr", "vanderpol"], help="reference problems (K = 1)")
     parser.add_argument("--side-effect", action=argparse.BooleanOptionalAction, default=True,
@@ -285,11 +263,11 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=None,
                         help="only these variants (and autograd); default: all but aot_eager")
     parser.add_argument("--warm-cache", action="store_true", help="inductor's usual cache directory (else a fresh one)")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--name", default="func_objective", help="JSON file name (without .json)")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick=dict(samples=[40], problems=["lqr"], rounds=1,
+                                                   variants=["func eager", "aot_eager"]))
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    torch.set_num_threads(1)
+    harness.pin_threads(1)
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cold, \
@@ -308,8 +286,7 @@ def run(args) -> int:
         low, high = problem.controls.bounds(torch.float64, "cpu")
         u = torch.clamp(torch.full((200, problem.control_dim), 0.1, dtype=torch.float64), low, high)
         cases.append((name, problem, u, 200, (1e-9, 1e-11)))
-    out = {"machine": dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
-                           inductor_cache="warm" if args.warm_cache else "cold"),
+    out = {"machine": harness.machine(inductor_cache="warm" if args.warm_cache else "cold"),
            "argv": args.argv, "rho": args.rho,
            "block_elements": args.block_elements or IntervalHamiltonian.block_elements, "cases": {}}
     for label, problem, u, mesh_size, (rtol, atol) in cases:
@@ -324,10 +301,7 @@ def run(args) -> int:
         out["cases"][label] = {"samples": pw.num_samples, "mesh": mesh_size, "blocks": blocks, "variants": rows}
         print_case(f"{label} (K = {pw.num_samples}, mesh {mesh_size}, {blocks} blocks, "
                    f"rho {args.rho}; medians of {args.rounds} (autograd, variant) pairs)", rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nwrote {path}")
+    harness.write_json(args.out / f"{args.name}.json", out)
     return 0
 
 

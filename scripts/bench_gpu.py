@@ -10,33 +10,17 @@ that fact and exits 0.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
 
+import harness
 import pmpsolve as pmp
 from problems import REFERENCE_PROBLEMS
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def median_seconds(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up: kernels, allocator, vmap tracing
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """After a warm-up (kernels, allocator, vmap tracing); on a GPU every clock reading waits for the device."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    return harness.timed(fn, repeats=repeats, sync=sync).median
 
 
 def reference_case(name, make, mesh):
@@ -80,21 +64,18 @@ def cnn_case(batch):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=10000, help="samples of the sine network case")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = harness.parse(parser, argv, quick=dict(repeats=1, mesh=20, batch=8, samples=100))
     path = args.out / "bench_gpu.json"
     if not torch.cuda.is_available():
         message = (f"no CUDA device is visible to torch {torch.__version__} (torch.cuda.is_available() is False): "
                    "nothing to compare. On a machine with a GPU this script runs every case on both devices.")
         print(message)
-        path.write_text(json.dumps({"cuda": False, "torch": torch.__version__, "message": message}, indent=2))
-        print(f"wrote {path}")
+        harness.write_json(path, {"cuda": False, "torch": torch.__version__, "message": message})
         return
     cases = [reference_case(name, make, args.mesh) for name, make in REFERENCE_PROBLEMS.items()]
     cases.append(sine_case(args.samples))
@@ -107,8 +88,7 @@ def main(argv=None):
         gpu = median_seconds(make("cuda"), "cuda", args.repeats)
         rows.append({"case": label, "cpu_s": cpu, "gpu_s": gpu, "speedup": cpu / gpu})
         print(f"{label:55s} {cpu:9.3f} {gpu:9.3f} {cpu / gpu:8.2f}")
-    path.write_text(json.dumps({"cuda": True, "device": torch.cuda.get_device_name(0), "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    harness.write_json(path, {"cuda": True, "device": torch.cuda.get_device_name(0), "rows": rows})
 
 
 if __name__ == "__main__":

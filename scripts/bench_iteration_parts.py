@@ -19,39 +19,19 @@ table shows every label in it.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-import platform
 import statistics
-import time
 import warnings
-from pathlib import Path
 
-import torch
-
+import harness
+# Internals: the parts of Solver.step are timed by wrapping the module functions and methods it calls.
 import pmpsolve.solver as solver_module
 from pmpsolve.hamiltonian import IntervalHamiltonian
 from problems.sine import sine, sine_initial_controls
 
 PARTS = ("forward sweep", "backward sweep", "interval data", "optimality measure", "maximisation",
          "gain evaluation", "other", "iteration")
-
-
-def clocked(owner, name, sink):
-    """Replace ``owner.name`` by a wrapper that appends (wall, cpu) of every call to ``sink``; returns
-    a function that puts the original back."""
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink.append((time.perf_counter() - wall, time.process_time() - cpu))
-
-    setattr(owner, name, wrapper)
-    return lambda: setattr(owner, name, original)
 
 
 def run(samples: int, iterations: int) -> list:
@@ -61,6 +41,7 @@ def run(samples: int, iterations: int) -> list:
                                   maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, quadrature=3)
     state = solver.init(sine_initial_controls("good", 20))
     calls = collections.defaultdict(list)
+    clocked = harness.clocked
     restore = [clocked(solver_module.Sweeper, "forward", calls["forward sweep"]),
                clocked(solver_module.Sweeper, "backward", calls["backward sweep"]),
                clocked(solver_module, "interval_data", calls["interval data"]),
@@ -109,25 +90,23 @@ def table(runs: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--iterations", type=int, default=6, help="iterations of the solve")
     parser.add_argument("--skip", type=int, default=1, help="first iterations left out of the medians")
     parser.add_argument("--label", default="current", help="name of this run in the JSON (e.g. before / after)")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = harness.parse(parser, argv, quick=dict(samples=20, iterations=2))
+    harness.pin_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)  # the solve stops at max_iter, unconverged
     rows = run(args.samples, args.iterations)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "iteration_parts.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     key = f"K={args.samples}"
     runs = saved.get("runs", {}).get(key, {})
     runs[args.label] = {"median": medians(rows, args.skip), "iterations": rows, "skip": args.skip}
     saved.setdefault("runs", {})[key] = runs
-    saved["machine"] = dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads())
-    path.write_text(json.dumps(saved, indent=2))
+    saved["machine"] = harness.machine()
+    harness.write_json(path, saved, quiet=True)
     print(f"sine network, K = {args.samples}, mesh 20, one thread; medians over iterations "
           f"{args.skip + 1}-{len(rows)}")
     print(table(runs))

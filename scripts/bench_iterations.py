@@ -4,29 +4,25 @@ Solves the four reference problems (``problems.REFERENCE_PROBLEMS``) at one mesh
 default E-MSA and with each variant (``solve(..., options=...)``), and prints per problem and
 variant: status, iterations, forward sweeps (one per trial step, kept or rejected), right-hand
 side evaluations of the forward and backward sweeps, wall time (median of ``--repeats``), J and
-its relative difference from J of the defaults before issue 15
-("before": high_ratio 0.5, no Anderson screen). Saves everything to ``OUT/iterations.json``.
+its relative difference from J of "before" (high_ratio 0.5, no Anderson screen: the rule the
+variants start from). Saves everything to ``OUT/iterations.json``.
 
     python scripts/bench_iterations.py [--mesh 200] [--repeats 1] [--variants default,no-reset]
                                        [--problems lqr,catalyst] [--out results/bench]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
-from pathlib import Path
 
-import torch
-
+import harness
 import pmpsolve as pmp
 from problems import REFERENCE_PROBLEMS
 
-#: The E-MSA defaults before issue 15 (high_ratio 0.5, no Anderson screen): the reference of the relative numbers.
+#: "before": high_ratio 0.5 and no Anderson screen, the reference of the relative numbers.
 BEFORE = {"high_ratio": 0.5, "anderson_screen": None}
 
-#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes the pre-issue-15 defaults.
+#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes "before" (or the defaults).
 VARIANTS = {
     "before": BEFORE,
     "default": {},
@@ -48,9 +44,7 @@ VARIANTS = {
 
 
 def run(problem, options, mesh):
-    start = time.perf_counter()
-    sol = pmp.solve(problem, mesh=mesh, options=options)
-    seconds = time.perf_counter() - start
+    seconds, _, sol = harness.clock(lambda: pmp.solve(problem, mesh=mesh, options=options))
     steps = sol.history[1:]
     return {
         "status": sol.status, "converged": sol.converged, "cost": sol.cost, "optimality": sol.optimality,
@@ -62,14 +56,13 @@ def run(problem, options, mesh):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; wall time is their median")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--problems", default=",".join(REFERENCE_PROBLEMS))
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = harness.parse(parser, argv, quick=dict(mesh=10, variants="default", problems="lqr"))
+    harness.pin_threads(1)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -78,7 +71,7 @@ def main(argv=None):
     path = args.out / "iterations.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     results = {}
-    if "before" not in variants:  # the reference of every relative number: from an earlier run at this mesh if any
+    if "before" not in variants:  # the reference of every relative number: from the JSON at --out when it has this mesh
         variants = ["before"] + variants
         if previous.get("mesh") == args.mesh:
             results["before"] = {n: r for n, r in previous["results"].get("before", {}).items() if n in names}
@@ -87,6 +80,7 @@ def main(argv=None):
         for variant in variants:
             if name in results.get(variant, {}):
                 continue
+            # every count is deterministic; only the wall time is a median over the repeats
             runs = [run(problem, VARIANTS[variant], args.mesh) for _ in range(args.repeats)]
             row = dict(runs[0], seconds=statistics.median(r["seconds"] for r in runs))
             results.setdefault(variant, {})[name] = row
@@ -110,11 +104,10 @@ def main(argv=None):
         print(f"{variant:16s} {'sum':10s} {'':>9s} {total['iterations']:5d} {total['forward_sweeps']:10d}   "
               f"({100 * (total['forward_sweeps'] / ref['forward_sweeps'] - 1):+.0f} % sweeps, worst problem "
               f"{100 * (worst - 1):+.0f} %)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    previous.update({"mesh": args.mesh, "repeats": args.repeats, "variants": {v: VARIANTS[v] for v in variants}})
+    previous.update({"mesh": args.mesh, "repeats": args.repeats, "variants": {v: VARIANTS[v] for v in variants},
+                     "machine": harness.machine()})
     previous.setdefault("results", {}).update(results)
-    path.write_text(json.dumps(previous, indent=1))
-    print(f"saved {path}")
+    harness.write_json(path, previous, indent=1)
 
 
 if __name__ == "__main__":

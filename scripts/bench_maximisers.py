@@ -6,18 +6,14 @@ iterative maximiser the library would otherwise use (projected L-BFGS; proximal
 gradient with an L1 cost), several times each. Prints and saves median seconds,
 their ratio and the largest difference between the maximisers' controls.
 
-    python scripts/bench_maximisers.py [--mesh 200] [--repeats 7] [--out results/bench]
+    python scripts/bench_maximisers.py [--mesh 200] [--repeats 7] [--out results/bench] [--quick]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
 
+import harness
+# Internals: one maximisation on fixed interval data, which the public solve() never exposes alone.
 from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
 from pmpsolve.maximisers import HamiltonianMaximiser
 from pmpsolve.mesh import make_mesh
@@ -26,22 +22,13 @@ from pmpsolve.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS, double_integrator
 
 
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rho", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick=dict(mesh=20, repeats=1))
+    harness.pin_threads(1)
     problems = {name: make() for name, make in REFERENCE_PROBLEMS.items()}
     problems["double-integrator-L1"] = double_integrator(penalty="L1")
     rows = []
@@ -59,8 +46,9 @@ def main(argv=None):
         iterative = "proximal" if problem.control_penalty is not None else "lbfgs"
         closed = HamiltonianMaximiser(problem.controls, method="closed-form")
         other = HamiltonianMaximiser(problem.controls, method=iterative, max_iter=50)
-        t_closed, r_closed = median_seconds(lambda: closed.maximise(objective), args.repeats)
-        t_other, r_other = median_seconds(lambda: other.maximise(objective), args.repeats)
+        closed_run = harness.timed(lambda: closed.maximise(objective), repeats=args.repeats)
+        other_run = harness.timed(lambda: other.maximise(objective), repeats=args.repeats)
+        (t_closed, r_closed), (t_other, r_other) = ((r.median, r.result) for r in (closed_run, other_run))
         diff = float((r_closed.controls - r_other.controls).abs().max())
         rows.append(dict(problem=name, mesh=args.mesh, rho=args.rho, closed_form_seconds=t_closed,
                          iterative=iterative, iterative_seconds=t_other, ratio=t_closed / t_other,
@@ -68,11 +56,8 @@ def main(argv=None):
                          objective_gain_closed=float(r_closed.value.sum() - objective(u).detach().sum()),
                          objective_gain_iterative=float(r_other.value.sum() - objective(u).detach().sum())))
         print(f"{name:22s} {1e3 * t_closed:16.2f} {1e3 * t_other:15.2f} {iterative:>18s} {t_closed / t_other:7.3f} {diff:9.1e}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "maximisers.json").write_text(json.dumps({"rows": rows}, indent=2))
-    print(f"wrote {args.out / 'maximisers.json'}")
+    harness.write_json(args.out / "maximisers.json", {"rows": rows})
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

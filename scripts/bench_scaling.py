@@ -14,16 +14,12 @@ least). Writes results/bench/scaling.json and scaling.png and prints a table.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import warnings
-from pathlib import Path
 
 import numpy as np
-import torch
 
+import harness
 import pmpsolve as pmp
 from problems import van_der_pol
 from problems.sine import sine_data, sine_initial_controls, sine_problem
@@ -47,16 +43,14 @@ def exponent(sizes, values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--meshes", type=int, nargs="+", default=[20, 50, 200, 500, 2000])
     parser.add_argument("--samples", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--quadrature", type=int, default=3,
                         help="Gauss points per interval of the interval Hamiltonian (3: the default; 1: midpoint)")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    results = {"machine": dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads()),
-               "quadrature": args.quadrature, "mesh": [], "samples": []}
+    args = harness.parse(parser, argv, quick=dict(meshes=[10, 20], samples=[20, 40], iterations=1))
+    results = {"machine": harness.machine(), "quadrature": args.quadrature, "mesh": [], "samples": []}
     problem, _ = van_der_pol()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -75,8 +69,7 @@ def main(argv=None):
         rows = results[axis]
         sizes = [r["size"] for r in rows]
         results[f"{axis}_exponents"] = {part: exponent(sizes, [r[part] for r in rows]) for part in PARTS}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(results, indent=2))
+    harness.write_json(args.out / "scaling.json", results)
     plot(results, args.out / "scaling.png")
     for axis, label in (("mesh", "N (intervals)"), ("samples", "K (samples)")):
         print(f"\n| {label} | forward [s] | backward [s] | maximisation [s] | iteration [s] | max / sweeps |")
@@ -88,7 +81,7 @@ def main(argv=None):
         e = results[f"{axis}_exponents"]
         print(f"| exponent | {e['forward_seconds']:.2f} | {e['backward_seconds']:.2f} | {e['maximise_seconds']:.2f} | "
               f"{e['seconds']:.2f} | |")
-    print(f"\nwrote {args.out / 'scaling.json'} and {args.out / 'scaling.png'}")
+    print(f"\nwrote {args.out / 'scaling.png'}")
 
 
 def plot(results, path):

@@ -1,4 +1,4 @@
-"""The multiple-shooting forward sweep against the sequential one, in one process (docs/benchmarks.md, section 9).
+"""The multiple-shooting forward sweep against the sequential one, in one process (docs/benchmarks.md).
 
 Two tables:
 
@@ -20,24 +20,19 @@ sweeps, wall seconds for the solves; medians of ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import pmpsolve as pmp  # noqa: E402
-import problems  # noqa: E402
-from pmpsolve.mesh import make_mesh  # noqa: E402
-from pmpsolve.pointwise import PointwiseProblem  # noqa: E402
-from pmpsolve.shooting import ShootingPolicy  # noqa: E402
-from pmpsolve.sweeps import Sweeper  # noqa: E402
-from problems.sine import sine_data, sine_problem  # noqa: E402
+import harness
+import pmpsolve as pmp
+import problems
+# Internals: one forward sweep alone, with the shooting policy forced on or off, which solve() never exposes.
+from pmpsolve.mesh import make_mesh
+from pmpsolve.pointwise import PointwiseProblem
+from pmpsolve.shooting import ShootingPolicy
+from pmpsolve.sweeps import Sweeper
+from problems.sine import sine_data, sine_problem
 
 
 def sweep_times(problem, mesh: int, repeats: int) -> dict:
@@ -52,12 +47,9 @@ def sweep_times(problem, mesh: int, repeats: int) -> dict:
     start = sweeper.forward(u_start)
     row = {}
     for name, kwargs in (("sequential", {}), ("shooting", {"start": start})):
-        seconds = []
-        for _ in range(repeats):
-            clock = time.process_time()
-            fw = sweeper.forward(u, **kwargs)
-            seconds.append(time.process_time() - clock)
-        row[name] = {"seconds": statistics.median(seconds), "evaluations": fw.evaluations, "strategy": fw.strategy,
+        run = harness.timed(lambda: sweeper.forward(u, **kwargs), repeats=repeats, clock="cpu")
+        fw = run.result
+        row[name] = {"seconds": run.median, "evaluations": fw.evaluations, "strategy": fw.strategy,
                      "cost": float(fw.cost)}
     row["ratio"] = row["shooting"]["seconds"] / row["sequential"]["seconds"]
     row["cost_difference"] = abs(row["shooting"]["cost"] - row["sequential"]["cost"])
@@ -69,12 +61,13 @@ def solve_row(name: str, mesh: int, shooting: bool) -> dict:
     solver = pmp.Solver(problem, mesh=mesh)
     if not shooting:
         solver.sweeper.forward_policy = ShootingPolicy(enabled=False)
-    clock = time.perf_counter()
-    state = solver.init()
-    while not state.done:
-        state = solver.step(state)
-    solution = solver.solution(state)
-    seconds = time.perf_counter() - clock
+    def solve():
+        state = solver.init()
+        while not state.done:
+            state = solver.step(state)
+        return solver.solution(state)
+
+    seconds, _, solution = harness.clock(solve)
     records = solution.history[1:]
     sweeps = [r.forward_seconds / (1 + r.rejected) for r in records]
     return {"problem": name, "shooting": shooting, "iterations": len(records), "status": solution.status,
@@ -88,7 +81,7 @@ def step_rows(names, mesh: int, repeats: int) -> list:
     """CPU ms per E-MSA iteration (medians over the iterations, then over ``repeats``) with the lean dopri5
     step of ``pmpsolve.ode`` and with torchdiffeq's own step (the same wrapper, ``_weights`` off),
     solves alternating in this process."""
-    from pmpsolve import ode
+    from pmpsolve import ode  # internals: the comparison swaps ode's dopri5 step class for torchdiffeq's
 
     lean = ode._SOLVERS["dopri5"]
     weights, ode._weights = ode._weights, (lambda solver: None)
@@ -104,9 +97,8 @@ def step_rows(names, mesh: int, repeats: int) -> list:
                     solver = pmp.Solver(problems.REFERENCE_PROBLEMS[name]()[0], mesh=mesh)
                     state, cpu = solver.init(), []
                     while not state.done:
-                        clock = time.process_time()
-                        state = solver.step(state)
-                        cpu.append(time.process_time() - clock)
+                        _, seconds, state = harness.clock(lambda: solver.step(state))
+                        cpu.append(seconds)
                     solution = solver.solution(state)
                     runs[label].append((1e3 * statistics.median(cpu), len(solution.history) - 1, solution.cost))
             row = {"problem": name}
@@ -130,8 +122,8 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
     process: CPU microseconds per step (median of ``repeats`` blocks of 200 calls), the wall time of the
     first compiled call minus an eager one ("compile"), and the largest difference of the outputs. What
     compiling a whole solver step would give and cost; the library's steps are not compiled
-    (docs/benchmarks.md, section 10)."""
-    from pmpsolve import ode
+    (docs/benchmarks.md, section 6)."""
+    from pmpsolve import ode  # internals: dopri5's tableau, to write one step as a pure function
 
     tableau = ode._weights(ode.SOLVERS["dopri5"])
     rows = []
@@ -171,24 +163,16 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
         args = (y, rhs(y), torch.tensor(0.25, dtype=torch.float64), torch.tensor(1e-9, dtype=torch.float64),
                 torch.tensor(1e-11, dtype=torch.float64))
 
-        def per_call(fn):
-            fn(*args)
-            blocks = []
-            for _ in range(repeats):
-                clock = time.process_time()
-                for _ in range(200):
-                    fn(*args)
-                blocks.append((time.process_time() - clock) / 200)
-            return 1e6 * statistics.median(blocks)
+        def per_call(fn):  # CPU microseconds per call: medians of blocks of 200 calls, after one call
+            block = harness.timed(lambda: [fn(*args) for _ in range(200)], repeats=repeats, clock="cpu")
+            return 1e6 * block.median / 200
 
         eager = per_call(step)
-        clock = time.perf_counter()  # wall time: inductor compiles in g++ subprocesses
-        eager_once = step(*args)
-        eager_call = time.perf_counter() - clock
+        # wall time: inductor compiles in g++ subprocesses
+        eager_call, _, eager_once = harness.clock(lambda: step(*args))
         compiled = torch.compile(step, backend=backend, dynamic=False)
-        clock = time.perf_counter()
-        compiled_once = compiled(*args)
-        compile_seconds = time.perf_counter() - clock - eager_call
+        first_call, _, compiled_once = harness.clock(lambda: compiled(*args))
+        compile_seconds = first_call - eager_call
         fast = per_call(compiled)
         difference = max(float((a - b).abs().max()) for a, b in zip(eager_once, compiled_once))
         row = {"problem": name, "samples": K, "batch": list(y.shape), "eager_us": eager, "compiled_us": fast,
@@ -200,21 +184,21 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(None, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", type=int, default=200)
     parser.add_argument("--lqr-samples", type=int, nargs="*", default=[1, 10, 30, 100])
     parser.add_argument("--sine-samples", type=int, nargs="*", default=[1, 3, 10, 30])
     parser.add_argument("--problems", nargs="*", default=list(problems.REFERENCE_PROBLEMS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--step-only", action="store_true",
                         help="only the lean dopri5 step against torchdiffeq's, E-MSA solves of --problems")
     parser.add_argument("--compiled-step", action="store_true",
                         help="only one dopri5 step of a shooting batch, eager against torch.compile, for --problems "
                              "and lqr_samples(K) for --lqr-samples K > 1")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled-step")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = harness.parse(parser, argv, quick=dict(mesh=10, lqr_samples=[1], sine_samples=[1], problems=["lqr"],
+                                                   repeats=1))
+    harness.pin_threads(1)
     if args.compiled_step:
         print(f"One dopri5 step of a multiple-shooting batch, N = {args.mesh}: CPU us per step, medians of "
               f"{args.repeats} blocks of 200 calls")
@@ -223,9 +207,8 @@ def main(argv=None) -> dict:
         cases = [(name, problems.REFERENCE_PROBLEMS[name]()[0]) for name in args.problems]
         cases += [("lqr_samples", problems.lqr_samples(K)[0]) for K in args.lqr_samples if K > 1]
         rows = compiled_step_rows(cases, args.mesh, args.repeats, args.backend)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "shooting_compiled_step.json").write_text(json.dumps(
-            {"mesh": args.mesh, "threads": 1, "rows": rows, "torch": torch.__version__}, indent=1))
+        harness.write_json(args.out / "shooting_compiled_step.json",
+                           {"mesh": args.mesh, "threads": 1, "rows": rows, "torch": torch.__version__}, indent=1)
         return {"compiled_steps": rows}
     if args.step_only:
         print(f"E-MSA, K = 1, N = {args.mesh}: CPU ms per iteration (iterations), torchdiffeq's dopri5 step "
@@ -233,9 +216,8 @@ def main(argv=None) -> dict:
         print("| problem | torchdiffeq step | lean step | ratio | J (lean) |")
         print("| --- | --- | --- | --- | --- |")
         rows = step_rows(args.problems, args.mesh, args.repeats)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "shooting_step.json").write_text(json.dumps({"mesh": args.mesh, "threads": 1, "rows": rows,
-                                                                  "torch": torch.__version__}, indent=1))
+        harness.write_json(args.out / "shooting_step.json",
+                           {"mesh": args.mesh, "threads": 1, "rows": rows, "torch": torch.__version__}, indent=1)
         return {"steps": rows}
     sweeps = []
     print(f"One forward sweep, N = {args.mesh}: shooting from nodes of controls 0.01 away vs sequential "
@@ -266,9 +248,7 @@ def main(argv=None) -> dict:
                   f"{r['forward_evaluations_per_iteration']:.0f} | {r['seconds']:.2f} |", flush=True)
     result = {"mesh": args.mesh, "threads": 1, "sweeps": sweeps, "solves": solves,
               "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shooting.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out / 'shooting.json'}")
+    harness.write_json(args.out / "shooting.json", result, indent=1)
     return result
 
 

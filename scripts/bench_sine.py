@@ -8,8 +8,8 @@ each target, or ``--emsa-iterations`` (500), once per ``--quadrature`` (Gauss po
 interval of the interval Hamiltonian: 3 is the study's setting, 1 the midpoint rule,
 which makes every maximisation about 3x cheaper). Reported per baseline: its seconds for
 the 500 iterations, E-MSA's seconds to reach the same loss, and their ratio
-(E-MSA / baseline; <= 1 means E-MSA gets there first). One run each, as the
-issue asks; the machine is noisy, so read ratios, not seconds.
+(E-MSA / baseline; <= 1 means E-MSA gets there first). One run each; the machine is
+noisy, so read ratios, not seconds.
 
     python scripts/bench_sine.py [--inits good zero] [--iterations 500] [--out results/bench]
 
@@ -17,23 +17,19 @@ Writes results/bench/sine.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
+import harness
 import pmpsolve as pmp
-from pmpsolve import baselines
-from pmpsolve.studies.sine import LEARNING_RATES, MESH
+from pmpsolve import baselines  # the gradient baselines of the study (SGD, Adagrad, Adam through the same sweep)
+from pmpsolve.studies.sine import LEARNING_RATES, MESH  # the study's settings, so that the times are the study's
 from problems.sine import sine_data, sine_initial_controls, sine_problem
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--inits", nargs="+", default=["good", "zero"], choices=["good", "zero"])
     parser.add_argument("--iterations", type=int, default=500, help="iterations of each gradient method")
     parser.add_argument("--emsa-iterations", type=int, default=500)
@@ -43,9 +39,8 @@ def main(argv=None):
                         help="Gauss points per interval for E-MSA; one E-MSA run per value (default: 3 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args = harness.parse(parser, argv, quick=dict(iterations=3, emsa_iterations=4, samples=16, inits=["good"],
+                                                   quadrature=[1], no_progress=True))
     dtype, rtol, atol = torch.float64, 1e-6, 1e-8
     delta = 5.0 / MESH
     train = sine_problem(*sine_data(args.samples, seed=args.seed), reg=0.001, delta=delta, name="sine-train")
@@ -61,10 +56,7 @@ def main(argv=None):
                   f"{targets[opt]['seconds']:.1f} s", flush=True)
         for quadrature in args.quadrature:
             rows.extend(time_to_targets(train, init, init_kind, targets, quadrature, args, delta, dtype, rtol, atol))
-    args.out.mkdir(parents=True, exist_ok=True)
-    machine = dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads())
-    (args.out / "sine.json").write_text(json.dumps({"machine": machine, "samples": args.samples, "rho": args.rho,
-                                                    "rows": rows}, indent=2))
+    harness.write_json(args.out / "sine.json", {"samples": args.samples, "rho": args.rho, "rows": rows})
     print()
     print("| init | baseline (lr) | target: its loss after "
           f"{args.iterations} it | its seconds | E-MSA quadrature | E-MSA reaches it at | E-MSA seconds | "
@@ -76,7 +68,6 @@ def main(argv=None):
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(f"| {r['init']} | {r['baseline']} ({r['lr']:g}) | {r['target_loss']:.4g} | {r['baseline_seconds']:.1f} | "
               f"{r['quadrature']} | {at} | {secs} | {ratio} |")
-    print(f"\nwrote {args.out / 'sine.json'}")
 
 
 def time_to_targets(train, init, init_kind, targets, quadrature, args, delta, dtype, rtol, atol):

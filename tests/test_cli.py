@@ -1,4 +1,4 @@
-"""The command line of the studies (issue 10, items 5 and 7): Ctrl-C loses nothing, --resume, user mistakes.
+"""The command line of the studies: Ctrl-C loses nothing, --resume, user mistakes.
 
 Interruptions are simulated in-process (a run raising KeyboardInterrupt, or a solve
 returning ``status == "interrupted"``); the option checks run the real command line

@@ -1,4 +1,4 @@
-"""The residual-CNN study (issue 12): data loaders, the network, and ``reproduce cnn --quick`` end to end."""
+"""The residual-CNN study: data loaders, the network, and ``reproduce cnn --quick`` end to end."""
 import gzip
 import json
 import os

@@ -1,4 +1,4 @@
-"""Control sets and costs beyond gradients (issue 4): closed forms and enumeration against brute force,
+"""Control sets and costs beyond gradients: closed forms and enumeration against brute force,
 SQH, the bang-bang / bang-off-bang / finite-set examples against their closed-form optima, bad input."""
 import itertools
 

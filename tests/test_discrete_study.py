@@ -1,4 +1,4 @@
-"""``reproduce discrete --quick`` end to end (issue 13 item 4): results.json, weights in the set, CLI errors."""
+"""``reproduce discrete --quick`` end to end: results.json, weights in the set, CLI errors."""
 import json
 import subprocess
 import sys
@@ -43,7 +43,7 @@ def test_quick_writes_every_run_with_accuracy_nonzeros_and_time(quick):
     adam = next(r for r in runs if r["network"] == "fc-bn" and r["variant"] == "float-adam")
     assert adam["final_test_accuracy"] > 0.5
     table = (out / "results.md").read_text()
-    assert "| fc-bn | ternary | MSA |" in table and "Targets (issue 13):" in table
+    assert "| fc-bn | ternary | MSA |" in table and "Targets:" in table
     assert (out / "discrete_digits8x8.png").stat().st_size > 10_000
 
 

@@ -1,4 +1,4 @@
-"""Bad input found by a user (issue 10): each gets a clear error or the right behaviour."""
+"""Bad input found by a user: each gets a clear error or the right behaviour."""
 import warnings
 
 import numpy as np

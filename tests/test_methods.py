@@ -100,7 +100,7 @@ def test_unknown_rule_option_is_refused():
 
 
 def test_emsa_iteration_options_are_validated_and_converge_on_lqr():
-    """The issue-15 options of E-MSA: bad values are refused; the non-default ones still converge, monotonically."""
+    """The rho-rule and Anderson options of E-MSA: bad values are refused; the non-default ones still converge, monotonically."""
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     with pytest.raises(ValueError, match="anderson_reset"):
         pmp.solve(problem, mesh=20, options={"anderson_reset": "sometimes"})

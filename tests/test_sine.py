@@ -1,4 +1,4 @@
-"""The sine study (issue 3): the model, the baselines, and a small version of the whole study."""
+"""The sine study: the model, the baselines, and a small version of the whole study."""
 import json
 import math
 

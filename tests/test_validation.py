@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument, the value and the fix (issue 2, item 7)."""
+"""Bad input gets a clear error naming the argument, the value and the fix."""
 import pytest
 import torch
 
@@ -77,7 +77,7 @@ def test_unknown_method_and_option():
         pmp.solve(make(), ode_method="rk45")
     with pytest.raises(ValueError, match="`rho` is an option of method='emsa'"):
         pmp.solve(make(), method="msa", rho=1.0)
-    with pytest.raises(ValueError, match="unknown option"):  # (rho is an option of emsa since issue 11)
+    with pytest.raises(ValueError, match="unknown option"):  # (rho is an option of emsa)
         pmp.solve(make(), options={"lr": 2.0})
 
 

@@ -54,7 +54,7 @@ __all__ = ["Optimizer", "EMSA", "MSA", "SQH", "BatchReduction", "AdamPath"]
 #: the update rules of ``pmp.solve`` that train networks (the same classes)
 METHODS = {"emsa": ExtendedMSA, "msa": BasicMSA, "sqh": _SQHRule, "gradient": GradientStep}
 # Where a network's defaults differ from a control problem's: E-MSA's rho rule with high_ratio 0.5
-# (measured on networks; 0.9 was tuned on the reference problems) and no Anderson acceleration
+# (measured on networks; 0.9 was measured on the reference problems, docs/benchmarks.md, section 5) and no Anderson acceleration
 # (its mixtures are of controls on a time mesh).
 NETWORK_OPTIONS = {"emsa": {"anderson": 0, "high_ratio": 0.5}}
 

@@ -1,4 +1,4 @@
-"""Discrete and sparse weights on real digits (issue 13): float / binary / ternary / L0, by MSA and by the baseline.
+"""Discrete and sparse weights on real digits: float / binary / ternary / L0, by MSA and by the baseline.
 
 Every network of ``--networks`` is trained from the same initial weights on the same
 mini-batches in the same order by seven variants:
@@ -333,7 +333,7 @@ def _find(runs: List[Dict], network: str, variant: str) -> Optional[Dict]:
 
 
 def targets(results: Dict) -> List[str]:
-    """The issue's targets, per network: met or not met (from the recorded numbers)."""
+    """The study's targets (docs/discrete.md), per network: met or not met (from the recorded numbers)."""
     runs = results["runs"]
     lines = []
     for network in results["config"].get("networks", NETWORKS):
@@ -375,7 +375,7 @@ def format_table(results: Dict) -> str:
             f"{r['seconds'][-1] / max(epochs, 1):.2f}"]) + " |")
     checks = targets(results)
     if checks:
-        lines += ["", "Targets (issue 13):", ""] + checks
+        lines += ["", "Targets:", ""] + checks
     return "\n".join(lines)
 
 
