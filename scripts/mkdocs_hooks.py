@@ -1,7 +1,8 @@
 """MkDocs hooks of the documentation site (mkdocs.yml): pages made from the repository's own files.
 
-- ``index.md``: README.md, with its ``docs/...`` links rewritten to the site's pages, so the home
-  page is the README and not a second copy of it.
+- ``index.md`` and ``CHANGELOG.md``: README.md and CHANGELOG.md, with their ``docs/...`` links
+  rewritten to the site's pages, so the home page is the README and not a second copy of it; the
+  docs/ pages' ``../README.md`` and ``../CHANGELOG.md`` links lead to them.
 - ``reference/pmpsolve.md`` and ``reference/nn.md``: the API reference, one mkdocstrings entry per
   name of ``pmpsolve.__all__`` and ``pmpsolve.nn.__all__``, read at build time. ``GROUPS`` only
   orders the names into sections: a public name that no group lists still gets an entry, under
@@ -75,16 +76,31 @@ def reference_page(module: str, title: str, intro: str, sections) -> str:
     return "\n".join(lines)
 
 
-def home_page() -> str:
-    text = (ROOT / "README.md").read_text()
-    # README.md links docs/x.md from the top level; the site serves docs/ itself.
+#: Top-level files the site serves as pages: (file, page). The docs/ pages link them as ../file.
+TOP_LEVEL_PAGES = [("README.md", "index.md"), ("CHANGELOG.md", "CHANGELOG.md")]
+
+
+def top_level_page(name: str) -> str:
+    text = (ROOT / name).read_text()
+    # a top-level file links docs/x.md from the top level; the site serves docs/ itself
     return re.sub(r"\]\(docs/", "](", text)
 
 
 def on_files(files, config):
     from mkdocs.structure.files import File
 
-    files.append(File.generated(config, "index.md", content=home_page()))
+    for name, page in TOP_LEVEL_PAGES:
+        if (ROOT / name).is_file():
+            files.append(File.generated(config, page, content=top_level_page(name)))
     for page, module, title, intro, sections in GROUPS:
         files.append(File.generated(config, page, content=reference_page(module, title, intro, sections)))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    """A docs/ page's link to ../README.md or ../CHANGELOG.md goes to the site's page of that file
+    (any other link out of docs/ stays, and the strict build reports it)."""
+    depth = page.file.src_uri.count("/")
+    for name, target in TOP_LEVEL_PAGES:
+        markdown = markdown.replace(f"](../{'../' * depth}{name}", f"]({'../' * depth}{target}")
+    return markdown
