@@ -23,11 +23,15 @@ from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
+from .methods import EMSA, MSA, SQH, Gradient, Method, Rule
+from .options import ODE, Maximiser, Stop
+from .relaxation import RelaxAndRound
 from .solver import Solver, SolverState, solve
 
 __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
+    "Method", "EMSA", "MSA", "SQH", "Gradient", "Rule", "ODE", "Maximiser", "Stop", "RelaxAndRound",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient", "optimality_of", "sum_up_rounding", "nn",
 ]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.options import MaximiserOptions, ODEOptions, RuleOptions, StoppingOptions
 from pmpsolve.rules import RULES
 from problems import REFERENCE_PROBLEMS
 
@@ -94,16 +93,16 @@ def test_rho_is_an_option_of_emsa():
 
 def test_option_records_check_themselves_and_make_the_settings():
     with pytest.raises(ValueError, match="`max_iter` must be an int >= 0"):
-        StoppingOptions(max_iter=-1)
-    with pytest.raises(ValueError, match="unknown `ode_method`"):
-        ODEOptions("rk45")
+        pmp.Stop(max_iter=-1)
+    with pytest.raises(ValueError, match="unknown `method` 'rk45'"):
+        pmp.ODE("rk45")
     with pytest.raises(ValueError, match="`quadrature` must be an int from 1 to 10"):
-        MaximiserOptions(quadrature=0)
+        pmp.Maximiser(quadrature=0)
     with pytest.raises(ValueError, match="unknown `method`"):
-        RuleOptions("newton")
+        pmp.Rule("newton")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ODEOptions().method = "rk4"  # frozen
-    assert ODEOptions().resolved(torch.float32).rtol == 1e-6
+        pmp.ODE().method = "rk4"  # frozen
+    assert pmp.ODE().resolved(torch.float32).rtol == 1e-6
     sol = pmp.solve(scalar_terminal(), mesh=4)
     for key in ("method", "mesh", "max_iter", "tol", "stall_tol", "rho", "ode_method", "rtol", "atol", "dtype",
                 "device", "seed", "maximiser_iter", "perturb", "quadrature", "options", "maximisers_used"):
