@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .arguments import initial_controls, progress_bar, resolve_device
+from .arguments import initial_controls, outside_level, progress_bar, resolve_device
 from .controls import Finite
 from .deprecated import accepts_old_keywords
 from .errors import NonFiniteError, SolveError, SweepBudgetError
@@ -136,10 +137,15 @@ class Solver:
         self.arguments = dict(method=self.method, ode=ode, maximiser=self.maximiser_options, stop=stopping,
                               device=device, dtype=dtype, process_group=process_group)
         self.pw = PointwiseProblem(problem, dtype, self.device)
-        self.mesh = make_mesh(mesh, problem.horizon, dtype, self.device)
         m = self.maximiser_options
-        check_memory(self.mesh.numel() - 1, self.pw.num_samples, problem.state_dim, problem.control_dim,
-                     m.quadrature, dtype, self.device)
+        # Before the first sweep (and, for a number of intervals, before the mesh is allocated):
+        # refuse a mesh whose iteration would not fit in memory, warn above half of it.
+        shape = (self.pw.num_samples, problem.state_dim, problem.control_dim, m.quadrature, dtype, self.device)
+        if isinstance(mesh, numbers.Integral) and not isinstance(mesh, bool) and mesh >= 1:
+            check_memory(int(mesh), *shape)
+        self.mesh = make_mesh(mesh, problem.horizon, dtype, self.device)
+        if not isinstance(mesh, numbers.Integral):
+            check_memory(self.mesh.numel() - 1, *shape)
         generator = m.generator()
         self.process_group = process_group
         if process_group is not None:
@@ -300,7 +306,7 @@ class Solver:
         message += (f"; first-order optimality {measure:.3g} "
                     f"{'<=' if converged else '>'} tol * max(1, |J|) = {tol * max(1.0, abs(best.cost)):.3g}")
         if not converged and self.stopping.max_iter > 0:
-            warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=_outside_level())
+            warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
         # e.g. {"closed-form": 41}: what maximised the Hamiltonian
         settings = {**self.settings, "maximisers_used": dict(self.maximiser.used)}
         p = self.problem
@@ -461,18 +467,6 @@ def _record(label: str, value, cls):
         raise TypeError(f"solve: `{label}` must be a pmp.{cls.__name__}(...) or None, got {value!r}; "
                         f"e.g. {label}=pmp.{cls.__name__}()")
     return value
-
-
-def _outside_level() -> int:
-    """The ``stacklevel`` of a warning that names the first caller outside pmpsolve."""
-    import os
-    import sys
-
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _describe(bar, text: str) -> None:
