@@ -1,9 +1,10 @@
 """Update rules: what an iteration does with the sweep's interval data (docs/theory.md, engine step 6).
 
-Each rule is a small object, registered by name in ``RULES`` (``register_rule``), and
-``solve(method=name)`` uses it; a new algorithm is a new class (in any module, also
-outside the package), not an edit of the solver. ``UpdateRule`` lists every member the
-solver uses.
+Each rule is a small object, registered by name in ``RULES`` (``register_rule``); a method
+object (``pmpsolve.methods``: ``pmp.EMSA(...)``, ..., ``pmp.Rule(name, **options)``) names it
+and holds its options, and ``solve(method=...)`` builds it from that. A new algorithm is a new
+class (in any module, also outside the package), not an edit of the solver. ``UpdateRule``
+lists every member the solver uses.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class ExtendedMSA(UpdateRule):
     With a fixed ``rho`` every step is taken, exactly as Alg. 2 (Theorem 2: J
     decreases for rho large enough).
 
-    With ``rho=None`` (the default of ``solve``) two safeguards make it converge
+    With ``rho=None`` (the default of ``pmp.EMSA``) two safeguards make it converge
     without tuning (rho starts at ``rho0`` / K for K samples):
 
     * adaptive rho: a step is kept only if J decreases by at least ``eta`` times
@@ -441,7 +442,7 @@ RULES: Dict[str, Type[UpdateRule]] = {}
 
 
 def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
-    """Make ``rule`` available as ``solve(..., method=rule.name)``."""
+    """Make ``rule`` available as ``solve(..., method=rule.name)`` or ``method=pmp.Rule(rule.name, **options)``."""
     RULES[rule.name] = rule
     return rule
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import pmpsolve as pmp
 import pmpsolve.solver as solver_module
 from pmpsolve.hamiltonian import IntervalHamiltonian
 from problems.sine import sine, sine_initial_controls
@@ -57,8 +58,9 @@ def clocked(owner, name, sink):
 def run(samples: int, iterations: int) -> list:
     """One solve of ``iterations`` iterations; per iteration {part: [wall, cpu]}."""
     problem, _ = sine(samples, reg=0.001)
-    solver = solver_module.Solver(problem, method="emsa", mesh=20, rho=0.25, max_iter=iterations, tol=0.0,
-                                  maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, quadrature=3)
+    solver = solver_module.Solver(problem, method=pmp.EMSA(rho=0.25), mesh=20, ode=pmp.ODE(rtol=1e-6, atol=1e-8),
+                                  maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0, quadrature=3),
+                                  stop=pmp.Stop(max_iter=iterations, tol=0.0))
     state = solver.init(sine_initial_controls("good", 20))
     calls = collections.defaultdict(list)
     restore = [clocked(solver_module.Sweeper, "forward", calls["forward sweep"]),

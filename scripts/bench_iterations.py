@@ -26,7 +26,7 @@ from problems import REFERENCE_PROBLEMS
 #: The E-MSA defaults before issue 15 (high_ratio 0.5, no Anderson screen): the reference of the relative numbers.
 BEFORE = {"high_ratio": 0.5, "anderson_screen": None}
 
-#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes the pre-issue-15 defaults.
+#: name -> pmp.EMSA options; each variant changes the pre-issue-15 defaults.
 VARIANTS = {
     "before": BEFORE,
     "default": {},
@@ -49,7 +49,7 @@ VARIANTS = {
 
 def run(problem, options, mesh):
     start = time.perf_counter()
-    sol = pmp.solve(problem, mesh=mesh, options=options)
+    sol = pmp.solve(problem, pmp.EMSA(**options), mesh=mesh)
     seconds = time.perf_counter() - start
     steps = sol.history[1:]
     return {
