@@ -345,7 +345,8 @@ class Solver:
                     bar.set_postfix_str(f"J={state.cost:.8g} {describe(self.rule.parameters())}")
                 # every rank stops if one rank's callback asks to (a collective only in a distributed solve)
                 if callback is not None and reducer.any(callback(state.history[-1], state.controls)) and not state.done:
-                    state = self.stop(state, StopReason("callback", f"stopped by callback at iteration {state.iteration}"))
+                    state = self.stop(state, StopReason("callback",
+                                                        f"stopped by callback at iteration {state.iteration}"))
         except KeyboardInterrupt:
             if state is None:
                 raise
