@@ -16,6 +16,7 @@ is maximised on every mesh interval at once. See docs/guide.md.
 from . import nn
 from .controls import Ball, Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
+from .memory import IterationMemoryError
 from .maximisers import MaximisationData
 from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
@@ -23,12 +24,16 @@ from .rounding import sum_up_rounding
 from .rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
+from .methods import EMSA, MSA, SQH, Gradient, Method, Rule
+from .options import ODE, Maximiser, Stop
+from .relaxation import RelaxAndRound
 from .solver import Solver, SolverState, solve
 
 __all__ = [
     "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
-    "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "RULES", "UpdateRule", "register_rule",
+    "Method", "EMSA", "MSA", "SQH", "Gradient", "Rule", "ODE", "Maximiser", "Stop", "RelaxAndRound",
+    "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "IterationMemoryError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient", "optimality_of", "sum_up_rounding", "nn",
 ]
 __version__ = "0.1.0"

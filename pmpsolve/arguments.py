@@ -5,7 +5,7 @@ import torch
 
 from .problem import ControlProblem
 
-__all__ = ["initial_controls", "progress_bar", "resolve_device"]
+__all__ = ["initial_controls", "outside_level", "progress_bar", "resolve_device"]
 
 
 def initial_controls(init, problem: ControlProblem, N: int, m: int, dtype, device) -> torch.Tensor:
@@ -55,3 +55,15 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"solve: `device` {str(device)!r} does not exist: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def outside_level() -> int:
+    """The ``stacklevel`` of a warning raised by the caller that names the first frame outside pmpsolve."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

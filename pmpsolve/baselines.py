@@ -18,7 +18,7 @@ from .mesh import make_mesh
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .arguments import initial_controls, progress_bar
-from .options import ODEOptions
+from .options import ODE
 from .sweeps import Sweeper
 
 __all__ = ["OPTIMIZERS", "BaselineRecord", "BaselineResult", "train"]
@@ -60,7 +60,7 @@ def train(problem: ControlProblem, *, optimizer: str = "adam", lr: float = 1e-3,
     device = torch.device("cpu" if device is None else device)
     pw = PointwiseProblem(problem, dtype, device)
     nodes = make_mesh(mesh, problem.horizon, dtype, device)
-    ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
+    ode = ODE(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
     sweeper = Sweeper(pw, nodes, method=ode.method, rtol=ode.rtol, atol=ode.atol)
     u = torch.nn.Parameter(initial_controls(init, problem, nodes.numel() - 1, problem.control_dim, dtype, device))
     opt = OPTIMIZERS[optimizer]([u], lr=lr)

@@ -411,8 +411,8 @@ class ODE:
             if step is None or not float(step) > 0:
                 suggestion = float(mesh[-1]) / (_SUGGESTED_STEPS_PER_INTERVAL * (mesh.numel() - 1))
                 raise ValueError(
-                    f"ode_method={method!r} is a fixed-step method and needs a step size: pass "
-                    f"ode_options={{'step_size': h}} with h > 0, e.g. h = {suggestion:.3g} "
+                    f"the ODE method {method!r} is a fixed-step method and needs a step size: pass "
+                    f"ode=pmp.ODE({method!r}, options={{'step_size': h}}) with h > 0, e.g. h = {suggestion:.3g} "
                     f"({_SUGGESTED_STEPS_PER_INTERVAL} steps per mesh interval); got {step!r}. Without one it "
                     "would take a single step per interval and report an inaccurate J. Or use an adaptive method "
                     "such as 'dopri5'")

@@ -13,17 +13,27 @@ mixed-integer optimal control (Sager, Bock and Diehl 2012) does far better:
 3. polish on the set with the same method, starting from the rounded controls.
 
 The polished solve's result is returned (it never ends above the rounded controls'
-J: its iterations only keep decreases), with ``relaxed_cost`` set.
+J: its iterations only keep decreases), with ``relaxed_cost`` set. ``solve`` takes this
+route on a Finite set unless given initial controls (``init=pmp.RelaxAndRound()`` is the
+default there); ``relax_round_polish`` drives two Solvers with the same settings, one per
+problem.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from .controls import Box, Finite
 from .problem import ControlProblem
 from .rounding import sum_up_rounding
 
-__all__ = ["relax_round_polish", "relaxed_problem"]
+__all__ = ["RelaxAndRound", "relax_round_polish", "relaxed_problem"]
+
+
+@dataclass(frozen=True)
+class RelaxAndRound:
+    """``init=`` of ``solve`` on a ``pmp.Finite`` set (its default there): start the iteration on
+    the set from the relaxed optimum, rounded (steps 1 and 2 above); the solve is step 3."""
 
 
 def relaxed_problem(problem: ControlProblem) -> ControlProblem:
@@ -35,14 +45,16 @@ def relaxed_problem(problem: ControlProblem) -> ControlProblem:
                           name=f"{problem.name} (relaxed)")
 
 
-def relax_round_polish(problem: ControlProblem, solve, arguments: dict):
-    """``solve(problem, **arguments)`` for a Finite set by the three steps above."""
+def relax_round_polish(solver, init: RelaxAndRound, *, progress: bool = False, callback=None):
+    """``solver.run`` for a Finite set by the three steps above (``solver``: a Solver of the finite problem)."""
+    problem = solver.problem
     if not isinstance(problem.controls, Finite):
-        raise TypeError(f"relax_round_polish: needs a pmp.Finite control set, got {problem.controls!r}")
+        raise TypeError(f"solve: `init=pmp.RelaxAndRound()` needs a pmp.Finite control set, got {problem.controls!r}; "
+                        "pass initial controls or None")
     start = time.perf_counter()
-    relaxed = solve(relaxed_problem(problem), **{**arguments, "finite": "plain"})
+    relaxed = solver.with_problem(relaxed_problem(problem)).run(None, progress=progress, callback=callback)
     rounded = sum_up_rounding(relaxed.controls, relaxed.mesh, problem.controls)
-    polished = solve(problem, **{**arguments, "finite": "plain", "init": rounded, "mesh": relaxed.mesh})
+    polished = solver.run(rounded, progress=progress, callback=callback)
     polished.relaxed_cost = relaxed.cost
     polished.message = (f"relaxed J = {relaxed.cost:.10g} ({relaxed.iterations} iterations, "
                         f"{relaxed.status}), sum-up rounded, polished: {polished.message}")

@@ -1,9 +1,10 @@
 """Update rules: what an iteration does with the sweep's interval data (docs/theory.md, engine step 6).
 
-Each rule is a small object, registered by name in ``RULES`` (``register_rule``), and
-``solve(method=name)`` uses it; a new algorithm is a new class (in any module, also
-outside the package), not an edit of the solver. ``UpdateRule`` lists every member the
-solver uses.
+Each rule is a small object, registered by name in ``RULES`` (``register_rule``); a method
+object (``pmpsolve.methods``: ``pmp.EMSA(...)``, ..., ``pmp.Rule(name, **options)``) names it
+and holds its options, and ``solve(method=...)`` builds it from that. A new algorithm is a new
+class (in any module, also outside the package), not an edit of the solver. ``UpdateRule``
+lists every member the solver uses.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from .controls import ControlSet, Finite, UserSet
 from .hamiltonian import IntervalData, IntervalHamiltonian
 from .maximisers import HamiltonianMaximiser
+from .methods import EMSA, MSA, SQH as SQHMethod, Gradient, Method
 from .pointwise import PointwiseProblem
 
 _ANDERSON_REGULARISATION = 1e-12  # relative Tikhonov term of the Anderson normal equations
@@ -37,7 +39,8 @@ class UpdateRule:
       every rule. ``pw``: the PointwiseProblem (f, L, Phi and H at many points); ``controls``:
       the control set; ``maximiser``: the solve's HamiltonianMaximiser (``self._maximise``
       uses it); ``generator``: the solve's random generator (None without a seed);
-      ``options``: a dict checked against ``defaults`` (unknown keys are refused).
+      ``options``: a dict checked against ``defaults`` (unknown keys are refused), and by
+      the rule's method object (``method_type``, e.g. ``pmp.EMSA``) when it has one.
     * ``propose(data) -> u [N, m]``: new controls from the interval data of the current
       iterate u^k (``IntervalData``). After a rejection it is called again with the same data.
     * ``judge(old_cost, new_cost, gain) -> bool``: keep the proposal? ``new_cost`` is J of
@@ -67,6 +70,9 @@ class UpdateRule:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Dict[str, object]] = {}
+    #: the method object of a built-in rule (``pmpsolve.methods``): its fields are ``defaults``
+    #: and its constructor checks the options
+    method_type: ClassVar[Optional[Type[Method]]] = None
     adaptive: bool = False
     #: proposals rejected in a row before the solver stops ("stalled")
     max_rejections: int = 12
@@ -80,6 +86,8 @@ class UpdateRule:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise ValueError(f"method {self.name!r} got unknown option(s) {unknown}; its options are: {known}")
         self.options = {**self.defaults, **options}
+        if self.method_type is not None:
+            self.method_type(**self.options)  # checks the values (one home: pmpsolve.methods)
         self.pw, self.controls, self.maximiser, self.generator = pw, controls, maximiser, generator
         self.evaluations = 0  # objective evaluations of all maximisations so far
 
@@ -145,7 +153,7 @@ class UpdateRule:
 class BasicMSA(UpdateRule):
     """Basic MSA (paper Alg. 1): u_n <- argmax int_{I_n} H dt. Can diverge (Sec. 3.1); no safeguard."""
 
-    name = "msa"
+    name, method_type = "msa", MSA
     detect_cycles = True
 
     def propose(self, data):
@@ -158,7 +166,7 @@ class ExtendedMSA(UpdateRule):
     With a fixed ``rho`` every step is taken, exactly as Alg. 2 (Theorem 2: J
     decreases for rho large enough).
 
-    With ``rho=None`` (the default of ``solve``) two safeguards make it converge
+    With ``rho=None`` (the default of ``pmp.EMSA``) two safeguards make it converge
     without tuning (rho starts at ``rho0`` / K for K samples):
 
     * adaptive rho: a step is kept only if J decreases by at least ``eta`` times
@@ -181,31 +189,15 @@ class ExtendedMSA(UpdateRule):
       sweep is saved).
     """
 
-    name = "emsa"
+    name, method_type = "emsa", EMSA
     # high_ratio 0.9 and anderson_screen 0.0: 210 forward sweeps on the four reference problems at mesh 200
     # against 391 with 0.5 and None (docs/benchmarks.md, section 5).
-    defaults = {"rho": None, "rho0": 1.0, "shrink": 0.5, "grow": 4.0, "eta": 1e-4, "rho_min": 1e-8, "rho_max": 1e12,
-                "anderson": 5, "low_ratio": 0.1, "high_ratio": 0.9, "anderson_reset": "rho", "anderson_screen": 0.0,
-                "floor_decay": None}
+    defaults = EMSA.defaults()
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
         o = self.options
         rho = o["rho"]
-        if rho is not None and not (float(rho) >= 0):
-            raise ValueError(f"`rho` must be a number >= 0 or None (adaptive), got {rho!r}")
-        for key in ("rho0", "rho_min", "rho_max"):
-            if not float(o[key]) > 0:
-                raise ValueError(f"emsa option {key!r} must be > 0, got {o[key]!r}")
-        if not (0 < float(o["shrink"]) <= 1 <= float(o["grow"])):
-            raise ValueError(f"emsa options need 0 < shrink <= 1 <= grow, got shrink={o['shrink']}, grow={o['grow']}")
-        if int(o["anderson"]) < 0:
-            raise ValueError(f"emsa option 'anderson' must be an int >= 0 (0: off), got {o['anderson']!r}")
-        if o["anderson_reset"] not in ("rho", "grow", "never"):
-            raise ValueError(f"emsa option 'anderson_reset' must be 'rho', 'grow' or 'never', got {o['anderson_reset']!r}")
-        decay = o["floor_decay"]
-        if decay is not None and not (0 < float(decay) <= 1):
-            raise ValueError(f"emsa option 'floor_decay' must be None or in (0, 1], got {decay!r}")
         self.adaptive = rho is None
         # The feasibility penalties are sums over the K samples while H is their mean, so rho acts
         # K-fold: the adaptive rule starts at rho0 / K (measured on lqr_samples: 10 iterations for
@@ -367,8 +359,8 @@ class GradientStep(UpdateRule):
     else lr <- lr / 2; with ``adaptive=False`` every step is taken.
     """
 
-    name = "gradient"
-    defaults = {"lr": 1.0, "adaptive": True, "c": 1e-4}
+    name, method_type = "gradient", Gradient
+    defaults = Gradient.defaults()
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
@@ -378,8 +370,6 @@ class GradientStep(UpdateRule):
             raise ValueError(
                 f"method='gradient' has no step for {what}: a gradient needs a continuous control set and a smooth "
                 "(or L1) cost. The maximum principle does not: use method='emsa', 'sqh' or 'msa'")
-        if not float(self.options["lr"]) > 0:
-            raise ValueError(f"gradient option 'lr' must be > 0, got {self.options['lr']!r}")
         self.lr = float(self.options["lr"])
         self.adaptive = bool(self.options["adaptive"])
         self._predicted = 0.0
@@ -419,9 +409,8 @@ class SQH(UpdateRule):
     sweep. Stop when |u^{k+1} - u^k|^2_{L2} < kappa.
     """
 
-    name = "sqh"
-    defaults = {"eps0": 1.0, "eta": 1e-9, "zeta": 0.9, "sigma": 1.5, "kappa": 1e-14, "eps_min": 1e-10,
-                "eps_max": 1e12}
+    name, method_type = "sqh", SQHMethod
+    defaults = SQHMethod.defaults()
     adaptive = True
     # eps grows by sigma = 1.5 per rejection: 50 rejections span a factor 1.5^50 = 6e8 (12 would
     # span only 130, too little to reach the small steps a singular arc needs).
@@ -430,13 +419,6 @@ class SQH(UpdateRule):
     def __init__(self, pw, controls, maximiser, generator, options=None):
         super().__init__(pw, controls, maximiser, generator, options)
         o = self.options
-        for key in ("eps0", "eps_min", "eps_max"):
-            if not float(o[key]) > 0:
-                raise ValueError(f"sqh option {key!r} must be > 0, got {o[key]!r}")
-        if not (0 < float(o["zeta"]) <= 1 < float(o["sigma"])):
-            raise ValueError(f"sqh options need 0 < zeta <= 1 < sigma, got zeta={o['zeta']}, sigma={o['sigma']}")
-        if float(o["eta"]) < 0 or float(o["kappa"]) < 0:
-            raise ValueError("sqh options 'eta' and 'kappa' must be >= 0")
         self.eps = float(o["eps0"])
         self._step = 0.0
         self._aggressive = None  # the last eps whose step was rejected at this iteration
@@ -475,7 +457,7 @@ Example:
 
 
 def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
-    """Make ``rule`` available as ``solve(..., method=rule.name)``.
+    """Make ``rule`` available as ``solve(..., method=rule.name)`` or ``method=pmp.Rule(rule.name, **options)``.
 
     Example: see ``UpdateRule`` for a rule of one's own; the built-in rules are registered so.
         >>> import pmpsolve as pmp

@@ -17,7 +17,7 @@ from .mesh import make_mesh
 from .optimality import optimality
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
-from .options import ODEOptions
+from .options import ODE
 from .reduce import distributed_reducer, refuse_user_set
 from .sweeps import Sweeper
 
@@ -39,7 +39,7 @@ def _setup(problem, controls, mesh, ode_method, rtol, atol, dtype, device, quadr
     if nodes.numel() - 1 != u.shape[0]:
         raise ValueError(f"`controls` has {u.shape[0]} rows but `mesh` has {nodes.numel() - 1} intervals")
     pw = PointwiseProblem(problem, dtype, device)
-    ode = ODEOptions(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
+    ode = ODE(ode_method, rtol, atol).resolved(dtype)  # the tolerances of solve, by dtype
     if process_group is not None:  # x0 is this rank's shard; every sum over samples is all-reduced
         refuse_user_set(problem)
         settings = {"ode_method": ode.method, "rtol": ode.rtol, "atol": ode.atol, "dtype": str(dtype)}

@@ -9,34 +9,41 @@ the reported cost) and the rule keeps or rejects it; the stopping tests
 
 ``Solver`` has the optax / diffrax shape: ``state = solver.init(u0)``, then
 ``state = solver.step(state)`` until ``state.done``, then ``solver.solution(state)``;
-a study or a user can drive iterations one at a time. ``solve`` is that loop with a
-progress bar, the callback and Ctrl-C. Settings are checked once, in ``Solver``'s
-constructor (``pmpsolve.options``), before anything runs.
+a study or a user can drive iterations one at a time. ``Solver.run`` is that loop with a
+progress bar, the callback and Ctrl-C (and, on a finite control set, the relax-round-polish
+driver, ``pmpsolve.relaxation``); ``solve`` is ``Solver(...).run(...)``. The settings are
+objects (``pmpsolve.methods``, ``pmpsolve.options``) that check themselves on construction;
+``Solver``'s constructor checks the rest and estimates the memory of an iteration
+(``pmpsolve.memory``) before anything runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 import warnings
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .arguments import initial_controls, progress_bar, resolve_device
+from .arguments import initial_controls, outside_level, progress_bar, resolve_device
 from .controls import Finite
+from .deprecated import accepts_old_keywords
 from .errors import NonFiniteError, SolveError, SweepBudgetError
 from .hamiltonian import IntervalHamiltonian, interval_data
 from .maximisers import HamiltonianMaximiser
+from .memory import check_memory
 from .mesh import make_mesh
+from .methods import Method, as_method
 from .optimality import is_optimal, optimality
-from .options import DEFAULT_TOLERANCES, MaximiserOptions, ODEOptions, RuleOptions, StoppingOptions
+from .options import DEFAULT_TOLERANCES, ODE, Maximiser, Stop
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .reduce import distributed_reducer, refuse_user_set
-from .rules import RULES
+from .relaxation import RelaxAndRound, relax_round_polish
 from .solution import IterationRecord, Solution
-from .stopping import Stop, default_tests
+from .stopping import StopReason, default_tests
 from .sweeps import ForwardSweep, Sweeper
 
 __all__ = ["solve", "Solver", "SolverState", "DEFAULT_TOLERANCES"]
@@ -101,10 +108,11 @@ class SolverState:
 class Solver:
     """A solve set up for one problem: sweeps, maximiser, rule and stopping tests.
 
-    Takes the keyword arguments of ``solve`` (except ``callback``, ``progress``, ``init``
-    and ``finite``) and checks them all here. With ``process_group`` every rank of the group
-    builds its own Solver on its shard of the samples (see ``solve``); the constructor is
-    then a collective (the ranks check they agree on the problem and settings).
+    Takes the settings of ``solve`` (``problem, method, mesh, ode, maximiser, stop, device,
+    dtype, process_group``) and checks them all here; ``run`` takes the rest. With
+    ``process_group`` every rank of the group builds its own Solver on its shard of the
+    samples (see ``solve``); the constructor is then a collective (the ranks check they agree
+    on the problem and settings).
 
     Example:
         >>> import torch, pmpsolve as pmp
@@ -119,29 +127,35 @@ class Solver:
         0.416667
     """
 
-    def __init__(self, problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, torch.Tensor] = 200,
-                 max_iter: int = 200, tol: Optional[float] = None, stall_tol: float = 1e-12,
-                 rho: Optional[float] = None, ode_method: str = "dopri5", rtol: Optional[float] = None,
-                 atol: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, maximiser_iter: int = 50, perturb: float = 0.0, quadrature: int = 3,
-                 options: Optional[dict] = None, ode_options: Optional[dict] = None, maximiser: str = "auto",
+    @accepts_old_keywords
+    def __init__(self, problem: ControlProblem, *, method: Union[str, Method] = "emsa",
+                 mesh: Union[int, torch.Tensor] = 200, ode: Optional[ODE] = None, maximiser: Optional[Maximiser] = None,
+                 stop: Optional[Stop] = None, device=None, dtype: Optional[torch.dtype] = None,
                  process_group: Optional[torch.distributed.ProcessGroup] = None):
         if not isinstance(problem, ControlProblem):
             raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
-        self.rule_options = RuleOptions(method, {**(options or {}), **({} if rho is None else {"rho": rho})})
-        ode = ODEOptions(ode_method, rtol, atol, ode_options)
-        stopping = StoppingOptions(max_iter, tol, stall_tol)
-        self.maximiser_options = MaximiserOptions(maximiser, maximiser_iter, perturb, seed, quadrature)
+        self.method = as_method(method)
+        ode, self.maximiser_options, stopping = (_record(label, value, cls) for label, value, cls in (
+            ("ode", ode, ODE), ("maximiser", maximiser, Maximiser), ("stop", stop, Stop)))
         dtype = torch.float64 if dtype is None else dtype
         if dtype not in DEFAULT_TOLERANCES:
             raise TypeError(f"solve: `dtype` must be torch.float64 or torch.float32, got {dtype!r}; half precision "
                             "(float16, bfloat16) is too coarse for the adaptive sweeps' error control")
         self.device, self.dtype = resolve_device(device), dtype
         self.ode, self.stopping = ode.resolved(dtype), stopping.resolved(dtype)
-        self.problem, self.method = problem, method
+        self.problem = problem
+        self.arguments = dict(method=self.method, ode=ode, maximiser=self.maximiser_options, stop=stopping,
+                              device=device, dtype=dtype, process_group=process_group)
         self.pw = PointwiseProblem(problem, dtype, self.device)
-        self.mesh = make_mesh(mesh, problem.horizon, dtype, self.device)
         m = self.maximiser_options
+        # Before the first sweep (and, for a number of intervals, before the mesh is allocated):
+        # refuse a mesh whose iteration would not fit in memory, warn above half of it.
+        shape = (self.pw.num_samples, problem.state_dim, problem.control_dim, m.quadrature, dtype, self.device)
+        if isinstance(mesh, numbers.Integral) and not isinstance(mesh, bool) and mesh >= 1:
+            check_memory(int(mesh), *shape)
+        self.mesh = make_mesh(mesh, problem.horizon, dtype, self.device)
+        if not isinstance(mesh, numbers.Integral):
+            check_memory(self.mesh.numel() - 1, *shape)
         generator = m.generator()
         self.process_group = process_group
         if process_group is not None:
@@ -152,15 +166,19 @@ class Solver:
                                                         problem.control_dim, self.mesh, self.settings, m.seed)
             generator = torch.Generator(device="cpu").manual_seed(seed)
         self.maximiser = HamiltonianMaximiser(problem.controls, max_iter=m.iterations, perturb=m.perturb, method=m.kind)
-        self.rule = RULES[method](self.pw, problem.controls, self.maximiser, generator, self.rule_options.options)
+        self.rule = self.method.rule(self.pw, problem.controls, self.maximiser, generator, self.method.options())
         self.sweeper = Sweeper(self.pw, self.mesh, method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol,
                                options=self.ode.options, quadrature=m.quadrature)
-        self.tests = default_tests(method, self.rule, self.stopping.stall_tol)
+        self.tests = default_tests(self.method.name, self.rule, self.stopping.stall_tol)
+
+    def with_problem(self, problem: ControlProblem) -> "Solver":
+        """A Solver with the same settings and mesh for another problem (the relaxation of a finite set)."""
+        return Solver(problem, mesh=self.mesh, **self.arguments)
 
     @property
     def settings(self) -> dict:
         """Every setting of this solve, flat and JSON-friendly (what ``Solution.settings`` records)."""
-        settings = {**self.rule_options.settings(), "mesh": self.mesh.numel() - 1, **self.stopping.settings(),
+        settings = {**self.method.settings(), "mesh": self.mesh.numel() - 1, **self.stopping.settings(),
                     **self.ode.settings(), "dtype": str(self.dtype), "device": str(self.device),
                     **self.maximiser_options.settings()}
         reducer = self.pw.reducer
@@ -248,7 +266,7 @@ class Solver:
             if stop is not None:
                 return self.stop(state, stop)
         if k >= self.stopping.max_iter:
-            return self.stop(state, Stop("max_iter", f"reached max_iter = {self.stopping.max_iter}"))
+            return self.stop(state, StopReason("max_iter", f"reached max_iter = {self.stopping.max_iter}"))
         return state
 
     def measure(self, state: SolverState) -> SolverState:
@@ -265,13 +283,13 @@ class Solver:
         return dataclasses.replace(state, measured=(bw, data, measure), backward_evals=bw.evaluations,
                                    history=history)
 
-    def stop(self, state: SolverState, stop: Stop) -> SolverState:
+    def stop(self, state: SolverState, stop: StopReason) -> SolverState:
         """``state`` ended with ``stop`` (the result is still decided by the optimality measure)."""
         return dataclasses.replace(state, status=stop.status, message=stop.message)
 
     def interrupt(self, state: Optional[SolverState]) -> SolverState:
         """Like IPOPT's user stop: the best iterate so far is the result, marked as such."""
-        return self.stop(state, Stop("interrupted", f"interrupted (KeyboardInterrupt) after {state.iteration} "
+        return self.stop(state, StopReason("interrupted", f"interrupted (KeyboardInterrupt) after {state.iteration} "
                                                     "iterations"))
 
     # ------------------------------------------------------------------ the result
@@ -298,15 +316,59 @@ class Solver:
         message += (f"; first-order optimality {measure:.3g} "
                     f"{'<=' if converged else '>'} tol * max(1, |J|) = {tol * max(1.0, abs(best.cost)):.3g}")
         if not converged and self.stopping.max_iter > 0:
-            warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
         # e.g. {"closed-form": 41}: what maximised the Hamiltonian
         settings = {**self.settings, "maximisers_used": dict(self.maximiser.used)}
         p = self.problem
         return Solution(cost=best.cost, controls=best.controls, mesh=self.mesh, history=history, converged=converged,
-                        message=message, method=self.method, states_trajectory=best.forward.states,
+                        message=message, method=self.method.name, states_trajectory=best.forward.states,
                         costates_trajectory=None if bw is None else bw.costates, control_set=p.controls,
                         single_sample=p.single_sample, problem_name=p.name, settings=settings, problem=p,
                         optimality=measure, status=status)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, init=None, *, progress: bool = False, callback: Optional[Callable] = None) -> Solution:
+        """``init``, then ``step`` until done, then ``solution``: what ``solve`` does (``init``,
+        ``progress`` and ``callback`` as there). On a finite control set with ``init`` None or
+        ``pmp.RelaxAndRound()``, the relax-round-polish driver (``pmpsolve.relaxation``)."""
+        if isinstance(init, RelaxAndRound) or (init is None and isinstance(self.problem.controls, Finite)):
+            return relax_round_polish(self, init or RelaxAndRound(), progress=progress, callback=callback)
+        state = None
+        reducer = self.pw.reducer
+        label = f"{self.problem.name} [{self.method.name}]"
+        bar = progress_bar(progress and reducer.rank == 0, self.stopping.max_iter, self.problem.name, self.method.name)
+        try:
+            # The first sweeps have no iteration to count yet (and are the longest at a large mesh): say so.
+            _describe(bar, f"{label} forward sweep")
+            state = self.init(init)
+            if not state.done and bar is not None:
+                _describe(bar, f"{label} co-state sweep")
+                state = self.measure(state)  # what step() does first; measured once
+            _describe(bar, label)
+            while not state.done:
+                previous = state.iteration
+                state = self.step(state)
+                if state.iteration == previous or state.history[-1].rejected >= self.rule.max_rejections:
+                    continue  # no step was kept (converged at its start, or stalled on rejections)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"J={state.cost:.8g} {describe(self.rule.parameters())}")
+                # every rank stops if one rank's callback asks to (a collective only in a distributed solve)
+                if callback is not None and reducer.any(callback(state.history[-1], state.controls)) and not state.done:
+                    state = self.stop(state, StopReason("callback",
+                                                        f"stopped by callback at iteration {state.iteration}"))
+        except KeyboardInterrupt:
+            if state is None:
+                raise
+            state = self.interrupt(state)
+        except SolveError as err:
+            if state is not None:
+                err.attach(state.best.controls, state.best.cost, state.history)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.solution(state)
 
     # ------------------------------------------------------------------ internals
     def _check_controls(self, u: torch.Tensor, k: int) -> None:
@@ -328,60 +390,37 @@ class Solver:
             forward_seconds=fw_seconds, backward_seconds=bw.seconds, maximise_seconds=max_seconds)
 
 
-def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, torch.Tensor] = 200,
-          max_iter: int = 200, tol: Optional[float] = None, stall_tol: float = 1e-12, rho: Optional[float] = None,
-          ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None, init=None,
-          device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, progress: bool = False,
-          callback: Optional[Callable] = None, maximiser_iter: int = 50, perturb: float = 0.0,
-          quadrature: int = 3, options: Optional[dict] = None, ode_options: Optional[dict] = None,
-          maximiser: str = "auto", finite: str = "relax-round-polish",
+@accepts_old_keywords
+def solve(problem: ControlProblem, method: Union[str, Method] = "emsa", *, mesh: Union[int, torch.Tensor] = 200,
+          ode: Optional[ODE] = None, maximiser: Optional[Maximiser] = None, stop: Optional[Stop] = None, init=None,
+          device=None, dtype: Optional[torch.dtype] = None, progress: bool = False,
+          callback: Optional[Callable] = None,
           process_group: Optional[torch.distributed.ProcessGroup] = None) -> Solution:
     """Solve ``problem`` by the maximum principle, optimise-then-discretise.
 
     Args:
         problem: the ControlProblem.
-        method: the update rule: ``"emsa"`` (extended MSA, paper Alg. 2; default),
-            ``"msa"`` (basic MSA, Alg. 1), ``"sqh"`` (sequential quadratic Hamiltonian) or
-            ``"gradient"`` (soft step, eq. 12 = gradient descent).
+        method: the update rule, an object with its options: ``pmp.EMSA(...)`` (extended MSA,
+            paper Alg. 2; the default), ``pmp.MSA()`` (basic MSA, Alg. 1), ``pmp.SQH(...)``
+            (sequential quadratic Hamiltonian), ``pmp.Gradient(...)`` (soft step, eq. 12 =
+            gradient descent) or ``pmp.Rule(name, ...)`` (a registered rule). A name
+            (``"emsa"``, ``"msa"``, ``"sqh"``, ``"gradient"``) means that object with its defaults.
         mesh: number of uniform control intervals N, or node times [N + 1] from 0 to T.
-        max_iter: iteration limit.
-        tol: ``converged`` means first-order optimal: the optimality measure of the returned
-            controls (``pmpsolve.optimality``: the projected L2 gradient for boxes and R^m, the
-            largest Hamiltonian gap per unit time for finite and user sets) is at most
-            ``tol * max(1, |J|)``. The solve stops as soon as it is. Default by dtype:
-            1e-5 (float64), 1e-3 (float32) (``optimality.DEFAULT_OPTIMALITY_TOL``).
-        stall_tol: stop (``converged=False`` unless the measure says otherwise) when
-            |J(u^{k+1}) - J(u^k)| <= stall_tol * max(1, |J|) on 3 iterations in a row.
-        rho: E-MSA penalty (eq. 7). A number: fixed, every step taken (Alg. 2). None
-            (default): adaptive, steps kept only when J decreases (see ``ExtendedMSA``).
-        ode_method: a torchdiffeq method (default ``"dopri5"``); rtol, atol: its tolerances
-            (default by dtype: float64 1e-9/1e-11, float32 1e-6/1e-8). Fixed-step methods
-            (``"rk4"``, ``"euler"``, ...) need ``ode_options={"step_size": h}``.
-        init: initial controls: [N, m], [m] (constant) or a number; default 0, or the
-            middle of a box that excludes 0. Must lie in the control set.
+        ode: how the sweeps integrate, ``pmp.ODE(...)`` (default: dopri5, tolerances by dtype).
+        maximiser: how the interval Hamiltonians are maximised, ``pmp.Maximiser(...)``.
+        stop: when to stop and what ``converged`` means, ``pmp.Stop(...)`` (default:
+            200 iterations, optimality tolerance by dtype).
+        init: initial controls: [N, m], [m] (constant) or a number; default: 0, or the middle of
+            a box that excludes 0. Must lie in the control set. On a ``pmp.Finite`` set the default
+            is ``pmp.RelaxAndRound()``: the relaxation over the convex hull solved with the same
+            settings and rounded by sum-up rounding; the solve then iterates on the set from there
+            (``sol.relaxed_cost`` is the relaxed J). Given controls iterate on the set from them.
         device, dtype: where and in what precision to solve (default: the CPU, float64;
             float32 and float64 are supported).
-        seed: seeds every random part (the maximiser's start perturbation); identical calls
-            give bit-identical results on the CPU with or without it.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (from the first forward sweep on).
         callback: called as ``callback(record, controls)`` after every iteration;
             return True to stop. A KeyboardInterrupt (Ctrl-C, or raised by the callback)
             returns the best solution so far with ``status="interrupted"``.
-        maximiser_iter: L-BFGS iterations per maximisation.
-        perturb: half-width of uniform noise added to the maximiser's start (0.005 in the
-            paper's reference code).
-        quadrature: Gauss points per interval for the interval Hamiltonian.
-        options: options of the update rule (e.g. ``{"lr": 0.5}`` for ``"gradient"``).
-        ode_options: passed to torchdiffeq (e.g. ``{"step_size": 0.01}`` for fixed-grid methods).
-        maximiser: how boxes and R^m are maximised: "auto" (closed form where the objective is
-            a separable concave quadratic in u, else L-BFGS, or proximal gradient with an L1/L0
-            cost), "closed-form", "lbfgs" or "proximal". Finite sets are enumerated, UserSets
-            use their own maximiser.
-        finite: for a finite control set: ``"relax-round-polish"`` (default: solve the
-            relaxation over the convex hull, round by sum-up rounding, polish on the set with
-            the same method; ``sol.relaxed_cost`` is the relaxed J, a lower bound when the
-            relaxation is solved to its global optimum) or ``"plain"`` (iterate on the set
-            from ``init``).
         process_group: None (default): one process. A ``torch.distributed`` ProcessGroup
             (e.g. ``torch.distributed.group.WORLD``): a data-parallel solve, called on every rank
             of the group with the same arguments except ``problem.x0`` [K_r, n], this rank's
@@ -391,13 +430,18 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
             samples. An error on one rank is raised on every rank. Collectives wait at most the
             group's timeout (``init_process_group(timeout=...)``). See docs/distributed.md.
 
+    The flat keywords of earlier releases (``max_iter=``, ``rho=``, ``ode_method=``, ``tol=``,
+    ``seed=``, ...) still work for one release, with a DeprecationWarning
+    (``pmpsolve.deprecated`` maps each onto its object); any other keyword is refused.
+
     Returns:
         A Solution; ``sol.converged`` is True only when the returned controls are first-order
-        optimal (see ``tol``), ``sol.status`` says why the solve stopped ("converged",
+        optimal (``pmp.Stop``'s ``tol``), ``sol.status`` says why the solve stopped ("converged",
         "max_iter", "stalled", "callback" or "interrupted"). Raises NonFiniteError if a sweep
         blows up, SweepBudgetError if a sweep needs far more work than before (e.g. an
-        unbounded problem) and DivergenceError if a method without safeguard (basic MSA,
-        fixed rho) diverges; each carries the best controls found so far.
+        unbounded problem), DivergenceError if a method without safeguard (basic MSA, fixed
+        rho) diverges (each carries the best controls found so far), and IterationMemoryError
+        before the first sweep when an iteration would not fit in memory.
 
     Example: x' = u, x(0) = 1, J = 5/2 x(1)^2 + 1/2 int_0^1 u^2 dt, whose optimum is J* = 5/12.
         >>> import torch, pmpsolve as pmp
@@ -408,45 +452,13 @@ def solve(problem: ControlProblem, *, method: str = "emsa", mesh: Union[int, tor
         >>> round(sol.cost, 6), sol.converged, tuple(sol.controls.shape)
         (0.416667, True, (10, 1))
     """
-    arguments = {key: value for key, value in locals().items() if key != "problem"}
+    if not isinstance(problem, ControlProblem):
+        raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"solve: `callback` must be callable or None, got {type(callback).__name__}")
-    if finite not in ("relax-round-polish", "plain"):
-        raise ValueError(f"solve: `finite` must be 'relax-round-polish' or 'plain', got {finite!r}")
-    settings = {key: value for key, value in arguments.items() if key not in ("init", "progress", "callback", "finite")}
-    solver = Solver(problem, **settings)
-    if isinstance(problem.controls, Finite) and finite == "relax-round-polish" and init is None:
-        from .relaxation import relax_round_polish
-
-        return relax_round_polish(problem, solve, arguments)
-    state = None
-    reducer = solver.pw.reducer
-    bar = progress_bar(progress and reducer.rank == 0, solver.stopping.max_iter, problem.name, method)
-    try:
-        state = solver.init(init)
-        while not state.done:
-            previous = state.iteration
-            state = solver.step(state)
-            if state.iteration == previous or state.history[-1].rejected >= solver.rule.max_rejections:
-                continue  # no step was kept (converged at its start, or stalled on rejections)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"J={state.cost:.8g} {describe(solver.rule.parameters())}")
-            # every rank stops if one rank's callback asks to (a collective only in a distributed solve)
-            if callback is not None and reducer.any(callback(state.history[-1], state.controls)) and not state.done:
-                state = solver.stop(state, Stop("callback", f"stopped by callback at iteration {state.iteration}"))
-    except KeyboardInterrupt:
-        if state is None:
-            raise
-        state = solver.interrupt(state)
-    except SolveError as err:
-        if state is not None:
-            err.attach(state.best.controls, state.best.cost, state.history)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return solver.solution(state)
+    solver = Solver(problem, method=method, mesh=mesh, ode=ode, maximiser=maximiser, stop=stop, device=device,
+                    dtype=dtype, process_group=process_group)
+    return solver.run(init, progress=progress, callback=callback)
 
 
 def relative_budget(previous: Optional[int], N: int) -> int:
@@ -456,6 +468,21 @@ def relative_budget(previous: Optional[int], N: int) -> int:
     if previous is None:
         return max(FIRST_SWEEP_EVALS, MIN_EVALS_PER_INTERVAL * BUDGET_FACTOR * N)
     return BUDGET_FACTOR * max(previous, MIN_EVALS_PER_INTERVAL * N)
+
+
+def _record(label: str, value, cls):
+    """``ode=``, ``maximiser=`` or ``stop=`` as its record (None: the defaults)."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(f"solve: `{label}` must be a pmp.{cls.__name__}(...) or None, got {value!r}; "
+                        f"e.g. {label}=pmp.{cls.__name__}()")
+    return value
+
+
+def _describe(bar, text: str) -> None:
+    if bar is not None:
+        bar.set_description_str(text, refresh=True)
 
 
 def describe(parameters) -> str:

@@ -1,7 +1,7 @@
 """Stopping tests: small objects the solver asks after every kept step.
 
 Each test looks at the ``SolverState`` after an iteration and returns ``None`` (go on),
-a ``Stop(status, message)`` (end the solve; the result is the best iterate and
+a ``StopReason(status, message)`` (end the solve; the result is the best iterate and
 ``converged`` is decided by the optimality measure alone), or raises a
 ``DivergenceError`` (a method without safeguard that diverges must not return a result).
 The test that decides ``converged`` (first-order optimality) is not among them: it runs
@@ -14,21 +14,21 @@ from typing import NamedTuple, Optional, Protocol
 
 from .errors import DivergenceError
 
-__all__ = ["Stop", "StoppingTest", "Divergence", "Cycling", "RuleStop", "Stall", "default_tests"]
+__all__ = ["StopReason", "StoppingTest", "Divergence", "Cycling", "RuleStop", "Stall", "default_tests"]
 
 DIVERGENCE_PATIENCE = 3  # consecutive increases above J(u^0) that count as divergence
 CYCLE_PATIENCE = 25  # iterations without a new best J (while J keeps changing) that count as cycling
 STALL_PATIENCE = 3  # iterations in a row with |dJ| <= stall_tol * max(1, |J|) that count as a stall
 
 
-class Stop(NamedTuple):
+class StopReason(NamedTuple):
     status: str  # "stalled", "callback", ...
     message: str
 
 
 class StoppingTest(Protocol):
-    def __call__(self, state) -> Optional[Stop]:
-        """``state``: the SolverState after a kept step. Return a Stop to end the solve."""
+    def __call__(self, state) -> Optional[StopReason]:
+        """``state``: the SolverState after a kept step. Return a StopReason to end the solve."""
 
 
 class Divergence:
@@ -37,7 +37,7 @@ class Divergence:
     def __init__(self, method: str, patience: int = DIVERGENCE_PATIENCE):
         self.method, self.patience = method, patience
 
-    def __call__(self, state) -> Optional[Stop]:
+    def __call__(self, state) -> Optional[StopReason]:
         if state.rises >= self.patience:
             raise DivergenceError(
                 f"method {self.method!r} diverged: J rose in {state.rises} consecutive iterations to "
@@ -54,7 +54,7 @@ class Cycling:
     def __init__(self, method: str, stall_tol: float, patience: int = CYCLE_PATIENCE):
         self.method, self.stall_tol, self.patience = method, stall_tol, patience
 
-    def __call__(self, state) -> Optional[Stop]:
+    def __call__(self, state) -> Optional[StopReason]:
         if state.since_best >= self.patience and state.change > self.stall_tol * max(1.0, abs(state.cost)):
             raise DivergenceError(
                 f"method {self.method!r} does not converge: J has not improved on its best value "
@@ -70,9 +70,9 @@ class RuleStop:
     def __init__(self, rule):
         self.rule = rule
 
-    def __call__(self, state) -> Optional[Stop]:
+    def __call__(self, state) -> Optional[StopReason]:
         reason = self.rule.converged()
-        return None if reason is None else Stop("stalled", reason)
+        return None if reason is None else StopReason("stalled", reason)
 
 
 class Stall:
@@ -81,9 +81,9 @@ class Stall:
     def __init__(self, stall_tol: float, patience: int = STALL_PATIENCE):
         self.stall_tol, self.patience = stall_tol, patience
 
-    def __call__(self, state) -> Optional[Stop]:
+    def __call__(self, state) -> Optional[StopReason]:
         if state.small_steps >= self.patience:
-            return Stop("stalled", f"|dJ| <= stall_tol * max(1, |J|) on {self.patience} iterations in a row "
+            return StopReason("stalled", f"|dJ| <= stall_tol * max(1, |J|) on {self.patience} iterations in a row "
                                    f"(stall_tol = {self.stall_tol:g})")
         return None
 

@@ -50,8 +50,8 @@ def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, 
         if which == "sine":
             x, y = (t.chunk(world)[rank] for t in sine_data(K, seed=0))
             problem = sine_problem(x, y, reg=0.001, delta=5.0 / mesh, name="sine-train")
-            options = dict(rho=0.25, maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8,
-                           init=sine_initial_controls("good", mesh, seed=0))
+            options = dict(method=pmp.EMSA(rho=0.25), maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0),
+                           ode=pmp.ODE(rtol=1e-6, atol=1e-8), init=sine_initial_controls("good", mesh, seed=0))
         else:
             full = lqr_samples(K)[0]
             problem = pmp.ControlProblem(full.dynamics, full.x0.chunk(world)[rank], full.horizon, full.controls,
@@ -59,8 +59,9 @@ def _rank(rank: int, world: int, port: int, K: int, mesh: int, iterations: int, 
             options = {}
         if group is not None:
             dist.barrier(group)  # start together
-        seconds, cpu, sol = harness.clock(lambda: pmp.solve(problem, mesh=mesh, max_iter=iterations, tol=0.0,
-                                                             stall_tol=0.0, process_group=group, **options))
+        seconds, cpu, sol = harness.clock(lambda: pmp.solve(
+            problem, mesh=mesh, stop=pmp.Stop(max_iter=iterations, tol=0.0, stall_tol=0.0), process_group=group,
+            **options))
         records = sol.history[1:]
         info = sol.settings.get("distributed") or {"all_reduces": 0, "numbers_reduced": 0, "all_reduce_seconds": 0.0}
         row = dict(rank=rank, seconds=seconds, cpu_seconds=cpu, iterations=len(records), cost=sol.cost,

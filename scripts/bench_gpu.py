@@ -27,7 +27,7 @@ def reference_case(name, make, mesh):
     problem, _ = make()
 
     def run(device):
-        return lambda: pmp.solve(problem, mesh=mesh, max_iter=10, device=device)
+        return lambda: pmp.solve(problem, mesh=mesh, device=device, stop=pmp.Stop(max_iter=10))
     return f"{name} (mesh {mesh}, 10 E-MSA iterations)", run
 
 
@@ -39,8 +39,10 @@ def sine_case(samples):
     def run(device):
         init = sine_initial_controls("good", 20)
         # the sine study's E-MSA settings (pmpsolve/studies/sine.py)
-        return lambda: pmp.solve(problem, method="emsa", mesh=20, rho=0.25, max_iter=5, tol=0.0, init=init,
-                                 maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, device=device)
+        return lambda: pmp.solve(problem, method=pmp.EMSA(rho=0.25), mesh=20, init=init, device=device,
+                                 ode=pmp.ODE(rtol=1e-6, atol=1e-8),
+                                 maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0),
+                                 stop=pmp.Stop(max_iter=5, tol=0.0))
     return f"sine network (K = {samples} samples, 5 E-MSA iterations, the study's settings)", run
 
 

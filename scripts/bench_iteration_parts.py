@@ -25,6 +25,7 @@ import statistics
 import warnings
 
 import harness
+import pmpsolve as pmp
 # Internals: the parts of Solver.step are timed by wrapping the module functions and methods it calls.
 import pmpsolve.solver as solver_module
 from pmpsolve.hamiltonian import IntervalHamiltonian
@@ -37,8 +38,9 @@ PARTS = ("forward sweep", "backward sweep", "interval data", "optimality measure
 def run(samples: int, iterations: int) -> list:
     """One solve of ``iterations`` iterations; per iteration {part: [wall, cpu]}."""
     problem, _ = sine(samples, reg=0.001)
-    solver = solver_module.Solver(problem, method="emsa", mesh=20, rho=0.25, max_iter=iterations, tol=0.0,
-                                  maximiser_iter=10, perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, quadrature=3)
+    solver = solver_module.Solver(problem, method=pmp.EMSA(rho=0.25), mesh=20, ode=pmp.ODE(rtol=1e-6, atol=1e-8),
+                                  maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0, quadrature=3),
+                                  stop=pmp.Stop(max_iter=iterations, tol=0.0))
     state = solver.init(sine_initial_controls("good", 20))
     calls = collections.defaultdict(list)
     clocked = harness.clocked

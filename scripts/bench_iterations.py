@@ -22,7 +22,7 @@ from problems import REFERENCE_PROBLEMS
 #: "before": high_ratio 0.5 and no Anderson screen, the reference of the relative numbers.
 BEFORE = {"high_ratio": 0.5, "anderson_screen": None}
 
-#: name -> ExtendedMSA options (``solve(options=...)``); each variant changes "before" (or the defaults).
+#: name -> pmp.EMSA options; each variant changes "before" (or the defaults).
 VARIANTS = {
     "before": BEFORE,
     "default": {},
@@ -44,7 +44,7 @@ VARIANTS = {
 
 
 def run(problem, options, mesh):
-    seconds, _, sol = harness.clock(lambda: pmp.solve(problem, mesh=mesh, options=options))
+    seconds, _, sol = harness.clock(lambda: pmp.solve(problem, pmp.EMSA(**options), mesh=mesh))
     steps = sol.history[1:]
     return {
         "status": sol.status, "converged": sol.converged, "cost": sol.cost, "optimality": sol.optimality,

@@ -55,14 +55,17 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for N in args.meshes:
-            sol = pmp.solve(problem, mesh=N, max_iter=args.iterations, tol=0.0, rho=1.0, quadrature=args.quadrature)
+            sol = pmp.solve(problem, method=pmp.EMSA(rho=1.0), mesh=N,
+                            maximiser=pmp.Maximiser(quadrature=args.quadrature),
+                            stop=pmp.Stop(max_iter=args.iterations, tol=0.0))
             results["mesh"].append(dict(size=N, **split(sol)))
             print("mesh", N, {k: round(v, 4) for k, v in results["mesh"][-1].items() if k in PARTS}, flush=True)
         for K in args.samples:
             train = sine_problem(*sine_data(K, seed=0), reg=0.001, delta=0.25, name="sine")
             init = sine_initial_controls("good", 20, seed=0)
-            sol = pmp.solve(train, mesh=20, rho=0.25, max_iter=args.iterations, tol=0.0, init=init, maximiser_iter=10,
-                            perturb=0.005, seed=0, rtol=1e-6, atol=1e-8, quadrature=args.quadrature)
+            sol = pmp.solve(train, method=pmp.EMSA(rho=0.25), mesh=20, init=init, ode=pmp.ODE(rtol=1e-6, atol=1e-8),
+                            maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0, quadrature=args.quadrature),
+                            stop=pmp.Stop(max_iter=args.iterations, tol=0.0))
             results["samples"].append(dict(size=K, **split(sol)))
             print("samples", K, {k: round(v, 4) for k, v in results["samples"][-1].items() if k in PARTS}, flush=True)
     for axis in ("mesh", "samples"):

@@ -84,9 +84,10 @@ def time_to_targets(train, init, init_kind, targets, quadrature, args, delta, dt
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        pmp.solve(train, method="emsa", mesh=MESH, rho=args.rho * delta, max_iter=args.emsa_iterations, tol=0.0,
-                  init=init, maximiser_iter=10, perturb=0.005, seed=args.seed, dtype=dtype, rtol=rtol, atol=atol,
-                  quadrature=quadrature, callback=watch, progress=not args.no_progress)
+        pmp.solve(train, method=pmp.EMSA(rho=args.rho * delta), mesh=MESH, init=init, dtype=dtype, callback=watch,
+                  progress=not args.no_progress, ode=pmp.ODE(rtol=rtol, atol=atol),
+                  maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=args.seed, quadrature=quadrature),
+                  stop=pmp.Stop(max_iter=args.emsa_iterations, tol=0.0))
     rows = []
     for opt, target in targets.items():
         r = reached[opt]

@@ -59,8 +59,8 @@ def main(argv=None) -> None:
             print(f"iteration {record.iteration:3d}  J = {record.cost!r}", flush=True)
 
     start = time.perf_counter()
-    sol = pmp.solve(mine, mesh=args.mesh, max_iter=args.max_iter, device=device, process_group=group,
-                    callback=report)
+    sol = pmp.solve(mine, mesh=args.mesh, device=device, process_group=group, callback=report,
+                    stop=pmp.Stop(max_iter=args.max_iter))
     seconds = time.perf_counter() - start
     if rank == 0:
         print(f"{world} process(es), K = {args.samples} samples ({len(shard)} on rank 0), mesh {args.mesh}")

@@ -90,25 +90,25 @@ def test_callback_can_stop_and_sees_records():
 
 def test_progress_bar_runs(capsys):
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
-    pmp.solve(problem, mesh=10, max_iter=2, progress=True)
+    pmp.solve(problem, mesh=10, progress=True, stop=pmp.Stop(max_iter=2))
     assert "[emsa]" in capsys.readouterr().err  # tqdm draws on stderr, labelled with the problem and method
 
 
 def test_mesh_as_times_and_init():
     problem, _ = REFERENCE_PROBLEMS["catalyst"]()
     mesh = torch.tensor([0.0, 0.1, 0.3, 0.6, 1.0])
-    sol = pmp.solve(problem, mesh=mesh, init=torch.full((4, 1), 0.5), max_iter=3)
+    sol = pmp.solve(problem, mesh=mesh, init=torch.full((4, 1), 0.5), stop=pmp.Stop(max_iter=3))
     assert torch.allclose(sol.mesh, mesh.double())
     assert bool(((sol.controls >= 0) & (sol.controls <= 1)).all())
 
 
 def test_box_controls_stay_in_the_box():
     problem, _ = REFERENCE_PROBLEMS["vanderpol"]()
-    sol = pmp.solve(problem, mesh=20, method="msa", max_iter=3)
+    sol = pmp.solve(problem, mesh=20, method="msa", stop=pmp.Stop(max_iter=3))
     assert bool(((sol.controls >= -0.3) & (sol.controls <= 1.0)).all())
 
 
 def test_zero_iterations_returns_the_initial_control():
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
-    sol = pmp.solve(problem, mesh=10, max_iter=0, init=0.1)
+    sol = pmp.solve(problem, mesh=10, init=0.1, stop=pmp.Stop(max_iter=0))
     assert torch.all(sol.controls == 0.1) and sol.iterations == 0

@@ -178,7 +178,7 @@ def test_basic_msa_cycling_on_a_bang_bang_problem_is_reported():
 
 def test_sqh_decreases_J_over_accepted_steps_and_records_eps():
     problem, J_star = catalyst_mixing()
-    sol = pmp.solve(problem, method="sqh", mesh=100, max_iter=60)
+    sol = pmp.solve(problem, method="sqh", mesh=100, stop=pmp.Stop(max_iter=60))
     costs = [r.cost for r in sol.history]
     assert all(b <= a for a, b in zip(costs, costs[1:])), costs
     assert all("eps" in r.parameters for r in sol.history)
@@ -262,6 +262,6 @@ def test_bad_control_set_and_penalty_input():
     with pytest.raises(ValueError, match="must be a pmp.Finite"):
         pmp.sum_up_rounding(torch.zeros(3, 1), torch.linspace(0, 1, 4), pmp.Box(-1, 1))
     with pytest.raises(ValueError, match="unknown maximiser"):
-        pmp.solve(binary, mesh=6, maximiser="newton")
+        pmp.solve(binary, mesh=6, maximiser=pmp.Maximiser(kind="newton"))
     with pytest.raises(ValueError, match="sqh option"):
-        pmp.solve(binary, method="sqh", mesh=6, options={"eps0": -1.0})
+        pmp.solve(binary, method=pmp.SQH(eps0=-1.0), mesh=6)

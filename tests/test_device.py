@@ -19,13 +19,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("method", ["emsa", "sqh"])
 def test_reference_problem_on_device(device, method):
     problem, reference = REFERENCE_PROBLEMS["catalyst"]()
-    sol = pmp.solve(problem, method=method, mesh=40, device=device, max_iter=40)  # to 1e-2, not to convergence
+    # to 1e-2, not to convergence
+    sol = pmp.solve(problem, method=method, mesh=40, device=device, stop=pmp.Stop(max_iter=40))
     assert sol.controls.device.type == device and sol.mesh.device.type == device
     t = torch.tensor([0.0, 0.5], device=device)
     assert sol.state(t).device.type == device and sol.costate(t).device.type == device
     assert abs(sol.cost - reference) / abs(reference) < 1e-2
     if device != "cpu":
-        on_cpu = pmp.solve(problem, method=method, mesh=40, device="cpu", max_iter=40)
+        on_cpu = pmp.solve(problem, method=method, mesh=40, device="cpu", stop=pmp.Stop(max_iter=40))
         assert sol.cost == pytest.approx(on_cpu.cost, rel=1e-6)
 
 
@@ -43,8 +44,9 @@ def test_network_training_on_device(device):
     """The sine network: batched L-BFGS maximisation (E-MSA) and a torch.optim baseline."""
     train = sine_problem(*sine_data(32, seed=0), reg=0.001, delta=0.25)
     init = sine_initial_controls("good", 20, seed=0)
-    sol = pmp.solve(train, mesh=20, rho=0.25, max_iter=3, tol=0.0, init=init, maximiser_iter=5, perturb=0.005,
-                    seed=0, device=device, rtol=1e-6, atol=1e-8)
+    sol = pmp.solve(train, method=pmp.EMSA(rho=0.25), mesh=20, init=init, device=device,
+                    ode=pmp.ODE(rtol=1e-6, atol=1e-8), maximiser=pmp.Maximiser(iterations=5, perturb=0.005, seed=0),
+                    stop=pmp.Stop(max_iter=3, tol=0.0))
     assert sol.controls.device.type == device
     assert sol.history[-1].cost < sol.history[0].cost
     result = baselines.train(train, optimizer="adam", lr=0.005, iterations=3, mesh=20, init=init, device=device)

@@ -42,14 +42,15 @@ pytestmark = pytest.mark.skipif(not GLOO, reason="torch.distributed with the glo
 WORLD = 2
 SAMPLES = 9  # an uneven split: 5 and 4
 TIMEOUT = 30  # seconds: the process group's collective timeout (a hang would end in its RuntimeError)
-RK4 = dict(mesh=20, max_iter=6, tol=0.0, ode_method="rk4", ode_options={"step_size": 0.05})
+RK4 = dict(mesh=20, stop=pmp.Stop(max_iter=6, tol=0.0), ode=pmp.ODE("rk4", options={"step_size": 0.05}))
 SCENARIOS = {
     # fixed steps: each sample's arithmetic is the same in one or two processes, only the sums' order differs
     "emsa rk4": (lambda: lqr_samples(SAMPLES)[0], RK4),
     # adaptive steps: each rank controls the error of its own samples (docs/distributed.md), tight tolerances
-    "emsa dopri5": (lambda: lqr_samples(SAMPLES)[0], dict(mesh=20, max_iter=6, tol=0.0, rtol=1e-12, atol=1e-14)),
+    "emsa dopri5": (lambda: lqr_samples(SAMPLES)[0],
+                    dict(mesh=20, stop=pmp.Stop(max_iter=6, tol=0.0), ode=pmp.ODE(rtol=1e-12, atol=1e-14))),
     # a box and an L1 cost: proximal gradient (value_and_grad), the penalty counted once
-    "box l1": (lambda: _box_l1(), dict(RK4, max_iter=5)),
+    "box l1": (lambda: _box_l1(), dict(RK4, stop=pmp.Stop(max_iter=5, tol=0.0))),
 }
 
 
@@ -340,7 +341,7 @@ def test_process_group_without_init_is_a_clear_error():
     if dist.is_initialized():  # pragma: no cover - the suite never initialises one in this process
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
-        pmp.solve(lqr_samples(4)[0], mesh=4, max_iter=1, process_group=object())
+        pmp.solve(lqr_samples(4)[0], mesh=4, process_group=object(), stop=pmp.Stop(max_iter=1))
 
 
 # -- networks: pmp.nn.EMSA(process_group=...) ----------------------------------------------------------

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.options import MaximiserOptions, ODEOptions, RuleOptions, StoppingOptions
 from pmpsolve.rules import RULES
 from problems import REFERENCE_PROBLEMS
 
@@ -19,7 +18,7 @@ def test_every_registered_rule_reaches_the_optimum(method):
     Rules that reject steps promise that J never increases."""
     problem = scalar_terminal(c=0.5)
     u_star, J_star = scalar_terminal_optimum(c=0.5)
-    sol = pmp.solve(problem, method=method, mesh=8, max_iter=300)
+    sol = pmp.solve(problem, method=method, mesh=8, stop=pmp.Stop(max_iter=300))
     assert sol.converged, sol.message
     assert sol.cost == pytest.approx(J_star, rel=1e-9)
     assert torch.allclose(sol.controls, torch.full_like(sol.controls, u_star), atol=1e-5)
@@ -32,7 +31,7 @@ def test_every_registered_rule_reaches_the_optimum(method):
 def test_adaptive_rules_reach_the_lqr_optimum_of_the_mesh(method):
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     reference = pmp.solve(problem, mesh=20)  # E-MSA, certified first-order optimal
-    sol = pmp.solve(problem, method=method, mesh=20, max_iter=400)
+    sol = pmp.solve(problem, method=method, mesh=20, stop=pmp.Stop(max_iter=400))
     assert sol.cost == pytest.approx(reference.cost, rel=1e-7)
     costs = [r.cost for r in sol.history]
     assert all(b <= a for a, b in zip(costs, costs[1:]))
@@ -57,11 +56,11 @@ def test_a_rule_registered_from_outside_the_package():
     try:
         problem = scalar_terminal(c=5.0)  # basic MSA diverges here (slope -cT = -5); the damped map contracts
         _, J_star = scalar_terminal_optimum(c=5.0)
-        sol = pmp.solve(problem, method="test-damped-msa", mesh=4, options={"weight": 0.2})
+        sol = pmp.solve(problem, method=pmp.Rule("test-damped-msa", weight=0.2), mesh=4)
         assert sol.converged and sol.cost == pytest.approx(J_star, rel=1e-9)
         assert sol.history[1].parameters == {"weight": 0.2}
         with pytest.raises(ValueError, match="unknown option"):
-            pmp.solve(problem, method="test-damped-msa", mesh=4, options={"lr": 1.0})
+            pmp.Rule("test-damped-msa", lr=1.0)
     finally:
         RULES.pop("test-damped-msa")
 
@@ -84,26 +83,30 @@ def test_solver_driven_one_iteration_at_a_time_equals_solve():
 
 
 def test_rho_is_an_option_of_emsa():
+    """rho lives in pmp.EMSA; the deprecated rho= and options= keywords map onto it."""
     problem = scalar_terminal(c=0.5)
-    a = pmp.solve(problem, mesh=4, rho=2.0, max_iter=5)
-    b = pmp.solve(problem, mesh=4, options={"rho": 2.0}, max_iter=5)
+    a = pmp.solve(problem, method=pmp.EMSA(rho=2.0), mesh=4, stop=pmp.Stop(max_iter=5))
+    with pytest.warns(DeprecationWarning):
+        b = pmp.solve(problem, mesh=4, options={"rho": 2.0}, max_iter=5)
     assert torch.equal(a.controls, b.controls) and a.settings["rho"] == b.settings["rho"] == 2.0
-    with pytest.raises(ValueError, match="`rho` is an option of method='emsa'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rho'"):
+        pmp.SQH(rho=1.0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="`rho` is an option of method='emsa'"):
         pmp.solve(problem, mesh=4, method="sqh", rho=1.0)
 
 
 def test_option_records_check_themselves_and_make_the_settings():
     with pytest.raises(ValueError, match="`max_iter` must be an int >= 0"):
-        StoppingOptions(max_iter=-1)
-    with pytest.raises(ValueError, match="unknown `ode_method`"):
-        ODEOptions("rk45")
+        pmp.Stop(max_iter=-1)
+    with pytest.raises(ValueError, match="unknown `method` 'rk45'"):
+        pmp.ODE("rk45")
     with pytest.raises(ValueError, match="`quadrature` must be an int from 1 to 10"):
-        MaximiserOptions(quadrature=0)
+        pmp.Maximiser(quadrature=0)
     with pytest.raises(ValueError, match="unknown `method`"):
-        RuleOptions("newton")
+        pmp.Rule("newton")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ODEOptions().method = "rk4"  # frozen
-    assert ODEOptions().resolved(torch.float32).rtol == 1e-6
+        pmp.ODE().method = "rk4"  # frozen
+    assert pmp.ODE().resolved(torch.float32).rtol == 1e-6
     sol = pmp.solve(scalar_terminal(), mesh=4)
     for key in ("method", "mesh", "max_iter", "tol", "stall_tol", "rho", "ode_method", "rtol", "atol", "dtype",
                 "device", "seed", "maximiser_iter", "perturb", "quadrature", "options", "maximisers_used"):

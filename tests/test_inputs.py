@@ -27,7 +27,7 @@ def test_any_integer_is_a_number_of_intervals(mesh):
 
 
 def test_solve_accepts_a_numpy_integer_mesh():
-    sol = pmp.solve(make(), mesh=np.int64(5), max_iter=1)
+    sol = pmp.solve(make(), mesh=np.int64(5), stop=pmp.Stop(max_iter=1))
     assert sol.controls.shape == (5, 1) and sol.settings["mesh"] == 5
 
 
@@ -137,7 +137,7 @@ def test_cost_refuses_a_dtype_that_is_not_floating():
 def small_solution():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # max_iter reached
-        return pmp.solve(make(), mesh=8, max_iter=3)
+        return pmp.solve(make(), mesh=8, stop=pmp.Stop(max_iter=3))
 
 
 @pytest.mark.parametrize("query", ["state", "costate", "control"])
@@ -248,7 +248,7 @@ def test_plot_with_several_samples_and_controls():
                    controls=pmp.Box(-1.0, 1.0, shape=(2,)), x0=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        sol = pmp.solve(problem, mesh=6, max_iter=2)
+        sol = pmp.solve(problem, mesh=6, stop=pmp.Stop(max_iter=2))
     fig = sol.plot(samples=2)
     try:
         assert [_legend_texts(ax) for ax in fig.axes] == [["u1", "u2"], ["x1", "x2"], ["p1", "p2"]]

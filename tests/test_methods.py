@@ -15,7 +15,7 @@ from problems import REFERENCE_PROBLEMS
 def test_emsa_with_large_fixed_rho_decreases_J_every_iteration():
     """Theorem 2: for rho large enough, J(u^{k+1}) - J(u^k) <= -D mu_k."""
     problem, _ = REFERENCE_PROBLEMS["vanderpol"]()
-    sol = pmp.solve(problem, mesh=20, rho=100.0, max_iter=15)
+    sol = pmp.solve(problem, method=pmp.EMSA(rho=100.0), mesh=20, stop=pmp.Stop(max_iter=15))
     costs = [r.cost for r in sol.history]
     assert all(b < a for a, b in zip(costs, costs[1:])), costs
     assert all(r.hamiltonian_gain >= 0 for r in sol.history[1:])
@@ -53,7 +53,7 @@ def test_gradient_step_is_gradient_descent():
     problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
     N, lr = 25, 1e-3
     u0 = torch.zeros(N, 1, dtype=torch.float64)
-    sol = pmp.solve(problem, method="gradient", mesh=N, max_iter=1, options={"lr": lr, "adaptive": False})
+    sol = pmp.solve(problem, method=pmp.Gradient(lr=lr, adaptive=False), mesh=N, stop=pmp.Stop(max_iter=1))
     _, grad = cost_gradient(problem, u0)
     h = problem.horizon / N
     # The solve's first sweep shoots (error ~ rtol = 1e-9 on J and the co-state), cost_gradient's is
@@ -88,25 +88,25 @@ def test_scaling_convention_K_copies_multiply_rho_by_K():
 
 def test_perturbed_start_is_seeded():
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
-    a = pmp.solve(problem, mesh=10, max_iter=2, perturb=0.01, seed=3)
-    b = pmp.solve(problem, mesh=10, max_iter=2, perturb=0.01, seed=3)
+    a = pmp.solve(problem, mesh=10, maximiser=pmp.Maximiser(perturb=0.01, seed=3), stop=pmp.Stop(max_iter=2))
+    b = pmp.solve(problem, mesh=10, maximiser=pmp.Maximiser(perturb=0.01, seed=3), stop=pmp.Stop(max_iter=2))
     assert torch.equal(a.controls, b.controls)
 
 
 def test_unknown_rule_option_is_refused():
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     with pytest.raises(ValueError, match="unknown option.*'stepsize'.*lr"):
-        pmp.solve(problem, method="gradient", mesh=5, options={"stepsize": 0.1})
+        pmp.solve(problem, method=pmp.Rule("gradient", stepsize=0.1), mesh=5)
 
 
 def test_emsa_iteration_options_are_validated_and_converge_on_lqr():
     """The rho-rule and Anderson options of E-MSA: bad values are refused; the non-default ones still converge, monotonically."""
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     with pytest.raises(ValueError, match="anderson_reset"):
-        pmp.solve(problem, mesh=20, options={"anderson_reset": "sometimes"})
+        pmp.solve(problem, method=pmp.EMSA(anderson_reset="sometimes"), mesh=20)
     with pytest.raises(ValueError, match="floor_decay"):
-        pmp.solve(problem, mesh=20, options={"floor_decay": 2.0})
-    sol = pmp.solve(problem, mesh=20, options={"anderson_reset": "grow", "floor_decay": 0.9, "anderson_screen": None})
+        pmp.solve(problem, method=pmp.EMSA(floor_decay=2.0), mesh=20)
+    sol = pmp.solve(problem, method=pmp.EMSA(anderson_reset="grow", floor_decay=0.9, anderson_screen=None), mesh=20)
     assert sol.converged
     costs = [r.cost for r in sol.history]
     assert all(b < a for a, b in zip(costs, costs[1:]))  # steps are kept only when J decreases

@@ -40,7 +40,7 @@ def test_error_falls_with_second_order_in_the_mesh():
     """J_N - J* = O(h^2) for piecewise-constant controls (smooth optimal control)."""
     problem, _ = REFERENCE_PROBLEMS["lqr"]()
     exact = riccati_cost([[0, 1], [-1, 0]], [[0], [1]], [[1, 0], [0, 1]], [[1]], [0, 1], 5.0)
-    errors = [pmp.solve(problem, mesh=N, tol=1e-10).cost - exact for N in (10, 20, 40)]
+    errors = [pmp.solve(problem, mesh=N, stop=pmp.Stop(tol=1e-10)).cost - exact for N in (10, 20, 40)]
     orders = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(1.8 < o < 2.2 for o in orders), (errors, orders)
 

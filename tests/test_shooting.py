@@ -199,8 +199,8 @@ def test_first_sweep_shoots_from_the_initial_state_held_at_every_node():
 
 def test_solve_with_and_without_shooting_agree():
     problem = rayleigh()[0]
-    with_shooting = pmp.solve(problem, mesh=20, max_iter=3)
-    solver = pmp.Solver(problem, mesh=20, max_iter=3)
+    with_shooting = pmp.solve(problem, mesh=20, stop=pmp.Stop(max_iter=3))
+    solver = pmp.Solver(problem, mesh=20, stop=pmp.Stop(max_iter=3))
     solver.sweeper.forward_policy = ShootingPolicy(enabled=False)
     state = solver.init()
     while not state.done:

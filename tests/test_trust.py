@@ -68,12 +68,12 @@ def test_readme_double_integrator_reaches_its_optimum_and_says_so():
 def test_converged_is_never_reported_away_from_the_optimum():
     """Stopped early (max_iter, or a stall), the solver must not claim convergence."""
     problem = readme_double_integrator()
-    early = pmp.solve(problem, mesh=20, max_iter=5)
+    early = pmp.solve(problem, mesh=20, stop=pmp.Stop(max_iter=5))
     assert not early.converged and early.status == "max_iter"
     assert early.optimality > 1e-3
     assert all(not math.isnan(r.optimality) for r in early.history[:-1])
     # A generous stall test stops the iteration after a few small steps: still not converged.
-    stalled = pmp.solve(problem, mesh=20, stall_tol=1e-2)
+    stalled = pmp.solve(problem, mesh=20, stop=pmp.Stop(stall_tol=1e-2))
     assert stalled.status == "stalled" and not stalled.converged
     assert "first-order optimality" in stalled.message
 
@@ -119,10 +119,13 @@ def test_seed_makes_the_random_start_reproducible_and_leaves_the_global_rng_alon
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    a = pmp.solve(problem, mesh=20, perturb=0.01, seed=7, max_iter=4, maximiser="lbfgs")
+    a = pmp.solve(problem, mesh=20, maximiser=pmp.Maximiser(kind="lbfgs", perturb=0.01, seed=7),
+                  stop=pmp.Stop(max_iter=4))
     after = torch.rand(3)
-    b = pmp.solve(problem, mesh=20, perturb=0.01, seed=7, max_iter=4, maximiser="lbfgs")
-    c = pmp.solve(problem, mesh=20, perturb=0.01, seed=8, max_iter=4, maximiser="lbfgs")
+    b = pmp.solve(problem, mesh=20, maximiser=pmp.Maximiser(kind="lbfgs", perturb=0.01, seed=7),
+                  stop=pmp.Stop(max_iter=4))
+    c = pmp.solve(problem, mesh=20, maximiser=pmp.Maximiser(kind="lbfgs", perturb=0.01, seed=8),
+                  stop=pmp.Stop(max_iter=4))
     assert torch.equal(before, after)  # solve drew nothing from the global generator
     assert torch.equal(a.controls, b.controls)
     assert not torch.equal(a.controls, c.controls)
@@ -185,9 +188,9 @@ def test_a_stiff_problem_stops_quickly_with_advice():
 def test_fixed_step_methods_need_a_step_size():
     problem = scalar_terminal()
     with pytest.raises(ValueError, match="step_size"):
-        pmp.solve(problem, mesh=10, ode_method="rk4")
+        pmp.solve(problem, mesh=10, ode=pmp.ODE(method="rk4"))
     u_star, J_star = scalar_terminal_optimum()
-    sol = pmp.solve(problem, mesh=10, ode_method="rk4", ode_options={"step_size": 0.01})
+    sol = pmp.solve(problem, mesh=10, ode=pmp.ODE(method="rk4", options={"step_size": 0.01}))
     assert sol.cost == pytest.approx(J_star, rel=1e-8)  # x' = u is integrated exactly by rk4
 
 
@@ -212,7 +215,7 @@ def test_binary_catalyst_mixing_by_default_relaxes_rounds_and_polishes():
 
     problem, reference = catalyst_mixing("binary")
     sol = pmp.solve(problem, mesh=50)
-    plain = pmp.solve(problem, mesh=50, finite="plain")
+    plain = pmp.solve(problem, mesh=50, init=0.0)  # iterate on the set from u = 0
     assert sol.relaxed_cost is not None and sol.relaxed_cost <= sol.cost
     assert bool(problem.controls.contains(sol.controls).all())
     assert sol.cost <= plain.cost

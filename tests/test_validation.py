@@ -73,12 +73,16 @@ def test_unknown_method_and_option():
         pmp.solve(make(), method="newton")
     with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
         pmp.solve(make(), learning_rate=0.1)
-    with pytest.raises(ValueError, match="unknown `ode_method` 'rk45'"):
-        pmp.solve(make(), ode_method="rk45")
-    with pytest.raises(ValueError, match="`rho` is an option of method='emsa'"):
-        pmp.solve(make(), method="msa", rho=1.0)
-    with pytest.raises(ValueError, match="unknown option"):  # (rho is an option of emsa)
-        pmp.solve(make(), options={"lr": 2.0})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr'; it is set as method=pmp.Gradient"):
+        pmp.solve(make(), lr=0.1)
+    with pytest.raises(ValueError, match="pmp.ODE: unknown `method` 'rk45'"):
+        pmp.solve(make(), ode=pmp.ODE("rk45"))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rho'"):
+        pmp.MSA(rho=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr'"):
+        pmp.EMSA(lr=2.0)
+    with pytest.raises(TypeError, match=r"`ode` must be a pmp.ODE\(...\) or None, got 'rk4'"):
+        pmp.solve(make(), ode="rk4")
 
 
 def test_initial_control_outside_the_set():
@@ -95,7 +99,7 @@ def test_bad_dtype_and_tolerances():
     with pytest.raises(TypeError, match="`dtype` must be torch.float64 or torch.float32"):
         pmp.solve(make(), dtype=torch.int64)
     with pytest.raises(ValueError, match="`rtol` and `atol` must be > 0"):
-        pmp.solve(make(), rtol=-1.0)
+        pmp.solve(make(), ode=pmp.ODE(rtol=-1.0))
 
 
 def test_blow_up_names_iteration_sweep_and_time():

@@ -81,14 +81,15 @@ def run(names: Optional[List[str]] = None, methods=METHODS, *, mesh: int = 200, 
         for name in names:
             problem, reference = catalogue[name]()
             for method in methods:
-                add(name, reference, method, lambda: pmp.solve(problem, method=method, mesh=mesh, max_iter=max_iter))
+                add(name, reference, method, lambda: pmp.solve(problem, method=method, mesh=mesh,
+                                                               stop=pmp.Stop(max_iter=max_iter)))
             if name == "catalyst-binary":
                 relaxed, _ = catalogue["catalyst"]()
 
                 def relax_round_polish():
-                    sol = cli.check_interrupted(pmp.solve(relaxed, mesh=mesh, max_iter=max_iter))
+                    sol = cli.check_interrupted(pmp.solve(relaxed, mesh=mesh, stop=pmp.Stop(max_iter=max_iter)))
                     rounded = pmp.sum_up_rounding(sol.controls, sol.mesh, problem.controls)
-                    return pmp.solve(problem, method="sqh", mesh=mesh, init=rounded, max_iter=max_iter)
+                    return pmp.solve(problem, method="sqh", mesh=mesh, init=rounded, stop=pmp.Stop(max_iter=max_iter))
 
                 add(name, reference, "relax+round+sqh", relax_round_polish)
     except (KeyboardInterrupt, cli.Interrupted):

@@ -68,10 +68,11 @@ def _run_emsa(train, test_loss, init, *, iterations, rho, seed, dtype, device, r
         warnings.simplefilter("ignore", RuntimeWarning)
         # The reference code's per-layer rho penalises |x_{n+1} - g_n(x_n, theta)|^2 = delta^2 |Xdot - f|^2 on a
         # layer whose Hamiltonian is delta * H: in the continuous scaling that is rho * delta (docs/sine.md).
-        sol = pmp.solve(train, method="emsa", mesh=MESH, rho=rho * train.horizon / MESH, max_iter=iterations, tol=0.0, init=init,
-                        maximiser_iter=10, perturb=0.005, seed=seed, dtype=dtype, device=device, rtol=rtol,
-                        atol=atol, quadrature=quadrature, callback=callback, progress=progress,
-                        process_group=group)
+        sol = pmp.solve(train, method=pmp.EMSA(rho=rho * train.horizon / MESH), mesh=MESH, init=init, dtype=dtype,
+                        device=device, callback=callback, progress=progress, process_group=group,
+                        ode=pmp.ODE(rtol=rtol, atol=atol),
+                        maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=seed, quadrature=quadrature),
+                        stop=pmp.Stop(max_iter=iterations, tol=0.0))
     cli.check_interrupted(sol)  # a solve stopped by Ctrl-C returns its best controls: not a complete run
     del start
     first = sol.history[0]
