@@ -47,7 +47,13 @@ WARN_FRACTION = 0.5  # warn when an iteration needs more than this fraction of t
 
 
 class IterationMemoryError(MemoryError):
-    """One iteration of the solve would need more memory than is available (raised before the first sweep)."""
+    """One iteration of the solve would need more memory than is available (raised before the first sweep).
+
+    Example:
+        >>> import pmpsolve as pmp
+        >>> issubclass(pmp.IterationMemoryError, MemoryError)
+        True
+    """
 
 
 def iteration_bytes(N: int, K: int, n: int, m: int, quadrature: int, dtype: torch.dtype) -> float:

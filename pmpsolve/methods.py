@@ -37,7 +37,14 @@ def _check(owner: str, condition: bool, message: str) -> None:
 
 class Method:
     """Base of the method objects: ``name`` (the rule's registered name), ``rule`` (its class)
-    and ``options()`` (the dict the rule is built with)."""
+    and ``options()`` (the dict the rule is built with).
+
+    Example:
+        >>> import pmpsolve as pmp
+        >>> method = pmp.SQH(eps0=10.0)
+        >>> isinstance(method, pmp.Method), method.name, method.rule.__name__, method.options()["eps0"]
+        (True, 'sqh', 'SQH', 10.0)
+    """
 
     name: ClassVar[str] = ""
     _rule_class: ClassVar[str] = ""
@@ -116,8 +123,8 @@ class EMSA(Method):
     def __post_init__(self):
         owner = "pmp.EMSA"
         _real(owner, "rho", self.rho, allow_none=True)
-        _check(owner, self.rho is None or self.rho >= 0,
-               f"`rho` must be a number >= 0 or None (adaptive), got {self.rho!r}")
+        _check(owner, self.rho is None or (self.rho >= 0 and self.rho != float("inf")),
+               f"`rho` must be a finite number >= 0 or None (adaptive), got {self.rho!r}")
         for key in ("rho0", "shrink", "grow", "eta", "rho_min", "rho_max", "low_ratio", "high_ratio"):
             _real(owner, key, getattr(self, key))
         for key in ("rho0", "rho_min", "rho_max"):
@@ -228,7 +235,7 @@ class Gradient(Method):
     def __post_init__(self):
         owner = "pmp.Gradient"
         _real(owner, "lr", self.lr)
-        _check(owner, self.lr > 0, f"gradient option 'lr' must be > 0, got {self.lr!r}")
+        _check(owner, 0 < self.lr < float("inf"), f"gradient option 'lr' must be a finite number > 0, got {self.lr!r}")
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"{owner}: `adaptive` must be True or False, got {self.adaptive!r}")
         _real(owner, "c", self.c)
@@ -238,9 +245,13 @@ class Gradient(Method):
 class Rule(Method):
     """A rule registered with ``pmp.register_rule``, by its name, with its options.
 
-    Example (``docs/architecture.md`` registers "damped-msa"):
-    ``pmp.solve(problem, method=pmp.Rule("damped-msa", weight=0.2))``. Unknown options
-    are refused against the rule's ``defaults``.
+    ``pmp.solve(problem, method=pmp.Rule("damped-msa", weight=0.2))`` runs the rule
+    ``docs/architecture.md`` registers. Unknown options are refused against the rule's ``defaults``.
+
+    Example:
+        >>> import pmpsolve as pmp
+        >>> pmp.Rule("sqh", eps0=10.0).options()["eps0"]
+        10.0
     """
 
     def __init__(self, name: str, **options):

@@ -252,7 +252,7 @@ def test_a_layer_without_a_vmap_batching_rule_trains_on_its_own():
 @pytest.mark.parametrize("options, message", [
     (dict(weight_decay=math.inf), "`weight_decay` must be a finite number >= 0, got inf"),
     (dict(perturb=math.inf), "`perturb` must be a finite number >= 0, got inf"),
-    (dict(rho=math.nan), "`rho` must be a finite number >= 0, got nan"),
+    (dict(rho=math.inf), "`rho` must be a finite number >= 0 or None (adaptive), got inf"),
     (dict(maximiser_iter=2.7), "`maximiser_iter` must be a whole number >= 1, got 2.7"),
     (dict(max_trials=0), "`max_trials` must be a whole number >= 1, got 0"),
     (dict(seed=1.5), "`seed` must be a whole number >= 0, got 1.5"),

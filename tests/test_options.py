@@ -26,7 +26,8 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda: pmp.EMSA(rho=-1.0), ValueError, r"pmp.EMSA: `rho` must be a number >= 0 or None \(adaptive\), got -1.0"),
+    (lambda: pmp.EMSA(rho=-1.0), ValueError, r"pmp.EMSA: `rho` must be a finite number >= 0 or None \(adaptive\), got -1.0"),
+    (lambda: pmp.EMSA(rho=float("inf")), ValueError, r"pmp.EMSA: `rho` must be a finite number >= 0 or None \(adaptive\), got inf"),
     (lambda: pmp.EMSA(rho="big"), TypeError, r"pmp.EMSA: `rho` must be a number or None, got 'big'"),
     (lambda: pmp.EMSA(shrink=2.0), ValueError, r"0 < shrink <= 1 <= grow, got shrink=2.0"),
     (lambda: pmp.EMSA(rho_min=1.0, rho_max=0.5), ValueError, r"rho_min <= rho_max"),
@@ -36,7 +37,7 @@ def same(a, b):
     (lambda: pmp.SQH(eps0=0.0), ValueError, r"pmp.SQH: sqh option 'eps0' must be > 0, got 0.0"),
     (lambda: pmp.SQH(zeta=0.9, sigma=0.5), ValueError, r"0 < zeta <= 1 < sigma, got zeta=0.9, sigma=0.5"),
     (lambda: pmp.SQH(kappa=-1.0), ValueError, r"'eta' and 'kappa' must be >= 0"),
-    (lambda: pmp.Gradient(lr=0.0), ValueError, r"pmp.Gradient: gradient option 'lr' must be > 0, got 0.0"),
+    (lambda: pmp.Gradient(lr=0.0), ValueError, r"pmp.Gradient: gradient option 'lr' must be a finite number > 0, got 0.0"),
     (lambda: pmp.Gradient(adaptive="yes"), TypeError, r"`adaptive` must be True or False, got 'yes'"),
     (lambda: pmp.MSA(rho=1.0), TypeError, r"unexpected keyword argument 'rho'"),
     (lambda: pmp.Rule("newton"), ValueError, r"unknown `method` 'newton'; choose one of \['emsa'"),

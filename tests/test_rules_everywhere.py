@@ -17,12 +17,12 @@ from test_nn import data, small_net
 F = torch.nn.functional
 
 RULE_CASES = {
-    "emsa adaptive": ("emsa", {}),
-    "emsa fixed rho": ("emsa", {"rho": 5.0}),  # large enough for LQR (Theorem 2; 1 and 2 diverge)
-    "msa": ("msa", {}),
-    "sqh": ("sqh", {}),
-    "gradient adaptive": ("gradient", {"lr": 0.5}),
-    "gradient fixed": ("gradient", {"lr": 0.05, "adaptive": False}),
+    "emsa adaptive": pmp.EMSA(),
+    "emsa fixed rho": pmp.EMSA(rho=5.0),  # large enough for LQR (Theorem 2; 1 and 2 diverge)
+    "msa": pmp.MSA(),
+    "sqh": pmp.SQH(),
+    "gradient adaptive": pmp.Gradient(lr=0.5),
+    "gradient fixed": pmp.Gradient(lr=0.05, adaptive=False),
 }
 
 
@@ -33,27 +33,26 @@ def moons():
 
 @pytest.mark.parametrize("name", list(RULE_CASES))
 def test_every_rule_on_a_control_problem(name):
-    method, options = RULE_CASES[name]
+    method = RULE_CASES[name]
     problem, _ = lqr()
-    options = dict(options)
-    rho = options.pop("rho", None)
-    if method == "msa":  # basic MSA diverges on this LQR (paper Sec. 3.1): an error with the best iterate
+    stop = pmp.Stop(max_iter=15)
+    if method.name == "msa":  # basic MSA diverges on this LQR (paper Sec. 3.1): an error with the best iterate
         with pytest.raises(pmp.DivergenceError, match="'msa' diverged") as info:
-            pmp.solve(problem, method=method, options=options, mesh=20, max_iter=15)
+            pmp.solve(problem, method, mesh=20, stop=stop)
         assert info.value.best_cost <= info.value.history[0].cost
         return
-    sol = pmp.solve(problem, method=method, rho=rho, options=options, mesh=20, max_iter=15)
+    sol = pmp.solve(problem, method, mesh=20, stop=stop)
     assert sol.history[-1].cost < sol.history[0].cost
-    assert sol.settings["method"] == method
+    assert sol.settings["method"] == method.name
 
 
 @pytest.mark.parametrize("name", list(RULE_CASES))
 def test_every_rule_on_a_network(name, moons):
-    method, options = RULE_CASES[name]
+    method = RULE_CASES[name]
     x, y = moons
     model = small_net()
-    wd = 1e-2 if method == "msa" else 0.0  # basic MSA's Hamiltonian is linear in a Linear layer's weights
-    opt = pmp.nn.Optimizer(model, method, options=options, weight_decay=wd)
+    wd = 1e-2 if method.name == "msa" else 0.0  # basic MSA's Hamiltonian is linear in a Linear layer's weights
+    opt = pmp.nn.Optimizer(model, method, weight_decay=wd)
 
     def closure():
         opt.zero_grad()
@@ -65,7 +64,7 @@ def test_every_rule_on_a_network(name, moons):
     for _ in range(3):
         opt.step(closure)
         J.append(opt.last_step["J"])
-    assert type(opt._rule) is RULES[method]  # the control solver's rule class, not a copy
+    assert type(opt._rule) is RULES[method.name] is method.rule  # the control solver's rule class, not a copy
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if opt._rule.adaptive:  # kept steps only: J never rises on a full batch
         assert J[2] <= J[1] <= J[0]
@@ -75,7 +74,7 @@ def test_the_gradient_rule_on_a_network_is_sgd(moons):
     """Paper Prop. 2: grad_theta H_n = -d loss / d theta_n, so the soft step is torch.optim.SGD's step."""
     x, y = moons
     ours, reference = small_net(), small_net()
-    opt = pmp.nn.Optimizer(ours, "gradient", options={"lr": 0.1, "adaptive": False}, weight_decay=1e-3)
+    opt = pmp.nn.Optimizer(ours, pmp.Gradient(lr=0.1, adaptive=False), weight_decay=1e-3)
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, weight_decay=1e-3)
     for model, o in ((ours, opt), (reference, sgd)):
         for _ in range(3):

@@ -24,8 +24,9 @@ def main(out: Path, quick: bool = False):
     problem = sine_problem(x, y, reg=0.001)
     init = sine_initial_controls("good", mesh)
     # rho = 1 per layer of width delta = T / mesh is rho * delta in the continuous scaling (docs/sine.md)
-    sol = pmp.solve(problem, method="emsa", mesh=mesh, rho=1.0 * problem.horizon / mesh, max_iter=iterations,
-                    tol=0.0, init=init, maximiser_iter=10, perturb=0.005, seed=0)
+    sol = pmp.solve(problem, pmp.EMSA(rho=1.0 * problem.horizon / mesh), mesh=mesh, init=init,
+                    stop=pmp.Stop(max_iter=iterations, tol=0.0),
+                    maximiser=pmp.Maximiser(iterations=10, perturb=0.005, seed=0))
     sol.plot(out / "sine.png", samples=3)                     # 30 controls, 3 of the samples' states
 
     grid = torch.linspace(-torch.pi, torch.pi, 101, dtype=torch.float64)

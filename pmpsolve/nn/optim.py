@@ -31,7 +31,7 @@ import math
 import numbers
 import warnings
 from types import SimpleNamespace
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.func import vmap
@@ -39,6 +39,8 @@ from torch.func import vmap
 from ..controls import Box, ControlSet, Finite, Reals
 from ..errors import DivergenceError
 from ..maximisers import HamiltonianMaximiser
+from ..methods import EMSA as EMSAMethod
+from ..methods import Method, as_method
 from ..penalties import ControlPenalty, prox_in_box
 from ..rules import SQH as _SQHRule
 from ..rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
@@ -217,12 +219,12 @@ class Optimizer(torch.optim.Optimizer):
     Args:
         model: a ``torch.nn.Sequential`` (its entries may be any modules, e.g.
             ``pmp.nn.Residual``); each entry runs once per forward pass.
-        method: the update rule, as for ``pmp.solve``: "emsa" (default: extended MSA, adaptive
-            rho), "msa" (basic MSA, rho = 0, paper Alg. 1), "sqh" (sequential quadratic
-            Hamiltonian: eps |theta - theta^k|^2 with adaptive eps) or "gradient" (the soft step:
-            gradient descent on the loss, paper Prop. 2).
-        options: the rule's options (``pmpsolve.rules``: e.g. ``{"rho": 0.03}`` for "emsa",
-            ``{"lr": 0.1, "adaptive": False}`` for "gradient").
+        method: the update rule, the method objects of ``pmp.solve``: ``pmp.EMSA(rho=None, ...)``
+            (default: extended MSA, adaptive rho), ``pmp.MSA()`` (basic MSA, rho = 0, paper Alg. 1),
+            ``pmp.SQH(...)`` (sequential quadratic Hamiltonian: eps |theta - theta^k|^2 with
+            adaptive eps) or ``pmp.Gradient(lr=...)`` (the soft step: gradient descent on the loss,
+            paper Prop. 2), or their names. Options left at their defaults take the network's:
+            E-MSA without Anderson acceleration and with ``high_ratio=0.5``.
         maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
             reference code uses 0.005; needed to leave a symmetric start such as all zeros).
@@ -257,7 +259,7 @@ class Optimizer(torch.optim.Optimizer):
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
-        >>> opt = pmp.nn.Optimizer(model, "gradient", options={"lr": 0.1, "adaptive": False})
+        >>> opt = pmp.nn.Optimizer(model, pmp.Gradient(lr=0.1, adaptive=False))
         >>> def closure():                          # the closure torch.optim.LBFGS takes
         ...     opt.zero_grad()
         ...     loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -268,8 +270,7 @@ class Optimizer(torch.optim.Optimizer):
         True
     """
 
-    def __init__(self, model: torch.nn.Module, method: str = "emsa", *, options: Optional[dict] = None,
-                 maximiser_iter: int = 10, perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
+    def __init__(self, model: torch.nn.Module, method: Union[str, Method] = "emsa", *, maximiser_iter: int = 10, perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
                  penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None,
                  weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10,
                  discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None):
@@ -278,20 +279,25 @@ class Optimizer(torch.optim.Optimizer):
                 f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
                 f"x_(n+1) = g_n(x_n, theta_n), got {type(model).__name__}. Write the model as "
                 "torch.nn.Sequential(layer_0, ..., layer_(N-1)) (pmp.nn.Residual for residual layers)")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
-        options = {**NETWORK_OPTIONS.get(method, {}), **dict(options or {})}
-        rule_class = METHODS[method]
-        unknown = sorted(set(options) - set(rule_class.defaults))
-        if unknown:
-            raise ValueError(f"method {method!r} got unknown option(s) {unknown}; its options are: "
-                             f"{', '.join(sorted(rule_class.defaults)) or 'none'}")
+        try:
+            method = as_method(method)
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("solve:", f"pmp.nn.{type(self).__name__}:")) from None
+        if method.name not in METHODS:
+            raise ValueError(f"pmp.nn.{type(self).__name__}: method {method.name!r} is not one of the rules that train "
+                             f"networks: {', '.join(map(repr, METHODS))} (pmp.EMSA(), pmp.MSA(), pmp.SQH(), "
+                             "pmp.Gradient())")
+        rule_class, options = method.rule, method.options()
+        # options left at the rule's defaults take the network's (NETWORK_OPTIONS)
+        for key, value in NETWORK_OPTIONS.get(method.name, {}).items():
+            if options[key] == rule_class.defaults[key]:
+                options[key] = value
         rho = options.get("rho")
         if rho is not None:
             options["rho"] = rho = _finite("rho", rho)
-        if method == "emsa" and int(options.get("anderson", 0)) != 0:
+        if method.name == "emsa" and options["anderson"] != 0:
             raise ValueError("pmp.nn: E-MSA's Anderson acceleration mixes controls on a time mesh; on a network "
-                             "it is off (anderson=0)")
+                             "it is off (pmp.EMSA(anderson=0))")
         maximiser_iter = _whole("maximiser_iter", maximiser_iter, 1)
         perturb = _finite("perturb", perturb)
         weight_decay = _finite("weight_decay", weight_decay)
@@ -309,11 +315,11 @@ class Optimizer(torch.optim.Optimizer):
         controls, penalties = _check_parameter_options(model, controls, penalties)
         self._controls, self._penalties = controls, penalties
         self._reduction = BatchReduction(process_group)
-        self.method, self._rule_class, self._rule_options = method, rule_class, options
+        self.method, self._rule_class, self._rule_options = method.name, rule_class, options
         self._rule = None  # built at the first step, when the batch size is known (rho starts at rho0 / B)
         self._pending_rule_state = None  # a checkpoint's rule state, applied when the rule is built
         defaults = dict(rho=rho, maximiser_iter=maximiser_iter, perturb=perturb, weight_decay=weight_decay,
-                        max_trials=max_trials, current_rho=0.0 if method == "msa" else rho, current_eps=None)
+                        max_trials=max_trials, current_rho=0.0 if method.name == "msa" else rho, current_eps=None)
         params = [p for module in self._layers.values() for p in module.parameters() if p.requires_grad]
         super().__init__(params, defaults)
         self._recorder = CostateRecorder(self._layers)
@@ -689,7 +695,7 @@ class Optimizer(torch.optim.Optimizer):
 class EMSA(Optimizer):
     """Train a ``torch.nn.Sequential`` by the extended method of successive approximations (paper Alg. 2/3).
 
-    ``pmp.nn.Optimizer(model, "emsa", options={"rho": rho}, ...)``; the other arguments are ``Optimizer``'s.
+    ``pmp.nn.Optimizer(model, pmp.EMSA(rho=rho), ...)``; the other arguments are ``Optimizer``'s.
 
     Args:
         rho: the E-MSA weight of paper eq. (7). None (default): adaptive, starting at 1/B for
@@ -724,12 +730,12 @@ class EMSA(Optimizer):
                  perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
                  penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None, **options):
         _fixed_method(type(self).__name__, "emsa", options)
-        super().__init__(model, "emsa", options={"rho": rho}, maximiser_iter=maximiser_iter, perturb=perturb,
+        super().__init__(model, EMSAMethod(rho=rho), maximiser_iter=maximiser_iter, perturb=perturb,
                          controls=controls, penalties=penalties, process_group=process_group, **options)
 
 
 class MSA(Optimizer):
-    """Basic MSA (paper Alg. 1) for networks: ``pmp.nn.Optimizer(model, "msa")``, rho = 0, no safeguard.
+    """Basic MSA (paper Alg. 1) for networks: ``pmp.nn.Optimizer(model, pmp.MSA())``, rho = 0, no safeguard.
 
     Basic MSA maximises the plain Hamiltonian; a layer whose Hamiltonian is linear in its
     parameters is unbounded without a bound (``controls``) or ``weight_decay``. It can diverge
@@ -748,7 +754,7 @@ class MSA(Optimizer):
 
 class SQH(Optimizer):
     """The sequential quadratic Hamiltonian method for networks (bSQH's adaptive eps):
-    ``pmp.nn.Optimizer(model, "sqh")``.
+    ``pmp.nn.Optimizer(model, pmp.SQH())``.
 
     Example:
         >>> import torch, pmpsolve as pmp
