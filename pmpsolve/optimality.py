@@ -24,7 +24,8 @@ from the interval data of one forward and one backward sweep (docs/theory.md):
   when no control value raises any interval's Hamiltonian (the maximum condition of
   the PMP on the mesh).
 
-Both are zero at a solution and are compared with ``tol * max(1, |J|)``.
+Both are zero at a solution and are compared with ``tol * max(1, min(|J|, |J(u^0)|))``
+(``optimality_scale``): relative to J, but never to more than the J the solve started from.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .hamiltonian import IntervalData, IntervalHamiltonian
 from .maximisers import Enumeration
 from .pointwise import PointwiseProblem
 
-__all__ = ["optimality", "is_optimal", "DEFAULT_OPTIMALITY_TOL"]
+__all__ = ["optimality", "is_optimal", "optimality_scale", "DEFAULT_OPTIMALITY_TOL"]
 
 #: ``tol`` of ``solve`` by dtype: the measure must exceed the gradient error the sweeps leave
 #: at their default tolerances (rtol 1e-9 in float64, 1e-6 in float32) by a safe margin.
@@ -67,7 +68,22 @@ def optimality(pw: PointwiseProblem, data: IntervalData, controls: ControlSet, m
     return float(step.abs().max())
 
 
-def is_optimal(measure: float, cost: float, tol: float) -> bool:
-    """Whether ``measure`` meets the tolerance: measure <= tol * max(1, |J|)."""
-    return measure <= tol * max(1.0, abs(cost))
+def optimality_scale(cost: float, initial_cost: float) -> float:
+    """What ``tol`` is relative to: max(1, min(|J|, |J(u^0)|)).
+
+    Relative to |J| so that a problem with J ~ 1e4 is not held to an absolute 1e-5; capped at
+    |J(u^0)| because a J that ran away from its start must not loosen the test it is judged
+    by: on an unbounded problem J reaches -1e12 in a few iterations, and tol * |J| would then
+    pass a gradient of 1e6. Any J with |J| <= max(1, |J(u^0)|) (e.g. a descent from
+    J(u^0) > 0 that stays above -J(u^0)) is judged exactly as by tol * max(1, |J|); any other
+    J by the scale of J(u^0), which is stricter, never looser.
+    A genuine optimum far below -|J(u^0)| may then end unconverged: rescale its cost (or
+    start nearer to it) rather than loosen the test.
+    """
+    return max(1.0, min(abs(cost), abs(initial_cost)))
+
+
+def is_optimal(measure: float, cost: float, tol: float, initial_cost: float) -> bool:
+    """Whether ``measure`` meets the tolerance: measure <= tol * max(1, min(|J|, |J(u^0)|))."""
+    return measure <= tol * optimality_scale(cost, initial_cost)
 

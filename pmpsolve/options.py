@@ -142,7 +142,9 @@ class Stop:
         tol: ``converged`` means first-order optimal: the optimality measure of the
             returned controls (``pmpsolve.optimality``: the projected L2 gradient for boxes
             and R^m, the largest Hamiltonian gap per unit time for finite and user sets) is
-            at most ``tol * max(1, |J|)``; the solve stops as soon as it is. None (default):
+            at most ``tol * max(1, min(|J|, |J(u^0)|))`` (relative to J, but never to more than
+            the J of the initial controls: a J running away to -inf does not loosen it); the
+            solve stops as soon as it is. None (default):
             by dtype, 1e-5 in float64 and 1e-3 in float32 (``optimality.DEFAULT_OPTIMALITY_TOL``).
         stall_tol: stop (``converged=False`` unless the measure says otherwise) when
             |J(u^{k+1}) - J(u^k)| <= stall_tol * max(1, |J|) on 3 iterations in a row

@@ -103,7 +103,7 @@ def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
                   quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
                   process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
     """The first-order optimality measure of controls u [N, m] (``pmpsolve.optimality``): what ``solve``
-    compares with ``tol * max(1, |J|)`` to say ``converged``.
+    compares with ``tol * max(1, min(|J|, |J(u^0)|))`` to say ``converged``.
 
     Example:
         >>> import torch, pmpsolve as pmp

@@ -72,11 +72,12 @@ class Solution:
         mesh: [N + 1] node times.
         history: one IterationRecord per iteration, starting with iteration 0.
         converged: True only when ``controls`` are first-order optimal: ``optimality`` <=
-            tol * max(1, |J|) (see ``pmpsolve.solve``'s ``tol`` and docs/guide.md).
+            tol * max(1, min(|J|, |J(u^0)|)) (see ``pmp.Stop``'s ``tol`` and docs/guide.md).
         message: why the solve stopped, with the optimality measure.
         method: the update rule used.
         optimality: the first-order optimality measure of ``controls`` (NaN if not measured).
-        status: "converged", "max_iter", "stalled" (no further decrease found), "callback" or
+        status: "converged", "max_iter", "stalled" (no further decrease found), "unbounded" (J fell
+            far below J(u^0): the problem looks unbounded below), "callback" or
             "interrupted" (KeyboardInterrupt: the best controls so far are returned).
         relaxed_cost: for a finite control set solved by relaxation (the default), J of the
             relaxed problem over the convex hull: a lower bound when that solve is globally optimal.

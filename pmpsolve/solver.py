@@ -36,7 +36,7 @@ from .maximisers import HamiltonianMaximiser
 from .memory import check_memory
 from .mesh import make_mesh
 from .methods import Method, as_method
-from .optimality import is_optimal, optimality
+from .optimality import is_optimal, optimality, optimality_scale
 from .options import DEFAULT_TOLERANCES, ODE, Maximiser, Stop
 from .pointwise import PointwiseProblem
 from .problem import ControlProblem
@@ -71,7 +71,7 @@ class SolverState:
     measured: (backward sweep, interval data, optimality) of u^k once measured.
     rises, since_best, small_steps, change: what the stopping tests read.
     status, message: set when the solve is done ("converged", "max_iter", "stalled",
-    "callback", "interrupted").
+    "unbounded", "callback", "interrupted").
 
     Example: ``Solver.init`` and ``Solver.step`` return it.
         >>> import torch, pmpsolve as pmp
@@ -210,7 +210,7 @@ class Solver:
         t_iter = time.perf_counter()
         state = self.measure(state)
         bw, data, measure = state.measured
-        if is_optimal(measure, state.cost, self.stopping.tol):
+        if is_optimal(measure, state.cost, self.stopping.tol, state.history[0].cost):
             # The certified iterate is the result (a rule without safeguard may have seen a lower
             # J on the way, at a point that was not optimal).
             return dataclasses.replace(state, best=Best(state.cost, u, fw, len(state.history) - 1),
@@ -311,10 +311,11 @@ class Solver:
         history = list(state.history)
         history[best.index] = history[best.index]._replace(optimality=measure)
         tol = self.stopping.tol
-        converged = is_optimal(measure, best.cost, tol)
+        initial = state.history[0].cost
+        converged = is_optimal(measure, best.cost, tol, initial)
         status = "converged" if converged else status
-        message += (f"; first-order optimality {measure:.3g} "
-                    f"{'<=' if converged else '>'} tol * max(1, |J|) = {tol * max(1.0, abs(best.cost)):.3g}")
+        message += (f"; first-order optimality {measure:.3g} {'<=' if converged else '>'} "
+                    f"tol * max(1, min(|J|, |J(u^0)|)) = {tol * optimality_scale(best.cost, initial):.3g}")
         if not converged and self.stopping.max_iter > 0:
             warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
         # e.g. {"closed-form": 41}: what maximised the Hamiltonian
@@ -437,7 +438,8 @@ def solve(problem: ControlProblem, method: Union[str, Method] = "emsa", *, mesh:
     Returns:
         A Solution; ``sol.converged`` is True only when the returned controls are first-order
         optimal (``pmp.Stop``'s ``tol``), ``sol.status`` says why the solve stopped ("converged",
-        "max_iter", "stalled", "callback" or "interrupted"). Raises NonFiniteError if a sweep
+        "max_iter", "stalled", "unbounded" (J fell far below J(u^0): the problem looks unbounded
+        below), "callback" or "interrupted"). Raises NonFiniteError if a sweep
         blows up, SweepBudgetError if a sweep needs far more work than before (e.g. an
         unbounded problem), DivergenceError if a method without safeguard (basic MSA, fixed
         rho) diverges (each carries the best controls found so far), and IterationMemoryError

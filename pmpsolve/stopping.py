@@ -14,10 +14,16 @@ from typing import NamedTuple, Optional, Protocol
 
 from .errors import DivergenceError
 
-__all__ = ["StopReason", "StoppingTest", "Divergence", "Cycling", "RuleStop", "Stall", "default_tests"]
+__all__ = ["StopReason", "StoppingTest", "Divergence", "Unbounded", "Cycling", "RuleStop", "Stall", "default_tests"]
 
 DIVERGENCE_PATIENCE = 3  # consecutive increases above J(u^0) that count as divergence
 CYCLE_PATIENCE = 25  # iterations without a new best J (while J keeps changing) that count as cycling
+# J below J(u^0) by more than this many times max(1, |J(u^0)|) ends the solve as "unbounded". A finite
+# J* that far down is held by `converged` (scale capped at max(1, |J(u^0)|)) to tol * 1e-6 relative to
+# |J*|, i.e. 1e-11 in float64 and 1e-9 in float32, well beneath the sweeps' rtol (1e-9, 1e-6): it could
+# not be certified anyway, so stopping there forfeits nothing. An unbounded run crosses the line within
+# a few iterations (x' = u, J = -x(1)^2 from J(u^0) = -1: 3 to 8 iterations, by method).
+UNBOUNDED_RATIO = 1e6
 STALL_PATIENCE = 3  # iterations in a row with |dJ| <= stall_tol * max(1, |J|) that count as a stall
 
 
@@ -44,6 +50,21 @@ class Divergence:
                 f"{state.cost:.6g} (J(u^0) = {state.history[0].cost:.6g}) at iteration {state.iteration}. Basic MSA "
                 "can diverge (paper Sec. 3.1); use method='emsa' (adaptive rho by default) or a larger fixed rho",
                 iteration=state.iteration)
+        return None
+
+
+class Unbounded:
+    """J fell below J(u^0) - ``ratio`` * max(1, |J(u^0)|): status "unbounded" (never converged)."""
+
+    def __init__(self, ratio: float = UNBOUNDED_RATIO):
+        self.ratio = ratio
+
+    def __call__(self, state) -> Optional[StopReason]:
+        initial = state.history[0].cost
+        if initial - state.cost > self.ratio * max(1.0, abs(initial)):
+            return StopReason("unbounded", f"J fell from J(u^0) = {initial:.6g} to {state.cost:.6g} in "
+                                           f"{state.iteration} iterations: the problem looks unbounded below "
+                                           "(check the signs of the costs and the bounds of the control set)")
         return None
 
 
@@ -90,7 +111,7 @@ class Stall:
 
 def default_tests(method: str, rule, stall_tol: float) -> list:
     """The tests a solve asks, in order."""
-    tests = [Divergence(method)]
+    tests = [Divergence(method), Unbounded()]
     if rule.detect_cycles:
         tests.append(Cycling(method, stall_tol))
     return tests + [RuleStop(rule), Stall(stall_tol)]
