@@ -16,17 +16,17 @@ is maximised on every mesh interval at once. See docs/guide.md.
 from . import nn
 from .controls import Ball, Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
-from .memory import IterationMemoryError
-from .maximisers import MaximisationData
+from .sweep.memory import IterationMemoryError
+from .update.maximisers import MaximisationData
 from .penalties import L0, L1, ControlPenalty
 from .problem import ControlProblem
-from .rounding import sum_up_rounding
-from .rules import RULES, UpdateRule, register_rule
+from .update.rounding import sum_up_rounding
+from .update.rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
 from .methods import EMSA, MSA, SQH, Gradient, Method, Rule
 from .options import ODE, Maximiser, Stop
-from .relaxation import RelaxAndRound
+from .update.relaxation import RelaxAndRound
 from .solver import Solver, SolverState, solve
 
 __all__ = [

@@ -14,12 +14,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 
-from .mesh import make_mesh
-from .pointwise import PointwiseProblem
+from .sweep.mesh import make_mesh
+from .sweep.pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .arguments import initial_controls, progress_bar
 from .options import ODE
-from .sweeps import Sweeper
+from .sweep.sweeps import Sweeper
 
 __all__ = ["OPTIMIZERS", "BaselineRecord", "BaselineResult", "train"]
 

@@ -3,7 +3,7 @@
 A control set knows its shape ``(m,)``, how to project onto itself, whether a
 tensor lies in it, a default starting control, and which maximisers of the
 interval Hamiltonian can handle it (``maximisers``, names registered in
-``pmpsolve.maximisers.MAXIMISERS``). A new control set is one subclass: see
+``pmpsolve.update.maximisers.MAXIMISERS``). A new control set is one subclass: see
 ``Ball`` and docs/guide.md, "Extending: a new control set".
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ControlSet:
         return prox_in_box(penalty, v, step, low, high)
 
     def maximisers(self, penalty=None) -> Tuple[str, ...]:
-        """Names (in ``pmpsolve.maximisers.MAXIMISERS``) of the maximisers that can handle this set
+        """Names (in ``pmpsolve.update.maximisers.MAXIMISERS``) of the maximisers that can handle this set
         with this control penalty (None, ``L1`` or ``L0``), in the order they are tried.
 
         The default suits boxes: the closed form (where the objective is a separable concave

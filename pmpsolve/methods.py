@@ -8,7 +8,7 @@ same rules. The strings ``"emsa"``, ``"msa"``, ``"sqh"`` and ``"gradient"`` are
 shortcuts for the default objects; a rule registered with ``register_rule`` is named
 by ``pmp.Rule(name, **options)``.
 
-Each object knows its rule class (``.rule``, in ``pmpsolve.rules``); the rule's
+Each object knows its rule class (``.rule``, in ``pmpsolve.update.rules``); the rule's
 ``defaults`` are the object's field defaults, so every option and its default is
 written once, here.
 """
@@ -51,8 +51,8 @@ class Method:
 
     @property
     def rule(self) -> Type:
-        """The update rule class this method runs (``pmpsolve.rules``)."""
-        from . import rules
+        """The update rule class this method runs (``pmpsolve.update.rules``)."""
+        from .update import rules
 
         return getattr(rules, self._rule_class)
 
@@ -255,7 +255,7 @@ class Rule(Method):
     """
 
     def __init__(self, name: str, **options):
-        from .rules import RULES
+        from .update.rules import RULES
 
         if name not in RULES:
             raise ValueError(f"pmp.Rule: unknown `method` {name!r}; choose one of {sorted(RULES)} "
@@ -277,7 +277,7 @@ class Rule(Method):
 
     @property
     def rule(self) -> Type:
-        from .rules import RULES
+        from .update.rules import RULES
 
         return RULES[self._name]
 

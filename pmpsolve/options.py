@@ -56,7 +56,7 @@ class ODE:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from .ode import METHODS
+        from .sweep.ode import METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"pmp.ODE: unknown `method` {self.method!r}; choose a torchdiffeq method: "
@@ -110,7 +110,7 @@ class Maximiser:
     quadrature: int = 3
 
     def __post_init__(self):
-        from .maximisers import MAXIMISERS
+        from .update.maximisers import MAXIMISERS
 
         if self.kind != "auto" and self.kind not in MAXIMISERS:
             choices = ", ".join(repr(name) for name in ("auto", *MAXIMISERS))
@@ -140,7 +140,7 @@ class Stop:
     Args:
         max_iter: iteration limit (default 200; 0 returns the initial controls, measured).
         tol: ``converged`` means first-order optimal: the optimality measure of the
-            returned controls (``pmpsolve.optimality``: the projected L2 gradient for boxes
+            returned controls (``pmpsolve.update.optimality``: the projected L2 gradient for boxes
             and R^m, the largest Hamiltonian gap per unit time for finite and user sets) is
             at most ``tol * max(1, min(|J|, |J(u^0)|))`` (relative to J, but never to more than
             the J of the initial controls: a J running away to -inf does not loosen it); the
@@ -167,7 +167,7 @@ class Stop:
         object.__setattr__(self, "stall_tol", _nonnegative("pmp.Stop", "stall_tol", self.stall_tol))
 
     def resolved(self, dtype: torch.dtype) -> "Stop":
-        from .optimality import DEFAULT_OPTIMALITY_TOL
+        from .update.optimality import DEFAULT_OPTIMALITY_TOL
 
         return Stop(self.max_iter, DEFAULT_OPTIMALITY_TOL[dtype] if self.tol is None else self.tol, self.stall_tol)
 

@@ -11,15 +11,15 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .hamiltonian import IntervalHamiltonian, interval_data
-from .maximisers import HamiltonianMaximiser
-from .mesh import make_mesh
-from .optimality import optimality
-from .pointwise import PointwiseProblem
+from .update.hamiltonian import IntervalHamiltonian, interval_data
+from .update.maximisers import HamiltonianMaximiser
+from .sweep.mesh import make_mesh
+from .update.optimality import optimality
+from .sweep.pointwise import PointwiseProblem
 from .problem import ControlProblem
 from .options import ODE
-from .reduce import distributed_reducer, refuse_user_set
-from .sweeps import Sweeper
+from .sweep.reduce import distributed_reducer, refuse_user_set
+from .sweep.sweeps import Sweeper
 
 __all__ = ["cost", "cost_gradient", "optimality_of"]
 
@@ -102,7 +102,7 @@ def optimality_of(problem: ControlProblem, controls: torch.Tensor, *, mesh: Unio
                   ode_method: str = "dopri5", rtol: Optional[float] = None, atol: Optional[float] = None,
                   quadrature: int = 3, dtype: Optional[torch.dtype] = None, device=None,
                   process_group: Optional[torch.distributed.ProcessGroup] = None) -> float:
-    """The first-order optimality measure of controls u [N, m] (``pmpsolve.optimality``): what ``solve``
+    """The first-order optimality measure of controls u [N, m] (``pmpsolve.update.optimality``): what ``solve``
     compares with ``tol * max(1, min(|J|, |J(u^0)|))`` to say ``converged``.
 
     Example:

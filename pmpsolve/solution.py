@@ -10,7 +10,7 @@ from typing import Dict, List, NamedTuple, Optional, Union
 import torch
 
 from .controls import ControlSet, control_set_from_dict
-from .trajectory import HermiteTrajectory
+from .sweep.trajectory import HermiteTrajectory
 
 __all__ = ["IterationRecord", "Solution"]
 
@@ -29,7 +29,7 @@ class IterationRecord(NamedTuple):
     forward_evals, backward_evals: right-hand-side evaluations of the sweeps of this iteration.
     maximiser_evals: objective evaluations of the maximisation(s).
     forward_seconds, backward_seconds, maximise_seconds: the split of ``seconds``.
-    optimality: the first-order optimality measure of u^k (``pmpsolve.optimality``; NaN where
+    optimality: the first-order optimality measure of u^k (``pmpsolve.update.optimality``; NaN where
         it was not measured: the solve stopped before the next co-state sweep).
 
     Example: ``sol.history[k]`` is iteration k.
@@ -122,7 +122,7 @@ class Solution:
 
     def control(self, t) -> torch.Tensor:
         """u(t), piecewise constant -> [*t.shape, m]; t in [0, T] (at T, the control of the last interval)."""
-        from .mesh import interval_index
+        from .sweep.mesh import interval_index
 
         return self.controls[interval_index(self.mesh, self._times(t))]
 

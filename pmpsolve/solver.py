@@ -5,16 +5,16 @@ forward sweep is already there), the interval data at the quadrature points, the
 first-order optimality measure of u^k (stop if it is met: that is what ``converged``
 means), then the rule proposes u^{k+1}; a forward sweep re-simulates it (its J is
 the reported cost) and the rule keeps or rejects it; the stopping tests
-(``pmpsolve.stopping``) run after every kept step.
+(``pmpsolve.update.stopping``) run after every kept step.
 
 ``Solver`` has the optax / diffrax shape: ``state = solver.init(u0)``, then
 ``state = solver.step(state)`` until ``state.done``, then ``solver.solution(state)``;
 a study or a user can drive iterations one at a time. ``Solver.run`` is that loop with a
 progress bar, the callback and Ctrl-C (and, on a finite control set, the relax-round-polish
-driver, ``pmpsolve.relaxation``); ``solve`` is ``Solver(...).run(...)``. The settings are
+driver, ``pmpsolve.update.relaxation``); ``solve`` is ``Solver(...).run(...)``. The settings are
 objects (``pmpsolve.methods``, ``pmpsolve.options``) that check themselves on construction;
 ``Solver``'s constructor checks the rest and estimates the memory of an iteration
-(``pmpsolve.memory``) before anything runs.
+(``pmpsolve.sweep.memory``) before anything runs.
 """
 from __future__ import annotations
 
@@ -31,20 +31,20 @@ from .arguments import initial_controls, outside_level, progress_bar, resolve_de
 from .controls import Finite
 from .deprecated import accepts_old_keywords
 from .errors import NonFiniteError, SolveError, SweepBudgetError
-from .hamiltonian import IntervalHamiltonian, interval_data
-from .maximisers import HamiltonianMaximiser
-from .memory import check_memory
-from .mesh import make_mesh
+from .update.hamiltonian import IntervalHamiltonian, interval_data
+from .update.maximisers import HamiltonianMaximiser
+from .sweep.memory import check_memory
+from .sweep.mesh import make_mesh
 from .methods import Method, as_method
-from .optimality import is_optimal, optimality, optimality_scale
+from .update.optimality import is_optimal, optimality, optimality_scale
 from .options import DEFAULT_TOLERANCES, ODE, Maximiser, Stop
-from .pointwise import PointwiseProblem
+from .sweep.pointwise import PointwiseProblem
 from .problem import ControlProblem
-from .reduce import distributed_reducer, refuse_user_set
-from .relaxation import RelaxAndRound, relax_round_polish
+from .sweep.reduce import distributed_reducer, refuse_user_set
+from .update.relaxation import RelaxAndRound, relax_round_polish
 from .solution import IterationRecord, Solution
-from .stopping import StopReason, default_tests
-from .sweeps import ForwardSweep, Sweeper
+from .update.stopping import StopReason, default_tests
+from .sweep.sweeps import ForwardSweep, Sweeper
 
 __all__ = ["solve", "Solver", "SolverState", "DEFAULT_TOLERANCES"]
 
@@ -331,7 +331,7 @@ class Solver:
     def run(self, init=None, *, progress: bool = False, callback: Optional[Callable] = None) -> Solution:
         """``init``, then ``step`` until done, then ``solution``: what ``solve`` does (``init``,
         ``progress`` and ``callback`` as there). On a finite control set with ``init`` None or
-        ``pmp.RelaxAndRound()``, the relax-round-polish driver (``pmpsolve.relaxation``)."""
+        ``pmp.RelaxAndRound()``, the relax-round-polish driver (``pmpsolve.update.relaxation``)."""
         if isinstance(init, RelaxAndRound) or (init is None and isinstance(self.problem.controls, Finite)):
             return relax_round_polish(self, init or RelaxAndRound(), progress=progress, callback=callback)
         state = None

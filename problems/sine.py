@@ -124,9 +124,9 @@ def sine_initial_controls(kind: str, mesh: int = 20, *, seed: int = 0, dtype=tor
 
 def predict(controls: torch.Tensor, x: torch.Tensor, *, rtol: float = 1e-9, atol: float = 1e-11) -> torch.Tensor:
     """The network's output sum_i X_T^i for inputs x [K], with the adaptive forward sweep."""
-    from pmpsolve.mesh import make_mesh
-    from pmpsolve.pointwise import PointwiseProblem
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.sweep.mesh import make_mesh
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+    from pmpsolve.sweep.sweeps import Sweeper
 
     problem = sine_problem(x, torch.zeros_like(torch.as_tensor(x, dtype=torch.float64)))
     pw = PointwiseProblem(problem, controls.dtype, controls.device)

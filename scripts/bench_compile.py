@@ -41,11 +41,11 @@ import torch
 import harness
 from harness import dynamo_counts, fresh_dynamo
 # Internals: torch.compile is tried on the library's own parts (sweep, interval objective), swapped in place.
-from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.maximisers import HamiltonianMaximiser
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+from pmpsolve.update.maximisers import HamiltonianMaximiser
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS
 from problems.sine import sine, sine_initial_controls
 

@@ -55,10 +55,10 @@ import harness
 import pmpsolve as pmp
 from harness import clock, dynamo_counts
 # Internals: the interval objective of one maximisation, rewritten with torch.func and compiled, beside the library's.
-from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS
 from problems.sine import sine, sine_initial_controls
 

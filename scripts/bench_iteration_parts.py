@@ -28,7 +28,7 @@ import harness
 import pmpsolve as pmp
 # Internals: the parts of Solver.step are timed by wrapping the module functions and methods it calls.
 import pmpsolve.solver as solver_module
-from pmpsolve.hamiltonian import IntervalHamiltonian
+from pmpsolve.update.hamiltonian import IntervalHamiltonian
 from problems.sine import sine, sine_initial_controls
 
 PARTS = ("forward sweep", "backward sweep", "interval data", "optimality measure", "maximisation",

@@ -14,11 +14,11 @@ import torch
 
 import harness
 # Internals: one maximisation on fixed interval data, which the public solve() never exposes alone.
-from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.maximisers import HamiltonianMaximiser
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+from pmpsolve.update.maximisers import HamiltonianMaximiser
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS, double_integrator
 
 

@@ -31,7 +31,7 @@ from problems.cnn import cross_entropy, residual_cnn
 
 def load_images(seed: int):
     try:
-        from pmpsolve.data import mnist5k  # the CNN study's packaged digits (an optional extra)
+        from pmpsolve.studies.data import mnist5k  # the CNN study's packaged digits (an optional extra)
         return mnist5k(seed=seed)
     except ImportError as error:
         print(f"(no packaged digits: {error}; timing on random images, part 2 skipped)")

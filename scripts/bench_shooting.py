@@ -28,10 +28,10 @@ import harness
 import pmpsolve as pmp
 import problems
 # Internals: one forward sweep alone, with the shooting policy forced on or off, which solve() never exposes.
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.shooting import ShootingPolicy
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.shooting import ShootingPolicy
+from pmpsolve.sweep.sweeps import Sweeper
 from problems.sine import sine_data, sine_problem
 
 
@@ -79,9 +79,9 @@ def solve_row(name: str, mesh: int, shooting: bool) -> dict:
 
 def step_rows(names, mesh: int, repeats: int) -> list:
     """CPU ms per E-MSA iteration (medians over the iterations, then over ``repeats``) with the lean dopri5
-    step of ``pmpsolve.ode`` and with torchdiffeq's own step (the same wrapper, ``_weights`` off),
+    step of ``pmpsolve.sweep.ode`` and with torchdiffeq's own step (the same wrapper, ``_weights`` off),
     solves alternating in this process."""
-    from pmpsolve import ode  # internals: the comparison swaps ode's dopri5 step class for torchdiffeq's
+    from pmpsolve.sweep import ode  # internals: the comparison swaps ode's dopri5 step class for torchdiffeq's
 
     lean = ode._SOLVERS["dopri5"]
     weights, ode._weights = ode._weights, (lambda solver: None)
@@ -123,7 +123,7 @@ def compiled_step_rows(cases, mesh: int, repeats: int, backend: str = "inductor"
     first compiled call minus an eager one ("compile"), and the largest difference of the outputs. What
     compiling a whole solver step would give and cost; the library's steps are not compiled
     (docs/benchmarks.md, section 6)."""
-    from pmpsolve import ode  # internals: dopri5's tableau, to write one step as a pure function
+    from pmpsolve.sweep import ode  # internals: dopri5's tableau, to write one step as a pure function
 
     tableau = ode._weights(ode.SOLVERS["dopri5"])
     rows = []

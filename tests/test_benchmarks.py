@@ -142,7 +142,7 @@ def test_bench_shooting_compares_the_two_forward_sweeps(tmp_path):
 
 
 def test_bench_shooting_compares_the_lean_step_with_torchdiffeqs(tmp_path):
-    from pmpsolve import ode
+    from pmpsolve.sweep import ode
 
     lean = ode._SOLVERS["dopri5"]
     data = load("bench_shooting").main(["--step-only", "--quick", "--out", str(tmp_path)])

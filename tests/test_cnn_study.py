@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve import data
+from pmpsolve.studies import data
 from pmpsolve.studies import cnn as study
 from problems.cnn import ChannelMean, residual_cnn
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.maximisers import ClosedForm, HamiltonianMaximiser
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
+from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+from pmpsolve.update.maximisers import ClosedForm, HamiltonianMaximiser
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
 from pmpsolve.studies.reference import independent_cost
 from problems import catalyst_mixing, double_integrator, double_integrator_optimum, lqr
 
@@ -18,7 +18,7 @@ F64 = torch.float64
 
 def objective_for(problem, u, rho=0.0, eps=0.0, N=None):
     """The interval objective at controls u [N, m] (one forward and one backward sweep)."""
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.sweep.sweeps import Sweeper
 
     pw = PointwiseProblem(problem, F64, "cpu")
     nodes = make_mesh(u.shape[0], problem.horizon, F64, "cpu")

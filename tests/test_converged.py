@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.optimality import is_optimal, optimality_scale
-from pmpsolve.stopping import UNBOUNDED_RATIO
+from pmpsolve.update.optimality import is_optimal, optimality_scale
+from pmpsolve.update.stopping import UNBOUNDED_RATIO
 
 from problems import double_integrator
 

@@ -184,7 +184,7 @@ def _error_scenarios(rank: int, group):
         return 0.0 * x.sum(-1)
 
     def objective_failure():  # an exception inside an objective evaluation (optimality, maximisation) on rank 1
-        from pmpsolve.hamiltonian import IntervalHamiltonian
+        from pmpsolve.update.hamiltonian import IntervalHamiltonian
 
         smooth = IntervalHamiltonian.smooth
 

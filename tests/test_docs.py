@@ -13,7 +13,7 @@ import re
 import matplotlib
 import pytest
 
-from pmpsolve.rules import RULES
+from pmpsolve.update.rules import RULES
 
 matplotlib.use("Agg")
 ROOT = pathlib.Path(__file__).resolve().parents[1]

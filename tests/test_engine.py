@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.rules import RULES
+from pmpsolve.update.rules import RULES
 from problems import REFERENCE_PROBLEMS
 
 from helpers import scalar_terminal, scalar_terminal_optimum

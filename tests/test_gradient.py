@@ -90,10 +90,10 @@ def test_gradient_of_many_samples_is_gradient_of_their_mean():
 def test_blocked_evaluation_equals_one_pass(monkeypatch, budget, rho, eps):
     """value_and_grad and curvature, taken in blocks of intervals and of samples, give what one
     autograd pass over all intervals and samples gives (the SQH term counted once per interval)."""
-    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-    from pmpsolve.mesh import make_mesh
-    from pmpsolve.pointwise import PointwiseProblem
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.sweep.mesh import make_mesh
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+    from pmpsolve.sweep.sweeps import Sweeper
     from problems.sine import sine_data, sine_initial_controls, sine_problem
 
     pw = PointwiseProblem(sine_problem(*sine_data(60, seed=0), reg=0.001, delta=0.25), torch.float64, "cpu")
@@ -123,10 +123,10 @@ def test_point_blocks_give_the_one_pass_numbers_bit_for_bit(monkeypatch, quadrat
     """The interval data, the gain terms and the co-state's end slopes, taken in blocks of intervals
     (``PointwiseProblem.point_blocks``), equal one pass over all intervals exactly (torch.equal), and
     every block holds at least 2 points."""
-    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-    from pmpsolve.mesh import make_mesh
-    from pmpsolve.pointwise import PointwiseProblem
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.sweep.mesh import make_mesh
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+    from pmpsolve.sweep.sweeps import Sweeper
     from problems.sine import sine_data, sine_initial_controls, sine_problem
 
     pw = PointwiseProblem(sine_problem(*sine_data(60, seed=0), reg=0.001, delta=0.5), torch.float64, "cpu")

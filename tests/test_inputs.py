@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.mesh import make_mesh
+from pmpsolve.sweep.mesh import make_mesh
 
 f2 = lambda t, x, u: torch.stack([x[..., 1], -x[..., 0] + u[..., 0]], -1)  # noqa: E731
 L = lambda t, x, u: 0.5 * ((x ** 2).sum(-1) + (u ** 2).sum(-1))  # noqa: E731

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import pmpsolve as pmp
 from pmpsolve.controls import control_set_from_dict
-from pmpsolve.maximisers import (MAXIMISERS, ClosedForm, Enumeration, HamiltonianMaximiser, IntervalObjective,
+from pmpsolve.update.maximisers import (MAXIMISERS, ClosedForm, Enumeration, HamiltonianMaximiser, IntervalObjective,
                                  Maximiser, ProximalGradient)
 
 F64 = torch.float64
@@ -135,10 +135,10 @@ def test_every_registered_maximiser_implements_the_protocol():
 
 
 def test_the_interval_hamiltonian_and_the_synthetic_objective_implement_the_protocol():
-    from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-    from pmpsolve.mesh import make_mesh
-    from pmpsolve.pointwise import PointwiseProblem
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+    from pmpsolve.sweep.mesh import make_mesh
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+    from pmpsolve.sweep.sweeps import Sweeper
 
     problem = mover(pmp.Ball(1.0, shape=(2,)), terminal_cost=lambda x: -x.sum(-1))
     pw = PointwiseProblem(problem, F64, "cpu")

@@ -4,11 +4,11 @@ import torch
 
 import pmpsolve as pmp
 from helpers import scalar_terminal, scalar_terminal_optimum
-from pmpsolve.hamiltonian import IntervalHamiltonian, interval_data
-from pmpsolve.maximisers import ProjectedLBFGS
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.update.hamiltonian import IntervalHamiltonian, interval_data
+from pmpsolve.update.maximisers import ProjectedLBFGS
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.sweeps import Sweeper
 from problems import REFERENCE_PROBLEMS
 
 

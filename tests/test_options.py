@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-import pmpsolve.memory as memory
-from pmpsolve.rules import RULES
+import pmpsolve.sweep.memory as memory
+from pmpsolve.update.rules import RULES
 from problems import REFERENCE_PROBLEMS, catalyst_mixing
 
 

@@ -1,6 +1,6 @@
 """Every update rule through both sweeps: a control problem (``pmp.solve``) and a network (``pmp.nn.Optimizer``).
 
-The rules of ``pmpsolve.rules`` are the one home of each algorithm: the network optimizer runs the same rule
+The rules of ``pmpsolve.update.rules`` are the one home of each algorithm: the network optimizer runs the same rule
 objects on layer data (``pmpsolve.nn.network``). One parametrised suite, as optax runs one over every optimizer:
 the same rule class on both sides, a descent where the rule promises one, and for the gradient rule the step
 that paper Prop. 2 says it is (torch.optim.SGD on the network, the exact gradient of J on the control problem).
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.rules import RULES
+from pmpsolve.update.rules import RULES
 from problems import lqr
 
 from test_nn import data, small_net

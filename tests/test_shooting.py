@@ -6,11 +6,11 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pmpsolve as pmp
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem, reads_time
-from pmpsolve.scan import affine_prefix_scan, affine_suffix_scan
-from pmpsolve.shooting import NewtonRate, ShootingPolicy
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem, reads_time
+from pmpsolve.sweep.scan import affine_prefix_scan, affine_suffix_scan
+from pmpsolve.sweep.shooting import NewtonRate, ShootingPolicy
+from pmpsolve.sweep.sweeps import Sweeper
 from problems import rayleigh, van_der_pol
 
 RTOL, ATOL = 1e-9, 1e-11

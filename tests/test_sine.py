@@ -47,9 +47,9 @@ def test_backpropagation_through_the_sweep_agrees_with_the_costate_gradient():
     x, y = sine_data(20, seed=4)
     problem = sine_problem(x, y, reg=0.001)
     u = sine_initial_controls("good", 20, seed=0).requires_grad_(True)
-    from pmpsolve.mesh import make_mesh
-    from pmpsolve.pointwise import PointwiseProblem
-    from pmpsolve.sweeps import Sweeper
+    from pmpsolve.sweep.mesh import make_mesh
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+    from pmpsolve.sweep.sweeps import Sweeper
 
     sweeper = Sweeper(PointwiseProblem(problem, torch.float64, "cpu"), make_mesh(20, 5.0, torch.float64, "cpu"),
                       rtol=1e-10, atol=1e-12)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import pmpsolve as pmp
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.costate import CostatePolicy, ParallelScanCostate, SequentialLinearCostate
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.costate import CostatePolicy, ParallelScanCostate, SequentialLinearCostate
+from pmpsolve.sweep.sweeps import Sweeper
 
 
 def _linear_problem(a=-0.7, c=2.0):
@@ -185,7 +185,7 @@ def test_dense_output_in_batches_is_torchdiffeqs_own(method):
     from torchdiffeq._impl.misc import _check_inputs
     from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
-    from pmpsolve.ode import _SOLVERS, integrate
+    from pmpsolve.sweep.ode import _SOLVERS, integrate
 
     calls = []
 

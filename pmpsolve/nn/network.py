@@ -1,4 +1,4 @@
-"""The network as the update rules see it: a second sweep for the same rules (``pmpsolve.rules``).
+"""The network as the update rules see it: a second sweep for the same rules (``pmpsolve.update.rules``).
 
 An update rule reads three things from the continuous engine: the pointwise problem
 (``pw.reducer.num_samples``, ``pw.problem.control_penalty``), the data of the current
@@ -26,7 +26,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from ..controls import Box, ControlSet, Reals
-from ..maximisers import MaximiserResult
+from ..update.maximisers import MaximiserResult
 from .groups import ComponentPenalty, LayerGroup
 from .hamiltonian import LayerData, LayerHamiltonian
 

@@ -1,7 +1,7 @@
 """``pmp.nn.Optimizer`` (``EMSA``, ``MSA``, ``SQH``): training a network by the maximum principle.
 
 One ``step(closure)`` is one iteration of the paper's Alg. 3 on the closure's
-(mini-)batch, driven by the same update-rule objects as ``pmp.solve`` (``pmpsolve.rules``):
+(mini-)batch, driven by the same update-rule objects as ``pmp.solve`` (``pmpsolve.update.rules``):
 
 1. the closure's forward pass records every layer's input x_n and output x_{n+1};
 2. its ``loss.backward()`` gives the co-states p_{n+1} = -d loss / d x_{n+1} (hooks);
@@ -38,13 +38,13 @@ from torch.func import vmap
 
 from ..controls import Box, ControlSet, Finite, Reals
 from ..errors import DivergenceError
-from ..maximisers import HamiltonianMaximiser
+from ..update.maximisers import HamiltonianMaximiser
 from ..methods import EMSA as EMSAMethod
 from ..methods import Method, as_method
 from ..penalties import ControlPenalty, prox_in_box
-from ..rules import SQH as _SQHRule
-from ..rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
-from ..stopping import Divergence
+from ..update.rules import SQH as _SQHRule
+from ..update.rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
+from ..update.stopping import Divergence
 from .discrete import DiscreteRule, FiniteWeights
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
@@ -147,14 +147,14 @@ class BatchReduction:
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError("process_group given but torch.distributed is not initialised: call "
                                    "torch.distributed.init_process_group first (or launch with torchrun)")
-            from ..reduce import DistributedSampleReducer, _check_group
+            from ..sweep.reduce import DistributedSampleReducer, _check_group
             _check_group(process_group)
             self.reducer = DistributedSampleReducer(process_group, 1, 1)
 
     def guard(self):
         """``with reduction.guard() as guard:`` keeps this rank's exception in ``guard.error`` (a process group),
         lets it propagate in one process."""
-        from ..reduce import ErrorGuard
+        from ..sweep.reduce import ErrorGuard
         return ErrorGuard(self.reducer is not None)
 
     @property
@@ -504,7 +504,7 @@ class Optimizer(torch.optim.Optimizer):
                     g.assign(u)
                 raise
             info.update(gain=gain, J_new=J1)
-            accept = rule.judge(J0, J1, gain)  # the rule's own acceptance test and adaptation (pmpsolve.rules)
+            accept = rule.judge(J0, J1, gain)  # the rule's own acceptance test and adaptation (pmpsolve.update.rules)
             self._warn_at_ceiling(rule)
             if accept:
                 info["accepted"] = True

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import pmpsolve as pmp
-from pmpsolve import data as datasets
+from pmpsolve.studies import data as datasets
 from pmpsolve.arguments import progress_bar
 from pmpsolve.studies import cli
 

@@ -24,9 +24,9 @@ import torch
 import pmpsolve as pmp
 from pmpsolve import baselines
 from pmpsolve.studies import cli
-from pmpsolve.mesh import make_mesh
-from pmpsolve.pointwise import PointwiseProblem
-from pmpsolve.sweeps import Sweeper
+from pmpsolve.sweep.mesh import make_mesh
+from pmpsolve.sweep.pointwise import PointwiseProblem
+from pmpsolve.sweep.sweeps import Sweeper
 
 __all__ = ["CONFIGS", "study_settings", "run_study", "main"]
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .controls import Box, Finite
-from .problem import ControlProblem
+from ..controls import Box, Finite
+from ..problem import ControlProblem
 from .rounding import sum_up_rounding
 
 __all__ = ["RelaxAndRound", "relax_round_polish", "relaxed_problem"]

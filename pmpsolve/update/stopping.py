@@ -6,13 +6,13 @@ a ``StopReason(status, message)`` (end the solve; the result is the best iterate
 ``DivergenceError`` (a method without safeguard that diverges must not return a result).
 The test that decides ``converged`` (first-order optimality) is not among them: it runs
 at the start of each iteration, when the co-state sweep of the iterate is available
-(``pmpsolve.optimality``).
+(``pmpsolve.update.optimality``).
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol
 
-from .errors import DivergenceError
+from ..errors import DivergenceError
 
 __all__ = ["StopReason", "StoppingTest", "Divergence", "Unbounded", "Cycling", "RuleStop", "Stall", "default_tests"]
 

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .problem import ControlProblem
+from ..problem import ControlProblem
 from .reduce import SampleReducer
 
 __all__ = ["PointwiseProblem"]
@@ -38,7 +38,7 @@ class PointwiseProblem:
         self.dtype, self.device = dtype, torch.device(device)
         self.x0 = problem.initial_state(dtype, device)  # [K, n]
         self.num_samples, self.state_dim = self.x0.shape
-        #: every sum and mean over the samples (one process: the identity; see pmpsolve.reduce)
+        #: every sum and mean over the samples (one process: the identity; see pmpsolve.sweep.reduce)
         self.reducer = SampleReducer(self.num_samples)
         self.control_dim = problem.control_dim
         self.has_running_cost = problem.running_cost is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .controls import Finite
+from ..controls import Finite
 
 __all__ = ["sum_up_rounding"]
 

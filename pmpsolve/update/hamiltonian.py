@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .mesh import gauss_legendre
-from .pointwise import PointwiseProblem
-from .sweeps import BackwardSweep, ForwardSweep
+from ..sweep.mesh import gauss_legendre
+from ..sweep.pointwise import PointwiseProblem
+from ..sweep.sweeps import BackwardSweep, ForwardSweep
 
 __all__ = ["IntervalData", "interval_data", "HamiltonianTerms", "IntervalHamiltonian", "gauss_legendre"]
 

@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .errors import SweepBudgetError
+from ..errors import SweepBudgetError
 from .mesh import sample_times
 
 SUPPORTED_TORCHDIFFEQ = ">=0.2.3,<0.3"

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import torch
 
-from .controls import ControlSet, Finite, UserSet
+from ..controls import ControlSet, Finite, UserSet
 from .hamiltonian import IntervalData, IntervalHamiltonian
 from .maximisers import Enumeration
-from .pointwise import PointwiseProblem
+from ..sweep.pointwise import PointwiseProblem
 
 __all__ = ["optimality", "is_optimal", "optimality_scale", "DEFAULT_OPTIMALITY_TOL"]
 

@@ -321,7 +321,7 @@ def _check_group(group):
 def refuse_user_set(problem) -> None:
     """A UserSet's maximiser receives the interval data of this rank's samples only and could return
     different controls on different ranks: not supported in a distributed solve (a clear error)."""
-    from .controls import UserSet
+    from ..controls import UserSet
 
     if isinstance(problem.controls, UserSet):
         raise ValueError("process_group: a UserSet is not supported in a distributed solve (its maximiser would see "

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from .arguments import outside_level
+from ..arguments import outside_level
 
 __all__ = ["IterationMemoryError", "PER_INTERVAL", "PER_NUMBER", "available_memory", "check_memory",
            "iteration_bytes"]
@@ -107,7 +107,7 @@ def check_memory(N: int, K: int, n: int, m: int, quadrature: int, dtype: torch.d
         if samples >= 1:
             hint += f", or at most about {samples} samples at this mesh"
         raise IterationMemoryError(f"solve: {what}, more than the {_size(free)} {where}; {hint} "
-                                   "(pmpsolve.memory explains the estimate)")
+                                   "(pmpsolve.sweep.memory explains the estimate)")
     warnings.warn(f"solve: {what}, more than half of the {_size(free)} {where}; a mesh of at most about "
                   f"{fits} intervals keeps it below half", RuntimeWarning, stacklevel=outside_level())
     return need

@@ -32,7 +32,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtim
 
 import torch
 
-from .controls import ControlSet
+from ..controls import ControlSet
 
 __all__ = ["IntervalObjective", "Maximiser", "MaximiserResult", "MAXIMISERS", "ProjectedLBFGS", "ProximalGradient",
            "ClosedForm", "Enumeration", "UserMaximiser", "HamiltonianMaximiser", "MaximisationData",

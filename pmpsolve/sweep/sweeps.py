@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .costate import CostatePolicy, linearisation_fractions
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 from .forward import solve_state
 from .mesh import gauss_legendre
 from .ode import DEFAULT_BUDGET, METHODS, ODE, EvaluationBudget, IntegrationFailure

@@ -13,11 +13,11 @@ from typing import ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 
-from .controls import ControlSet, Finite, UserSet
+from ..controls import ControlSet, Finite, UserSet
 from .hamiltonian import IntervalData, IntervalHamiltonian
 from .maximisers import HamiltonianMaximiser
-from .methods import EMSA, MSA, SQH as SQHMethod, Gradient, Method
-from .pointwise import PointwiseProblem
+from ..methods import EMSA, MSA, SQH as SQHMethod, Gradient, Method
+from ..sweep.pointwise import PointwiseProblem
 
 _ANDERSON_REGULARISATION = 1e-12  # relative Tikhonov term of the Anderson normal equations
 # Relaxing a proximity weight (``_relaxed_maximise``): tenfold steps down; a weight within 5 % of the

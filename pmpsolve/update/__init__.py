@@ -1,0 +1,1 @@
+"""What an iteration does with a sweep's data: Hamiltonians, maximisers, update rules, optimality, stopping."""
