@@ -202,7 +202,7 @@ def test_separable_closed_form_beats_the_proximal_maximiser():
     objective = LayerHamiltonian(group, layer_data(group, records, u, False), eps=0.5, weight_decay=1e-3)
     exact = separable_maximise(group, objective)
     assert exact is not None
-    iterative = pmp.maximisers.ProximalGradient(max_iter=200).maximise(objective, group.controls).controls
+    iterative = pmp.update.maximisers.ProximalGradient(max_iter=200).maximise(objective, group.controls).controls
     assert float(objective(exact)) >= float(objective(iterative)) - 1e-12
     # ... and it refuses a layer that is not affine in its parameters
     tanh_layer = pmp.nn.Residual(torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh()), 0.5).double()

@@ -77,13 +77,13 @@ def test_batched_maximisation_equals_a_loop_over_layers():
     u = group.parameters()
     rho = 0.05
     batched = LayerHamiltonian(group, layer_data(group, records, u, True), rho=rho, weight_decay=1e-3)
-    maximiser = pmp.maximisers.HamiltonianMaximiser(group.controls, max_iter=10, method="lbfgs")
+    maximiser = pmp.update.maximisers.HamiltonianMaximiser(group.controls, max_iter=10, method="lbfgs")
     together = maximiser.maximise(batched).controls
     for row, n in enumerate(group.indices):
         single = LayerGroup([n], [layers[n]], group.names, group.controls, None)
         objective = LayerHamiltonian(single, layer_data(single, records, u[row:row + 1], True), rho=rho,
                                      weight_decay=1e-3)
-        alone = pmp.maximisers.HamiltonianMaximiser(single.controls, max_iter=10, method="lbfgs").maximise(objective)
+        alone = pmp.update.maximisers.HamiltonianMaximiser(single.controls, max_iter=10, method="lbfgs").maximise(objective)
         assert torch.allclose(alone.controls[0], together[row], rtol=0, atol=1e-12)
         # ... and the batched objective's value is the single layer's, written out by hand.
         theta = group.unflatten(together[row])
