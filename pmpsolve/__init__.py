@@ -14,6 +14,7 @@ is maximised on every mesh interval at once. See docs/guide.md.
     0.674
 """
 from . import nn
+from .constraints import AtMost, Equal, FreeTime
 from .controls import Ball, Box, ControlSet, Finite, Reals, UserSet
 from .errors import DivergenceError, NonFiniteError, SolveError, SweepBudgetError
 from .sweep.memory import IterationMemoryError
@@ -30,7 +31,7 @@ from .update.relaxation import RelaxAndRound
 from .solver import Solver, SolverState, solve
 
 __all__ = [
-    "ControlProblem", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
+    "ControlProblem", "Equal", "AtMost", "FreeTime", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
     "Method", "EMSA", "MSA", "SQH", "Gradient", "Rule", "ODE", "Maximiser", "Stop", "RelaxAndRound",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "IterationMemoryError", "RULES", "UpdateRule", "register_rule",

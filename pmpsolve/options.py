@@ -149,27 +149,38 @@ class Stop:
         stall_tol: stop (``converged=False`` unless the measure says otherwise) when
             |J(u^{k+1}) - J(u^k)| <= stall_tol * max(1, |J|) on 3 iterations in a row
             (default 1e-12).
+        violation_tol: for a problem with constraints, ``converged`` also requires every
+            constraint to hold within this absolute tolerance, in the units of the constraint
+            functions (scale them to order 1). None (default): 1e-6 in float64, 1e-4 in float32.
+            ``max_iter`` then counts the iterations of all rounds of the outer loop.
 
     Example:
         >>> import pmpsolve as pmp
         >>> pmp.Stop(max_iter=50, tol=1e-8)
-        Stop(max_iter=50, tol=1e-08, stall_tol=1e-12)
+        Stop(max_iter=50, tol=1e-08, stall_tol=1e-12, violation_tol=None)
     """
 
     max_iter: int = 200
     tol: Optional[float] = None
     stall_tol: float = 1e-12
+    violation_tol: Optional[float] = None
 
     def __post_init__(self):
         object.__setattr__(self, "max_iter", _count("pmp.Stop", "max_iter", self.max_iter, 0))
         if self.tol is not None:
             object.__setattr__(self, "tol", _nonnegative("pmp.Stop", "tol", self.tol))
         object.__setattr__(self, "stall_tol", _nonnegative("pmp.Stop", "stall_tol", self.stall_tol))
+        if self.violation_tol is not None:
+            object.__setattr__(self, "violation_tol", _nonnegative("pmp.Stop", "violation_tol", self.violation_tol))
 
     def resolved(self, dtype: torch.dtype) -> "Stop":
         from .update.optimality import DEFAULT_OPTIMALITY_TOL
 
-        return Stop(self.max_iter, DEFAULT_OPTIMALITY_TOL[dtype] if self.tol is None else self.tol, self.stall_tol)
+        return Stop(self.max_iter, DEFAULT_OPTIMALITY_TOL[dtype] if self.tol is None else self.tol, self.stall_tol,
+                    self.violation_tol)
 
     def settings(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        if settings["violation_tol"] is None:  # only a constrained solve reads it
+            del settings["violation_tol"]
+        return settings

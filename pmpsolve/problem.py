@@ -12,11 +12,12 @@ mistake is reported where it was made and not deep inside a solve.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .controls import ControlSet, UserSet
+from .constraints import Constraint, FreeTime
+from .controls import Box, ControlSet, Reals, UserSet
 from .penalties import ControlPenalty
 
 __all__ = ["ControlProblem"]
@@ -43,7 +44,20 @@ class ControlProblem:
         control_penalty: an optional non-smooth control cost added to the running cost,
             ``pmp.L1(c)`` (c |u|_1) or ``pmp.L0(c)`` (c times the number of non-zero
             components), handled exactly by the maximisers.
+        terminal_constraints: a list of ``pmp.Equal(fn)`` / ``pmp.AtMost(fn)`` on the final
+            state: ``fn(x) -> [..., c]`` (``fn(x, p)`` with parameters), psi(x(T)) == 0 or <= 0.
+        path_constraints: a list of ``pmp.AtMost(fn)``, ``fn(t, x, u) -> [..., c] <= 0`` at
+            every time of [0, T]; state bounds are the ones that do not read u.
+        parameters: the set of static parameters p [q] (``pmp.Reals(q)`` or a ``pmp.Box``),
+            optimised with the controls. Every function then takes p as its last argument:
+            f(t, x, u, p), L(t, x, u, p), Phi(x, p) and the constraint functions; p is
+            [..., q] with the leading dimensions of x. ``controls`` may then be None
+            (parameter estimation).
         name: optional label used in plots and tables.
+
+    ``horizon`` may be ``pmp.FreeTime(guess, low=, high=)``: T is then optimised too. A
+    problem with constraints, parameters or a free T is solved by the augmented-Lagrangian
+    loop of ``pmpsolve.constrained`` (docs/theory.md), which ``pmp.solve`` calls for it.
 
     J is the mean over the K samples (docs/theory.md, scaling convention).
 
@@ -57,15 +71,27 @@ class ControlProblem:
         (2, 1, 1)
     """
 
-    def __init__(self, dynamics: Dynamics, x0, horizon: float, controls: ControlSet,
+    def __init__(self, dynamics: Dynamics, x0, horizon: Union[float, FreeTime], controls: Optional[ControlSet] = None,
                  terminal_cost: Optional[TerminalCost] = None,
                  running_cost: Optional[RunningCost] = None, *, control_penalty: Optional[ControlPenalty] = None,
+                 terminal_constraints: Optional[Sequence[Constraint]] = None,
+                 path_constraints: Optional[Sequence[Constraint]] = None,
+                 parameters: Optional[ControlSet] = None,
                  name: Optional[str] = None):
         if not callable(dynamics):
             raise TypeError(f"ControlProblem: `dynamics` must be a callable f(t, x, u), got {type(dynamics).__name__}")
         for label, fn in (("terminal_cost", terminal_cost), ("running_cost", running_cost)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"ControlProblem: `{label}` must be callable or None, got {type(fn).__name__}")
+        if parameters is not None and not isinstance(parameters, (Reals, Box)):
+            raise TypeError(f"ControlProblem: `parameters` must be pmp.Reals(q) or a pmp.Box, got {parameters!r}")
+        if controls is None and parameters is None:
+            raise ValueError("ControlProblem: `controls` is None but there are no `parameters`: with neither "
+                             "there is nothing to optimise. Give a control set such as pmp.Reals(m), or "
+                             "parameters=pmp.Reals(q) for parameter estimation")
+        self.has_controls = controls is not None
+        if controls is None:  # parameter estimation: one dummy control that no function reads
+            controls = Reals(1)
         if not isinstance(controls, ControlSet):
             raise TypeError(
                 "ControlProblem: `controls` must be a control set such as pmp.Reals(m) or "
@@ -89,6 +115,9 @@ class ControlProblem:
             )
         if not torch.isfinite(x0_t.double()).all():
             raise ValueError("ControlProblem: `x0` has non-finite entries")
+        self.free_time = horizon if isinstance(horizon, FreeTime) else None
+        if self.free_time is not None:
+            horizon = self.free_time.guess
         try:
             horizon_f = float(horizon)
         except (TypeError, ValueError):
@@ -103,6 +132,9 @@ class ControlProblem:
         self.terminal_cost = terminal_cost
         self.running_cost = running_cost
         self.control_penalty = control_penalty
+        self.parameters = parameters
+        self.terminal_constraints = _constraints("terminal_constraints", terminal_constraints, ("equal", "at_most"))
+        self.path_constraints = _constraints("path_constraints", path_constraints, ("at_most",))
         self.name = name or "problem"
         self.single_sample = self.x0.ndim == 1
         if terminal_cost is None and running_cost is None and control_penalty is None:
@@ -137,12 +169,25 @@ class ControlProblem:
                 f"K={self.num_samples}, T={self.horizon}, controls={self.controls!r})")
 
     # ------------------------------------------------------------- checking
+    @property
+    def constrained(self) -> bool:
+        """True when the problem has constraints, static parameters or a free final time (then
+        ``pmp.solve`` runs the augmented-Lagrangian loop of ``pmpsolve.constrained``)."""
+        return bool(self.terminal_constraints or self.path_constraints or self.parameters is not None
+                    or self.free_time is not None)
+
     def check(self, dtype: torch.dtype, device) -> None:
         """Trial-call every function in ``dtype`` on ``device``; raise a clear error on misuse.
 
         Also checks that f and L can be evaluated at many times at once (``torch.func.vmap``
         over a 0-d t), which is how the engine evaluates them on the mesh.
         """
+        from .constrained.checks import check_arities, check_constrained
+
+        check_arities(self)
+        if self.constrained:
+            check_constrained(self, dtype, device)
+            return
         K, n, m = self.num_samples, self.state_dim, self.control_dim
         x = self.initial_state(dtype, device)
         u = self.controls.default_point(dtype, device).expand(K, m)
@@ -172,6 +217,27 @@ class ControlProblem:
         if self.terminal_cost is not None:
             out = _call("terminal_cost", self.terminal_cost, (x,), f"x [{K}, {n}] {where}")
             _check_per_sample("terminal_cost", out, (K,))
+
+
+def _constraints(label: str, constraints, kinds) -> tuple:
+    """A list of constraints as a tuple, each checked to be a pmp.Equal / pmp.AtMost of an allowed kind."""
+    if constraints is None:
+        return ()
+    if isinstance(constraints, Constraint):
+        constraints = [constraints]
+    if not isinstance(constraints, (list, tuple)):
+        raise TypeError(f"ControlProblem: `{label}` must be a list of pmp.Equal(fn) / pmp.AtMost(fn), "
+                        f"got {type(constraints).__name__}")
+    allowed = " or ".join(f"pmp.{'Equal' if k == 'equal' else 'AtMost'}(fn)" for k in kinds)
+    for c in constraints:
+        if not isinstance(c, Constraint):
+            raise TypeError(f"ControlProblem: every entry of `{label}` must be {allowed}, got {c!r}"
+                            + ("; wrap the function: pmp.AtMost(fn)" if callable(c) else ""))
+        if c.kind not in kinds:
+            raise ValueError(f"ControlProblem: `{label}` takes {allowed}, got {c!r}: an equality on the whole "
+                             "path leaves no freedom to the control; write it into the dynamics, or as two "
+                             "pmp.AtMost constraints if it is meant")
+    return tuple(constraints)
 
 
 def _call(label: str, fn, args, described: str) -> torch.Tensor:

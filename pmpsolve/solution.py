@@ -81,6 +81,14 @@ class Solution:
             "interrupted" (KeyboardInterrupt: the best controls so far are returned).
         relaxed_cost: for a finite control set solved by relaxation (the default), J of the
             relaxed problem over the convex hull: a lower bound when that solve is globally optimal.
+        horizon: T, the fixed final time or the optimal one (``pmp.FreeTime``).
+        parameters: the optimal static parameters [q], or None.
+        violation: the largest violation of any constraint, at the nodes and between them
+            (0 when there are none).
+        multipliers: None without constraints; else a dict: "terminal" [K, cT] (the terminal
+            constraints' multipliers nu, in their order; per sample), "path" [K, M, cP] (the
+            path multiplier functions mu(t) >= 0 on the grid "path_times" [M]).
+        rounds: the outer loop's rounds (``pmpsolve.constrained.outer.Round``), empty without one.
 
     Example: x' = u, x(0) = 1, J = 5/2 x(1)^2 + 1/2 int u^2, whose optimal control is u = -5/6.
         >>> import torch, pmpsolve as pmp
@@ -113,6 +121,15 @@ class Solution:
     optimality: float = math.nan
     status: str = ""
     relaxed_cost: Optional[float] = None
+    horizon: Optional[float] = None
+    parameters: Optional[torch.Tensor] = None
+    violation: float = 0.0
+    multipliers: Optional[Dict[str, torch.Tensor]] = None
+    rounds: List[object] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.horizon is None:
+            self.horizon = float(self.mesh[-1])
 
     # -------------------------------------------------------------- queries
     @property
@@ -186,6 +203,11 @@ class Solution:
             "message": self.message, "method": self.method, "control_set": self.control_set.to_dict(),
             "single_sample": self.single_sample, "problem_name": self.problem_name,
             "optimality": self.optimality, "status": self.status, "relaxed_cost": self.relaxed_cost,
+            "horizon": self.horizon, "violation": self.violation,
+            "parameters": None if self.parameters is None else self.parameters.detach().cpu(),
+            "multipliers": None if self.multipliers is None
+            else {k: v.detach().cpu() for k, v in self.multipliers.items()},
+            "rounds": [dict(r._asdict()) for r in self.rounds],
             "settings": _plain(self.settings),
             "states": [x.detach().cpu() for x in self.states_trajectory.fields()],
             "costates": None if self.costates_trajectory is None
@@ -233,7 +255,10 @@ class Solution:
                        costates_trajectory=costates, control_set=control_set_from_dict(data["control_set"]),
                        single_sample=data["single_sample"], problem_name=data["problem_name"],
                        settings=data["settings"], optimality=data.get("optimality", math.nan),
-                       status=data.get("status", ""), relaxed_cost=data.get("relaxed_cost"))
+                       status=data.get("status", ""), relaxed_cost=data.get("relaxed_cost"),
+                       horizon=data.get("horizon"), violation=data.get("violation", 0.0),
+                       parameters=data.get("parameters"), multipliers=data.get("multipliers"),
+                       rounds=data.get("rounds", []))
         except KeyError as error:
             raise ValueError(f"Solution.load: {str(path)!r} has the Solution format but lacks the entry "
                              f"{error.args[0]!r}; the file is damaged or was not written by Solution.save") from None

@@ -134,6 +134,9 @@ class Solver:
                  process_group: Optional[torch.distributed.ProcessGroup] = None):
         if not isinstance(problem, ControlProblem):
             raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
+        if problem.constrained:
+            raise TypeError("Solver: this problem has constraints, parameters or a free final time; pmp.solve "
+                            "solves it by the augmented-Lagrangian loop (pmpsolve.constrained.ConstrainedSolver)")
         self.method = as_method(method)
         ode, self.maximiser_options, stopping = (_record(label, value, cls) for label, value, cls in (
             ("ode", ode, ODE), ("maximiser", maximiser, Maximiser), ("stop", stop, Stop)))
@@ -458,8 +461,14 @@ def solve(problem: ControlProblem, method: Union[str, Method] = "emsa", *, mesh:
         raise TypeError(f"solve: `problem` must be a pmpsolve.ControlProblem, got {type(problem).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"solve: `callback` must be callable or None, got {type(callback).__name__}")
-    solver = Solver(problem, method=method, mesh=mesh, ode=ode, maximiser=maximiser, stop=stop, device=device,
-                    dtype=dtype, process_group=process_group)
+    if problem.constrained:
+        from .constrained.outer import ConstrainedSolver
+
+        solver = ConstrainedSolver(problem, method=method, mesh=mesh, ode=ode, maximiser=maximiser, stop=stop,
+                                   device=device, dtype=dtype, process_group=process_group)
+    else:
+        solver = Solver(problem, method=method, mesh=mesh, ode=ode, maximiser=maximiser, stop=stop, device=device,
+                        dtype=dtype, process_group=process_group)
     return solver.run(init, progress=progress, callback=callback)
 
 

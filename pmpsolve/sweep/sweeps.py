@@ -131,10 +131,16 @@ class Sweeper:
                         nodes, newton = self._start_values(start, u), policy.max_newton
                     else:
                         nodes, newton = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape), policy.cold_newton
-                    state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
-                                                 max_newton=newton, max_growth=policy.max_growth,
-                                                 accept=policy.accept,
-                                                 newton_rate=NewtonRate() if start is None else start.newton_rate)
+                    try:
+                        state = solve_state_shooting(self.pw, self.ode, u, count, nodes, fractions=fractions,
+                                                     max_newton=newton, max_growth=policy.max_growth,
+                                                     accept=policy.accept,
+                                                     newton_rate=NewtonRate() if start is None else start.newton_rate)
+                    except IntegrationFailure:
+                        # Start values far from the trajectory can blow up an interval of stiff dynamics
+                        # (x0 at every node, exp(-500 (h - 1)) in a drag law) that the sequential sweep,
+                        # which starts each interval where the last one ended, integrates without trouble.
+                        state = None
                 strategy = "sequential" if state is None else "shooting"
                 if state is None:  # not tried, or Newton did not converge: the sequential sweep
                     state = solve_state(self.pw, self.ode, u, count, differentiable=differentiable,

@@ -229,7 +229,7 @@ class ExtendedMSA(UpdateRule):
                 self._stage = "plain"
                 return new
             if self._stage is None and self._memory and self._history:
-                mixed = _anderson(self._history, self._current, data.lengths, self.controls)
+                mixed = anderson_mixture(self._history, self._current, data.lengths, self.controls)
                 if mixed is not None:
                     # The plain step's Hamiltonian gain: the decrease an accepted Anderson step must match.
                     H = IntervalHamiltonian(self.pw, data, 0.0)
@@ -317,7 +317,7 @@ def adapt_rho(rho: float, accept: bool, decrease: float, gain: float, options: D
     return min(max(rho * factor, float(options["rho_min"])), float(options["rho_max"]))
 
 
-def _anderson(history, current, lengths, controls) -> Optional[torch.Tensor]:
+def anderson_mixture(history, current, lengths, controls) -> Optional[torch.Tensor]:
     """Anderson (type II) mixture of the fixed-point steps u_i -> g_i, projected onto U.
 
     Residuals r_i = g_i - u_i are compared in L2(0, T) (weights sqrt(h_n)); the

@@ -1,0 +1,548 @@
+"""The augmented-Lagrangian loop: constraints, a free final time and static parameters.
+
+Each round solves the transcribed problem (``transcription``) at fixed multipliers with the
+ordinary Solver, warm-started from the previous round's controls and rule parameters and
+stopped at a tolerance that tightens round by round (inexact inner solves, as ALGENCAN does);
+then, from that solve's trajectories:
+
+1. the constraints are measured: psi(x(T)) and g on the multiplier grid and between it
+   (``CHECK_FRACTIONS``); ``violation`` is the largest violation anywhere;
+2. the multipliers take the first-order step nu += r psi, mu = max(0, mu + r c) (pointwise on
+   the grid for path constraints);
+3. a penalty grows tenfold only for the constraint groups (terminal, path) whose violation did
+   not halve, so a well-behaved group keeps a well-conditioned inner problem;
+4. T and p take a projected quasi-Newton step on the merit function: the gradient is the
+   co-state of their states at s = 0 (dJ/dz0 = -sum_i P_i(0)), the curvature a BFGS estimate
+   from the rounds' gradients, each step at most half of |z| (or of 1).
+
+The solve is ``converged`` when the violation is at most ``Stop.violation_tol`` and the
+first-order measure of the Lagrangian (the inner solve's optimality measure, which at the
+updated multipliers is the Lagrangian's, and the projected gradient in (p, T)) is at most
+``tol * max(1, |J|)``. When the penalties grow and the violation stops decreasing the problem
+is declared ``infeasible``: the least-violation iterate is returned with the constraint that
+is violated most named in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Callable, List, NamedTuple, Optional
+
+import torch
+
+from ..arguments import outside_level, resolve_device
+from ..methods import as_method
+from ..options import DEFAULT_TOLERANCES, ODE, Maximiser, Stop
+from ..solution import Solution
+from ..sweep.trajectory import HermiteTrajectory
+from ..update.rules import anderson_mixture
+from .transcription import CHECK_FRACTIONS, GRID_FRACTIONS, OuterPoint, Transcription
+
+__all__ = ["ConstrainedSolver", "Round", "DEFAULT_VIOLATION_TOL"]
+
+#: ``Stop.violation_tol`` by dtype: the largest constraint violation a converged solve may leave
+DEFAULT_VIOLATION_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+MAX_ROUNDS = 60
+#: Anderson memory of the multiplier updates (0: plain first-order updates)
+ANDERSON_MEMORY = 5
+#: quasi-Newton steps in z = (p, T) per round, and halvings of one step
+STATIC_STEPS, LINE_SEARCH_STEPS = 8, 4
+PENALTY_GROWTH = 10.0
+PENALTY_MAX = 1e9
+#: an inner solve stops at max(INNER_TOL_FLOOR * tol, INNER_TOL0 * INNER_TOL_SHRINK**k) in round k: below
+#: ``tol`` in the end, since the violation left by an inner solve scales with its optimality measure
+INNER_TOL0, INNER_TOL_SHRINK, INNER_TOL_FLOOR = 1e-2, 0.1, 0.01
+#: rounds in a row in which the penalty grew and the violation fell by less than 10 %: infeasible
+STUCK_ROUNDS = 4
+#: rounds in a row whose inner solve stalled at once (at most one iteration): the loop stops ("stalled")
+IDLE_ROUNDS = 3
+#: ... while the violation is above this multiple of ``violation_tol`` (below it, tighter inner solves help)
+STUCK_FACTOR = 100.0
+
+
+class Round(NamedTuple):
+    """One round of the outer loop (``sol.rounds``)."""
+
+    round: int
+    iterations: int
+    cost: float          # J of the problem (without constraint terms)
+    merit: float         # the augmented Lagrangian the inner solve minimised
+    violation: float
+    worst: str           # the constraint violated most
+    optimality: float    # the inner solve's measure (the Lagrangian's, at the updated multipliers)
+    static_gradient: float  # projected gradient in (p, T); 0 without them
+    horizon: float
+    terminal_penalty: float
+    path_penalty: float
+    inner_status: str
+    seconds: float
+
+
+class _Iterate(NamedTuple):
+    point: OuterPoint
+    solution: Solution  # the inner solution
+    cost: float
+    violation: float
+    worst: str
+    terminal: torch.Tensor  # constraint values [K, cT]
+    path_grid: torch.Tensor  # [K, M, cP]
+    gradient: torch.Tensor  # dJ_A / dz [q (+1)]
+    measure: float
+
+
+class ConstrainedSolver:
+    """The augmented-Lagrangian solve of a problem with constraints, parameters or a free T.
+
+    Takes the arguments of ``solve``; ``pmp.solve`` builds it for such a problem, so users call
+    ``pmp.solve``. ``run`` returns a Solution in the problem's own time (``sol.mesh`` from 0 to
+    the optimal T), with ``horizon``, ``parameters``, ``violation``, ``multipliers`` and
+    ``rounds`` filled in.
+    """
+
+    def __init__(self, problem, *, method="emsa", mesh=200, ode: Optional[ODE] = None,
+                 maximiser: Optional[Maximiser] = None, stop: Optional[Stop] = None, device=None,
+                 dtype: Optional[torch.dtype] = None, process_group=None):
+        if process_group is not None:
+            raise NotImplementedError("solve: a problem with constraints, parameters or a free final time is "
+                                      "solved in one process; drop `process_group`")
+        dtype = torch.float64 if dtype is None else dtype
+        if dtype not in DEFAULT_TOLERANCES:
+            raise TypeError(f"solve: `dtype` must be torch.float64 or torch.float32, got {dtype!r}")
+        self.problem, self.dtype, self.device = problem, dtype, resolve_device(device)
+        self.method = as_method(method)
+        self.ode, self.maximiser = ode or ODE(), maximiser or Maximiser()
+        self.stopping = (stop or Stop()).resolved(dtype)
+        problem.check(dtype, self.device)
+        self.transcription = Transcription(problem, mesh, dtype, self.device)
+        self.violation_tol = (DEFAULT_VIOLATION_TOL[dtype] if self.stopping.violation_tol is None
+                              else self.stopping.violation_tol)
+
+    # ------------------------------------------------------------------ one inner solve
+    def _inner(self, point: OuterPoint, init, method, tol: float, max_iter: int, progress: bool, callback):
+        from ..solver import Solver
+
+        inner = self.transcription.inner_problem(point)
+        stop = Stop(max_iter=max_iter, tol=tol, stall_tol=self.stopping.stall_tol)
+        solver = Solver(inner, method=method, mesh=self.transcription.mesh, ode=self.ode,
+                        maximiser=self.maximiser, stop=stop, device=self.device, dtype=self.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "did not converge": judged by the outer loop
+            return solver.run(init, progress=progress, callback=callback)
+
+    def _measure(self, point: OuterPoint, sol: Solution) -> _Iterate:
+        """Constraint values, violation, dJ/dz and J of an inner solution."""
+        tr = self.transcription
+        z = sol.states_trajectory
+        values = z.values.reshape(tr.N + 1, tr.K, -1)
+        x_T, p_T, _ = tr.split(values[-1])
+        terminal = tr.terminal_values(x_T, p_T)  # [K, cT]
+        path_grid, path_check = self._path_values(point, sol)
+        viol, worst = self._violation(terminal, path_check)
+        gradient = torch.zeros(tr.static_dim, dtype=self.dtype, device=self.device)
+        if tr.static_dim:
+            P0 = sol.costates_trajectory.values[0].reshape(tr.K, -1)
+            gradient = -P0[:, tr.n:].sum(0)
+        measure = self._static_measure(tr.static(point), gradient)
+        cost = self._cost(point, sol)
+        return _Iterate(point, sol, cost, viol, worst, terminal, path_grid, gradient, measure)
+
+    def _cost(self, point: OuterPoint, sol: Solution) -> float:
+        """J without the constraint terms (one forward sweep of the plain problem)."""
+        from ..sensitivity import cost
+
+        if not (self.transcription.terminal_sizes or self.transcription.path_sizes):
+            return sol.cost
+        return cost(self.transcription.objective_problem(point), sol.controls, mesh=self.transcription.mesh,
+                    ode_method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol, dtype=self.dtype,
+                    device=self.device)
+
+    def _path_values(self, point: OuterPoint, sol: Solution):
+        """g on the multiplier grid [K, M, cP] (at a node: the larger of its two intervals' values)
+        and at the check points between nodes [K, N * R, cP]."""
+        tr = self.transcription
+        cP = sum(tr.path_sizes)
+        if not cP:
+            empty = torch.zeros(tr.K, tr.grid.numel(), 0, dtype=self.dtype, device=self.device)
+            return empty, torch.zeros(tr.K, 0, 0, dtype=self.dtype, device=self.device)
+        N, K = tr.N, tr.K
+        traj = sol.states_trajectory
+        u = sol.controls  # [N, m]
+        nodes = traj.values.reshape(N + 1, K, -1)
+        T = point.horizon if tr.free else 1.0
+
+        def g_at(s, z, controls):  # s [P], z [P, K, n_aug], controls [P, m] -> [P, K, cP]
+            x, p, _ = tr.split(z)
+            uu = controls[:, None, :].expand(-1, K, -1)
+            args = (s * T, x, uu) + ((p,) if p is not None else ())
+            return torch.func.vmap(tr.path_values)(*args)
+
+        left = g_at(tr.mesh[:-1], nodes[:-1], u)  # nodes 0..N-1 with the control on their right
+        right = g_at(tr.mesh[1:], nodes[1:], u)  # nodes 1..N with the control on their left
+        at_nodes = torch.cat([left[:1], torch.maximum(left[1:], right[:-1]), right[-1:]])  # [N + 1, K, cP]
+        h = tr.mesh[1:] - tr.mesh[:-1]
+
+        def inside(fractions):
+            fr = torch.tensor(fractions, dtype=self.dtype, device=self.device)
+            zi = traj.on_intervals(fr).reshape(N, len(fractions), K, -1)
+            s = (tr.mesh[:-1, None] + fr * h[:, None]).reshape(-1)
+            controls = u[:, None, :].expand(N, len(fractions), -1).reshape(N * len(fractions), -1)
+            return g_at(s, zi.reshape(N * len(fractions), K, -1), controls).reshape(N, len(fractions), K, cP)
+
+        parts = [at_nodes[:-1, None]] + ([inside(GRID_FRACTIONS)] if GRID_FRACTIONS else [])  # [N, 1 + R, K, cP]
+        grid = torch.cat(parts, dim=1).reshape(-1, K, cP)
+        grid = torch.cat([grid, at_nodes[-1:]]).permute(1, 0, 2)  # [K, M, cP]
+        check = inside(CHECK_FRACTIONS).reshape(-1, K, cP).permute(1, 0, 2)
+        return grid, torch.cat([grid, check], dim=1)
+
+    def _violation(self, terminal: torch.Tensor, path: torch.Tensor):
+        """The largest violation and the name of the constraint that has it."""
+        tr, prob = self.transcription, self.problem
+        worst, name = 0.0, ""
+        offset = 0
+        for c, size in zip(prob.terminal_constraints, tr.terminal_sizes):
+            v = terminal[:, offset:offset + size]
+            v = v.abs() if c.kind == "equal" else v.clamp(min=0)
+            value = float(v.max()) if v.numel() else 0.0
+            if value > worst:
+                worst, name = value, f"terminal constraint {c!r} ({c.relation})"
+            offset += size
+        offset = 0
+        for c, size in zip(prob.path_constraints, tr.path_sizes):
+            v = path[:, :, offset:offset + size].clamp(min=0)
+            value = float(v.max()) if v.numel() else 0.0
+            if value > worst:
+                worst, name = value, f"path constraint {c!r} ({c.relation})"
+            offset += size
+        return worst, name
+
+    def _static_measure(self, z: torch.Tensor, gradient: torch.Tensor) -> float:
+        if not z.numel():
+            return 0.0
+        low, high = self.transcription.static_bounds()
+        return float((z - torch.minimum(torch.maximum(z - gradient, low), high)).abs().max())
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, init=None, *, progress: bool = False, callback: Optional[Callable] = None) -> Solution:
+        tr, stopping = self.transcription, self.stopping
+        start = time.perf_counter()
+        point = tr.initial_point()
+        method, u = self.method, init
+        rounds: List[Round] = []
+        history: list = []
+        best: Optional[_Iterate] = None
+        status, message = None, ""
+        budget = stopping.max_iter
+        static = _StaticStep(tr)
+        self.acceleration = _MultiplierAcceleration(tr, ANDERSON_MEMORY)
+        previous_groups = None
+        stuck = idle = 0
+        # The initial controls measured (no iteration) give the penalties their scale.
+        if tr.terminal_sizes or tr.path_sizes:
+            point = self._initial_penalties(point, self._measure(point, self._inner(point, u, method, 1.0, 0,
+                                                                                     False, None)))
+        try:
+            for k in range(MAX_ROUNDS):
+                t0 = time.perf_counter()
+                inner_tol = max(INNER_TOL_FLOOR * stopping.tol, INNER_TOL0 * INNER_TOL_SHRINK ** k)
+                it, method, used = self._minimise(point, u, method, inner_tol, budget, static, history, progress,
+                                                  callback)
+                sol, point = it.solution, it.point
+                budget -= used
+                u = sol.controls
+                groups = self._group_violations(point, it)
+                rounds.append(Round(k, used, it.cost, sol.cost, it.violation, it.worst, sol.optimality,
+                                    it.measure, point.horizon, _max(point.terminal_penalty),
+                                    _max(point.path_penalty), sol.status, time.perf_counter() - t0))
+                if best is None or _better(it, best, self.violation_tol):
+                    best = it
+                if sol.status == "interrupted":
+                    status, message = "interrupted", f"interrupted (KeyboardInterrupt) in round {k}"
+                    break
+                if sol.status == "callback":
+                    status, message = "callback", f"stopped by callback in round {k}"
+                    break
+                if self._kkt(it) and max(groups) <= self.violation_tol:
+                    best, status = it, "converged"
+                    message = f"KKT point in round {k}"
+                    break
+                idle = idle + 1 if used <= 1 and sol.status != "converged" else 0
+                if idle >= IDLE_ROUNDS:
+                    status = "stalled"
+                    message = (f"the inner solves made no progress in {idle} rounds in a row "
+                               f"({sol.message.split(';')[0]})")
+                    break
+                if budget <= 0:
+                    status, message = "max_iter", f"reached max_iter = {stopping.max_iter} in round {k}"
+                    break
+                # infeasibility: the penalties grow and the violation does not fall
+                grew = previous_groups is not None and any(
+                    g > 0.5 * pg and g > self.violation_tol for g, pg in zip(groups, previous_groups))
+                if rounds[-1].inner_status == "converged" and len(rounds) > 1 and grew \
+                        and it.violation > max(0.9 * rounds[-2].violation, STUCK_FACTOR * self.violation_tol):
+                    stuck += 1
+                else:
+                    stuck = 0
+                if stuck >= STUCK_ROUNDS or (max(_max(point.terminal_penalty), _max(point.path_penalty))
+                                             >= PENALTY_MAX and it.violation > self.violation_tol):
+                    status = "infeasible"
+                    message = (f"the constraints cannot be met: the {it.worst} stays violated by "
+                               f"{it.violation:.3g} while its penalty grew to "
+                               f"{max(_max(point.terminal_penalty), _max(point.path_penalty)):.3g}")
+                    break
+                point = self._update_multipliers(point, it, groups, previous_groups,
+                                                 grow=it.solution.status == "converged")
+                previous_groups = groups
+            else:
+                status, message = "max_rounds", f"reached {MAX_ROUNDS} rounds of the outer loop"
+        except KeyboardInterrupt:
+            if best is None:
+                raise
+            status, message = "interrupted", f"interrupted (KeyboardInterrupt) after {len(rounds)} rounds"
+        return self._solution(best, status, message, rounds, history, start)
+
+    # ------------------------------------------------------------------ pieces of a round
+    def _minimise(self, point, u, method, tol, budget, static: _StaticStep, history, progress, callback):
+        """Minimise the merit over the controls and z = (p, T) at fixed multipliers, to ``tol``: an inner
+        solve in u, then projected quasi-Newton steps in z, each judged by the inner solve it needs
+        (the merit minimised over u: its gradient in z is the co-state of z at s = 0).
+        Returns (iterate, warm method, iterations used)."""
+        used = 0
+
+        def solve_at(pt, controls, meth):
+            nonlocal used
+            sol = self._inner(pt, controls, meth, tol, max(budget - used, 0), progress, callback)
+            history.extend(_renumbered(sol.history, len(history)))
+            used += sol.iterations
+            return self._measure(pt, sol), _warm(meth, sol, self.transcription.K, self.method)
+
+        it, method = solve_at(point, u, method)
+        tr = self.transcription
+        if not tr.static_dim:
+            return it, method, used
+        for _ in range(STATIC_STEPS):
+            if it.measure <= tol * max(1.0, abs(it.solution.cost)) or used >= budget \
+                    or it.solution.status in ("interrupted", "callback"):
+                break
+            z, g = tr.static(it.point), it.gradient
+            d = static.direction(z, g)
+            slope = float(g @ d)
+            if not slope < 0:
+                break
+            alpha, accepted = 1.0, None
+            for _ in range(LINE_SEARCH_STEPS):
+                trial, trial_method = solve_at(tr.with_static(it.point, z + alpha * d), it.solution.controls, method)
+                if trial.solution.cost <= it.solution.cost + 1e-4 * alpha * slope:
+                    accepted = trial
+                    method = trial_method
+                    break
+                alpha *= 0.5
+            if accepted is None:
+                break
+            static.learn(alpha * d, accepted.gradient - g)
+            it = accepted
+        return it, method, used
+
+    def _group_violations(self, point: OuterPoint, it: _Iterate):
+        """(terminal, path) KKT residuals of the constraints: |c| for an equality, |max(c, -mu/r)| for an
+        inequality (violation and complementarity at once, as ALGENCAN measures them): which penalty
+        must grow, and what ``converged`` requires to be at most ``violation_tol``."""
+        tr = self.transcription
+        c = it.terminal
+        term = torch.where(tr.terminal_equal, c.abs(),
+                           torch.maximum(c, -point.terminal / point.terminal_penalty).abs())
+        path = torch.maximum(it.path_grid, -point.path / point.path_penalty).abs()
+        return (float(term.max()) if term.numel() else 0.0, float(path.max()) if path.numel() else 0.0)
+
+    def _initial_penalties(self, point: OuterPoint, it: _Iterate) -> OuterPoint:
+        """r0 = 10 max(1, |J|) / max(1, |c|^2 / 2), clipped to [1e-6, 1e6] (Birgin & Martinez 2014)."""
+        scale = 10 * max(1.0, abs(it.cost))
+        tr = self.transcription
+        term = torch.where(tr.terminal_equal, it.terminal, it.terminal.clamp(min=0))
+        path = it.path_grid.clamp(min=0)
+        rT = min(max(scale / max(1.0, 0.5 * float((term ** 2).sum(-1).mean())), 1e-6), 1e6)
+        T = point.horizon if tr.free else tr.inner_horizon
+        rP = min(max(scale / max(1.0, 0.5 * T * float((path ** 2).sum(-1).mean())), 1e-6), 1e6)
+        return point.with_(terminal_penalty=torch.full_like(point.terminal_penalty, rT),
+                           path_penalty=torch.full_like(point.path_penalty, rP))
+
+    def _first_order(self, point: OuterPoint, it: _Iterate):
+        """nu + r psi (equalities), max(0, mu + r c) (inequalities): the multipliers of the inner
+        solution's stationarity, i.e. the Lagrange multipliers its co-state satisfies."""
+        tr = self.transcription
+        rT, rP = point.terminal_penalty, point.path_penalty
+        c = it.terminal
+        nu = torch.where(tr.terminal_equal, point.terminal + rT * c, torch.clamp(point.terminal + rT * c, min=0))
+        return nu, torch.clamp(point.path + rP * it.path_grid, min=0)
+
+    def _update_multipliers(self, point: OuterPoint, it: _Iterate, groups, previous, grow: bool) -> OuterPoint:
+        rT, rP = point.terminal_penalty, point.path_penalty
+        nu, mu = self._first_order(point, it)
+        if it.solution.status == "converged":  # a fixed-point map only where the inner solves are exact enough
+            nu, mu = self.acceleration.mix(point, nu, mu)
+        else:
+            self.acceleration.reset()
+        if previous is not None and grow:  # a stalled inner solve is not helped by a stiffer problem
+            if groups[0] > max(0.5 * previous[0], self.violation_tol):
+                rT = torch.clamp(rT * PENALTY_GROWTH, max=PENALTY_MAX)
+                self.acceleration.reset()
+            if groups[1] > max(0.5 * previous[1], self.violation_tol):
+                rP = torch.clamp(rP * PENALTY_GROWTH, max=PENALTY_MAX)
+                self.acceleration.reset()
+        return point.with_(terminal=nu, path=mu, terminal_penalty=rT, path_penalty=rP)
+
+    def _kkt(self, it: _Iterate) -> bool:
+        sol, tol = it.solution, self.stopping.tol
+        scale = max(1.0, abs(it.cost))
+        return (it.violation <= self.violation_tol and sol.optimality <= tol * max(1.0, abs(sol.cost))
+                and it.measure <= tol * scale)
+
+    # ------------------------------------------------------------------ the result
+    def _solution(self, best: _Iterate, status: str, message: str, rounds, history, start) -> Solution:
+        tr, prob = self.transcription, self.problem
+        sol = best.solution
+        T = best.point.horizon if tr.free else prob.horizon
+        scale = T if tr.free else 1.0
+        mesh = tr.mesh * scale
+        n = tr.n
+
+        def real_time(traj: Optional[HermiteTrajectory]) -> Optional[HermiteTrajectory]:
+            if traj is None:
+                return None
+            values, left, right = traj.fields()
+            return HermiteTrajectory(mesh, values[..., :n], left[..., :n] / scale, right[..., :n] / scale)
+
+        converged = status == "converged"
+        measure = max(sol.optimality, best.measure)
+        message = (f"{message}; violation {best.violation:.3g} {'<=' if best.violation <= self.violation_tol else '>'} "
+                   f"{self.violation_tol:.3g}, first-order measure {measure:.3g}")
+        if best.violation > self.violation_tol and best.worst:
+            message += f"; the {best.worst} is violated most"
+        if not converged:
+            warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
+        settings = {**sol.settings, "rounds": len(rounds), "violation_tol": self.violation_tol}
+        nu, mu = self._first_order(best.point, best)
+        multipliers = None if not (tr.terminal_sizes or tr.path_sizes) else {
+            "terminal": nu, "path": mu, "path_times": tr.grid * scale}
+        return Solution(
+            cost=best.cost, controls=sol.controls if prob.has_controls else sol.controls[:, :0],
+            mesh=mesh, history=history, converged=converged, message=message, method=sol.method,
+            states_trajectory=real_time(sol.states_trajectory), costates_trajectory=real_time(sol.costates_trajectory),
+            control_set=prob.controls, single_sample=prob.single_sample, problem_name=prob.name, settings=settings,
+            problem=prob, optimality=measure, status=status, relaxed_cost=sol.relaxed_cost, horizon=float(T),
+            parameters=best.point.parameters.clone() if prob.parameters is not None else None,
+            violation=best.violation, multipliers=multipliers, rounds=list(rounds))
+
+
+class _MultiplierAcceleration:
+    """Anderson acceleration of the multiplier map (nu, mu) -> first-order update, at fixed penalties.
+
+    The first-order update converges linearly, slowly where the multiplier is concentrated (the
+    atoms of a state constraint's multiplier at the junctions of a boundary arc); the map is a
+    fixed-point iteration, which Anderson's mixture of the last steps accelerates as it does
+    E-MSA's (``rules.anderson_mixture``); path multipliers are weighted by their share of time,
+    inequality multipliers projected back onto mu >= 0.
+    """
+
+    def __init__(self, tr: Transcription, memory: int):
+        self.tr, self.memory = tr, memory
+        self.history: list = []
+        self.current = None
+        mesh = tr.grid
+        h = mesh[1:] - mesh[:-1]
+        node_share = torch.cat([h[:1] / 2, (h[1:] + h[:-1]) / 2, h[-1:] / 2])  # trapezoidal weights [M]
+        cT, cP = sum(tr.terminal_sizes), sum(tr.path_sizes)
+        self.weights = torch.cat([torch.ones(tr.K * cT, dtype=mesh.dtype, device=mesh.device),
+                                  node_share[None, :, None].expand(tr.K, -1, cP).reshape(-1)])
+        self.nonnegative = torch.cat([~tr.terminal_equal.expand(tr.K, cT).reshape(-1),
+                                      torch.ones(tr.K * tr.grid.numel() * cP, dtype=torch.bool,
+                                                 device=mesh.device)])
+
+    def reset(self) -> None:
+        self.history, self.current = [], None
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.nonnegative[:, None], v.clamp(min=0), v)
+
+    def mix(self, point: OuterPoint, nu: torch.Tensor, mu: torch.Tensor):
+        if not self.memory:
+            return nu, mu
+        x = torch.cat([point.terminal.reshape(-1), point.path.reshape(-1)])[:, None]
+        g = torch.cat([nu.reshape(-1), mu.reshape(-1)])[:, None]
+        if self.current is not None:
+            self.history = (self.history + [self.current])[-self.memory:]
+        self.current = (x, g)
+        if not self.history:
+            return nu, mu
+        mixed = anderson_mixture(self.history, self.current, self.weights, self)
+        if mixed is None:
+            return nu, mu
+        mixed = mixed[:, 0]
+        cut = nu.numel()
+        return mixed[:cut].reshape(nu.shape), mixed[cut:].reshape(mu.shape)
+
+
+class _StaticStep:
+    """BFGS curvature of the merit in z = (p, T), kept across rounds (see the module)."""
+
+    def __init__(self, tr: Transcription):
+        self.tr = tr
+        self.low, self.high = tr.static_bounds()
+        self.B: Optional[torch.Tensor] = None
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.maximum(z, self.low), self.high)
+
+    def direction(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """A projected quasi-Newton step from z (the first: a quarter of max(|z|, 1) downhill)."""
+        size = torch.maximum(z.abs(), torch.ones_like(z))
+        if self.B is None:
+            scale = float((g.abs() / (0.25 * size)).max())
+            self.B = torch.eye(z.numel(), dtype=z.dtype, device=z.device) * max(scale, 1e-12)
+        d = -torch.linalg.solve(self.B, g)
+        limit = 0.5 * size
+        d = torch.maximum(torch.minimum(d, limit), -limit)
+        return self.project(z + d) - z
+
+    def learn(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """The BFGS update from a step s and the change y of the gradient (skipped unless s.y > 0)."""
+        sy = float(s @ y)
+        if self.B is None or sy <= 1e-12 * float(s.norm() * y.norm()):
+            return
+        Bs = self.B @ s
+        self.B = self.B - torch.outer(Bs, Bs) / float(s @ Bs) + torch.outer(y, y) / sy
+
+
+def _warm(method, sol: Solution, K: int, base):
+    """The method for the next solve, starting from the rule parameters this one ended with when it
+    converged (a solve that stalled ends with rho at its ceiling: the next one restarts from ``base``)."""
+    if sol.status != "converged":
+        return base
+    params = sol.history[-1].parameters if sol.history else {}
+    fields = {f.name for f in dataclasses.fields(method)}
+    changes = {}
+    if "rho" in params and "rho0" in fields and getattr(method, "rho", None) is None:
+        changes["rho0"] = min(max(params["rho"] * K, method.rho_min * K), method.rho_max * K)
+    if "eps" in params and "eps0" in fields:
+        changes["eps0"] = min(max(params["eps"], method.eps_min), method.eps_max)
+    return dataclasses.replace(method, **changes) if changes else method
+
+
+def _renumbered(records, offset: int):
+    first = 0 if offset == 0 else 1  # iteration 0 of a later round repeats the last record
+    return [r._replace(iteration=offset + i) for i, r in enumerate(records[first:], start=first)][:] if offset == 0 \
+        else [r._replace(iteration=offset - 1 + i) for i, r in enumerate(records[first:], start=first)]
+
+
+def _better(a: _Iterate, b: _Iterate, tol: float) -> bool:
+    """Feasible and lower J beats anything; otherwise the smaller violation."""
+    fa, fb = a.violation <= tol, b.violation <= tol
+    if fa and fb:
+        return a.cost < b.cost
+    if fa != fb:
+        return fa
+    return a.violation < b.violation
+
+
+def _max(t: torch.Tensor) -> float:
+    return float(t.max()) if t.numel() else 0.0

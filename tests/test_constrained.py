@@ -1,0 +1,256 @@
+"""Constraints, free final time and static parameters (pmpsolve.constrained).
+
+Checked against numbers computed elsewhere: T* = 2 sqrt(|x0|) of the minimum-time double
+integrator, the closed-form optimum of a K-sample problem with a terminal inequality,
+finite differences of J for dJ/dT and dJ/dp, the co-state's terminal condition
+P(T) = -(grad Phi + nu^T grad psi), and scipy.optimize.least_squares on the same data for a
+parameter estimation. Small meshes: the gallery and the benchmark run the full sizes.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pmpsolve as pmp
+from pmpsolve.constrained.transcription import Transcription
+from problems.constrained import min_time_double_integrator
+
+F64 = torch.float64
+
+
+def _di(t, x, u):
+    return torch.stack([x[..., 1], u[..., 0].expand(x.shape[:-1])], dim=-1)
+
+
+def _ones(x):
+    return torch.ones(x.shape[:-1], dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------- analytic optima
+def test_minimum_time_double_integrator_reaches_two_sqrt_x0():
+    problem, T_star = min_time_double_integrator(1.0)
+    sol = pmp.solve(problem, mesh=20)
+    assert sol.status == "converged" and sol.converged
+    assert sol.violation <= 1e-6
+    # the switch at T*/2 lies on a node of the even mesh: the mesh's optimum is T* itself
+    assert abs(sol.horizon - T_star) <= 1e-5 * T_star
+    assert float(sol.mesh[-1]) == pytest.approx(sol.horizon)
+    assert sol.state(sol.horizon).abs().max() <= 1e-6
+    # bang-bang: -1 then +1, switching at T/2
+    u = sol.controls[:, 0]
+    assert torch.allclose(u[:10], torch.full((10,), -1.0, dtype=F64), atol=1e-4)
+    assert torch.allclose(u[10:], torch.full((10,), 1.0, dtype=F64), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sqh", "gradient"])
+def test_terminal_inequality_and_a_free_time_with_other_methods(method):
+    """The K-sample inequality problem below, and x' = u from 1 to 0 in minimum time with |u| <= 2
+    and a control cost (T* = 1/2: the running cost 1 + u^2 / 8 gives u = -2 throughout)."""
+    x0 = torch.tensor([[0.3], [0.7], [0.5]], dtype=F64)
+    problem = pmp.ControlProblem(lambda t, x, u: u.expand(x.shape).clone(), x0, 1.0, pmp.Reals(1),
+                                 running_cost=lambda t, x, u: (u ** 2).sum(-1),
+                                 terminal_constraints=[pmp.AtMost(lambda x: x - 0.1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, method, mesh=8, stop=pmp.Stop(max_iter=1000))
+    assert sol.violation <= 1e-6 and sol.cost == pytest.approx(0.36, rel=1e-4)
+    problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0], dtype=F64),
+                                 pmp.FreeTime(1.0, low=0.1, high=5.0), pmp.Box(-2.0, 2.0, shape=(1,)),
+                                 running_cost=lambda t, x, u: 1 + (u ** 2).sum(-1) / 8,
+                                 terminal_constraints=[pmp.Equal(lambda x: x)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, method, mesh=4, stop=pmp.Stop(max_iter=1000))
+    assert sol.violation <= 1e-5 and sol.horizon == pytest.approx(0.5, rel=1e-4)
+
+
+def test_minimum_time_bang_bang_on_a_finite_set():
+    problem, T_star = min_time_double_integrator(1.0, controls="binary")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, mesh=10, stop=pmp.Stop(max_iter=800))
+    assert set(sol.controls.reshape(-1).tolist()) <= {-1.0, 1.0}
+    assert sol.violation <= 1e-6
+    assert abs(sol.horizon - T_star) <= 1e-6 * T_star
+    # on a finite set the measure is the largest Hamiltonian gap, which the penalised problem
+    # leaves on the switching interval: the loop stops when the inner solves stall, not "converged"
+    assert sol.status in ("converged", "stalled") and sol.converged == (sol.status == "converged")
+
+
+def test_terminal_inequality_holds_for_every_sample():
+    """x' = u, x_i(1) <= 0.1 for three initial states sharing u, J = int u^2: the largest x0 binds,
+    u = 0.1 - max x0 is constant and J* = (0.1 - max x0)^2."""
+    x0 = torch.tensor([[0.3], [0.7], [0.5]], dtype=F64)
+    problem = pmp.ControlProblem(lambda t, x, u: u.expand(x.shape).clone(), x0, 1.0, pmp.Reals(1),
+                                 running_cost=lambda t, x, u: (u ** 2).sum(-1),
+                                 terminal_constraints=[pmp.AtMost(lambda x: x - 0.1, name="x(1) <= 0.1")])
+    sol = pmp.solve(problem, mesh=8)
+    assert sol.converged and sol.violation <= 1e-6
+    assert sol.cost == pytest.approx(0.36, rel=1e-5)
+    assert torch.allclose(sol.controls, torch.full((8, 1), -0.6, dtype=F64), atol=1e-5)
+    nu = sol.multipliers["terminal"]  # [K, 1]: only the binding sample's multiplier is positive
+    assert nu.shape == (3, 1) and float(nu[0]) == 0.0 and float(nu[2]) == 0.0 and float(nu[1]) > 0
+
+
+# ---------------------------------------------------------------------- gradients and multipliers
+def _estimation_problem(free=True):
+    f = lambda t, x, u, p: torch.stack([x[..., 1], -p[..., 0] * x[..., 0] + u[..., 0]], -1)  # noqa: E731
+    L = lambda t, x, u, p: 0.5 * (u ** 2).sum(-1) + 0.1 * p[..., 1] * x[..., 0] ** 2  # noqa: E731
+    Phi = lambda x, p: (x ** 2).sum(-1)  # noqa: E731
+    x0 = torch.tensor([[1.0, 0.0], [0.5, 0.2], [0.0, 1.0]], dtype=F64)
+    horizon = pmp.FreeTime(2.0, low=0.1, high=5.0) if free else 2.0
+    return pmp.ControlProblem(f, x0, horizon, pmp.Reals(1), Phi, L, parameters=pmp.Reals(2))
+
+
+def test_dJ_dT_and_dJ_dp_are_the_costates_of_the_static_states():
+    """The co-state of (p, T) at s = 0 gives dJ/d(p, T) (summed over samples): against central
+    differences of J at fixed controls."""
+    problem = _estimation_problem()
+    tr = Transcription(problem, 30, F64, "cpu")
+    point = tr.initial_point().with_(parameters=torch.tensor([1.3, 0.7], dtype=F64))
+    u = 0.3 * torch.sin(torch.linspace(0, 3, 30, dtype=F64))[:, None]
+    sol = pmp.solve(tr.inner_problem(point), mesh=tr.mesh, init=u, stop=pmp.Stop(max_iter=0))
+    gradient = -sol.costates_trajectory.values[0].reshape(3, -1)[:, 2:].sum(0)
+    z, eps = tr.static(point), 1e-6
+    for i in range(3):
+        zp, zm = z.clone(), z.clone()
+        zp[i] += eps
+        zm[i] -= eps
+        J = [pmp.cost(tr.inner_problem(tr.with_static(point, w)), u, mesh=tr.mesh, rtol=1e-12, atol=1e-12)
+             for w in (zp, zm)]
+        assert float(gradient[i]) == pytest.approx((J[0] - J[1]) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+def test_terminal_multipliers_satisfy_the_costate_condition():
+    """At the solution P(T) = -(grad Phi + nu^T grad psi): here Phi = 0 and psi(x) = x, so
+    P(T) = -nu; and the free T meets the transversality condition (dJ/dT = 0)."""
+    problem, _ = min_time_double_integrator(1.0)
+    sol = pmp.solve(problem, mesh=20)
+    nu = sol.multipliers["terminal"][0]
+    P_T = sol.costate(sol.horizon)
+    assert torch.allclose(P_T, -nu, atol=1e-4 * float(nu.abs().max()))
+    # dJ/dT = (1/T) int_0^T H dt = 0, H = 1 - P . f(x, u) (P = -dJ/dx): H at the interval midpoints
+    mid = 0.5 * (sol.mesh[1:] + sol.mesh[:-1])
+    x, P = sol.state(mid), sol.costate(mid)
+    H = 1.0 - (P * torch.stack([x[:, 1], sol.controls[:, 0]], -1)).sum(-1)
+    assert float((H * (sol.mesh[1:] - sol.mesh[:-1])).sum()) / sol.horizon == pytest.approx(0.0, abs=1e-4)
+
+
+def test_parameter_estimation_matches_least_squares():
+    """Fit (k, c) of x'' = -k x - c x' to noisy final states of six trajectories; scipy's
+    least_squares on the same residuals (solve_ivp) finds the same parameters."""
+    from scipy.integrate import solve_ivp
+    from scipy.optimize import least_squares
+
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, size=(6, 2))
+    k_true, c_true, T = 2.0, 0.4, 1.5
+
+    def simulate(k, c, start):
+        sol = solve_ivp(lambda t, x: [x[1], -k * x[0] - c * x[1]], (0, T), start, rtol=1e-12, atol=1e-12)
+        return sol.y[:, -1]
+
+    observed = np.array([simulate(k_true, c_true, s) for s in x0]) + 0.01 * rng.standard_normal((6, 2))
+    y = torch.tensor(observed, dtype=F64)
+    problem = pmp.ControlProblem(
+        lambda t, x, u, p: torch.stack([x[..., 1], -p[..., 0] * x[..., 0] - p[..., 1] * x[..., 1]], -1),
+        torch.tensor(x0, dtype=F64), T, None, terminal_cost=lambda x, p: ((x - y) ** 2).sum(-1),
+        parameters=pmp.Box(torch.tensor([0.1, 0.0]), torch.tensor([10.0, 5.0])))
+    sol = pmp.solve(problem, mesh=10, stop=pmp.Stop(tol=1e-9))
+    reference = least_squares(lambda p: np.concatenate([simulate(p[0], p[1], s) for s in x0]) - observed.ravel(),
+                              x0=[5.05, 2.5], bounds=([0.1, 0.0], [10.0, 5.0]), xtol=1e-14, ftol=1e-14, gtol=1e-14)
+    assert sol.controls.shape == (10, 0)
+    assert torch.allclose(sol.parameters, torch.tensor(reference.x, dtype=F64), atol=1e-5)
+    assert abs(float(sol.parameters[0]) - k_true) < 0.2 and abs(float(sol.parameters[1]) - c_true) < 0.2
+
+
+# ---------------------------------------------------------------------- infeasible, interrupted
+def test_an_unreachable_target_ends_infeasible_with_the_least_violation():
+    """|u| <= 0.1 cannot bring (1, 0) to the origin in T = 1: status "infeasible", the constraint named."""
+    problem = pmp.ControlProblem(_di, torch.tensor([1.0, 0.0], dtype=F64), 1.0, pmp.Box(-0.1, 0.1, shape=(1,)),
+                                 running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
+                                 terminal_constraints=[pmp.Equal(lambda x: x, name="origin")])
+    with pytest.warns(RuntimeWarning, match="origin"):
+        sol = pmp.solve(problem, mesh=10)
+    assert sol.status == "infeasible" and not sol.converged
+    assert "origin" in sol.message
+    # the least violation: braking all the way leaves x1(1) = 1 - 0.05 = 0.95; nothing does better
+    assert 0.94 <= sol.violation <= 0.951
+
+
+def test_ctrl_c_returns_the_best_iterate_so_far():
+    problem, _ = min_time_double_integrator(1.0)
+    calls = []
+
+    def interrupt(record, controls):
+        calls.append(record.iteration)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, mesh=10, callback=interrupt)
+    assert sol.status == "interrupted" and not sol.converged
+    assert sol.horizon > 0 and math.isfinite(sol.cost) and sol.rounds
+
+
+def test_solution_of_a_constrained_solve_saves_and_loads(tmp_path):
+    problem, _ = min_time_double_integrator(1.0)
+    sol = pmp.solve(problem, mesh=10)
+    sol.save(tmp_path / "s.pt")
+    back = pmp.Solution.load(tmp_path / "s.pt")
+    assert back.horizon == sol.horizon and back.violation == sol.violation
+    assert torch.equal(back.multipliers["terminal"], sol.multipliers["terminal"])
+
+
+def test_an_unconstrained_solution_reports_its_horizon_and_no_violation():
+    problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0]), 2.0, pmp.Reals(1),
+                                 terminal_cost=lambda x: x[..., 0] ** 2,
+                                 running_cost=lambda t, x, u: (u ** 2).sum(-1))
+    sol = pmp.solve(problem, mesh=5)
+    assert sol.horizon == 2.0 and sol.violation == 0.0 and sol.parameters is None and sol.multipliers is None
+
+
+# ---------------------------------------------------------------------- bad input
+def _problem(**changes):
+    arguments = dict(dynamics=_di, x0=torch.tensor([1.0, 0.0]), horizon=1.0, controls=pmp.Reals(1),
+                     running_cost=lambda t, x, u: (u ** 2).sum(-1))
+    arguments.update(changes)
+    return pmp.ControlProblem(**arguments)
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(terminal_constraints=[pmp.Equal(lambda x: x[..., 0])]), ValueError, "keep the last axis"),
+    (dict(terminal_constraints=[pmp.Equal(lambda x: x.sum())]), ValueError, r"\[\.\.\., c\]"),
+    (dict(terminal_constraints=[pmp.Equal(lambda x: (x > 0).long())]), TypeError, "real floats"),
+    (dict(path_constraints=[pmp.Equal(lambda t, x, u: x)]), ValueError, "equality on the whole path"),
+    (dict(path_constraints=[lambda t, x, u: x]), TypeError, "wrap the function"),
+    (dict(path_constraints=[pmp.AtMost(lambda t, x, u: x[:1])]), ValueError, "batches"),
+    (dict(parameters=pmp.Reals(1)), TypeError, r"dynamics\(t, x, u, p\)"),
+    (dict(controls=None), ValueError, "nothing to optimise"),
+    (dict(dynamics=lambda t, x, u, p: _di(t, x, u)), TypeError, "no `parameters`"),
+    (dict(parameters=pmp.Finite([0.0, 1.0])), TypeError, "pmp.Reals"),
+])
+def test_bad_input_says_what_to_change(changes, error, match):
+    with pytest.raises(error, match=match):
+        _problem(**changes)
+
+
+@pytest.mark.parametrize("arguments, match", [
+    ((1.0,), None), ((0.0,), "low < guess < high"), ((2.0, 0.5, 1.0), "low < guess < high"),
+    ((1.0, 2.0, 2.0), "below `high`"), ((1.0, -1.0), ">= 0"), ((float("nan"),), "number"),
+])
+def test_free_time_checks_its_bounds(arguments, match):
+    if match is None:
+        assert pmp.FreeTime(*arguments).guess == arguments[0]
+        return
+    with pytest.raises((ValueError, TypeError), match=match):
+        pmp.FreeTime(*arguments)
+
+
+def test_a_constrained_problem_is_not_run_by_the_plain_solver():
+    problem, _ = min_time_double_integrator(1.0)
+    with pytest.raises(TypeError, match="pmp.solve"):
+        pmp.Solver(problem, mesh=10)
