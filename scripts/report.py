@@ -41,6 +41,7 @@ SOURCES = {
     "compiled_step": ["bench_shooting_compiled_step.json"],
     "compile": ["bench_compile.json"],
     "func_objective": ["bench_func_objective.json"],
+    "constrained": ["bench_constrained.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
 #: disturbed during those rows of the full run): their rows replace the newest file's rows of the same name.
@@ -154,6 +155,22 @@ def control() -> str:
     summary += (f"; it first falls to 1 or below at K = {below[0]}." if below else
                 f"; it stays above 1 up to the largest K in the file (K = {largest}: {min(ratios[largest]):.2f}).")
     return text + summary + "\n\n" + source_note("control", extra)
+
+
+def constrained() -> str:
+    name, data = newest("constrained")
+    out = []
+    for r in data["rows"]:
+        c, p = r["casadi"], r["pmpsolve"]
+        if "value" not in p:
+            out.append([r["problem"], r["quantity"], f"{r['published']:.8g}", f"{c['value']:.8f}",
+                        f"{c['seconds']:.3f}", "error", "-", "-", "-", "-", "-"])
+            continue
+        out.append([r["problem"], r["quantity"], f"{r['published']:.8g}", f"{c['value']:.8f}", f"{c['seconds']:.3f}",
+                    f"{p['value']:.8f}", f"{abs(p['rel_error_published']):.1e}", f"{p['violation']:.1e}",
+                    f"{p['status']} ({p['iterations']} it)", f"{p['seconds']:.1f}", f"{p['ratio']:.0f}"])
+    return table(["problem", "value", "published", "CasADi + IPOPT", "CasADi [s]", "pmpsolve", "rel. error",
+                  "violation", "status", "pmpsolve [s]", "time ratio"], out) + "\n\n" + source_note("constrained")
 
 
 def sine() -> str:
@@ -308,7 +325,7 @@ def func_objective() -> str:
 
 TABLES = {"control": control, "sine": sine, "scaling": scaling, "maximisers": maximisers, "iterations": iterations,
           "sweeps": sweeps, "solves": solves, "compiled_step": compiled_step, "compile": compile_table,
-          "func_objective": func_objective}
+          "func_objective": func_objective, "constrained": constrained}
 
 
 def render(template: str) -> str:
