@@ -529,9 +529,11 @@ def _warm(method, sol: Solution, K: int, base):
 
 
 def _renumbered(records, offset: int):
-    first = 0 if offset == 0 else 1  # iteration 0 of a later round repeats the last record
-    return [r._replace(iteration=offset + i) for i, r in enumerate(records[first:], start=first)][:] if offset == 0 \
-        else [r._replace(iteration=offset - 1 + i) for i, r in enumerate(records[first:], start=first)]
+    """A solve's records numbered on from the ``offset`` records so far (a later solve's iteration 0
+    repeats the last record and is dropped)."""
+    if offset == 0:
+        return list(records)
+    return [r._replace(iteration=offset - 1 + i) for i, r in enumerate(records) if i > 0]
 
 
 def _better(a: _Iterate, b: _Iterate, tol: float) -> bool:
