@@ -25,7 +25,7 @@ from .update.rounding import sum_up_rounding
 from .update.rules import RULES, UpdateRule, register_rule
 from .sensitivity import cost, cost_gradient, optimality_of
 from .solution import IterationRecord, Solution
-from .methods import EMSA, MSA, SQH, Gradient, Method, Rule
+from .methods import DDP, EMSA, MSA, SQH, Gradient, Method, Rule
 from .options import ODE, Maximiser, Stop
 from .update.relaxation import RelaxAndRound
 from .solver import Solver, SolverState, solve
@@ -33,7 +33,7 @@ from .solver import Solver, SolverState, solve
 __all__ = [
     "ControlProblem", "Equal", "AtMost", "FreeTime", "ControlSet", "Reals", "Box", "Finite", "UserSet", "Ball", "L1", "L0", "ControlPenalty",
     "MaximisationData", "solve", "Solver", "SolverState", "Solution", "IterationRecord",
-    "Method", "EMSA", "MSA", "SQH", "Gradient", "Rule", "ODE", "Maximiser", "Stop", "RelaxAndRound",
+    "Method", "EMSA", "MSA", "SQH", "Gradient", "DDP", "Rule", "ODE", "Maximiser", "Stop", "RelaxAndRound",
     "SolveError", "NonFiniteError", "DivergenceError", "SweepBudgetError", "IterationMemoryError", "RULES", "UpdateRule", "register_rule",
     "cost", "cost_gradient", "optimality_of", "sum_up_rounding", "nn",
 ]

@@ -4,7 +4,7 @@
 Each object is a frozen record of one rule's parameters, checked on construction;
 it holds nothing about how the continuous problem is integrated or maximised (that is
 ``pmp.ODE`` / ``pmp.Maximiser``), so the same objects can drive other loops over the
-same rules. The strings ``"emsa"``, ``"msa"``, ``"sqh"`` and ``"gradient"`` are
+same rules. The strings ``"emsa"``, ``"msa"``, ``"sqh"``, ``"gradient"`` and ``"ddp"`` are
 shortcuts for the default objects; a rule registered with ``register_rule`` is named
 by ``pmp.Rule(name, **options)``.
 
@@ -19,7 +19,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Type, Union
 
-__all__ = ["Method", "EMSA", "MSA", "SQH", "Gradient", "Rule", "METHODS", "as_method"]
+__all__ = ["Method", "EMSA", "MSA", "SQH", "Gradient", "DDP", "Rule", "METHODS", "as_method"]
 
 
 def _real(owner: str, label: str, value, *, allow_none: bool = False) -> None:
@@ -242,6 +242,65 @@ class Gradient(Method):
         _check(owner, self.c >= 0, f"gradient option 'c' must be >= 0, got {self.c!r}")
 
 
+@dataclass(frozen=True)
+class DDP(Method):
+    """Differential dynamic programming over the mesh intervals (``pmpsolve.update.ddp``).
+
+    The intervals are a discrete-time system x_{n+1} = F_n(x_n, u_n) (the flow over the interval
+    with u_n held). Each iteration expands J to second order around u^k, solves the expansion by a
+    backward pass (gains k_n, K_n) and applies u_n + alpha k_n + K_n (x_n^new - x_n) along the new
+    trajectory, alpha from a line search; Q_uu is regularised by mu (Levenberg-Marquardt, adapted as
+    in Tassa, Erez and Todorov 2012); boxes by the box-constrained QP of Tassa, Mansard and Todorov
+    2014. Controls in ``pmp.Reals`` or ``pmp.Box``, smooth costs; ``converged`` means what it means
+    for every method (the engine's first-order optimality measure).
+
+    Args:
+        hessian: "exact" (default): the second derivatives of the dynamics are kept, weighted by the
+            co-state (Newton's curvature); "gauss-newton": dropped (iLQR).
+        mu0: the first regularisation (default 0: the plain Newton step; on a linear-quadratic
+            problem the first step is then the Riccati solution).
+        mu_min, mu_max: a mu below mu_min becomes 0, a growing one starts there; mu stays below mu_max
+            (1e-3, 1e10; mu is in units of Q_uu / h_n, i.e. of L_uu).
+        mu_factor: mu's growth factor Delta_0 > 1 (default 2).
+        shrink: alpha's factor after a rejected step (0 < shrink < 1; default 0.5).
+        alpha_min: below this alpha the line search gives up, mu grows and the backward pass is redone
+            (default 1e-3).
+        c: a step is kept when J decreases by at least c times the decrease the expansion predicts
+            (default 1e-4).
+
+    Example:
+        >>> import pmpsolve as pmp
+        >>> pmp.DDP().hessian, pmp.DDP(hessian="gauss-newton").rule.__name__
+        ('exact', 'DDP')
+    """
+
+    name: ClassVar[str] = "ddp"
+    _rule_class: ClassVar[str] = "DDP"
+
+    hessian: str = "exact"
+    mu0: float = 0.0
+    mu_min: float = 1e-3
+    mu_max: float = 1e10
+    mu_factor: float = 2.0
+    shrink: float = 0.5
+    alpha_min: float = 1e-3
+    c: float = 1e-4
+
+    def __post_init__(self):
+        owner = "pmp.DDP"
+        _check(owner, self.hessian in ("exact", "gauss-newton"),
+               f"`hessian` must be 'exact' or 'gauss-newton', got {self.hessian!r}")
+        for key in ("mu0", "mu_min", "mu_max", "mu_factor", "shrink", "alpha_min", "c"):
+            _real(owner, key, getattr(self, key))
+        _check(owner, 0 <= self.mu0 < float("inf"), f"ddp option 'mu0' must be a finite number >= 0, got {self.mu0!r}")
+        _check(owner, 0 < self.mu_min <= self.mu_max,
+               f"ddp options need 0 < mu_min <= mu_max, got mu_min={self.mu_min}, mu_max={self.mu_max}")
+        _check(owner, self.mu_factor > 1, f"ddp option 'mu_factor' must be > 1, got {self.mu_factor!r}")
+        _check(owner, 0 < self.shrink < 1, f"ddp option 'shrink' must be in (0, 1), got {self.shrink!r}")
+        _check(owner, 0 < self.alpha_min <= 1, f"ddp option 'alpha_min' must be in (0, 1], got {self.alpha_min!r}")
+        _check(owner, 0 <= self.c < 1, f"ddp option 'c' must be in [0, 1), got {self.c!r}")
+
+
 class Rule(Method):
     """A rule registered with ``pmp.register_rule``, by its name, with its options.
 
@@ -294,7 +353,7 @@ class Rule(Method):
 
 
 #: The built-in methods by name: what the strings passed as ``method=`` mean.
-METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (EMSA, MSA, SQH, Gradient)}
+METHODS: Dict[str, Type[Method]] = {cls.name: cls for cls in (EMSA, MSA, SQH, Gradient, DDP)}
 
 
 def as_method(method: Union[str, Method]) -> Method:
@@ -306,4 +365,4 @@ def as_method(method: Union[str, Method]) -> Method:
             return METHODS[method]()
         return Rule(method)
     raise TypeError(f"solve: `method` must be a method object such as pmp.EMSA() or its name "
-                    f"('emsa', 'msa', 'sqh', 'gradient'), got {type(method).__name__}")
+                    f"('emsa', 'msa', 'sqh', 'gradient', 'ddp'), got {type(method).__name__}")

@@ -221,6 +221,9 @@ class Solver:
         rule, cost = self.rule, state.cost
         rejected, fw_seconds, fw_evals, max_seconds = 0, 0.0, 0, 0.0
         evals_before = rule.evaluations
+        t0 = time.perf_counter()
+        rule.begin(self.sweeper, fw, bw)
+        max_seconds += time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
             u_new = rule.propose(data).detach()
@@ -231,7 +234,7 @@ class Solver:
             # the dynamics stiff or blow up. An adaptive rule abandons such a trial (counted as rejected).
             budget = BUDGET_FACTOR * max(fw.evaluations, MIN_EVALS_PER_INTERVAL * N)
             try:
-                fw_new = self.sweeper.forward(u_new, iteration=k, budget=budget, start=fw)
+                fw_new = self.sweeper.forward(u_new, iteration=k, budget=budget, start=fw, nodes=rule.predicted_nodes())
             except (SweepBudgetError, NonFiniteError):
                 if not rule.adaptive:
                     raise

@@ -54,6 +54,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .flows import all_intervals_options
 from .forward import StateSolution, state_solution
 from .ode import ODE, EvaluationBudget, IntegrationFailure
 from .pointwise import PointwiseProblem
@@ -196,10 +197,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
         f, L = evaluate(t, Y[..., :n])
         return scale_h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
 
-    # The mesh's jump and step times mean nothing on the common sigma axis [0, 1]; the error is the
-    # nominal copies' (per-interval RMS, as the sequential sweep's per step, then the worst interval).
-    options = {k: v for k, v in ode.options.items() if k not in ("jump_t", "first_step", "step_t")}
-    options["norm"] = lambda e: e.reshape(N, copies, -1)[:, 0].pow(2).mean(-1).sqrt().amax()
+    options = all_intervals_options(ode, N, copies)
     inner = mesh.new_zeros(0) if fractions is None else fractions.to(mesh.dtype)
     unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
     eps = torch.finfo(mesh.dtype).eps ** (1 / 3 if central else 1 / 2)  # truncation and rounding balanced

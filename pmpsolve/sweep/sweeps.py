@@ -95,7 +95,8 @@ class Sweeper:
     # ----------------------------------------------------------------- forward
     def forward(self, u: torch.Tensor, *, iteration: Optional[int] = None,
                 budget: Optional[int] = None, differentiable: bool = False, samples: bool = True,
-                start: Optional[ForwardSweep] = None, cold_start: bool = False) -> ForwardSweep:
+                start: Optional[ForwardSweep] = None, cold_start: bool = False,
+                nodes: Optional[torch.Tensor] = None) -> ForwardSweep:
         """Integrate the state (and the running cost) for controls u [N, m].
 
         ``budget``: raise SweepBudgetError after that many right-hand-side
@@ -110,7 +111,9 @@ class Sweeper:
         ``start``: the sweep of nearby controls (the current iterate's, for a trial step): its nodes
         are the start values of a multiple-shooting sweep where ``forward_policy`` allows one
         (``shooting.py``; J and X then agree with the sequential sweep's to the ODE tolerance), else
-        the sweep is sequential. ``cold_start``: the same with x0 held at every node as the start
+        the sweep is sequential. ``nodes`` [N + 1, K, n]: with ``start``, the start values to use instead
+        of its nodes moved by the linear prediction (an update rule's own prediction of the trajectory of
+        u, e.g. DDP's forward pass). ``cold_start``: the same with x0 held at every node as the start
         values (the solver's first sweep; more Newton steps allowed, ``ShootingPolicy.cold_newton``).
         """
         clock = self._clock()
@@ -128,7 +131,7 @@ class Sweeper:
                 if (start is not None or cold_start) and policy.applies(self.pw, self.ode,
                                                                         differentiable=differentiable):
                     if start is not None:
-                        nodes, newton = self._start_values(start, u), policy.max_newton
+                        nodes, newton = (self._start_values(start, u) if nodes is None else nodes), policy.max_newton
                     else:
                         nodes, newton = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape), policy.cold_newton
                     try:

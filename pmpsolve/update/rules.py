@@ -41,8 +41,14 @@ class UpdateRule:
       uses it); ``generator``: the solve's random generator (None without a seed);
       ``options``: a dict checked against ``defaults`` (unknown keys are refused), and by
       the rule's method object (``method_type``, e.g. ``pmp.EMSA``) when it has one.
+    * ``begin(sweeper, forward, backward)``: called once per iteration, before the first
+      ``propose``, with the Sweeper and the two sweeps of u^k, for a rule that needs more than the
+      interval data (DDP: the nodes, the co-state and the ODE solver for its forward pass).
     * ``propose(data) -> u [N, m]``: new controls from the interval data of the current
       iterate u^k (``IntervalData``). After a rejection it is called again with the same data.
+    * ``predicted_nodes() -> [N + 1, K, n] | None``: the rule's own prediction of the last proposal's
+      trajectory at the nodes, where the trial sweep starts its multiple shooting (default None: the
+      sweep predicts it from the current one).
     * ``judge(old_cost, new_cost, gain) -> bool``: keep the proposal? ``new_cost`` is J of
       the proposal re-simulated (inf when its sweep was abandoned), ``gain`` its Hamiltonian
       gain mu_k over u^k. A rule adapts its own parameters here.
@@ -91,8 +97,15 @@ class UpdateRule:
         self.pw, self.controls, self.maximiser, self.generator = pw, controls, maximiser, generator
         self.evaluations = 0  # objective evaluations of all maximisations so far
 
+    def begin(self, sweeper, forward, backward) -> None:
+        """A new iteration starts from the sweeps of u^k (default: nothing to do)."""
+
     def propose(self, data: IntervalData) -> torch.Tensor:
         raise NotImplementedError
+
+    def predicted_nodes(self) -> Optional[torch.Tensor]:
+        """The last proposal's trajectory at the nodes as the rule predicts it, or None (default)."""
+        return None
 
     def judge(self, old_cost: float, new_cost: float, gain: float) -> bool:
         """Keep the proposal? Default: always (the paper's plain algorithms)."""
@@ -470,3 +483,5 @@ def register_rule(rule: Type[UpdateRule]) -> Type[UpdateRule]:
 
 for _rule in (BasicMSA, ExtendedMSA, GradientStep, SQH):
     register_rule(_rule)
+
+from .ddp import DDP  # noqa: E402,F401 - registers "ddp" (the module builds on UpdateRule)

@@ -1,0 +1,325 @@
+"""Differential dynamic programming over the mesh intervals: the update rule ``"ddp"`` (``pmp.DDP``).
+
+The piecewise-constant problem is a discrete-time one (``pmpsolve.sweep.flows``):
+
+    x_{n+1} = F_n(x_n, u_n),   J = w sum_k [ Phi(x_N^k) + sum_n l_n(x_n^k, u_n) ],   w = 1/K,
+
+the K samples one concatenated state x = (x^1, ..., x^K) of dimension D = K n that shares u_n.
+An iteration (Tassa, Erez and Todorov 2012, sec. II; Tassa, Mansard and Todorov 2014 for boxes):
+
+1. Expansion. Around the sweep of u^k, the deviations delta x, delta u of the second-order
+   expansion of J obey the linearised dynamics delta x_{n+1} = A_n delta x_n + B_n delta u_n. Written
+   with the discrete co-state lam_n = dJ/dx_n of the iterate (the engine's, lam = -P at the nodes),
+   the linear terms collapse onto the gradient G_n = dJ/du_n the engine already computes (the
+   interval Hamiltonian's, ``IntervalHamiltonian.gradient``): the expansion is
+
+       sum_n [ G_n' du_n + 1/2 (dx_n, du_n)' H_n (dx_n, du_n) ] + 1/2 dx_N' w Phi_xx dx_N,
+
+   H_n the Hessian of w l_n + lam_{n+1} . F_n in (x_n, u_n) (``hessian="exact"``: Newton's
+   curvature, Pantoja's stagewise Newton; ``"gauss-newton"``: the lam . F_xx term dropped, iLQR).
+   So the fixed points are exactly the engine's first-order points, whatever the accuracy of the
+   curvature (A, B, H from one RK4 step per interval, ``flows.interval_derivatives``).
+2. Backward pass, n = N-1 .. 0, from s_N = 0, V_N = w Phi_xx (Z_n = [A_n | B_n]):
+
+       Q = H_n + Z_n' V Z_n,   q = Z_n' s + (0, G_n),
+       k_n = -(Q_uu + mu h_n I)^-1 q_u,  K_n = -(Q_uu + mu h_n I)^-1 Q_ux   (boxes: ``boxqp``),
+       V <- W' Q W,  s <- W' (q + Q w),  W = [I; K_n], w = (0, k_n),
+
+   the predicted change of J for a step alpha being alpha sum k'q_u + alpha^2/2 sum k'Q_uu k.
+   mu h_n: the regularisation scaled like Q_uu (an integral over the interval), so that mu does not
+   depend on the mesh.
+3. Forward pass: u_n = P_U(u_n + alpha k_n + K_n (x_n^new - x_n)) along the new trajectory
+   x^new_{n+1} = F_n(x^new_n, u_n). Sequential by nature; solved here for all intervals at once by
+   Newton on the node defects (multiple shooting with the feedback law inside the intervals, the
+   closed-loop transitions A_n + B_n K_n chained by the associative scan), from the linear
+   prediction of the closed loop (exact on a linear-quadratic problem): one to three batched solves
+   of the engine's ODE solver.
+
+The solver (``Solver.step``) sweeps the proposal and asks ``judge``: a step is kept when J decreases
+by at least ``c`` times the predicted decrease; otherwise alpha shrinks, and below ``alpha_min``
+mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..controls import Box, Reals
+from ..methods import DDP as DDPMethod
+from ..sweep.flows import interval_derivatives, interval_flows
+from ..sweep.ode import IntegrationFailure
+from ..sweep.scan import affine_prefix_scan
+from .riccati import riccati_loop
+from .rules import UpdateRule, register_rule
+
+__all__ = ["DDP", "Gains", "backward_pass", "MAX_CONCATENATED_STATE"]
+
+#: The value function of the K samples couples them through the shared control: V_xx is [K n, K n]
+#: per node. Above this K n the iteration's memory and time (K^2 and K^3) are refused.
+MAX_CONCATENATED_STATE = 1024
+#: The forward pass's Newton on the node defects: at most this many solves, done when every defect is
+#: within the solver's local error tolerance or this fraction of the largest change of the nodes.
+_ROLLOUT_SOLVES = 1
+_ROLLOUT_RELATIVE = 1e-3
+#: The closed-loop chain of the forward pass by the scan up to this concatenated state, else sequentially.
+_SCAN_STATE = 16
+
+
+class Gains(NamedTuple):
+    """The backward pass's result: k [N, m], K [N, m, D], the predicted change of J per unit alpha
+    (``linear``: sum k'q_u) and per alpha^2 (``quadratic``: 1/2 sum k'Q_uu k), and ``deficiency``: 0
+    when every regularised Q_uu was positive definite (on the free set of a box), else the largest
+    shift of mu (in Q_uu / h_n) that would have made one so."""
+
+    k: torch.Tensor
+    K: torch.Tensor
+    linear: float
+    quadratic: float
+    deficiency: float
+
+    @property
+    def positive(self) -> bool:
+        return self.deficiency == 0.0
+
+
+def _concatenated(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor):
+    """The per-sample blocks as the concatenated state's: Z = [A | B] [N, D, D + m] (A block-diagonal)
+    and H [N, D + m, D + m] (the samples' x-blocks on the diagonal, their u-blocks summed)."""
+    N, K, n, m = B.shape[0], B.shape[1], B.shape[2], B.shape[3]
+    D = K * n
+    eye = torch.eye(K, dtype=A.dtype, device=A.device)
+    A_cat = torch.einsum("kj,nkab->nkajb", eye, A).reshape(N, D, D)
+    Z = torch.cat([A_cat, B.reshape(N, D, m)], dim=-1)
+    Hxx, Hxu, Huu = H[..., :n, :n], H[..., :n, n:], H[..., n:, n:]
+    H_cat = H.new_zeros(N, D + m, D + m)
+    H_cat[:, :D, :D] = torch.einsum("kj,nkab->nkajb", eye, Hxx).reshape(N, D, D)
+    H_cat[:, :D, D:] = Hxu.reshape(N, D, m)
+    H_cat[:, D:, :D] = Hxu.reshape(N, D, m).transpose(-1, -2)
+    H_cat[:, D:, D:] = Huu.sum(1)
+    return Z, H_cat
+
+
+def backward_pass(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, terminal: torch.Tensor, lengths: torch.Tensor,
+                  mu: float, lower: Optional[torch.Tensor] = None, upper: Optional[torch.Tensor] = None,
+                  start: Optional[torch.Tensor] = None) -> Gains:
+    """The gains of the expansion (module, step 2). Z [N, D, D + m], H [N, D + m, D + m], G [N, m],
+    terminal V_N [D, D], lengths h_n [N], mu >= 0; ``lower``/``upper`` [N, m]: the box of the control
+    change (None: unconstrained); ``start`` [N, m]: the box QPs' starting points (the last k).
+
+    The regularised Q_uu is used throughout, in V too: V is then the value of the proximal model whose
+    minimiser the gains are (for mu = 0, the plain expansion's).
+    """
+    boxed = lower is not None
+    if not boxed:
+        lower = upper = G.new_zeros(0)
+    if start is None:
+        start = torch.zeros_like(G)
+    ks, Ks, qus, Quus, deficiency = riccati_loop()(Z, H, G, terminal, lengths, float(mu), boxed, lower, upper, start)
+    linear = float((ks * qus).sum())
+    quadratic = float(0.5 * torch.einsum("ni,nij,nj->", ks, Quus, ks))
+    return Gains(ks, Ks, linear, quadratic, float(deficiency))
+
+
+@register_rule
+class DDP(UpdateRule):
+    """Differential dynamic programming (see the module); options: ``pmp.DDP``."""
+
+    name, method_type = "ddp", DDPMethod
+    defaults = DDPMethod.defaults()
+    adaptive = True
+    # alpha halves 10 times from 1 to alpha_min = 1e-3, then mu grows (doubling factors): 40 proposals
+    # leave room for several rounds of both
+    max_rejections = 40
+
+    def __init__(self, pw, controls, maximiser, generator, options=None):
+        super().__init__(pw, controls, maximiser, generator, options)
+        penalty = pw.problem.control_penalty
+        if not isinstance(controls, (Reals, Box)) or penalty is not None:
+            what = (f"the control set {controls!r}" if penalty is None else f"an {penalty.name} control cost")
+            raise ValueError(
+                f"method='ddp' has no step for {what}: DDP needs controls in pmp.Reals or pmp.Box and smooth costs "
+                "(a second-order expansion in u). The maximum principle does not: use method='emsa', 'sqh' or 'msa'")
+        if pw.reducer.distributed:
+            raise ValueError("method='ddp' does not run with a process_group: its value function couples the "
+                             "samples through the shared control (a [K n, K n] matrix per node); use method='emsa'")
+        D = pw.num_samples * pw.state_dim
+        if D > MAX_CONCATENATED_STATE:
+            raise ValueError(
+                f"method='ddp' with K = {pw.num_samples} samples of state dimension {pw.state_dim}: its value function "
+                f"is a [K n, K n] = [{D}, {D}] matrix per mesh node (the samples share the control), more than "
+                f"{MAX_CONCATENATED_STATE}; use method='emsa', whose iteration is linear in K")
+        o = self.options
+        self.mu, self._delta = float(o["mu0"]), 1.0
+        self.alpha = 1.0
+        self._sweeps = None  # (sweeper, forward, backward) of the current iterate
+        self._model = None  # (Z, H, G, terminal, nodes): the expansion around the current iterate
+        self._gains: Optional[Gains] = None
+        self._last_k = None  # the box QPs' starting points
+        self._expected = 0.0
+        self._nodes = None  # the forward pass's nodes of the last proposal
+        bounds = controls.bounds(pw.dtype, pw.device)
+        self._box = bounds if isinstance(controls, Box) else None
+
+    # ------------------------------------------------------------------ the solver's protocol
+    def begin(self, sweeper, forward, backward) -> None:
+        self._sweeps = (sweeper, forward, backward)
+        self._model, self._gains, self.alpha = None, None, 1.0
+
+    def propose(self, data):
+        if self._sweeps is None:
+            raise RuntimeError("the DDP rule needs the solver's sweeps (UpdateRule.begin) before propose")
+        if self._model is None:
+            self._model = self._expand(data)
+        elif self.alpha * float(self.options["shrink"]) >= float(self.options["alpha_min"]):
+            self.alpha *= float(self.options["shrink"])  # the last step was rejected
+        else:  # the line search failed: more regularisation, a new backward pass
+            self._increase_mu()
+            self._gains, self.alpha = None, 1.0
+        while self._gains is None:
+            gains = self._backward(data.controls)
+            if gains.positive or self.mu >= float(self.options["mu_max"]):
+                self._gains = gains
+            else:
+                self._increase_mu(gains.deficiency)
+        gains = self._gains
+        self._expected = -(self.alpha * gains.linear + self.alpha ** 2 * gains.quadratic)
+        return self._rollout(data.controls, gains, self.alpha)
+
+    def predicted_nodes(self):
+        return self._nodes
+
+    def judge(self, old_cost, new_cost, gain):
+        decrease = old_cost - new_cost
+        accept = new_cost < old_cost and decrease >= float(self.options["c"]) * max(self._expected, 0.0)
+        if accept:
+            # A full step: the expansion is trusted, mu shrinks. A step the line search had to cut
+            # well short (alpha < shrink^2): the expansion overshoots (e.g. on a singular arc, where
+            # Q_uu is nearly zero and the Newton step runs into the box), mu grows for the next one.
+            if self.alpha == 1.0:
+                self._decrease_mu()
+            elif self.alpha < float(self.options["shrink"]) ** 2:
+                self._increase_mu()
+            self._last_k = self._gains.k
+        return accept
+
+    def parameters(self):
+        return {"mu": self.mu, "alpha": self.alpha}
+
+    # ------------------------------------------------------------------ the iteration's parts
+    def _expand(self, data):
+        """The expansion around u^k (module, step 1): Z, H (concatenated), G, V_N, the nodes."""
+        sweeper, forward, backward = self._sweeps
+        pw, mesh = self.pw, sweeper.mesh
+        nodes = forward.states.values  # [N + 1, K, n]
+        multipliers = -backward.costates.values[1:] if self.options["hessian"] == "exact" else None
+        derivatives = interval_derivatives(pw, mesh, nodes, data.controls, multipliers)
+        self.evaluations += 4  # one RK4 step's stages, over all intervals at once
+        Z, H = _concatenated(derivatives.A, derivatives.B, derivatives.hessian)
+        G = -data.objective(pw, 0.0).gradient(data.controls)  # dJ/du_n [N, m] (interval Hamiltonian, Prop. 2)
+        self.evaluations += 1
+        return Z, H, G, self._terminal(nodes[-1]), nodes
+
+    def _terminal(self, x: torch.Tensor) -> torch.Tensor:
+        """V_N = w Phi_xx, block-diagonal over the samples [D, D] (n reverse passes over the gradient)."""
+        K, n = x.shape
+        V = x.new_zeros(K, n, K, n)
+        if self.pw.problem.terminal_cost is not None:
+            y = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.pw.terminal_cost(y).sum(), y, create_graph=True)
+                if g.requires_grad:  # else Phi is linear: no curvature
+                    rows = [torch.autograd.grad(g[:, i].sum(), y, retain_graph=True, allow_unused=True,
+                                                materialize_grads=True)[0] for i in range(n)]
+                    hessian = torch.stack(rows, dim=1)  # [K, n, n]
+                    V[range(K), :, range(K), :] = hessian.detach() / self.pw.reducer.num_samples
+        return V.reshape(K * n, K * n)
+
+    def _backward(self, u: torch.Tensor) -> Gains:
+        Z, H, G, terminal, _ = self._model
+        sweeper = self._sweeps[0]
+        mesh = sweeper.mesh
+        lower = upper = None
+        if self._box is not None:
+            low, high = self._box
+            lower, upper = low - u, high - u
+        start = self._last_k if self._last_k is not None and self._last_k.shape == u.shape else None
+        return backward_pass(Z, H, G, terminal, mesh[1:] - mesh[:-1], self.mu, lower, upper, start)
+
+    def _rollout(self, u: torch.Tensor, gains: Gains, alpha: float) -> torch.Tensor:
+        """The forward pass (module, step 3): the controls of the closed loop with step alpha."""
+        sweeper = self._sweeps[0]
+        Z, _, _, _, nodes = self._model
+        N, K, n = nodes.shape[0] - 1, nodes.shape[1], nodes.shape[2]
+        D, m = K * n, u.shape[-1]
+        A, B = Z[..., :D], Z[..., D:]
+        closed = A + B @ gains.K  # [N, D, D]
+        reference = nodes.reshape(N + 1, D)
+
+        def controls(S):  # the feedback law at the node states S [N + 1, D]
+            v = u + alpha * gains.k + torch.einsum("nmd,nd->nm", gains.K, S[:-1] - reference[:-1])
+            return self.controls.project(v)
+
+        # The closed loop's linear prediction (exact for linear dynamics without active bounds).
+        drift = torch.einsum("ndm,nm->nd", B, alpha * gains.k)
+        S = torch.cat([reference[:1], reference[1:] + _chain(closed, drift)])
+        change = (S - reference).abs().amax()
+        ode = sweeper.ode
+        count = _Counter()
+        try:
+            for _ in range(_ROLLOUT_SOLVES):
+                v = controls(S)
+                ends, _ = interval_flows(self.pw, ode, S[:-1].reshape(N, K, n), v, count=count)
+                ends = ends.reshape(N, D)
+                defect = ends - S[1:]
+                tolerance = ode.atol + ode.rtol * torch.maximum(ends.abs(), S[1:].abs())
+                # The nodes set the feedback only: a defect small against the step's change of the trajectory
+                # changes the controls by a fraction of the step (near a solution, where steps are small,
+                # the linear prediction is that accurate already).
+                size = float((defect.abs() / torch.maximum(tolerance, _ROLLOUT_RELATIVE * change)).amax())
+                if size <= 1.0 or size != size or size == float("inf"):  # accurate enough, or not finite
+                    break
+                S = torch.cat([S[:1], S[1:] + _chain(closed, defect)])
+        except IntegrationFailure:
+            pass  # the controls of the last node values: the solver's sweep of them tells what they are worth
+        finally:
+            self.evaluations += count.evaluations
+        self._nodes = S.reshape(N + 1, K, n).detach()
+        return controls(S).detach()
+
+    # ------------------------------------------------------------------ regularisation (Tassa et al. 2012)
+    def _increase_mu(self, deficiency: float = 0.0):
+        """Tassa et al. 2012's growth; after a Q_uu that was not positive definite, at least twice the shift
+        that one would have needed (the pass is redone from the end: 1-2 passes instead of the ~10 doublings
+        from mu_min measured on Rayleigh's first iteration)."""
+        factor = float(self.options["mu_factor"])
+        self._delta = max(factor, self._delta * factor)
+        mu = max(float(self.options["mu_min"]), self.mu * self._delta, self.mu + 2.0 * deficiency)
+        self.mu = min(mu, float(self.options["mu_max"]))
+
+    def _decrease_mu(self):
+        factor = float(self.options["mu_factor"])
+        self._delta = min(1.0 / factor, self._delta / factor)
+        self.mu = self.mu * self._delta if self.mu * self._delta > float(self.options["mu_min"]) else 0.0
+
+
+class _Counter:
+    """Counts right-hand-side evaluations (the rule's ``evaluations``)."""
+
+    def __init__(self):
+        self.evaluations = 0
+
+    def __call__(self, t) -> None:
+        self.evaluations += 1
+
+
+def _chain(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y_{n+1} = M_n y_n + b_n from y_0 = 0: y_1 .. y_N [N, D] (the associative scan for a small D, else
+    one small product per interval)."""
+    if M.shape[-1] <= _SCAN_STATE:
+        return affine_prefix_scan(M, b)[1]
+    y, out = b.new_zeros(b.shape[1:]), []
+    for n in range(M.shape[0]):
+        y = M[n] @ y + b[n]
+        out.append(y)
+    return torch.stack(out)
