@@ -4,6 +4,7 @@ A module of its own without ``from __future__ import annotations``: TorchScript 
 Scripted lazily (``riccati_loop``), so that importing pmpsolve does not pay the compilation.
 """
 import functools
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -82,5 +83,12 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
 
 @functools.lru_cache(maxsize=None)
 def riccati_loop():
-    """``_riccati`` compiled by TorchScript (once)."""
-    return torch.jit.script(_riccati)
+    """``_riccati`` compiled by TorchScript (once), or the Python function itself where TorchScript is not
+    available. torch 2.13 marks ``torch.jit.script`` deprecated; its DeprecationWarning is silenced here
+    (the fallback keeps DDP working once it is gone)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_riccati)
+    except Exception:  # noqa: BLE001 - any failure to compile: the same loop in Python (2x slower)
+        return _riccati

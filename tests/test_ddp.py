@@ -1,0 +1,278 @@
+"""DDP over the mesh intervals (``pmp.DDP``, ``pmpsolve.update.ddp``): numbers computed elsewhere.
+
+The discretised linear-quadratic problem is solved independently (exact zero-order-hold matrices by
+Van Loan's integral, a discrete Riccati recursion with cross terms, numpy/scipy); the gains are
+checked against finite differences of DDP's own forward pass; the box QP against enumeration of
+its active sets.
+"""
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import pmpsolve as pmp
+from pmpsolve.update.boxqp import box_qp
+from problems import REFERENCE_PROBLEMS, lqr, lqr_samples
+from problems.lqr import linear_quadratic_problem
+
+
+def _quiet_solve(problem, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return pmp.solve(problem, **kwargs)
+
+
+def _random_lq(seed=0, n=3, m=2, T=2.0):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n)) / np.sqrt(n)
+    B = rng.normal(size=(n, m))
+    Qh = rng.normal(size=(n, n))
+    Q = Qh @ Qh.T / n + 0.1 * np.eye(n)
+    Rh = rng.normal(size=(m, m))
+    R = Rh @ Rh.T / m + 0.5 * np.eye(m)
+    return A, B, Q, R, np.eye(n), rng.normal(size=n), T
+
+
+def _discrete_lq(A, B, Q, R, S, x0, T, N):
+    """The piecewise-constant LQ problem on N uniform intervals, solved exactly: x_{n+1} = Ad x_n + Bd u_n and
+    the stage cost 1/2 (x_n, u_n)' M (x_n, u_n) from Van Loan's block exponential, then the discrete Riccati
+    recursion. Returns (u* [N, m], gains K_n [N, m, n], J*)."""
+    n, m = B.shape
+    h = T / N
+    Abar = np.zeros((n + m, n + m))
+    Abar[:n, :n], Abar[:n, n:] = A, B
+    C = np.block([[-Abar.T, scipy.linalg.block_diag(Q, R)], [np.zeros_like(Abar), Abar]])
+    F = scipy.linalg.expm(C * h)
+    E, M = F[n + m:, n + m:], F[n + m:, n + m:].T @ F[:n + m, n + m:]
+    Ad, Bd = E[:n, :n], E[:n, n:]
+    P, gains = S.copy(), []
+    for _ in range(N):
+        Qxx, Quu, Qux = M[:n, :n] + Ad.T @ P @ Ad, M[n:, n:] + Bd.T @ P @ Bd, M[n:, :n] + Bd.T @ P @ Ad
+        K = -np.linalg.solve(Quu, Qux)
+        P = Qxx + Qux.T @ K
+        P = 0.5 * (P + P.T)
+        gains.append(K)
+    gains = gains[::-1]
+    x, controls = x0.copy(), []
+    for K in gains:
+        controls.append(K @ x)
+        x = Ad @ x + Bd @ controls[-1]
+    return np.array(controls), np.array(gains), 0.5 * x0 @ P @ x0
+
+
+def _expansion(problem, method, mesh, init=None):
+    """The solver after iteration 0's sweeps with the DDP rule's expansion and gains (alpha = 1 proposed)."""
+    solver = pmp.Solver(problem, method=method, mesh=mesh)
+    state = solver.measure(solver.init(init))
+    backward, data, _ = state.measured
+    rule = solver.rule
+    rule.begin(solver.sweeper, state.forward, backward)
+    rule.propose(data)
+    return solver, state, rule
+
+
+def test_one_step_on_linear_quadratic_is_the_discrete_riccati_solution():
+    A, B, Q, R, S, x0, T = _random_lq()
+    N = 20
+    controls, _, optimum = _discrete_lq(A, B, Q, R, S, x0, T, N)
+    problem = linear_quadratic_problem(A, B, Q, R, x0, T, S=S)
+    # model_steps=4: the curvature of the expansion to 4e-9 (its RK4 error); the default's 1 step: 1e-6
+    for method, tol in ((pmp.DDP(model_steps=4), 1e-7), (pmp.DDP(), 1e-5)):
+        sol = _quiet_solve(problem, method=method, mesh=N, stop=pmp.Stop(max_iter=1))
+        assert sol.iterations == 1 and sol.converged  # the one step is certified optimal by the engine's measure
+        error = np.abs(sol.controls.numpy() - controls).max() / np.abs(controls).max()
+        assert error < tol, error
+        assert abs(sol.cost - optimum) < 1e-8 * optimum  # J by the engine's adaptive sweep (rtol 1e-9)
+
+
+def test_lqr_reference_problem_in_one_iteration():
+    problem, reference = lqr()  # J* = 0.673999 (continuous Riccati)
+    ddp = _quiet_solve(problem, method="ddp", mesh=50)
+    emsa = _quiet_solve(problem, method="emsa", mesh=50)
+    # one step leaves the curvature model's error (RK4, one step per interval of h = 0.1): a second removes it
+    assert ddp.converged and ddp.iterations <= 2 and ddp.method == "ddp"
+    exact = _quiet_solve(problem, method=pmp.DDP(model_steps=4), mesh=50)
+    assert exact.converged and exact.iterations == 1
+    assert abs(ddp.cost - emsa.cost) < 1e-8 * emsa.cost  # the same discretised optimum
+    assert abs(ddp.cost - reference) < 2e-3 * reference  # the continuous one, to the mesh's O(h^2)
+    assert len(ddp.history) == ddp.iterations + 1 and ddp.history[-1].optimality <= 1e-5  # records as every method's
+
+
+def test_feedback_gain_is_the_derivative_of_the_optimal_first_control():
+    """K_0 = d u*_0 / d x_0: DDP's gain against central differences of the controls its one-step forward
+    pass gives from perturbed initial states (and against the independent Riccati gain)."""
+    A, B, Q, R, S, x0, T = _random_lq(seed=1)
+    N, eps = 10, 1e-4
+    method = pmp.DDP(model_steps=4)
+    problem = linear_quadratic_problem(A, B, Q, R, x0, T, S=S)
+    _, _, rule = _expansion(problem, method, N)
+    K0 = rule._gains.K[0].numpy()  # [m, n]
+    columns = []
+    for i in range(len(x0)):
+        shift = eps * np.eye(len(x0))[i]
+        first = [_quiet_solve(linear_quadratic_problem(A, B, Q, R, x0 + sign * shift, T, S=S), method=method,
+                              mesh=N, stop=pmp.Stop(max_iter=1)).controls[0].numpy() for sign in (1, -1)]
+        columns.append((first[0] - first[1]) / (2 * eps))
+    differences = np.stack(columns, axis=1)
+    _, riccati, _ = _discrete_lq(A, B, Q, R, S, x0, T, N)
+    assert np.abs(K0 - differences).max() < 1e-6 * np.abs(K0).max()
+    assert np.abs(K0 - riccati[0]).max() < 1e-6 * np.abs(K0).max()
+
+
+def _along_forward_pass(problem, N, start, alpha=1e-2):
+    """The expansion's (linear, quadratic) terms at ``start`` and central differences of J along DDP's forward
+    pass u(alpha) (feedback on the new trajectory) for the same two terms. alpha = 1e-2: J's error (rtol
+    1e-9) over alpha^2 stays at 1e-5 of the second difference."""
+    solver, state, rule = _expansion(problem, pmp.DDP(model_steps=4), N, init=start)
+    gains = rule._gains
+    assert rule.mu == 0.0 and gains.linear < 0
+    J = {a: float(solver.sweeper.forward(rule._rollout(start, gains, a)).cost) for a in (-alpha, alpha)}
+    slope = (J[alpha] - J[-alpha]) / (2 * alpha)
+    curvature = (J[alpha] + J[-alpha] - 2 * state.cost) / alpha ** 2
+    return gains, slope, curvature
+
+
+def test_predicted_decrease_matches_finite_differences_of_the_forward_pass():
+    """Nonlinear dynamics (Rayleigh), near the optimum where mu = 0: the first-order term exactly. (The
+    second-order one is Newton's, the dynamics' curvature weighted by the co-state rather than by DDP's
+    V_x = co-state + O(step): it differs from J's along the closed loop by O(step), 2e-3 here.)"""
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    N = 20
+    mesh = torch.linspace(0, problem.horizon, N + 1, dtype=torch.float64)
+    start = _quiet_solve(problem, method="emsa", mesh=N).controls + 0.3 * torch.sin(mesh[:-1, None])
+    gains, slope, curvature = _along_forward_pass(problem, N, start)
+    assert abs(slope - gains.linear) < 2e-5 * abs(gains.linear)  # the central difference's O(alpha^2)
+    assert abs(curvature - 2 * gains.quadratic) < 1e-2 * abs(2 * gains.quadratic)
+
+
+def test_predicted_curvature_matches_finite_differences_with_linear_dynamics():
+    """Linear dynamics and a quartic cost: no dynamics curvature, so the expansion's second-order term is
+    exactly J's along the forward pass (to the differences' own error)."""
+    A, B, Q, R, S, x0, T = _random_lq(seed=3)
+    base = linear_quadratic_problem(A, B, Q, R, x0, T, S=S)
+    problem = pmp.ControlProblem(
+        base.dynamics, base.x0, T, pmp.Reals(2), terminal_cost=base.terminal_cost,
+        running_cost=lambda t, x, u: base.running_cost(t, x, u) + 0.2 * (x ** 4).sum(-1) + 0.1 * (u ** 4).sum(-1))
+    N = 20
+    start = 0.5 * torch.ones(N, 2, dtype=torch.float64)
+    gains, slope, curvature = _along_forward_pass(problem, N, start)
+    assert abs(slope - gains.linear) < 2e-5 * abs(gains.linear)  # the central difference's O(alpha^2)
+    assert abs(curvature - 2 * gains.quadratic) < 1e-3 * abs(2 * gains.quadratic)
+
+
+def _enumerated_box_qp(H, g, lower, upper):
+    """The minimiser over every assignment free / at the lower / at the upper bound (exact for a convex QP)."""
+    best, best_value = None, np.inf
+    m = len(g)
+    for pattern in itertools.product((0, 1, 2), repeat=m):
+        d = np.where(np.array(pattern) == 1, lower, np.where(np.array(pattern) == 2, upper, 0.0))
+        free = np.array(pattern) == 0
+        if free.any():
+            d[free] = np.linalg.solve(H[np.ix_(free, free)], -(g[free] + H[np.ix_(free, ~free)] @ d[~free]))
+        if np.all(d >= lower - 1e-12) and np.all(d <= upper + 1e-12):
+            value = g @ d + 0.5 * d @ H @ d
+            if value < best_value:
+                best, best_value = d, value
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_box_qp_against_enumeration_of_active_sets(seed):
+    rng = np.random.default_rng(seed)
+    m = 4
+    L = rng.normal(size=(m, m))
+    H = L @ L.T + 0.1 * np.eye(m)
+    g = 3 * rng.normal(size=m)
+    lower, upper = -rng.uniform(0.1, 1, size=m), rng.uniform(0.1, 1, size=m)
+    expected = _enumerated_box_qp(H, g, lower, upper)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    result = box_qp(t(H), t(g), t(lower), t(upper), torch.zeros(m, dtype=torch.float64))
+    assert result.positive
+    assert np.abs(result.solution.numpy() - expected).max() < 1e-10
+    at_bound = (np.abs(expected - lower) < 1e-12) | (np.abs(expected - upper) < 1e-12)
+    assert np.array_equal(~result.free.numpy(), at_bound)
+
+
+def test_two_boxed_controls_reach_the_same_optimum_as_emsa():
+    """The box QP inside the backward pass (m = 2): a convex LQ problem with an active box."""
+    A, B, Q, R, S, x0, T = _random_lq(seed=2)
+    base = linear_quadratic_problem(A, B, Q, R, 3 * x0, T, S=S)
+    problem = pmp.ControlProblem(base.dynamics, base.x0, T, pmp.Box(-0.5, 0.5, shape=(2,)),
+                                 terminal_cost=base.terminal_cost, running_cost=base.running_cost)
+    ddp = _quiet_solve(problem, method="ddp", mesh=20)
+    emsa = _quiet_solve(problem, method="emsa", mesh=20)
+    assert ddp.converged and emsa.converged and ddp.iterations <= 10
+    assert ((ddp.controls.abs() - 0.5).abs() < 1e-12).any()  # the box is active
+    assert abs(ddp.cost - emsa.cost) < 1e-7 * abs(emsa.cost)
+
+
+def test_box_problem_van_der_pol():
+    problem, _ = REFERENCE_PROBLEMS["vanderpol"]()  # u in [-0.3, 1]
+    ddp = _quiet_solve(problem, method="ddp", mesh=20)
+    emsa = _quiet_solve(problem, method="emsa", mesh=20)
+    assert ddp.converged and ddp.iterations <= 15
+    assert abs(ddp.cost - emsa.cost) < 1e-7 * abs(emsa.cost)
+    gn = _quiet_solve(problem, method=pmp.DDP(hessian="gauss-newton"), mesh=20)
+    assert gn.converged and abs(gn.cost - emsa.cost) < 1e-7 * abs(emsa.cost)
+
+
+def test_samples_share_one_control():
+    problem, _ = lqr_samples(4)
+    ddp = _quiet_solve(problem, method="ddp", mesh=20)
+    emsa = _quiet_solve(problem, method="emsa", mesh=20)
+    assert ddp.converged and ddp.iterations <= 2  # still linear-quadratic: one Newton step (+ the model's error)
+    assert abs(ddp.cost - emsa.cost) < 1e-8 * emsa.cost
+    assert ddp.controls.shape == (20, 1)
+
+
+def test_same_call_same_bits():
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    first = _quiet_solve(problem, method="ddp", mesh=10)
+    second = _quiet_solve(problem, method="ddp", mesh=10)
+    assert first.iterations > 2
+    assert torch.equal(first.controls, second.controls)
+    assert [r.cost for r in first.history] == [r.cost for r in second.history]
+    assert [r.optimality for r in first.history] == [r.optimality for r in second.history]
+
+
+def _problem(controls, **kwargs):
+    return pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0], dtype=torch.float64), 1.0, controls,
+                              terminal_cost=lambda x: 2.5 * x[..., 0] ** 2, **kwargs)
+
+
+@pytest.mark.parametrize("controls, kwargs, words", [
+    (pmp.Finite([-1.0, 0.0, 1.0], shape=(1,)), {}, "pmp.Reals or pmp.Box"),
+    (pmp.Reals(1), {"control_penalty": pmp.L1(0.1)}, "L1 control cost"),
+    (pmp.Reals(1), {"control_penalty": pmp.L0(0.1)}, "L0 control cost"),
+    (pmp.Ball(1.0, shape=(1,)), {}, "pmp.Reals or pmp.Box"),
+])
+def test_refused_control_sets_and_costs_name_the_methods_that_handle_them(controls, kwargs, words):
+    with pytest.raises(ValueError, match=words) as info:
+        pmp.Solver(_problem(controls, **kwargs), method="ddp", mesh=10)
+    assert "'emsa', 'sqh' or 'msa'" in str(info.value)
+
+
+def test_refused_constrained_problem_and_too_many_samples():
+    problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0], dtype=torch.float64), 1.0,
+                                 pmp.Reals(1), running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
+                                 terminal_constraints=[pmp.Equal(lambda x: x[..., :1])])
+    with pytest.raises(ValueError, match="constraints.*method='emsa'"):
+        pmp.solve(problem, method="ddp", mesh=10)
+    many, _ = lqr_samples(600)  # K n = 1200: a [1200, 1200] value matrix per node
+    with pytest.raises(ValueError, match=r"\[1200, 1200\].*method='emsa'"):
+        pmp.Solver(many, method="ddp", mesh=10)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"hessian": "newton"}, "'exact' or 'gauss-newton'"),
+    ({"shrink": 1.5}, "shrink"),
+    ({"mu_factor": 1.0}, "mu_factor"),
+    ({"model_steps": 0}, "model_steps"),
+    ({"mu0": -1.0}, "mu0"),
+])
+def test_bad_options_are_refused(options, words):
+    with pytest.raises(ValueError, match=words):
+        pmp.DDP(**options)
