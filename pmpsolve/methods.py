@@ -263,8 +263,8 @@ class DDP(Method):
             (1e-3, 1e10; mu is in units of Q_uu / h_n, i.e. of L_uu).
         mu_factor: mu's growth factor Delta_0 > 1 (default 2).
         shrink: alpha's factor after a rejected step (0 < shrink < 1; default 0.5).
-        alpha_min: below this alpha the line search gives up, mu grows and the backward pass is redone
-            (default 1e-3).
+        alpha_min: below this alpha the line search gives up, mu grows (tenfold at least) and the
+            backward pass is redone (default 0.03: 6 step sizes from 1).
         c: a step is kept when J decreases by at least c times the decrease the expansion predicts
             (default 1e-4).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
@@ -286,7 +286,7 @@ class DDP(Method):
     mu_max: float = 1e10
     mu_factor: float = 2.0
     shrink: float = 0.5
-    alpha_min: float = 1e-3
+    alpha_min: float = 0.03
     c: float = 1e-4
     model_steps: int = 1
 

@@ -5,10 +5,11 @@ Both solve the same piecewise-constant control problem on the same uniform mesh
 per interval (running cost as an extra state), IPOPT with its defaults (tol
 1e-8), the state and control starts pmpsolve also uses (x0 repeated, u = 0 or
 the middle of the box). pmpsolve: ``solve(problem, mesh=N)`` (E-MSA, the
-default) and SQH; for each, the wall time until J first comes within
+default), SQH and DDP (``method="ddp"``); for each, the wall time until J first comes within
 ``--target`` (default 1e-4) relative error of the reference value (measured
 with the solver's callback; the whole solve when it never does) and the time
-of the whole solve. Every final cost is re-checked by the same independent
+of the whole solve, and (``ratio_to_emsa``) each method's time to the target over
+E-MSA's. Every final cost is re-checked by the same independent
 integrator (scipy DOP853, interval by interval). Repeats: medians.
 
 Besides the reference problems, ``lqr-samples-K`` (default K = 100; any K can be
@@ -401,7 +402,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rk4-steps", type=int, default=4)
     parser.add_argument("--target", type=float, default=1e-4)
-    parser.add_argument("--methods", nargs="+", default=["emsa", "sqh"])
+    parser.add_argument("--methods", nargs="+", default=["emsa", "sqh", "ddp"])
     parser.add_argument("--max-iter", type=int, default=None,
                         help="constrained group: pmp.Stop(max_iter=...) for pmpsolve (default: its own)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -437,6 +438,7 @@ def main(argv=None):
             cost = independent_cost(problem, sol.controls, sol.mesh)
             row[f"pmpsolve-{method}"] = dict(
                 cost=cost, rel_error=(cost - reference) / abs(reference), iterations=sol.iterations,
+                converged=bool(sol.converged), status=sol.status, optimality=float(sol.optimality),
                 seconds=statistics.median(r[2] for r in runs),
                 seconds_to_target=None if None in to_target else statistics.median(to_target),
                 seconds_all=[r[2] for r in runs])
@@ -446,8 +448,10 @@ def main(argv=None):
             fastest = min(timed, key=timed.get)
             row["fastest"] = fastest
             row["ratio_to_target"] = timed[fastest] / row["casadi"]["seconds"]
+            if "emsa" in timed:  # each method's time to the target over E-MSA's, in the same process
+                row["ratio_to_emsa"] = {m: t / timed["emsa"] for m, t in timed.items()}
         rows.append(row)
-        print(f"{name}: " + json.dumps({k: (round(v['seconds'], 3) if isinstance(v, dict) else v)
+        print(f"{name}: " + json.dumps({k: (round(v['seconds'], 3) if isinstance(v, dict) and "seconds" in v else v)
                                         for k, v in row.items()}), flush=True)
         # Written after every problem, so that a long run keeps what it has measured.
         harness.write_json(args.out / "control.json", {"machine": machine, "rows": rows}, quiet=True)

@@ -42,6 +42,7 @@ SOURCES = {
     "compile": ["bench_compile.json"],
     "func_objective": ["bench_func_objective.json"],
     "constrained": ["bench_constrained.json"],
+    "ddp": ["bench_control_ddp.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
 #: disturbed during those rows of the full run): their rows replace the newest file's rows of the same name.
@@ -155,6 +156,24 @@ def control() -> str:
     summary += (f"; it first falls to 1 or below at K = {below[0]}." if below else
                 f"; it stays above 1 up to the largest K in the file (K = {largest}: {min(ratios[largest]):.2f}).")
     return text + summary + "\n\n" + source_note("control", extra)
+
+
+def ddp() -> str:
+    """DDP beside E-MSA and CasADi (bench_control.py --methods emsa ddp): iterations, time to 1e-4, ratios."""
+    name, data = newest("ddp")
+    out = []
+    for r in data["rows"]:
+        c, e, d = r["casadi"], r["pmpsolve-emsa"], r["pmpsolve-ddp"]
+        te, td = e["seconds_to_target"], d["seconds_to_target"]
+        ratio = "-" if te is None or td is None else f"{td / te:.2f}"
+        out.append([r["problem"], f"{e['iterations']}{'' if e.get('converged', True) else ' (not converged)'}",
+                    f"{d['iterations']}{'' if d.get('converged', True) else ' (not converged)'}",
+                    f"{c['seconds']:.3f}", "-" if te is None else f"{te:.3f}", "-" if td is None else f"{td:.3f}",
+                    ratio, "-" if td is None else f"{td / c['seconds']:.2f}", f"{d['cost']:.8f}",
+                    f"{abs(d['rel_error']):.1e}"])
+    return (table(["problem", "E-MSA iterations", "DDP iterations", "CasADi + IPOPT [s]", "E-MSA to 1e-4 [s]",
+                   "DDP to 1e-4 [s]", "DDP / E-MSA", "DDP / CasADi", "J DDP", "rel. error"], out)
+            + f"\n\nMesh {data['rows'][0]['mesh']}; medians of the repeats. " + source_note("ddp"))
 
 
 def constrained() -> str:
@@ -325,7 +344,7 @@ def func_objective() -> str:
 
 TABLES = {"control": control, "sine": sine, "scaling": scaling, "maximisers": maximisers, "iterations": iterations,
           "sweeps": sweeps, "solves": solves, "compiled_step": compiled_step, "compile": compile_table,
-          "func_objective": func_objective, "constrained": constrained}
+          "func_objective": func_objective, "constrained": constrained, "ddp": ddp}
 
 
 def render(template: str) -> str:

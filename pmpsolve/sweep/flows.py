@@ -116,8 +116,9 @@ def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.
         if multipliers is not None:
             scalar = scalar + (multipliers.detach() * x).sum(-1)
         eye = torch.eye(n, dtype=x.dtype, device=x.device).view(n, 1, 1, n).expand(n, N, K, n)
-        A, B = torch.autograd.grad(x, (x0, v), eye, is_grads_batched=True, retain_graph=True, allow_unused=True,
-                                   materialize_grads=True)  # [n, N, K, n], [n, N, K, m]
+        A, B = (_rows(g, n) for g in torch.autograd.grad(
+            x, (x0, v), eye, is_grads_batched=True, retain_graph=True, allow_unused=True,
+            materialize_grads=True))  # [n, N, K, n], [n, N, K, m]
         g = x.new_zeros(N, K, n + m)
         if scalar.requires_grad:  # else no running cost and no multipliers: no curvature
             gx, gu = torch.autograd.grad(scalar.sum(), (x0, v), create_graph=True, allow_unused=True,
@@ -125,10 +126,15 @@ def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.
             g = torch.cat([gx, gu], dim=-1)
         if g.requires_grad:
             eye = torch.eye(n + m, dtype=x.dtype, device=x.device).view(n + m, 1, 1, n + m).expand(n + m, N, K, n + m)
-            Hx, Hu = torch.autograd.grad(g, (x0, v), eye, is_grads_batched=True, allow_unused=True,
-                                         materialize_grads=True)
+            Hx, Hu = (_rows(h, n + m) for h in torch.autograd.grad(g, (x0, v), eye, is_grads_batched=True,
+                                                                   allow_unused=True, materialize_grads=True))
             hessian = torch.cat([Hx, Hu], dim=-1).permute(1, 2, 0, 3)
         else:  # linear in (x, u)
             hessian = g.new_zeros(N, K, n + m, n + m)
     A, B = A.permute(1, 2, 0, 3), B.permute(1, 2, 0, 3)
     return IntervalDerivatives(A.detach(), B.detach(), 0.5 * (hessian + hessian.transpose(-1, -2)).detach())
+
+
+def _rows(gradient: torch.Tensor, rows: int) -> torch.Tensor:
+    """A batched gradient [rows, N, K, d]; an unused input's materialised zeros come without the batch axis."""
+    return gradient if gradient.dim() == 4 else gradient.expand(rows, *gradient.shape)

@@ -62,6 +62,8 @@ MAX_CONCATENATED_STATE = 1024
 #: within the solver's local error tolerance or this fraction of the largest change of the nodes.
 _ROLLOUT_SOLVES = 1
 _ROLLOUT_RELATIVE = 1e-3
+#: mu's growth at least after a failed line search
+_LINE_SEARCH_GROWTH = 10.0
 #: J's error in units of the sweeps' rtol (the judge's noise level)
 _NOISE = 10.0
 #: The closed-loop chain of the forward pass by the scan up to this concatenated state, else sequentially.
@@ -130,8 +132,8 @@ class DDP(UpdateRule):
     name, method_type = "ddp", DDPMethod
     defaults = DDPMethod.defaults()
     adaptive = True
-    # alpha halves 10 times from 1 to alpha_min = 1e-3, then mu grows (doubling factors): 40 proposals
-    # leave room for several rounds of both
+    # alpha halves 5 times from 1 to alpha_min = 0.03, then mu grows tenfold: 40 proposals leave room
+    # for 6 such rounds (mu x 1e6)
     max_rejections = 40
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
@@ -176,7 +178,11 @@ class DDP(UpdateRule):
         elif self.alpha * float(self.options["shrink"]) >= float(self.options["alpha_min"]):
             self.alpha *= float(self.options["shrink"])  # the last step was rejected
         else:  # the line search failed: more regularisation, a new backward pass
-            self._increase_mu()
+            # tenfold at least: as mu grows the step turns into a short gradient step with little
+            # feedback (k -> -G / (mu h), K -> 0), a descent direction whatever the curvature model's
+            # error; Tassa's doubling Delta took 4 failed searches (40 proposals) to get near one on
+            # Rayleigh at N = 10, where one RK4 step per interval of h = 0.25 is a poor model
+            self._increase_mu(floor=_LINE_SEARCH_GROWTH * self.mu)
             self._gains, self.alpha = None, 1.0
         while self._gains is None:
             gains = self._backward(data.controls)
@@ -195,7 +201,8 @@ class DDP(UpdateRule):
         decrease = old_cost - new_cost
         # J is known to the sweeps' tolerance only: a predicted decrease below it cannot be measured, and
         # demanding one stalls the line search next to a solution (Rayleigh at N = 10: 40 rejections in a
-        # row with the optimality measure at 1.1 tol). There the step must only not raise J beyond it.
+        # row with the optimality measure at 1.1 tol; also with J required not to rise at all). There the
+        # step must only not raise J beyond that noise.
         noise = _NOISE * self._sweeps[0].ode.rtol * max(1.0, abs(old_cost))
         if self._expected <= noise:
             accept = new_cost <= old_cost + noise
@@ -298,13 +305,13 @@ class DDP(UpdateRule):
         return controls(S).detach()
 
     # ------------------------------------------------------------------ regularisation (Tassa et al. 2012)
-    def _increase_mu(self, deficiency: float = 0.0):
+    def _increase_mu(self, deficiency: float = 0.0, floor: float = 0.0):
         """Tassa et al. 2012's growth; after a Q_uu that was not positive definite, at least twice the shift
         that one would have needed (the pass is redone from the end: 1-2 passes instead of the ~10 doublings
         from mu_min measured on Rayleigh's first iteration)."""
         factor = float(self.options["mu_factor"])
         self._delta = max(factor, self._delta * factor)
-        mu = max(float(self.options["mu_min"]), self.mu * self._delta, self.mu + 2.0 * deficiency)
+        mu = max(float(self.options["mu_min"]), self.mu * self._delta, self.mu + 2.0 * deficiency, floor)
         self.mu = min(mu, float(self.options["mu_max"]))
 
     def _decrease_mu(self):
