@@ -78,7 +78,7 @@ def plot(rows, path, mesh):
             if r["problem"] == name:
                 ax.semilogy(range(len(r["optimality"])), r["optimality"], styles.get(r["method"], "-"),
                             label=f"{r['method']} ({r['iterations']} it)", markersize=4)
-        ax.axhline(1e-5, color="grey", linewidth=0.8)
+        ax.axhline(1e-5, color="grey", linewidth=0.8, label="tol 1e-5 (times max(1, |J|) in the test)")
         ax.set_title(f"{name}, N = {mesh}")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)

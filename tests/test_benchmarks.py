@@ -66,6 +66,16 @@ def test_bench_control_against_casadi_on_the_same_mesh(tmp_path):
     assert abs(row["pmpsolve-emsa"]["rel_error"]) < 1e-2
 
 
+def test_ddp_convergence_records_the_measure_per_iteration(tmp_path):
+    load("ddp_convergence").main(["--quick", "--out", str(tmp_path)])  # lqr, mesh 20: DDP (both), E-MSA
+    rows = json.loads((tmp_path / "ddp_convergence.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ddp (exact)", "ddp (gauss-newton)", "emsa"]
+    for r in rows:
+        assert r["converged"] and len(r["optimality"]) == r["iterations"] + 1
+    assert rows[0]["iterations"] <= 2 < rows[2]["iterations"]
+    assert (tmp_path / "ddp_convergence.png").stat().st_size > 10_000
+
+
 def test_bench_maximisers_closed_form_agrees_with_iterative(tmp_path):
     load("bench_maximisers").main(["--quick", "--out", str(tmp_path)])  # mesh 20, one repeat
     rows = json.loads((tmp_path / "maximisers.json").read_text())["rows"]

@@ -40,7 +40,7 @@ def same(a, b):
     (lambda: pmp.Gradient(lr=0.0), ValueError, r"pmp.Gradient: gradient option 'lr' must be a finite number > 0, got 0.0"),
     (lambda: pmp.Gradient(adaptive="yes"), TypeError, r"`adaptive` must be True or False, got 'yes'"),
     (lambda: pmp.MSA(rho=1.0), TypeError, r"unexpected keyword argument 'rho'"),
-    (lambda: pmp.Rule("newton"), ValueError, r"unknown `method` 'newton'; choose one of \['emsa'"),
+    (lambda: pmp.Rule("newton"), ValueError, r"unknown `method` 'newton'; choose one of \['ddp', 'emsa'"),
     (lambda: pmp.Rule("gradient", stepsize=0.1), ValueError, r"unknown option\(s\) \['stepsize'\].*lr"),
     (lambda: pmp.ODE("rk45"), ValueError, r"pmp.ODE: unknown `method` 'rk45'; choose a torchdiffeq method"),
     (lambda: pmp.ODE(rtol=0.0), ValueError, r"`rtol` and `atol` must be > 0 or None \(by dtype\), got rtol=0.0"),
