@@ -9,7 +9,7 @@ from scipy.integrate import solve_ivp
 
 import pmpsolve as pmp
 
-__all__ = ["lqr", "lqr_samples", "random_lqr", "linear_quadratic_problem", "riccati_cost"]
+__all__ = ["lqr", "lqr_samples", "random_lqr", "random_lq_data", "linear_quadratic_problem", "riccati_cost"]
 
 
 def lqr() -> Tuple[pmp.ControlProblem, float]:
@@ -68,9 +68,8 @@ def riccati_cost(A, B, Q, R, x0, horizon: float, S=None) -> float:
     return float(0.5 * x0 @ P0 @ x0)
 
 
-def random_lqr(n: int = 3, m: int = 2, horizon: float = 2.0, seed: int = 0,
-               terminal: bool = True) -> Tuple[pmp.ControlProblem, float]:
-    """A random stable-ish LQR instance and its exact optimum from the Riccati equation."""
+def random_lq_data(n: int = 3, m: int = 2, seed: int = 0, terminal: bool = True):
+    """The matrices of ``random_lqr``: (A, B, Q, R, S or None, x0) as numpy arrays."""
     rng = np.random.default_rng(seed)
     A = rng.normal(size=(n, n)) / np.sqrt(n)
     B = rng.normal(size=(n, m))
@@ -80,6 +79,13 @@ def random_lqr(n: int = 3, m: int = 2, horizon: float = 2.0, seed: int = 0,
     R = Rh @ Rh.T / m + 0.5 * np.eye(m)
     S = np.eye(n) if terminal else None
     x0 = rng.normal(size=n)
+    return A, B, Q, R, S, x0
+
+
+def random_lqr(n: int = 3, m: int = 2, horizon: float = 2.0, seed: int = 0,
+               terminal: bool = True) -> Tuple[pmp.ControlProblem, float]:
+    """A random stable-ish LQR instance and its exact optimum from the Riccati equation."""
+    A, B, Q, R, S, x0 = random_lq_data(n, m, seed, terminal)
     problem = linear_quadratic_problem(A, B, Q, R, x0, horizon, S=S, name=f"random_lqr(n={n}, m={m}, seed={seed})")
     return problem, riccati_cost(A, B, Q, R, x0, horizon, S=S)
 

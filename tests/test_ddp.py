@@ -16,7 +16,7 @@ import torch
 import pmpsolve as pmp
 from pmpsolve.update.boxqp import box_qp
 from problems import REFERENCE_PROBLEMS, lqr, lqr_samples
-from problems.lqr import linear_quadratic_problem
+from problems.lqr import linear_quadratic_problem, random_lq_data
 
 
 def _quiet_solve(problem, **kwargs):
@@ -26,14 +26,8 @@ def _quiet_solve(problem, **kwargs):
 
 
 def _random_lq(seed=0, n=3, m=2, T=2.0):
-    rng = np.random.default_rng(seed)
-    A = rng.normal(size=(n, n)) / np.sqrt(n)
-    B = rng.normal(size=(n, m))
-    Qh = rng.normal(size=(n, n))
-    Q = Qh @ Qh.T / n + 0.1 * np.eye(n)
-    Rh = rng.normal(size=(m, m))
-    R = Rh @ Rh.T / m + 0.5 * np.eye(m)
-    return A, B, Q, R, np.eye(n), rng.normal(size=n), T
+    """(A, B, Q, R, S, x0, T) of ``problems.lqr.random_lqr``'s instance ``seed`` (terminal cost S = I)."""
+    return (*random_lq_data(n, m, seed), T)
 
 
 def _discrete_lq(A, B, Q, R, S, x0, T, N):
