@@ -267,6 +267,11 @@ class DDP(Method):
             backward pass is redone (default 0.03: 6 step sizes from 1).
         c: a step is kept when J decreases by at least c times the decrease the expansion predicts
             (default 1e-4).
+        forward_solves: batched solves of the forward pass (Newton on the node defects from the closed
+            loop's linear prediction; default 1). 0: the linear prediction alone, so that the feedback
+            acts on the linearised trajectory and DDP is Newton's method with a line search (measured at
+            N = 200: the same iterations on van der Pol and Rayleigh, 15 instead of 18 on catalyst
+            mixing; docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the
             gradient, and with it the solution, is the engine's whatever this is).
@@ -288,10 +293,14 @@ class DDP(Method):
     shrink: float = 0.5
     alpha_min: float = 0.03
     c: float = 1e-4
+    forward_solves: int = 1
     model_steps: int = 1
 
     def __post_init__(self):
         owner = "pmp.DDP"
+        _check(owner, not isinstance(self.forward_solves, bool) and isinstance(self.forward_solves, numbers.Integral)
+               and self.forward_solves >= 0,
+               f"ddp option 'forward_solves' must be an int >= 0, got {self.forward_solves!r}")
         _check(owner, not isinstance(self.model_steps, bool) and isinstance(self.model_steps, numbers.Integral)
                and self.model_steps >= 1, f"ddp option 'model_steps' must be an int >= 1, got {self.model_steps!r}")
         _check(owner, self.hessian in ("exact", "gauss-newton"),

@@ -265,6 +265,7 @@ def test_refused_constrained_problem_and_too_many_samples():
     ({"shrink": 1.5}, "shrink"),
     ({"mu_factor": 1.0}, "mu_factor"),
     ({"model_steps": 0}, "model_steps"),
+    ({"forward_solves": -1}, "forward_solves"),
     ({"mu0": -1.0}, "mu0"),
 ])
 def test_bad_options_are_refused(options, words):
