@@ -263,7 +263,8 @@ class Solver:
         state = SolverState(
             k, u_new, fw_new, new_cost, Best(new_cost, u_new, fw_new, k) if improved else state.best, history,
             state.start, None, state.backward_evals,
-            rises=state.rises + 1 if (new_cost > cost and new_cost > history[0].cost) else 0,
+            rises=state.rises + 1 if (new_cost > cost and new_cost > history[0].cost + self._noise(history[0].cost))
+            else 0,
             since_best=0 if improved else state.since_best + 1,
             small_steps=state.small_steps + 1 if change <= self.stopping.stall_tol * max(1.0, abs(new_cost)) else 0,
             change=change)
@@ -378,6 +379,11 @@ class Solver:
         return self.solution(state)
 
     # ------------------------------------------------------------------ internals
+    def _noise(self, cost: float) -> float:
+        """What J is known to: 10 times the sweeps' rtol, relative (a rise below it is no divergence: a rule
+        that accepts steps within it near a solution, as DDP's line search does, must not be stopped as one)."""
+        return 10.0 * self.ode.rtol * max(1.0, abs(cost))
+
     def _check_controls(self, u: torch.Tensor, k: int) -> None:
         if not bool(torch.isfinite(u).all()):
             where = float(self.mesh[int((~torch.isfinite(u)).any(-1).nonzero()[0])])

@@ -249,12 +249,7 @@ def test_refused_control_sets_and_costs_name_the_methods_that_handle_them(contro
     assert "'emsa', 'sqh' or 'msa'" in str(info.value)
 
 
-def test_refused_constrained_problem_and_too_many_samples():
-    problem = pmp.ControlProblem(lambda t, x, u: u.clone(), torch.tensor([1.0], dtype=torch.float64), 1.0,
-                                 pmp.Reals(1), running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
-                                 terminal_constraints=[pmp.Equal(lambda x: x[..., :1])])
-    with pytest.raises(ValueError, match="constraints.*method='emsa'"):
-        pmp.solve(problem, method="ddp", mesh=10)
+def test_refused_too_many_samples():
     many, _ = lqr_samples(600)  # K n = 1200: a [1200, 1200] value matrix per node
     with pytest.raises(ValueError, match=r"\[1200, 1200\].*method='emsa'"):
         pmp.Solver(many, method="ddp", mesh=10)

@@ -111,12 +111,6 @@ class ConstrainedSolver:
             raise TypeError(f"solve: `dtype` must be torch.float64 or torch.float32, got {dtype!r}")
         self.problem, self.dtype, self.device = problem, dtype, resolve_device(device)
         self.method = as_method(method)
-        if self.method.name == "ddp":
-            # Measured: DDP as the inner method of this loop did not finish Bryson-Denham at mesh 50 in
-            # 10 minutes; the penalised inner problems need work before it can.
-            raise ValueError("solve: method='ddp' does not solve problems with constraints, parameters or a free "
-                             "final time yet (the augmented-Lagrangian loop's inner solves); use method='emsa' "
-                             "(the default) or 'sqh'")
         self.ode, self.maximiser = ode or ODE(), maximiser or Maximiser()
         self.stopping = (stop or Stop()).resolved(dtype)
         problem.check(dtype, self.device)
