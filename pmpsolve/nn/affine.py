@@ -27,7 +27,7 @@ Q d = G: no L-BFGS.
 Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-state's zero sum over
 classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
 where L-BFGS started from theta^k also converges. Every solution is checked by two exact evaluations
-of the objective (its increase against the quadratic's prediction); a layer failing the check, a box
+of the objective (its increase against the quadratic's prediction: ``check``); a layer failing it, a box
 the unconstrained maximiser leaves, an L1 / L0 penalty or a process group: ``None``, and the caller
 falls back to the iterative maximisers.
 """
@@ -180,8 +180,12 @@ def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> to
     return torch.cat(parts, dim=1).to(u0.dtype)
 
 
-def affine_maximise(group: LayerGroup, objective: LayerHamiltonian) -> Optional[torch.Tensor]:
-    """The exact maximiser [G, m] of a Linear / Conv2d group's augmented Hamiltonian, or None (see module doc)."""
+def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool = True) -> Optional[torch.Tensor]:
+    """The exact maximiser [G, m] of a Linear / Conv2d group's augmented Hamiltonian, or None (see module doc).
+
+    ``check``: compare the objective's exact increase with the quadratic's (two evaluations of the layer and
+    its input gradient); the optimizer checks a group at its first step, the structure being fixed after that.
+    """
     if not supported(group, objective):
         return None
     bias = _variables(group)
@@ -197,6 +201,8 @@ def affine_maximise(group: LayerGroup, objective: LayerHamiltonian) -> Optional[
         low, high = group.controls.bounds(u0.dtype, u0.device)
         if not bool(((u >= low) & (u <= high)).all()):
             return None  # the box is active: the iterative (projected) maximiser handles it
+        if not check:
+            return u
         # the check: the exact increase against the quadratic's, G.d - 1/2 d'Qd = 1/2 G.d at the maximiser
         value0, value = objective(u0), objective(u)
         predicted = _predicted_gain(group, objective, d)

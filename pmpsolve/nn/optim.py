@@ -346,6 +346,7 @@ class Optimizer(torch.optim.Optimizer):
             self._exclude = self._finite_names | frozenset(free)
         self._closed_form = closed_form
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
+        self._checked: set = set()  # groups whose exact quadratic (affine.affine_maximise) passed its check
         self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
         self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
         self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
@@ -575,8 +576,9 @@ class Optimizer(torch.optim.Optimizer):
                     return u
                 self._refused.add(key)
             if self._closed_form and objective.rho > 0:
-                u = affine_maximise(g, objective)
+                u = affine_maximise(g, objective, check=key not in self._checked)
                 if u is not None:
+                    self._checked.add(key)
                     self._routes[key] = "quadratic"
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
