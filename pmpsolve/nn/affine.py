@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 
-__all__ = ["affine_maximise", "MAX_DENSE"]
+__all__ = ["affine_maximise", "conv_solve", "MAX_DENSE"]
 
 #: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
 MAX_DENSE = 2048
@@ -98,26 +98,43 @@ def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> 
     W0 = u0[:, :O * K].reshape(G, O, K)
     grad_W = p.transpose(1, 2) @ x  # J' p for the weight [G, O, K]
     f64 = torch.float64
-    S = (x.transpose(1, 2) @ x).to(f64) if rho > 0 else x.new_zeros(G, K, K, dtype=f64)
-    PP = (p.transpose(1, 2) @ p).to(f64) if rho > 0 else x.new_zeros(G, O, O, dtype=f64)
     gW = grad_W.to(f64) - wd * W0.to(f64)
-    eye = torch.eye(K, dtype=f64, device=x.device)
+    D = rho * N + c  # the bias block (rho N + c) I, eliminated exactly
     if bias:
         b0 = u0[:, O * K:]
         gb = p.sum(1).to(f64) - wd * b0.to(f64)  # [G, O]
         m = x.sum(1).to(f64)  # [G, K]
-        D = rho * N + c  # the bias block (rho N + c) I, eliminated exactly
-        A = rho * S - (rho * rho / D) * m[:, :, None] * m[:, None, :] + c * eye
         rhs = gW - (rho / D) * gb[:, :, None] * m[:, None, :]
     else:
-        A, rhs = rho * S + c * eye, gW
-    a, U = torch.linalg.eigh(A)  # [G, K], [G, K, K]
-    b, V = torch.linalg.eigh(rho * PP)  # [G, O], [G, O, O]
-    denom = b[:, :, None] + a[:, None, :]  # [G, O, K]
-    cut = (a.abs().amax(-1) + b.abs().amax(-1))[:, None, None] * max(K, O) * torch.finfo(x.dtype).eps
-    T = V.transpose(1, 2) @ rhs @ U
-    T = torch.where(denom > cut, T / torch.where(denom > cut, denom, torch.ones_like(denom)), torch.zeros_like(T))
-    dW = V @ T @ U.transpose(1, 2)  # [G, O, K]
+        rhs = gW
+    b, Vb = torch.linalg.eigh(rho * (p.transpose(1, 2) @ p).to(f64))  # B = rho P'P: [G, O], [G, O, O]
+    if K > N and rho > 0:
+        # A = Z'Z + c I with Z = C^(1/2) X [N, K], C = rho (I - rho/D 1 1'): its N non-trivial eigenpairs from
+        # the N x N matrix Z Z' (fewer samples than features), eigenvalue c on the rest
+        X64 = x.to(f64)
+        shrink = 1 - (c / D) ** 0.5 if bias else 0.0
+        Z = rho ** 0.5 * (X64 - shrink * X64.mean(1, keepdim=True))
+        lam, Qn = torch.linalg.eigh(Z @ Z.transpose(1, 2))  # [G, N]
+        keep = lam > _cutoff(lam, max(K, N), x.dtype)
+        U = (Z.transpose(1, 2) @ Qn) / torch.where(keep, lam, torch.ones_like(lam)).sqrt()[:, None, :]
+        U = U * keep[:, None, :]  # [G, K, N], orthonormal columns (zero where dropped)
+        a = lam + c
+    else:
+        S = (x.transpose(1, 2) @ x).to(f64) if rho > 0 else x.new_zeros(G, K, K, dtype=f64)
+        A = rho * S + c * torch.eye(K, dtype=f64, device=x.device)
+        if bias:
+            A = A - (rho * rho / D) * m[:, :, None] * m[:, None, :]
+        a, U = torch.linalg.eigh(A)  # [G, K], [G, K, K]
+    cut = (a.abs().amax(-1) + b.abs().amax(-1) + c)[:, None, None] * max(K, O) * torch.finfo(x.dtype).eps
+
+    def divide(T, denom):
+        return torch.where(denom > cut, T / torch.where(denom > cut, denom, torch.ones_like(denom)), torch.zeros_like(T))
+
+    VtR = Vb.transpose(1, 2) @ rhs  # [G, O, K]
+    dW = Vb @ divide(VtR @ U, b[:, :, None] + a[:, None, :]) @ U.transpose(1, 2)  # [G, O, K]
+    if U.shape[2] < K:  # the complement of U's columns, where A = c I
+        rest = VtR - (VtR @ U) @ U.transpose(1, 2)
+        dW = dW + Vb @ divide(rest, b[:, :, None] + c)
     parts = [dW.reshape(G, -1)]
     if bias:
         parts.append((gb - rho * (dW @ m[:, :, None])[..., 0]) / D)
@@ -133,30 +150,44 @@ def _patches(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int])
 
 def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
     """The maximising step d [G, m] of Conv2d rows: the dense system of the module docstring."""
-    conv, data = group.template, objective.data
-    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
-    G = data.controls.shape[0]
+    data = objective.data
+    return conv_solve(group.template, data.inputs, data.costates, None, objective.rho,
+                      objective.weight_decay, objective.weight_decay + 2 * objective.eps, data.controls, bias)
+
+
+def conv_solve(conv: torch.nn.Conv2d, x: torch.Tensor, q: torch.Tensor, weights: Optional[torch.Tensor], rho: float,
+               wd: float, c: float, u0: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The maximiser d [G, m] of G.d - 1/2 d'Qd for a stride-1 convolution z = W * x + b of G rows u0 [G, m]:
+
+    G = J'q - wd theta^k, Q = J' diag(weights) J + rho K'K + c I, with J d = d_W * x + d_b, K d the transposed
+    convolution of q with d_W. ``weights`` [G, B, O, H', W'] (None: rho everywhere, the affine layer's
+    I_O (x) X X'); x: [G, B, C, H, W], q: [G, B, O, H', W'].
+    """
+    G = u0.shape[0]
     O, C = conv.out_channels, conv.in_channels
     kh, kw = conv.kernel_size
     J = kh * kw
-    u0 = data.controls
-    X = _patches(data.inputs, conv.kernel_size, conv.padding)  # [G, C J, N]
-    p = data.costates  # [G, B, O, H', W']
-    Pm = p.transpose(1, 2).reshape(G, O, -1)  # [G, O, N]
+    X = _patches(x, conv.kernel_size, conv.padding)  # [G, C J, N]
+    Qm = q.transpose(1, 2).reshape(G, O, -1)  # [G, O, N]
     if bias:
         X = torch.cat([X, X.new_ones(G, 1, X.shape[2])], dim=1)  # the bias as a constant input
-    grad = Pm @ X.transpose(1, 2)  # J' p: [G, O, C J (+1)]
+    grad = Qm @ X.transpose(1, 2)  # J'q: [G, O, C J (+1)]
     f64 = torch.float64
     M = C * J + int(bias)  # columns of the augmented weight [O, M]
     Q = u0.new_zeros(G, O, M, O, M, dtype=f64)
-    if rho > 0:
+    eye_O = torch.eye(O, dtype=f64, device=u0.device)
+    if weights is not None:  # one weighted Gram per output channel: [G, O, M, M]
+        w = weights.transpose(1, 2).reshape(G, O, 1, -1)
+        S = ((X[:, None] * w) @ X.transpose(1, 2)[:, None]).to(f64)
+        Q += torch.einsum("oq,gomn->gomqn", eye_O, S)
+    elif rho > 0:
         S = (X @ X.transpose(1, 2)).to(f64)  # [G, M, M]
-        # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
-        Pt = _patches(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))  # [G, O J, N_in]
-        PP = (Pt @ Pt.transpose(1, 2)).to(f64).reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
-        eye_O = torch.eye(O, dtype=f64, device=u0.device)
-        eye_C = torch.eye(C, dtype=f64, device=u0.device)
         Q += rho * eye_O[None, :, None, :, None] * S[:, None, :, None, :]
+    if rho > 0:
+        # the transposed convolution's patches of q, at the input's positions, kernel offsets flipped
+        Pt = _patches(q, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))  # [G, O J, N_in]
+        PP = (Pt @ Pt.transpose(1, 2)).to(f64).reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
+        eye_C = torch.eye(C, dtype=f64, device=u0.device)
         co = rho * eye_C[None, None, :, None, None, :, None] * PP[:, :, None, :, :, None, :]  # [G,O,C,J,O,C,J]
         Q[:, :, :C * J, :, :C * J] += co.reshape(G, O, C * J, O, C * J)
     Q = Q.reshape(G, O * M, O * M)
