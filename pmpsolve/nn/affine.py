@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 
-__all__ = ["affine_maximise", "conv_solve", "MAX_DENSE"]
+__all__ = ["affine_maximise", "conv_solve", "MAX_DENSE", "MAX_SIDE"]
 
 #: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
 MAX_DENSE = 2048

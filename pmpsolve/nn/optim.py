@@ -49,7 +49,6 @@ from .affine import affine_maximise
 from .discrete import DiscreteRule, FiniteWeights
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
-from .linearised import residual_step
 from .network import LayerIterate, LayerMaximiser, LayerProblem, row_penalty, row_set
 from .recording import CostateRecorder
 
@@ -581,10 +580,6 @@ class Optimizer(torch.optim.Optimizer):
                 if u is not None:
                     self._checked.add(key)
                     self._routes[key] = "quadratic"
-                    return u
-                u = residual_step(g, objective)
-                if u is not None:
-                    self._routes[key] = "gauss-newton"
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
             maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
