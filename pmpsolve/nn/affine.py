@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 
-__all__ = ["affine_maximise", "conv_solve", "MAX_DENSE", "MAX_SIDE"]
+__all__ = ["affine_maximise", "MAX_DENSE", "MAX_SIDE"]
 
 #: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
 MAX_DENSE = 2048
@@ -142,52 +142,42 @@ def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> 
 
 
 def _patches(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
-    """im2col of t [G, B, C, H, W] -> [G, C kh kw, B L] (the columns of all samples side by side)."""
+    """im2col of t [G, B, C, H, W] -> [G, B, C kh kw, L] (L positions of the kernel)."""
     G, B = t.shape[:2]
     cols = F.unfold(t.reshape(G * B, *t.shape[2:]), kernel, padding=padding)  # [G B, C kh kw, L]
-    return cols.reshape(G, B, cols.shape[1], cols.shape[2]).transpose(1, 2).reshape(G, cols.shape[1], -1)
+    return cols.reshape(G, B, cols.shape[1], cols.shape[2])
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over samples and positions of a b': [G, B, K, L] x [G, B, M, L] -> [G, K, M] (no transposed copy)."""
+    return (a @ b.transpose(-1, -2)).sum(1)
 
 
 def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
     """The maximising step d [G, m] of Conv2d rows: the dense system of the module docstring."""
-    data = objective.data
-    return conv_solve(group.template, data.inputs, data.costates, None, objective.rho,
-                      objective.weight_decay, objective.weight_decay + 2 * objective.eps, data.controls, bias)
-
-
-def conv_solve(conv: torch.nn.Conv2d, x: torch.Tensor, q: torch.Tensor, weights: Optional[torch.Tensor], rho: float,
-               wd: float, c: float, u0: torch.Tensor, bias: bool) -> torch.Tensor:
-    """The maximiser d [G, m] of G.d - 1/2 d'Qd for a stride-1 convolution z = W * x + b of G rows u0 [G, m]:
-
-    G = J'q - wd theta^k, Q = J' diag(weights) J + rho K'K + c I, with J d = d_W * x + d_b, K d the transposed
-    convolution of q with d_W. ``weights`` [G, B, O, H', W'] (None: rho everywhere, the affine layer's
-    I_O (x) X X'); x: [G, B, C, H, W], q: [G, B, O, H', W'].
-    """
+    conv, data = group.template, objective.data
+    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
+    u0 = data.controls
     G = u0.shape[0]
     O, C = conv.out_channels, conv.in_channels
     kh, kw = conv.kernel_size
     J = kh * kw
-    X = _patches(x, conv.kernel_size, conv.padding)  # [G, C J, N]
-    Qm = q.transpose(1, 2).reshape(G, O, -1)  # [G, O, N]
+    X = _patches(data.inputs, conv.kernel_size, conv.padding)  # [G, B, C J, L]
+    p = data.costates  # [G, B, O, H', W']
     if bias:
-        X = torch.cat([X, X.new_ones(G, 1, X.shape[2])], dim=1)  # the bias as a constant input
-    grad = Qm @ X.transpose(1, 2)  # J'q: [G, O, C J (+1)]
+        X = torch.cat([X, X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3])], dim=2)  # the bias: a constant input
+    grad = _gram(p.reshape(G, p.shape[1], O, -1), X)  # J'p: [G, O, C J (+1)]
     f64 = torch.float64
     M = C * J + int(bias)  # columns of the augmented weight [O, M]
     Q = u0.new_zeros(G, O, M, O, M, dtype=f64)
-    eye_O = torch.eye(O, dtype=f64, device=u0.device)
-    if weights is not None:  # one weighted Gram per output channel: [G, O, M, M]
-        w = weights.transpose(1, 2).reshape(G, O, 1, -1)
-        S = ((X[:, None] * w) @ X.transpose(1, 2)[:, None]).to(f64)
-        Q += torch.einsum("oq,gomn->gomqn", eye_O, S)
-    elif rho > 0:
-        S = (X @ X.transpose(1, 2)).to(f64)  # [G, M, M]
-        Q += rho * eye_O[None, :, None, :, None] * S[:, None, :, None, :]
     if rho > 0:
-        # the transposed convolution's patches of q, at the input's positions, kernel offsets flipped
-        Pt = _patches(q, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))  # [G, O J, N_in]
-        PP = (Pt @ Pt.transpose(1, 2)).to(f64).reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
+        S = _gram(X, X).to(f64)  # [G, M, M]
+        # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
+        Pt = _patches(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))  # [G, B, O J, L_in]
+        PP = _gram(Pt, Pt).to(f64).reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
+        eye_O = torch.eye(O, dtype=f64, device=u0.device)
         eye_C = torch.eye(C, dtype=f64, device=u0.device)
+        Q += rho * eye_O[None, :, None, :, None] * S[:, None, :, None, :]
         co = rho * eye_C[None, None, :, None, None, :, None] * PP[:, :, None, :, :, None, :]  # [G,O,C,J,O,C,J]
         Q[:, :, :C * J, :, :C * J] += co.reshape(G, O, C * J, O, C * J)
     Q = Q.reshape(G, O * M, O * M)
