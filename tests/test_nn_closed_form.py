@@ -45,10 +45,15 @@ def _objectives(kind, bias, dtype, rho, wd):
 
 @pytest.mark.parametrize("kind", ["linear", "wide", "conv"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rho,wd", [(0.5, 0.0), (0.05, 1e-3)])
+@pytest.mark.parametrize("rho,wd", [(0.5, 0.0), (0.05, 1e-3), (0.5, 1e-2)])
 def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
     """float64: the closed form's step equals converged L-BFGS's and its value is at least as high; float32 (the
-    same weights and data): its step equals the float64 maximiser's to the float32 rounding of the batch sums."""
+    same weights and data): its step equals the float64 maximiser's to the float32 rounding of the batch sums.
+    A Linear without weight decay is left to L-BFGS (None)."""
+    if kind != "conv" and wd == 0:
+        for g, objective in _objectives(kind, bias, torch.float64, rho, wd):
+            assert affine_maximise(g, objective) is None
+        return
     reference = []
     for g, objective in _objectives(kind, bias, torch.float64, rho, wd):
         u0 = objective.data.controls
@@ -57,8 +62,7 @@ def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
         iterative = HamiltonianMaximiser(g.controls, max_iter=3000, method="lbfgs").maximise(objective).controls
         step = (iterative - u0).abs().max()
         assert step > 1e-3  # a real step, not a fixed point
-        if not (kind == "wide" and wd == 0):  # there the objective is nearly flat along X's null space, where
-            assert (closed - iterative).abs().max() <= 1e-4 * step  # L-BFGS stops anywhere: value and gradient only
+        assert (closed - iterative).abs().max() <= 1e-4 * step
         assert float(objective(closed).sum()) >= float(objective(iterative).sum()) - 1e-12
         # and it is a stationary point of the exact objective
         _, gradient = objective.value_and_grad(closed)
@@ -68,8 +72,7 @@ def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
         closed = affine_maximise(g, objective)
         assert closed is not None and closed.dtype == torch.float32
         u0 = objective.data.controls.double()
-        rtol = 1e-2 if kind == "wide" and wd == 0 else 1e-3  # singular: which curvatures count as 0 is rounding
-        assert (closed.double() - closed64).abs().max() <= rtol * (closed64 - u0).abs().max()
+        assert (closed.double() - closed64).abs().max() <= 1e-3 * (closed64 - u0).abs().max()
 
 
 def test_a_box_that_binds_falls_back_and_a_loose_box_does_not():
@@ -80,7 +83,7 @@ def test_a_box_that_binds_falls_back_and_a_loose_box_does_not():
     for bound, expect in ((10.0, True), (1e-3, False)):
         controls = {"2.weight": pmp.Box(-bound, bound), "2.bias": pmp.Box(-bound, bound)}
         (g,) = [g for g in group_layers(layers, inputs, controls, {}) if g.indices == [2]]
-        objective = LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.05)
+        objective = LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.05, weight_decay=1e-3)
         assert (affine_maximise(g, objective) is not None) == expect
 
 
