@@ -28,8 +28,8 @@ Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-st
 classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
 where L-BFGS started from theta^k also converges. Every solution is checked by two exact evaluations
 of the objective (its increase against the quadratic's prediction: ``check``); a layer failing it, a box
-the unconstrained maximiser leaves, an L1 / L0 penalty or a process group: ``None``, and the caller
-falls back to the iterative maximisers.
+the unconstrained maximiser leaves, an L1 / L0 penalty, a process group or a Linear without weight
+decay (see ``supported``): ``None``, and the caller falls back to the iterative maximisers.
 """
 from __future__ import annotations
 

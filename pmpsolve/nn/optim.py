@@ -23,7 +23,8 @@ Where a layer's augmented Hamiltonian separates over its parameters (a ``Linear`
 layer, rho = 0: SQH or MSA with eps or weight decay > 0) it is maximised in closed form: the
 per-parameter quadratic's maximiser passed through the penalty's proximal map (hard
 thresholding for L0, bSQH; soft for L1) and the box, checked by one exact evaluation
-(``separable_maximise``).
+(``separable_maximise``). With rho > 0 the augmented Hamiltonian of such a layer is an exact concave
+quadratic, maximised by solving it (``affine.affine_maximise``, docs/theory.md); other layers run L-BFGS.
 """
 from __future__ import annotations
 
@@ -256,7 +257,8 @@ class Optimizer(torch.optim.Optimizer):
         closed_form: True (default): a ``Linear`` or ``Conv2d`` entry (stride 1), whose augmented
             Hamiltonian is an exact concave quadratic in its parameters, is maximised by solving that
             quadratic (``affine.affine_maximise``; unbounded or inside its box, no L1 / L0 penalty, one
-            process); False: by L-BFGS like every other layer (``maximiser_iter`` iterations).
+            process, a Linear only with ``weight_decay`` > 0); False: by L-BFGS like every other layer
+            (``maximiser_iter`` iterations).
 
     Example: the gradient rule, which is gradient descent on the loss (paper Prop. 2).
         >>> import torch, pmpsolve as pmp
