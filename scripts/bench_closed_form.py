@@ -1,0 +1,91 @@
+"""An E-MSA step with and without the closed form of its Linear / Conv2d entries, against Adam (docs/networks.md).
+
+On the CNN study's network and batch (128 MNIST digits, 8 channels, 2 residual layers), one thread:
+every round takes one step of each configuration in turn (round-robin, so that load on a shared
+machine hits all of them alike), the first round is a warm-up; printed and saved are the median step
+time, its ratio to Adam's step (with the same weight decay) and the median number of closure calls.
+Configurations: pmp.nn.EMSA with rho 0.03 and adaptive, weight decay 0 and 0.001 (the study's),
+``closed_form=True`` (default) and ``False`` (L-BFGS on every layer). Target: an E-MSA step <= 5x Adam's.
+
+    python scripts/bench_closed_form.py [--rounds 8] [--batch 128] [--out results/bench]
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import harness
+import pmpsolve as pmp
+from problems.cnn import cross_entropy, residual_cnn
+
+
+def configurations():
+    """name -> (weight decay, make(model) -> optimizer)."""
+    out = {"adam": (0.0, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)),
+           "adam, wd 0.001": (1e-3, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-3))}
+    for wd in (0.0, 1e-3):
+        for rho, label in ((0.03, "rho 0.03"), (None, "adaptive")):
+            for closed in (True, False):
+                name = f"emsa {label}, wd {wd:g}, {'closed form' if closed else 'all L-BFGS'}"
+                out[name] = (wd, lambda m, rho=rho, closed=closed, wd=wd: pmp.nn.EMSA(
+                    m, rho=rho, maximiser_iter=10, closed_form=closed, weight_decay=wd))
+    return out
+
+
+def main(argv=None):
+    parser = harness.parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = harness.parse(parser, argv, quick=dict(rounds=2, batch=8))
+    harness.pin_threads(1)
+    try:
+        from pmpsolve.studies.data import mnist5k  # the CNN study's packaged digits (an optional extra)
+        data = mnist5k(seed=args.seed)
+        x, y = data.train_images[:args.batch], data.train_labels[:args.batch]
+    except ImportError:
+        g = torch.Generator().manual_seed(args.seed)
+        x, y = torch.rand(args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+    configs = configurations()
+    runs = {}
+    for name, (_, make) in configs.items():
+        model = residual_cnn(seed=args.seed)
+        runs[name] = (model, make(model))
+    seconds = {name: [] for name in configs}
+    calls = {name: [] for name in configs}
+    for round_ in range(args.rounds):
+        for name, (model, opt) in runs.items():
+            count = [0]
+
+            def closure(model=model, opt=opt, count=count):
+                count[0] += 1
+                opt.zero_grad()
+                loss = cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            start = time.perf_counter()
+            if isinstance(opt, torch.optim.Adam):
+                closure()
+                opt.step()
+            else:
+                opt.step(closure)
+            if round_ > 0 or args.rounds == 1:  # the first round warms up
+                seconds[name].append(time.perf_counter() - start)
+                calls[name].append(count[0])
+    adam = {0.0: statistics.median(seconds["adam"]), 1e-3: statistics.median(seconds["adam, wd 0.001"])}
+    rows = {}
+    print(f"batch {args.batch}, 1 thread, median of {max(args.rounds - 1, 1)} rounds\n")
+    print(f"{'configuration':44s} {'step [ms]':>10s} {'x Adam':>7s} {'closure calls':>14s}")
+    for name, (wd, _) in configs.items():
+        step = statistics.median(seconds[name])
+        rows[name] = {"step_s": step, "ratio_to_adam": step / adam[wd], "closure_calls": statistics.median(calls[name])}
+        print(f"{name:44s} {1e3 * step:10.1f} {step / adam[wd]:7.1f} {rows[name]['closure_calls']:14.0f}")
+    harness.write_json(args.out / "bench_closed_form.json",
+                       {"batch": args.batch, "threads": 1, "rounds": args.rounds, "steps": rows})
+
+
+if __name__ == "__main__":
+    main()

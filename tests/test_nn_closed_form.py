@@ -1,0 +1,125 @@
+"""The exact maximiser of a Linear / Conv2d layer's augmented Hamiltonian (pmpsolve/nn/affine.py) against the
+engine's L-BFGS run to convergence on the same objective, and a pmp.nn.EMSA step with it against the iterative path."""
+import pytest
+import torch
+
+import pmpsolve as pmp
+from helpers import closure_for, recorded
+from pmpsolve.nn.affine import affine_maximise
+from pmpsolve.nn.groups import group_layers
+from pmpsolve.nn.hamiltonian import LayerHamiltonian, layer_data
+from pmpsolve.update.maximisers import HamiltonianMaximiser
+
+
+def _network(kind: str, bias: bool) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return torch.nn.Sequential(torch.nn.Linear(5, 7, bias=bias), torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=bias))
+    if kind == "wide":  # more features than samples: the low-rank route of the Sylvester solve
+        return torch.nn.Sequential(torch.nn.Linear(20, 12, bias=bias), torch.nn.Tanh(), torch.nn.Linear(12, 3, bias=bias))
+    # a square kernel with padding 1, a rectangular one with padding (0, 1)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, bias=bias), torch.nn.Tanh(),
+                               torch.nn.Conv2d(3, 3, (3, 2), padding=(0, 1), bias=bias), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 4 * 7, 3))
+
+
+def _data(kind: str):
+    g = torch.Generator().manual_seed(1)
+    x = {"linear": lambda: torch.randn(16, 5, generator=g), "wide": lambda: torch.randn(8, 20, generator=g),
+         "conv": lambda: torch.randn(6, 2, 6, 6, generator=g)}[kind]()
+    return x, torch.randint(0, 3, (x.shape[0],), generator=g)
+
+
+def _objectives(kind, bias, dtype, rho, wd):
+    """(group, objective) of every parametrised layer of the network in ``dtype`` (the same weights and data)."""
+    model = _network(kind, bias).to(dtype)
+    x, y = _data(kind)
+    layers, records = recorded(model, x.to(dtype), y)
+    out = []
+    for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}):
+        if isinstance(g.template, torch.nn.Linear) and kind == "conv" and g.indices == [4]:
+            continue  # the classifier: covered by the "linear" case
+        out.append((g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=rho, weight_decay=wd)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "wide", "conv"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rho,wd", [(0.5, 0.0), (0.05, 1e-3), (0.5, 1e-2)])
+def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
+    """float64: the closed form's step equals converged L-BFGS's and its value is at least as high; float32 (the
+    same weights and data): its step equals the float64 maximiser's to the float32 rounding of the batch sums.
+    A Linear without weight decay is left to L-BFGS (None)."""
+    if kind != "conv" and wd == 0:
+        for g, objective in _objectives(kind, bias, torch.float64, rho, wd):
+            assert affine_maximise(g, objective) is None
+        return
+    reference = []
+    for g, objective in _objectives(kind, bias, torch.float64, rho, wd):
+        u0 = objective.data.controls
+        closed = affine_maximise(g, objective)
+        assert closed is not None
+        iterative = HamiltonianMaximiser(g.controls, max_iter=3000, method="lbfgs").maximise(objective).controls
+        step = (iterative - u0).abs().max()
+        assert step > 1e-3  # a real step, not a fixed point
+        assert (closed - iterative).abs().max() <= 1e-4 * step
+        assert float(objective(closed).sum()) >= float(objective(iterative).sum()) - 1e-12
+        # and it is a stationary point of the exact objective
+        _, gradient = objective.value_and_grad(closed)
+        assert gradient.abs().max() <= 1e-9 * (1 + objective.value_and_grad(u0)[1].abs().max())
+        reference.append(closed)
+    for (g, objective), closed64 in zip(_objectives(kind, bias, torch.float32, rho, wd), reference):
+        closed = affine_maximise(g, objective)
+        assert closed is not None and closed.dtype == torch.float32
+        u0 = objective.data.controls.double()
+        assert (closed.double() - closed64).abs().max() <= 1e-3 * (closed64 - u0).abs().max()
+
+
+def test_a_box_that_binds_falls_back_and_a_loose_box_does_not():
+    model = _network("linear", True).double()
+    x, y = _data("linear")
+    layers, records = recorded(model, x.double(), y)
+    inputs = {n: r.inputs for n, r in records.items()}
+    for bound, expect in ((10.0, True), (1e-3, False)):
+        controls = {"2.weight": pmp.Box(-bound, bound), "2.bias": pmp.Box(-bound, bound)}
+        (g,) = [g for g in group_layers(layers, inputs, controls, {}) if g.indices == [2]]
+        objective = LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.05, weight_decay=1e-3)
+        assert (affine_maximise(g, objective) is not None) == expect
+
+
+def test_unsupported_layers_and_penalties_are_left_to_the_iterative_maximisers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2), torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
+    x, y = _data("conv")
+    layers, records = recorded(model, x.double(), y)
+    inputs = {n: r.inputs for n, r in records.items()}
+    groups = {g.indices[0]: g for g in group_layers(layers, inputs, {}, {"2.weight": pmp.L1(1e-3)})}
+    for n in (0, 2):  # a strided convolution; an L1 penalty
+        g = groups[n]
+        objective = LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.05)
+        assert affine_maximise(g, objective) is None
+
+
+@pytest.mark.parametrize("rho", [0.03, None])
+def test_an_emsa_step_in_closed_form_equals_the_converged_iterative_step(rho):
+    """A whole pmp.nn.EMSA step on a network of Linear and Conv2d entries: the closed form gives the parameters
+    of the iterative path with L-BFGS run to convergence (fixed and adaptive rho: the same trials accepted)."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
+                                   torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+    fast, slow, start = net(), net(), net()
+    opt_fast = pmp.nn.EMSA(fast, rho=rho, weight_decay=1e-3)
+    opt_slow = pmp.nn.EMSA(slow, rho=rho, weight_decay=1e-3, closed_form=False, maximiser_iter=3000)
+    opt_fast.step(closure_for(opt_fast, fast, x, y))
+    opt_slow.step(closure_for(opt_slow, slow, x, y))
+    assert set(opt_fast.last_step["routes"].values()) == {"quadratic"}
+    assert set(opt_slow.last_step["routes"].values()) == {"lbfgs"}
+    assert opt_fast.last_step["trials"] == opt_slow.last_step["trials"]
+    for a, b, a0 in zip(fast.parameters(), slow.parameters(), start.parameters()):
+        # L-BFGS stops at its gradient tolerance: agreement to 1e-5 of the parameters' change
+        assert (a - b).abs().max() <= 1e-5 * (a - a0).abs().max()
+    with pytest.raises(TypeError, match="closed_form"):
+        pmp.nn.EMSA(net(), closed_form=1)
+
