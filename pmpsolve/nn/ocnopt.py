@@ -176,7 +176,7 @@ class OCNOpt(torch.optim.Optimizer):
         R. Grosse, J. Martens, A Kronecker-factored approximate Fisher matrix for convolution layers, 2016.
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float = 1.0, damping: float = 0.1, curvature: str = "kfac",
+    def __init__(self, model: torch.nn.Module, lr: float = 1.0, damping: float = 0.3, curvature: str = "kfac",
                  feedback: bool = True, weight_decay: float = 0.0, stat_decay: float = 0.9,
                  curvature_every: int = 1):
         if not isinstance(model, torch.nn.Sequential):
