@@ -79,7 +79,7 @@ def test_small_study_writes_the_results_file(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data) >= {"config", "runs"}
     assert {(r["method"], r["init"]) for r in data["runs"]} == {
-        (m, i) for m in ("emsa", "sgd", "adagrad", "adam") for i in ("good", "zero")}
+        (m, i) for m in ("emsa", "sgd", "adagrad", "adam", "ocnopt") for i in ("good", "zero")}
     for run in data["runs"]:
         n = 3 if run["method"] == "emsa" else 4
         for key in ("iteration", "train_loss", "test_loss", "wall_time"):

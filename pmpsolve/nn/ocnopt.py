@@ -295,8 +295,9 @@ class OCNOpt(torch.optim.Optimizer):
             if n in self._kfac:
                 mods = self._kfac[n]
                 j -= len(mods)
+                # the first entry's value factor scales nothing: its q_i . k is skipped (a convolution's worth)
                 policy = self._kfac_policy(mods, [module_records[j + i] for i in range(len(mods))], scale, batch,
-                                           damping, settings)
+                                           damping, settings, value=n != order[0])
             else:
                 policy = self._exact_policy(self._groups[n], records[n].inputs, value_grad, batch, damping, settings)
             policy["scale"] = scale  # C_i(t+1), for the feedback's r_i . dx^i
@@ -310,7 +311,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     # -- the backward pass: k, the data of K, and the per-sample value factor -------------------
     def _kfac_policy(self, mods: List[_KFACModule], recs, scale: torch.Tensor, batch: int, damping: float,
-                     settings) -> dict:
+                     settings, value: bool = True) -> dict:
         wd, decay = settings["weight_decay"], settings["stat_decay"]
         qk = scale.new_zeros(batch)
         parts = []
@@ -334,7 +335,8 @@ class OCNOpt(torch.optim.Optimizer):
             solve = cached[1]
             gradient = m.gradient(a, d) + wd * m.matrix()  # Q_theta [out, K]
             k = -solve(gradient)
-            qk = qk + m.dots(a, d, k)  # q_i . k
+            if value:
+                qk = qk + m.dots(a, d, k)  # q_i . k
             parts.append((m, a, d, k, solve))
         return {"kind": "kfac", "parts": parts, "value_factor": 1 + batch * qk, "decay": wd}
 
