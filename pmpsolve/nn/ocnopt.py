@@ -8,7 +8,7 @@ expansion of the Bellman equation along the layers x_{t+1} = f_t(x_t, theta_t) o
 1. the closure's forward and backward pass record every entry's input x_t and the
    back-propagated d loss / d x_{t+1} (``recording.CostateRecorder``, the hooks of ``pmp.nn.EMSA``),
    and, for ``curvature="kfac"``, the input and output gradient of every ``Linear`` / ``Conv2d``;
-2. backward pass over the entries t = T-1, ..., 0 (paper eqs. 3-4), with the Gauss-Newton
+2. the DDP backward pass over the entries t = T-1, ..., 0, with the Gauss-Newton
    expansion of Q_t and the value Hessian in the outer-product form V_xx^i = B V_x^i V_x^i^T
    of each sample i of the batch (B samples; the loss is the batch mean, so V_x^i carries 1/B):
 
@@ -171,7 +171,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     References:
         G.-H. Liu, T. Chen, E. A. Theodorou, Differential Dynamic Programming Neural Optimizer
-        (DDPNOpt), ICLR 2021, arXiv:2002.08809, eqs. 3-4 and sec. 3; J. Martens, R. Grosse,
+        (DDPNOpt), ICLR 2021, arXiv:2002.08809 (the DDP backward pass, sec. 3); J. Martens, R. Grosse,
         Optimizing Neural Networks with Kronecker-factored Approximate Curvature, ICML 2015;
         R. Grosse, J. Martens, A Kronecker-factored approximate Fisher matrix for convolution layers, 2016.
     """
@@ -237,7 +237,8 @@ class OCNOpt(torch.optim.Optimizer):
         self._solvers: Dict[str, tuple] = {}  # per K-FAC module: (damping, dtype) and its Kronecker solver
         self._call_hooks = [m.register_forward_pre_hook(self._count(j)) for j, m in modules.items()]
         self._built = True
-        #: what the last step did: loss, |k|, |K dx| and the mean per-sample value factor of each entry
+        #: what the last step did: loss, |k| and |K dx| of each entry, the mean per-sample value factor
+        #: 1 + B q_i . k of each entry but the first
         self.last_step: Dict[str, object] = {}
 
     def _count(self, j: int):
@@ -290,7 +291,7 @@ class OCNOpt(torch.optim.Optimizer):
         scale = torch.ones(batch, dtype=dtype, device=device)  # C_i: V_x'^i = C_i * d loss / d x_(t+1)^i
         policies: Dict[int, object] = {}
         factors, j = {}, len(self._call_hooks)
-        for n in reversed(order):  # the backward pass (paper eq. 4)
+        for n in reversed(order):  # the DDP backward pass: k, K and V_x entry by entry
             value_grad = -_per_sample(scale, records[n].costates)  # V_x' [B, ...]
             if n in self._kfac:
                 mods = self._kfac[n]
@@ -302,7 +303,8 @@ class OCNOpt(torch.optim.Optimizer):
                 policy = self._exact_policy(self._groups[n], records[n].inputs, value_grad, batch, damping, settings)
             policy["scale"] = scale  # C_i(t+1), for the feedback's r_i . dx^i
             policies[n] = policy
-            factors[n] = float(policy["value_factor"].mean())
+            if n != order[0]:  # the first entry's factor scales nothing (and is not computed with K-FAC)
+                factors[n] = float(policy["value_factor"].mean())
             scale = scale * policy["value_factor"]
         info = {"loss": loss_value, "value_factor": factors, "k_norm": {}, "feedback_norm": {}}
         self._forward(order, records, policies, lr, batch, settings["feedback"], info)
