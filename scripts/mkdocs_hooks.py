@@ -40,7 +40,7 @@ GROUPS = [
     ("reference/nn.md", "pmpsolve.nn", "API reference: pmpsolve.nn",
      "Training `torch.nn.Sequential` networks by the maximum principle (`pmpsolve.nn.__all__`); "
      "the guide is [Networks](../networks.md).",
-     [("Optimizers", ["Optimizer", "EMSA", "MSA", "SQH"]),
+     [("Optimizers", ["Optimizer", "EMSA", "MSA", "SQH", "OCNOpt"]),
       ("Layers", ["Residual"]),
       ("Discrete and sparse weights", ["DiscreteRule", "StraightThrough", "MagnitudePruning"])]),
 ]

@@ -57,7 +57,7 @@ def test_sine_interrupted_after_the_first_run_keeps_it_and_resume_does_not_recom
     assert len(calls) == 1  # only the zero initialisation's E-MSA run; the good one was loaded
     final = json.loads((tmp_path / "results.json").read_text())
     assert [(r["init"], r["method"]) for r in final["runs"]] == [
-        (i, m) for i in ("good", "zero") for m in ("emsa", "sgd", "adagrad", "adam")]
+        (i, m) for i in ("good", "zero") for m in ("emsa", "sgd", "adagrad", "adam", "ocnopt")]
     assert final["runs"][0] == saved["runs"][0]
     assert results["runs"] == final["runs"]
     assert len(list(tmp_path.glob("*.png"))) == 4

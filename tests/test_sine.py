@@ -79,7 +79,7 @@ def test_small_study_writes_the_results_file(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data) >= {"config", "runs"}
     assert {(r["method"], r["init"]) for r in data["runs"]} == {
-        (m, i) for m in ("emsa", "sgd", "adagrad", "adam") for i in ("good", "zero")}
+        (m, i) for m in ("emsa", "sgd", "adagrad", "adam", "ocnopt") for i in ("good", "zero")}
     for run in data["runs"]:
         n = 3 if run["method"] == "emsa" else 4
         for key in ("iteration", "train_loss", "test_loss", "wall_time"):
@@ -89,4 +89,4 @@ def test_small_study_writes_the_results_file(tmp_path):
         assert run["train_loss"][-1] < run["train_loss"][0], run["method"]
         assert all(b >= a for a, b in zip(run["wall_time"], run["wall_time"][1:]))
     assert len(list(tmp_path.glob("*.png"))) == 4
-    assert results["config"]["learning_rates"]["good"] == study.LEARNING_RATES
+    assert results["config"]["learning_rates"]["good"] == dict(study.LEARNING_RATES, ocnopt=study.OCNOPT_LR)

@@ -14,6 +14,7 @@ discrete-weight rule of parameters with a ``pmp.Finite`` set; ``StraightThrough`
 from .baselines import MagnitudePruning, StraightThrough
 from .discrete import DiscreteRule
 from .layers import Residual
+from .ocnopt import OCNOpt
 from .optim import EMSA, MSA, SQH, Optimizer
 
-__all__ = ["Residual", "Optimizer", "EMSA", "MSA", "SQH", "DiscreteRule", "StraightThrough", "MagnitudePruning"]
+__all__ = ["Residual", "Optimizer", "EMSA", "MSA", "SQH", "OCNOpt", "DiscreteRule", "StraightThrough", "MagnitudePruning"]

@@ -2,7 +2,8 @@
 
 Every method trains the same network (problems/cnn.py, the same initial weights)
 on the same mini-batches in the same order: E-MSA is ``pmp.nn.EMSA`` stepped with
-a closure (``loss = opt.step(closure)``, as torch.optim.LBFGS), the baselines are
+a closure (``loss = opt.step(closure)``, as torch.optim.LBFGS), and so is OCNOpt
+(``pmp.nn.OCNOpt``, second-order DDP over the layers); the baselines are
 torch.optim.SGD / Adagrad / Adam in the usual loop (zero_grad, loss, backward,
 step). Each iteration records the mini-batch's loss and accuracy before the step
 and the cumulative training seconds; every ``eval_every`` iterations and at the
@@ -32,14 +33,17 @@ from pmpsolve.studies import cli
 __all__ = ["CONFIGS", "METHODS", "LEARNING_RATES", "RHO", "LR_GRID", "RHO_GRID", "make_emsa", "make_optimizer",
            "evaluate", "train_run", "study_settings", "run_study", "format_table", "plot", "main"]
 
-METHODS = ("emsa", "sgd", "adagrad", "adam")
-NAMES = {"emsa": "E-MSA", "sgd": "SGD", "adagrad": "Adagrad", "adam": "Adam"}
+METHODS = ("emsa", "sgd", "adagrad", "adam", "ocnopt")
+NAMES = {"emsa": "E-MSA", "sgd": "SGD", "adagrad": "Adagrad", "adam": "Adam", "ocnopt": "OCNOpt"}
+#: the methods stepped with a closure (``opt.step(closure)``); the others in torch's usual loop
+CLOSURE_METHODS = ("emsa", "ocnopt")
 #: The sizes: "default" is ``reproduce cnn``, "quick" the smoke test of CI (well under a minute on 2 cores).
-LEARNING_RATES = {"sgd": 0.01, "adagrad": 0.01, "adam": 0.001}  # the reference code's (problems/cnn.py)
+# the reference code's (problems/cnn.py); OCNOpt's is its default, the DDP step
+LEARNING_RATES = {"sgd": 0.01, "adagrad": 0.01, "adam": 0.001, "ocnopt": 1.0}
 CONFIGS = {
     # A smoke test, not a comparison: larger rates, so that its 33 iterations show learning on the 8x8 digits.
     "quick": dict(dataset="digits8x8", epochs=3, channels=8, residual_layers=1,
-                  learning_rates={"sgd": 0.3, "adagrad": 0.03, "adam": 0.01}),
+                  learning_rates={"sgd": 0.3, "adagrad": 0.03, "adam": 0.01, "ocnopt": 1.0}),
     "default": dict(dataset="mnist5k", epochs=5, channels=8, residual_layers=2, learning_rates=LEARNING_RATES),
 }
 RHO = 0.03  # the reference code's
@@ -60,14 +64,18 @@ def make_emsa(model: torch.nn.Sequential, *, rho: Optional[float], maximiser_ite
 
 def make_optimizer(method: str, model: torch.nn.Sequential, value: Optional[float], *,
                    maximiser_iter: int = 10, reg: float = 0.0, process_group=None) -> torch.optim.Optimizer:
-    """E-MSA with rho = ``value`` (None: EMSA's adaptive rule), or a baseline with learning rate ``value``.
+    """E-MSA with rho = ``value`` (None: EMSA's adaptive rule), or OCNOpt or a baseline with learning rate ``value``.
 
-    ``reg``: every method minimises loss + reg/2 |theta|^2 (EMSA's ``weight_decay``; the baselines'
-    L2 ``weight_decay``, which adds reg * theta to the gradient: the same objective).
+    ``reg``: every method minimises loss + reg/2 |theta|^2 (EMSA's and OCNOpt's ``weight_decay``; the
+    baselines' L2 ``weight_decay``, which adds reg * theta to the gradient: the same objective).
     """
     if method == "emsa":
         return make_emsa(model, rho=value, maximiser_iter=maximiser_iter, weight_decay=reg,
                          process_group=process_group)
+    if method == "ocnopt":
+        if process_group is not None:
+            raise ValueError("OCNOpt has no data-parallel mode: run it without --distributed")
+        return pmp.nn.OCNOpt(model, lr=value, weight_decay=reg)
     baselines = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
     if method not in baselines:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -205,14 +213,14 @@ def train_run(method: str, value: Optional[float], data: datasets.ImageData, bui
 
                 start = time.perf_counter()
                 try:
-                    if method == "emsa":
+                    if method in CLOSURE_METHODS:
                         optimizer.step(closure)
                     else:
                         closure()
                         if group is not None:
                             cli.average_gradients(model.parameters(), group, y.shape[0] / batch_size)
                         optimizer.step()
-                except FloatingPointError:  # EMSA refuses a non-finite loss: the run diverged
+                except FloatingPointError:  # EMSA and OCNOpt refuse a non-finite loss: the run diverged
                     if not first:
                         raise
                 if device.type == "cuda":
@@ -549,8 +557,9 @@ def main(argv=None) -> Dict:
                         help="pooling of the projection layers (avg, the reference code's; max, the paper's text)")
     parser.add_argument("--channel-mean", action="store_true",
                         help="average the channels before the classifier (the reference code does)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="which methods (default: all four)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="which methods (default: all five; with --distributed all but OCNOpt, which has no "
+                             "data-parallel mode)")
     parser.add_argument("--rho", type=_rho, default=RHO,
                         help=f"E-MSA's rho (default {RHO:g}, the reference code's; "
                              "'auto': pmp.nn.EMSA's adaptive rule)")
@@ -561,8 +570,9 @@ def main(argv=None) -> Dict:
                         help="E-MSA's iterations per Hamiltonian maximisation (default 10)")
     quick_rates = CONFIGS["quick"]["learning_rates"]
     for method, rate in LEARNING_RATES.items():
+        origin = "the DDP step" if method == "ocnopt" else "the reference code's"
         parser.add_argument(f"--lr-{method}", type=cli.positive_float, default=None,
-                            help=f"{NAMES[method]}'s learning rate (default {rate:g}, the reference code's; "
+                            help=f"{NAMES[method]}'s learning rate (default {rate:g}, {origin}; "
                                  f"--quick {quick_rates[method]:g})")
     parser.add_argument("--eval-every", type=cli.positive_int, default=None,
                         help=f"evaluate every N iterations (default: about {EVALS_PER_EPOCH} times an epoch), "
@@ -593,9 +603,13 @@ def main(argv=None) -> Dict:
             parser.error("--resume is not supported with --distributed")
         if args.tune:
             parser.error("--tune is not supported with --distributed")
+        if args.methods is not None and "ocnopt" in args.methods:
+            parser.error("--methods ocnopt: OCNOpt has no data-parallel mode; run it without --distributed")
         group, rank, _, cuda = cli.init_distributed()
         if cuda is not None and args.device is None:
             args.device = cuda
+    if args.methods is None:
+        args.methods = [m for m in METHODS if not (args.distributed and m == "ocnopt")]
     options = dict(size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed, channels=args.channels,
                    residual_layers=args.residual_layers, pooling=args.pooling, channel_mean=args.channel_mean,

@@ -1,4 +1,4 @@
-"""The sine-approximation study of the paper (Sec. 5, Fig. 1a and 1b): E-MSA against SGD, Adagrad, Adam.
+"""The sine-approximation study of the paper (Sec. 5, Fig. 1a and 1b): E-MSA against SGD, Adagrad, Adam, OCNOpt.
 
 Every method starts from the same initial weights on the same model
 (problems/sine.py): the continuous-time network dX/dt = tanh(W_t X + b_t) on
@@ -7,8 +7,13 @@ by the same adaptive forward sweep. E-MSA is ``pmpsolve.solve(method="emsa")``
 with a fixed rho, 10 L-BFGS iterations per maximisation and the reference
 code's start perturbation U(-0.005, 0.005); the baselines are torch.optim
 steps with gradients back-propagated through that forward sweep
-(``pmpsolve.baselines``). Losses are recorded at every iteration, starting
-with the initial loss; the test loss is evaluated outside the timed part.
+(``pmpsolve.baselines``). OCNOpt (``pmp.nn.OCNOpt``, DDP over the layers, dense
+Gauss-Newton blocks of the 30 parameters of each interval) trains the same network
+written as 20 layers, each the flow of its interval by fixed-step RK4
+(``problems.sine.sine_network``); its train and test losses are evaluated on its
+controls with the same adaptive sweep as the others'. Losses are recorded at every
+iteration, starting with the initial loss; the test loss is evaluated outside the
+timed part.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ CONFIGS = {
     "default": dict(train=1000, test=1000, iterations=50),
     "full": dict(train=1000, test=1000, iterations=500),
 }
-LEARNING_RATES = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.005}  # the reference code's
+LEARNING_RATES = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.005}  # the reference code's (the torch.optim baselines)
+OCNOPT_LR = 1.0  # pmp.nn.OCNOpt's default, the DDP step
 TUNE_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 RHO_GRID = [0.01, 0.1, 1.0, 10.0]
 MESH = 20
@@ -97,14 +103,64 @@ def _run_baseline(train, test_loss, init, *, optimizer, lr, iterations, dtype, d
     return record
 
 
-def _tune_lr(train, test_loss, init, optimizer, iterations, **kw):
+def _run_ocnopt(train, test_loss, init, *, lr, iterations, reg, data, dtype, device, progress, rtol, atol):
+    """``pmp.nn.OCNOpt`` (curvature="exact") on the network as 20 RK4 interval layers, full batch; the losses
+    of its controls from the adaptive sweep (``train_loss`` J of the train problem, as the others record)."""
+    from problems.sine import network_controls, sine_network
+
+    from pmpsolve.arguments import progress_bar
+
+    x, y = (t.to(dtype=dtype, device=device) for t in data)
+    x0 = x[:, None].expand(-1, 5).contiguous()  # an expanded view makes every Linear call ~10x slower
+    model = sine_network(init.to(dtype=dtype, device=device))
+    train_loss = _loss_evaluator(train, dtype, device, rtol, atol)
+    opt = pmp.nn.OCNOpt(model, lr=lr, curvature="exact", weight_decay=reg)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x0).sum(-1) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    record = {"iteration": [], "train_loss": [], "test_loss": [], "wall_time": []}
+    elapsed = 0.0
+    bar = progress_bar(progress, iterations, "sine", "OCNOpt")
+    # One thread: its tensors ([K, 5], 30 parameters a layer) are too small to share, and two threads that
+    # wait for each other on a busy machine made a step 5-50x slower (measured: 0.5 s against 2-25 s, K = 200).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for it in range(iterations + 1):
+            u = network_controls(model)
+            record["iteration"].append(it)
+            record["train_loss"].append(train_loss(u))
+            record["test_loss"].append(test_loss(u))
+            record["wall_time"].append(elapsed)
+            if it == iterations or not math.isfinite(record["train_loss"][-1]):
+                break
+            start = time.perf_counter()
+            opt.step(closure)
+            elapsed += time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+    return record
+
+
+def _tune_lr(train, test_loss, init, optimizer, iterations, *, reg=0.0, data=None, **kw):
     """The paper's coarse grid: the learning rate with the lowest final training loss (non-finite = worst)."""
     best = None
     for lr in TUNE_GRID:
         try:
-            rec = _run_baseline(train, test_loss, init, optimizer=optimizer, lr=lr, iterations=iterations, **kw)
+            if optimizer == "ocnopt":
+                rec = _run_ocnopt(train, test_loss, init, lr=lr, iterations=iterations, reg=reg, data=data, **kw)
+            else:
+                rec = _run_baseline(train, test_loss, init, optimizer=optimizer, lr=lr, iterations=iterations, **kw)
             final = rec["train_loss"][-1]
-        except pmp.SolveError:
+        except (pmp.SolveError, FloatingPointError, torch.linalg.LinAlgError):
             final = math.inf
         final = final if math.isfinite(final) else math.inf
         if best is None or final < best[1]:
@@ -135,7 +191,7 @@ def study_settings(*, size: str = "default", iterations: Optional[int] = None,
 def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_iterations: Optional[int] = None,
               seed: int = 0, device=None, rho: float = 1.0, tune: bool = False, reg: float = 0.001,
               dtype=torch.float64, rtol: float = 1e-6, atol: float = 1e-8, progress: bool = True,
-              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam"), quadrature: int = 3,
+              inits=("good", "zero"), methods=("emsa", "sgd", "adagrad", "adam", "ocnopt"), quadrature: int = 3,
               results_path: Optional[Path] = None, previous: Optional[Dict] = None, group=None) -> Dict:
     """Run every method from each initialisation; return the results dictionary (see ``main``).
 
@@ -161,7 +217,7 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
     previous_config = (previous or {}).get("config", {})
     earlier_seconds = float(previous_config.get("total_seconds", 0.0) or 0.0)
     done = {(r["init"], r["method"]): r for r in (previous or {}).get("runs", [])}
-    learning_rates = {init: dict(LEARNING_RATES) for init in inits}
+    learning_rates = {init: dict(LEARNING_RATES, ocnopt=OCNOPT_LR) for init in inits}
     rhos = {init: rho for init in inits}
     tuned_inits: List[str] = []
     if tune:  # rates tuned before the interruption are kept: tuning them again would give the same values
@@ -181,7 +237,8 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
 
     loaded = 0
     try:
-        train = sine_problem(*sine_data(config["train"], seed=seed), reg=reg, delta=delta, name="sine-train")
+        train_data = sine_data(config["train"], seed=seed)
+        train = sine_problem(*train_data, reg=reg, delta=delta, name="sine-train")
         shard = train
         if group is not None:  # this rank's samples; J stays the mean over all of them (global K)
             import torch.distributed as dist
@@ -197,8 +254,10 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
             missing = [m for m in methods if (init_kind, m) not in done]
             if tune and missing and init_kind not in tuned_inits:
                 short = max(5, config["iterations"] // 5)
-                for opt in ("sgd", "adagrad", "adam"):
-                    learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, **common)
+                for opt in ("sgd", "adagrad", "adam", "ocnopt"):
+                    if opt in methods:
+                        learning_rates[init_kind][opt] = _tune_lr(train, test_loss, init, opt, short, reg=reg,
+                                                                  data=train_data, **common)
                 rhos[init_kind] = min(RHO_GRID, key=lambda r: _run_emsa(
                     shard, test_loss, init, iterations=max(3, config["emsa_iterations"] // 5), rho=r, seed=seed,
                     **common)["train_loss"][-1])
@@ -217,6 +276,9 @@ def run_study(*, size: str = "default", iterations: Optional[int] = None, emsa_i
                                     rho=rhos[init_kind], seed=seed, quadrature=quadrature, group=group, **common)
                 elif group is not None and dist.get_rank(group) != 0:
                     continue  # the baselines run on rank 0 (see the docstring)
+                elif method == "ocnopt":
+                    rec = _run_ocnopt(train, test_loss, init, lr=setting["lr"], iterations=config["iterations"],
+                                      reg=reg, data=train_data, **common)
                 else:
                     rec = _run_baseline(train, test_loss, init, optimizer=method, lr=setting["lr"],
                                         iterations=config["iterations"], **common)
@@ -265,7 +327,8 @@ def plot(results: Dict, out: Path) -> List[Path]:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
             for ax, key, title in ((axes[0], "train_loss", "train"), (axes[1], "test_loss", "test")):
                 for i, run in enumerate(runs):
-                    label = {"emsa": "E-MSA", "sgd": "SGD", "adagrad": "Adagrad", "adam": "Adam"}.get(run["method"], run["method"])
+                    label = {"emsa": "E-MSA", "sgd": "SGD", "adagrad": "Adagrad", "adam": "Adam",
+                             "ocnopt": "OCNOpt"}.get(run["method"], run["method"])
                     label += f" (rho={run['rho']:g})" if "rho" in run else f" (lr={run['lr']:g})"
                     ax.plot(run[xkey], run[key], color=f"C{i}", label=label, marker="o" if run["method"] == "emsa"
                             else None, markersize=3)
