@@ -32,6 +32,7 @@ import pmpsolve as pmp
 from pmpsolve.studies import data as datasets
 from pmpsolve.arguments import progress_bar
 from pmpsolve.studies import cli
+from pmpsolve.nn.discrete import DEFAULT_SPARSITY, in_the_set
 
 __all__ = ["NETWORKS", "VARIANTS", "CONFIGS", "build_network", "restricted_names", "make_optimizer", "train_run",
            "study_settings", "run_study", "format_table", "targets", "plot", "main"]
@@ -47,7 +48,11 @@ VARIANTS = (
     ("ternary-ste", "ternary", "straight-through"),
     ("l0-sqh", "L0", "SQH"),
     ("l0-prune", "L0", "magnitude pruning"),
+    ("binary-msa-scaled", "binary", "MSA, scaled"),
+    ("ternary-msa-scaled", "ternary", "MSA, scaled"),
 )
+#: the variants with a scale alpha per channel (``pmp.Finite``'s default scale="auto", the default lambda)
+SCALED = ("binary-msa-scaled", "ternary-msa-scaled")
 VARIANT_KEYS = tuple(v[0] for v in VARIANTS)
 SETS = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0]}
 #: The sizes: "default" is ``reproduce discrete``, "quick" the smoke test of CI.
@@ -109,13 +114,16 @@ def make_optimizer(variant: str, model: torch.nn.Sequential, *, steps: int, sett
     rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"])
     if variant == "float-adam":
         return torch.optim.Adam(model.parameters(), lr=s["adam_lr"])
-    if variant == "binary-msa":
-        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["binary"]) for k in names}, adam_lr=s["adam_lr"],
-                          discrete=rule)
+    if variant == "binary-msa":  # Li & Hao's rule as published: the weights are the values (scale=None)
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["binary"], scale=None) for k in names},
+                          adam_lr=s["adam_lr"], discrete=rule)
     if variant == "ternary-msa":
-        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["ternary"]) for k in names},
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["ternary"], scale=None) for k in names},
                           penalties={k: pmp.L0(s["ternary_lambda"]) for k in names}, adam_lr=s["adam_lr"],
                           discrete=rule)
+    if variant in SCALED:  # the defaults: scale "auto" (per channel unless batch norm follows), lambda relative
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS[variant.split("-")[0]]) for k in names},
+                          adam_lr=s["adam_lr"], discrete=rule)
     if variant in ("binary-ste", "ternary-ste"):
         values = SETS[variant.split("-")[0]]
         return pmp.nn.StraightThrough(model, {k: pmp.Finite(values) for k in names}, lr=s["ste_lr"])
@@ -143,15 +151,16 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss / labels.shape[0], correct / labels.shape[0]
 
 
-def weight_counts(model: torch.nn.Module, names: Sequence[str], values: Optional[Sequence[float]]) -> Dict:
+def weight_counts(model: torch.nn.Module, names: Sequence[str], values: Optional[Sequence[float]],
+                  scaled: bool = False) -> Dict:
     """Restricted weights: total, non-zero, and (for a finite set) how many lie exactly in it."""
     params = dict(model.named_parameters())
     total = sum(params[k].numel() for k in names)
     nonzero = sum(int((params[k].detach() != 0).sum()) for k in names)
     out = {"restricted_weights": total, "nonzero_weights": nonzero, "final_nonzero_fraction": nonzero / max(total, 1)}
-    if values is not None:
-        v = torch.tensor(values, dtype=params[names[0]].dtype)
-        out["in_set"] = sum(int((params[k].detach().reshape(-1, 1) == v).any(1).sum()) for k in names)
+    if values is not None:  # alpha_c * V per output channel for the scaled variants (alpha = 1 satisfies it too)
+        finite = pmp.Finite(values, scale="channel" if scaled else None)
+        out["in_set"] = sum(int(in_the_set(params[k].detach(), finite).sum()) for k in names)
     return out
 
 
@@ -180,7 +189,7 @@ def train_run(network: str, variant: str, data: datasets.ImageData, build: Calla
 
     def evaluation(epoch: int, elapsed: float, train_loss: Optional[float]):
         test_loss, test_acc = evaluate(model, data.test_images, data.test_labels)
-        counts = weight_counts(model, names, values)
+        counts = weight_counts(model, names, values, variant in SCALED)
         for key, v in (("epoch", epoch), ("seconds", elapsed), ("train_loss", train_loss), ("test_loss", test_loss),
                        ("test_accuracy", test_acc), ("nonzero_fraction", counts["final_nonzero_fraction"])):
             record[key].append(v)
@@ -319,6 +328,10 @@ def _setting(run: Dict, methods: Dict) -> str:
         return f"lr {methods['adam_lr']:g}"
     if v.endswith("-ste"):
         return f"Adam lr {methods['ste_lr']:g}"
+    if v in SCALED:
+        rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
+        lam = f", lambda L0({DEFAULT_SPARSITY:g}, relative)" if v.startswith("ternary") else ""
+        return f"scale auto, rho {rho:g}{lam}, a0 {methods['average']:g}, d {methods['decay']:g}/epoch"
     if v.endswith("-msa"):
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda {methods['ternary_lambda']:g}" if v.startswith("ternary") else ""
@@ -446,6 +459,8 @@ def main(argv=None) -> Dict:
                         help="seed of the split, the initial weights and the batch order (default 0)")
     parser.add_argument("--networks", nargs="+", type=cli.one_of(NETWORKS, "network"), default=list(NETWORKS),
                         help=f"which networks (default: all: {', '.join(NETWORKS)})")
+    parser.add_argument("--variants", nargs="+", type=cli.one_of(VARIANT_KEYS, "variant"), default=list(VARIANT_KEYS),
+                        help=f"which variants (default: all: {', '.join(VARIANT_KEYS)})")
     parser.add_argument("--quick", action="store_const", dest="size", const="quick", default="default",
                         help="a smoke test: the 8x8 digits, hidden width 32, a CNN of 4 channels and 1 residual "
                              "layer, 5 epochs")
@@ -467,7 +482,8 @@ def main(argv=None) -> Dict:
     previous = cli.load_previous(parser, path, settings, key="config") if args.resume else None
     return cli.run_and_report(
         "discrete", argv, path, args.out,
-        lambda: run_study(networks=list(dict.fromkeys(args.networks)), progress=not args.no_progress,
+        lambda: run_study(networks=list(dict.fromkeys(args.networks)), variants=list(dict.fromkeys(args.variants)),
+                          progress=not args.no_progress,
                           results_path=path, previous=previous, data=data, threads=args.threads, **options),
         _write_outputs, partial=lambda results: any(r.get("complete") for r in results["runs"]))
 
