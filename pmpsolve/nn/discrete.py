@@ -45,7 +45,8 @@ __all__ = ["DiscreteRule", "FiniteWeights", "preference_order", "threshold_rho",
 
 #: f of the default sparsity weight of a set with 0 whose scale is not None (no penalty given):
 #: lambda = f * (mean |M| of the tensor) * (one step of a weight), docs/discrete.md, "Scale-free lambda"
-DEFAULT_SPARSITY = 1.0
+DEFAULT_SPARSITY = 2.0
+COHERENT = True
 
 #: layers that divide out any per-channel scale of the layer before them
 NORMALISATION = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -280,8 +281,14 @@ def scaled_argmax(M: torch.Tensor, G: torch.Tensor, w: torch.Tensor, alpha: torc
     slope = total.index_add(0, layout.row_of, (G + 2 * per(proximity) * w) * v)
     if penalty_kind == "L1":
         slope = slope - lam * total.index_add(0, layout.row_of, v.abs())
-    beta = torch.where(vv > 0, slope / (2 * torch.where(frozen, torch.ones_like(curvature), curvature) * vv.clamp_min(1)),
-                       alpha * a)
+    # alpha moves the outputs of all k weights of the row together: measured on the layer's output (Li & Hao's
+    # error estimate, E-MSA's feasibility term), with inputs of one sign that move pays k times what k separate
+    # moves pay, hence the curvature c k |v|^2 instead of c |v|^2 (whose steps, up to 2x a step, diverged)
+    k = vv.clamp_min(1) if COHERENT else 1.0  # v in {-1, 0, 1}: |v|^2 = the support size
+    safe = torch.where(frozen, torch.ones_like(curvature), curvature)
+    # the same maximiser written as a step from beta^k, so that the k-fold curvature damps the step only
+    beta = alpha * a + (slope - 2 * safe * alpha * a * vv) / (2 * safe * k * vv.clamp_min(1e-30))
+    beta = torch.where(vv > 0, beta, alpha * a)
     new_alpha = torch.where(frozen, alpha, torch.maximum(beta / a, 0.5 * alpha))
     return torch.where(per(frozen), w, per(new_alpha * a) * v), new_alpha
 
