@@ -73,7 +73,7 @@ class DiscreteRule:
     Example: binary weights in a layer trained by MSA (docs/discrete.md).
         >>> import torch, pmpsolve as pmp
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Tanh())
-        >>> opt = pmp.nn.MSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0])},
+        >>> opt = pmp.nn.MSA(model, controls={"0.weight": pmp.Finite([-1.0, 1.0], scale=None)},
         ...                  discrete=pmp.nn.DiscreteRule(rho=0.5, average=0.999, decay=0.95))
         >>> sorted(set(model[0].weight.flatten().tolist()))   # put into the set when built
         [-1.0, 1.0]

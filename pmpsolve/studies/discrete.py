@@ -21,6 +21,7 @@ test); ``--quick`` uses scikit-learn's 8x8 digits and tiny networks (docs/discre
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from pmpsolve.studies import cli
 from pmpsolve.nn.discrete import DEFAULT_SPARSITY, in_the_set
 
 __all__ = ["NETWORKS", "VARIANTS", "CONFIGS", "build_network", "restricted_names", "make_optimizer", "train_run",
-           "study_settings", "run_study", "format_table", "targets", "plot", "main"]
+           "study_settings", "run_study", "format_table", "targets", "across_seeds", "plot", "main"]
 
 NETWORKS = ("fc", "fc-bn", "cnn")
 NETWORK_NAMES = {"fc": "fully connected", "fc-bn": "fully connected + batch norm", "cnn": "residual CNN"}
@@ -345,27 +346,78 @@ def _find(runs: List[Dict], network: str, variant: str) -> Optional[Dict]:
     return next((r for r in runs if r["network"] == network and r["variant"] == variant and r.get("complete")), None)
 
 
+#: (finite-set variant, the variant it is compared with) of the targets: ternary against float, binary against
+#: straight-through
+TERNARY_TARGETS = (("ternary-msa", "float-adam"), ("ternary-msa-scaled", "float-adam"))
+BINARY_TARGETS = (("binary-msa", "binary-ste"), ("binary-msa-scaled", "binary-ste"))
+
+
 def targets(results: Dict) -> List[str]:
     """The study's targets (docs/discrete.md), per network: met or not met (from the recorded numbers)."""
     runs = results["runs"]
     lines = []
     for network in results["config"].get("networks", NETWORKS):
-        adam, ter = _find(runs, network, "float-adam"), _find(runs, network, "ternary-msa")
-        if adam and ter:
+        for variant, reference in TERNARY_TARGETS:
+            adam, ter = _find(runs, network, reference), _find(runs, network, variant)
+            if not (adam and ter):
+                continue
             gap = 100 * (adam["final_test_accuracy"] - ter["final_test_accuracy"])
             nz = ter["final_nonzero_fraction"]
             met = gap <= 2.0 and nz <= 0.2
-            lines.append(f"- {network}: ternary (MSA) {100 * ter['final_test_accuracy']:.2f} % vs float (Adam) "
+            lines.append(f"- {network}: ternary ({ter['method']}) {100 * ter['final_test_accuracy']:.2f} % vs float (Adam) "
                          f"{100 * adam['final_test_accuracy']:.2f} % ({abs(gap):.2f} points {'behind' if gap > 0 else 'ahead'}), "
                          f"{100 * nz:.2f} % "
                          f"non-zero: {'met' if met else 'not met'} (within 2 points, <= 20 % non-zero)")
-        msa, ste = _find(runs, network, "binary-msa"), _find(runs, network, "binary-ste")
-        if msa and ste:
+        for variant, reference in BINARY_TARGETS:
+            msa, ste = _find(runs, network, variant), _find(runs, network, reference)
+            if not (msa and ste):
+                continue
             met = msa["final_test_accuracy"] >= ste["final_test_accuracy"]
-            lines.append(f"- {network}: binary (MSA) {100 * msa['final_test_accuracy']:.2f} % vs straight-through "
+            lines.append(f"- {network}: binary ({msa['method']}) {100 * msa['final_test_accuracy']:.2f} % vs straight-through "
                          f"{100 * ste['final_test_accuracy']:.2f} % at {msa['epoch'][-1]} epochs: "
                          f"{'met' if met else 'not met'} (MSA >= straight-through)")
     return lines
+
+
+def across_seeds(results: Sequence[Dict]) -> str:
+    """Markdown: per network and variant, the final test accuracy and non-zero fraction over the results files of
+    several seeds (mean, min-max), and the targets on the means."""
+    seeds = [r["config"]["seed"] for r in results]
+    rows: Dict[Tuple[str, str], List[Dict]] = {}
+    for res in results:
+        for run in res["runs"]:
+            if run.get("complete"):
+                rows.setdefault((run["network"], run["variant"]), []).append(run)
+    if not rows:
+        return "(no run)"
+
+    def spread(values: List[float]) -> str:
+        mean = sum(values) / len(values)
+        return f"{100 * mean:.2f} % ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+    lines = [f"seeds {', '.join(map(str, seeds))}; mean (min-max) over the seeds", "",
+             "| network | weights | method | runs | epochs | test acc | non-zero |", "|---|---|---|---:|---:|---:|---:|"]
+    means = {}
+    for (network, variant), runs in rows.items():
+        acc = [r["final_test_accuracy"] for r in runs]
+        nz = [r["final_nonzero_fraction"] for r in runs]
+        means[network, variant] = (sum(acc) / len(acc), sum(nz) / len(nz))
+        lines.append(f"| {network} | {runs[0]['weights']} | {runs[0]['method']} | {len(runs)} | {runs[0]['epoch'][-1]} | "
+                     f"{spread(acc)} | {spread(nz)} |")
+    lines += ["", "Targets (on the means):", ""]
+    for network in dict.fromkeys(n for n, _ in rows):
+        for variant, reference in TERNARY_TARGETS:
+            if (network, variant) in means and (network, reference) in means:
+                (acc, nz), (ref, _) = means[network, variant], means[network, reference]
+                met = 100 * (ref - acc) <= 2.0 and nz <= 0.2
+                lines.append(f"- {network}: {variant} {100 * acc:.2f} % vs float {100 * ref:.2f} %, {100 * nz:.2f} % "
+                             f"non-zero: {'met' if met else 'not met'} (within 2 points, <= 20 % non-zero)")
+        for variant, reference in BINARY_TARGETS:
+            if (network, variant) in means and (network, reference) in means:
+                acc, ref = means[network, variant][0], means[network, reference][0]
+                lines.append(f"- {network}: {variant} {100 * acc:.2f} % vs straight-through {100 * ref:.2f} %: "
+                             f"{'met' if acc >= ref else 'not met'} (MSA >= straight-through)")
+    return "\n".join(lines)
 
 
 def format_table(results: Dict) -> str:
@@ -467,8 +519,17 @@ def main(argv=None) -> Dict:
     parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: faster than 2 on a busy 2-core machine)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="no run: write OUT/seeds.md, the mean and spread over the results files of several "
+                             "seeds (e.g. OUT-s0/results.json OUT-s1/results.json), and print it")
     cli.add_resume_option(parser)
     args = parser.parse_args(argv)
+    if args.summarise:
+        table = across_seeds([json.loads(Path(p).read_text()) for p in args.summarise])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "seeds.md").write_text(table + "\n")
+        print(table)
+        return {"summary": table}
     options = dict(size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed)
     settings = study_settings(**options)
