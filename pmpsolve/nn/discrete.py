@@ -446,7 +446,7 @@ class FiniteWeights:
                     inside = all(bool(in_the_set(p.detach(), Finite(b.values.tolist(), scale=b.scale)).all())
                                  for p in b.params)
                     if not inside:
-                        raise ValueError(f"pmp.nn: parameter(s) {b.names} have weights outside alpha * "
+                        raise ValueError(f"pmp.nn: parameter(s) {b.names} have weights outside its set alpha * "
                                          f"{b.values.tolist()} (scale {b.scale!r}) and DiscreteRule(init='keep') was "
                                          "asked; use init='scaled' or set the weights")
                 b.initial_scales()
