@@ -316,8 +316,9 @@ def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
         w = layout.per_weight(alpha * a) * unit
         rho_k = torch.full((C * n,), 0.6, dtype=torch.float64)
         lam = torch.full((layout.rows,), 0.2, dtype=torch.float64)
-        W, new_alpha = scaled_argmax(M.to(dtype), G.to(dtype), w.to(dtype), alpha.to(dtype), rho_k.to(dtype), V, lam.to(dtype),
-                                     kind, 0.05, layout)
+        rho_alpha = 0.6 * G.abs().max() * torch.ones(layout.rows, dtype=torch.float64)
+        W, new_alpha = scaled_argmax(M.to(dtype), G.to(dtype), w.to(dtype), alpha.to(dtype), rho_k.to(dtype),
+                                     rho_alpha.to(dtype), V, lam.to(dtype), kind, 0.05, layout)
         W, new_alpha = W.double(), new_alpha.double()
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         for r in range(layout.rows):
@@ -331,8 +332,8 @@ def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
                     best, best_v = value, v
             v_new = W[j] / (new_alpha[r])
             assert torch.allclose(v_new, best_v, atol=tol * 10), (r, v_new, best_v)
-            # alpha with v held: the batch gradient G, threshold rho * max|G| (here rho_k = 0.6 max|M| / max|M|)
-            pg = 0.6 * float(G.abs().max() / M.abs().max()) / (gap * float(alpha[r]))
+            # alpha with v held: the batch gradient G, threshold rho_alpha = 0.6 max |G|
+            pg = 0.6 * float(G.abs().max()) / (gap * float(alpha[r]))
             grid = torch.linspace(0.5 * float(alpha[r]), 4 * float(alpha[r]), 20001, dtype=torch.float64)
             Wg = grid[:, None] * (a * best_v / a)  # [K, n]
             pen = {"L0": (Wg != 0).sum(-1), "L1": Wg.abs().sum(-1)}.get(kind, 0.0)

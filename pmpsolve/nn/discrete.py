@@ -247,8 +247,8 @@ def quantise_rows(z: torch.Tensor, curvature: torch.Tensor, lam0: torch.Tensor, 
 
 
 def scaled_argmax(M: torch.Tensor, G: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, rho_k: torch.Tensor,
-                  values: torch.Tensor, lam: torch.Tensor, penalty_kind: Optional[str], weight_decay: float,
-                  layout: RowLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+                  rho_alpha: torch.Tensor, values: torch.Tensor, lam: torch.Tensor, penalty_kind: Optional[str],
+                  weight_decay: float, layout: RowLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """The scaled rule, W = alpha_r v with v in V = {-a, a} or {-a, 0, a}: Li & Hao's objective in W,
 
         sum_j  M_j W_j - (rho_k / (delta alpha_r^k)) (W_j - w_j)^2 - weight_decay/2 W_j^2 - lambda_r pen(W_j),
@@ -256,13 +256,14 @@ def scaled_argmax(M: torch.Tensor, G: torch.Tensor, w: torch.Tensor, alpha: torc
     (a move by one step delta alpha_r^k of the current scale pays rho_k per unit of |M|), maximised
     by one block step each: the values v with alpha held at alpha^k (exactly Li & Hao's rule on the
     unit weights v, lambda / alpha for L0), then alpha with v held, the maximiser of the same
-    quadratic in alpha, in closed form, from the batch's dH/dW (``G``, the threshold rho * max |G|)
+    quadratic in alpha, in closed form, from the batch's dH/dW (``G``, the threshold ``rho_alpha`` =
+    rho * max |G| over the row's tensor: over all its weights, since alpha moves them all)
     rather than the moving average: an average of the last ~1 / (1 - a) batches keeps pushing alpha
     the same way long after the loss has turned (measured: the scale of a last layer grew 1e5-fold in
     25 steps), while a value v, once moved, stops. alpha is kept at or above alpha^k / 2.
 
-    M, G, w, rho_k: [n]; alpha, lam: [R]; penalty_kind "L0", "L1" or None. A row with curvature 0
-    (rho_k = 0 and no weight decay) is kept. Returns (W [n], alpha [R]).
+    M, G, w, rho_k: [n]; alpha, rho_alpha, lam: [R]; penalty_kind "L0", "L1" or None. A row with
+    curvature 0 (rho_alpha = 0 and no weight decay) is kept. Returns (W [n], alpha [R]).
     """
     a = values.abs().max().to(M.dtype)
     gap = smallest_gap(values)
@@ -271,9 +272,9 @@ def scaled_argmax(M: torch.Tensor, G: torch.Tensor, w: torch.Tensor, alpha: torc
     lam_v = per(lam / alpha) if penalty_kind == "L0" else per(lam * a)  # lambda pen(alpha a v) / alpha
     v = finite_argmax(M, unit, rho_k, values / a, lam_v, penalty_kind, 0.0, gap / float(a))
     # alpha-step: maximise sum_j G_j beta v_j - c (beta v_j - w_j)^2 - lam1 beta |v_j|  (beta = alpha a)
-    rho_g = torch.zeros_like(alpha).scatter_reduce(0, layout.row_of, rho_k, reduce="amax", include_self=False)
-    rho_g = rho_g * G.abs().max() / M.abs().max().clamp_min(torch.finfo(M.dtype).tiny)
-    proximity = rho_g / (gap * alpha)
+    # (not rho_k: its max runs over the weights whose sign disagrees with M, few or none once the signs agree,
+    # and a vanishing threshold let a last layer's alpha grow 100-fold within an epoch)
+    proximity = rho_alpha / (gap * alpha)
     curvature = proximity + 0.5 * weight_decay
     frozen = ~(curvature > 0)
     total = torch.zeros_like(alpha)
@@ -497,7 +498,11 @@ class FiniteWeights:
                 lam = b.lambdas_now(M)[b.layout.row_tensor]  # [R]
                 if b.relative and b.kind == "L0":  # one step of a weight of row r: delta * alpha_r
                     lam = lam * b.gap * b.alpha
-                new, b.alpha = scaled_argmax(M, g, w, b.alpha, rho_k, b.values, lam, b.kind, weight_decay, b.layout)
+                largest = torch.zeros(len(b.params), dtype=g.dtype, device=g.device).scatter_reduce(
+                    0, b.segments, g.abs(), reduce="amax", include_self=True)
+                rho_alpha = b.rho * largest[b.layout.row_tensor]  # rho * max |dH/dW| of the row's tensor, this batch
+                new, b.alpha = scaled_argmax(M, g, w, b.alpha, rho_k, rho_alpha, b.values, lam, b.kind, weight_decay,
+                                             b.layout)
             changed += int((new != w).sum())
             nonzero += int((new != 0).sum())
             total += new.numel()
