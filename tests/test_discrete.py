@@ -263,7 +263,7 @@ def test_joint_scale_and_values_equal_enumeration(values, kind, dtype):
     """quantise_rows (the projection into alpha V, also the initialisation) against all v in V^n per row,
     alpha by exact 1-D maximisation of the quadratic (and a fine grid as a second check)."""
     g = torch.Generator().manual_seed(1)
-    for trial in range(4):
+    for trial in range(2):
         C, n = 3, 5
         z = torch.randn(C, n, generator=g, dtype=torch.float64) * 3
         c = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
@@ -306,7 +306,7 @@ def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
     g = torch.Generator().manual_seed(2)
     V = torch.tensor(values, dtype=torch.float64)
     a, gap = float(V.abs().max()), float(torch.sort(V).values.diff().min())
-    for trial in range(3):
+    for trial in range(2):
         C, n = (2, 3) if scale == "tensor" else (3, 5)
         layout = RowLayout([torch.Size([C, n])], scale)
         M = torch.randn(C * n, generator=g, dtype=torch.float64)
