@@ -213,7 +213,7 @@ def control_set_from_dict(d: dict) -> ControlSet:
     if kind == "Box":
         return Box(d["low"], d["high"], shape=tuple(d["shape"]))
     if kind == "Finite":
-        return Finite(d["values"], shape=tuple(d["shape"]))
+        return Finite(d["values"], shape=tuple(d["shape"]), scale=d.get("scale", "auto"))
     if kind == "UserSet":  # the maximiser is not saved; the loaded set cannot be solved over again
         return UserSet(lambda data: data.controls, tuple(d["shape"]))
     if kind == "Ball":
@@ -231,13 +231,25 @@ class Finite(ControlSet):
     Args:
         values: the admissible values (a non-empty sequence of distinct finite numbers).
         shape: ``(m,)``.
+        scale: for the weights of a network (``pmp.nn``) only: weights alpha * v with v in
+            ``values`` and a scale alpha > 0 chosen with v by the discrete-weight rule
+            (docs/discrete.md): "channel" (one alpha per output channel, dim 0 of the weight),
+            "tensor" (one alpha per weight tensor), None (alpha = 1: the weights are the values
+            themselves) or "auto" (default): "channel" for a layer that no normalisation layer
+            follows, None where batch / layer / group norm follows it (it divides out any
+            scale), None for a control problem. A scale needs values {-a, a} or {-a, 0, a}.
 
     Example:
         >>> Finite([0, 1], shape=(1,))
         Finite(values=[0.0, 1.0], shape=(1,))
+        >>> Finite([-1, 0, 1], scale="channel")        # ternary weights alpha_c * {-1, 0, 1}
+        Finite(values=[-1.0, 0.0, 1.0], shape=(1,), scale='channel')
     """
 
-    def __init__(self, values: Sequence[Number], shape: Union[int, Tuple[int]] = (1,)):
+    SCALES = (None, "auto", "channel", "tensor")
+
+    def __init__(self, values: Sequence[Number], shape: Union[int, Tuple[int]] = (1,), *,
+                 scale: Union[str, None] = "auto"):
         try:
             v = torch.as_tensor(values, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
@@ -255,6 +267,19 @@ class Finite(ControlSet):
         v = torch.unique(v)  # sorted, distinct
         self.values = v
         self.shape = _shape(shape, "Finite")
+        if not (scale is None or (isinstance(scale, str) and scale in self.SCALES)):
+            raise ValueError(f"Finite: `scale` must be one of 'channel', 'tensor', None or 'auto', got {scale!r}")
+        if scale in ("channel", "tensor") and not self.scalable:
+            raise ValueError(f"Finite: scale={scale!r} needs values {{-a, a}} or {{-a, 0, a}} (a > 0), where the best "
+                             f"scale has a closed form; got {v.tolist()}. Use e.g. Finite([-1, 0, 1], scale={scale!r})")
+        self.scale = scale
+
+    @property
+    def scalable(self) -> bool:
+        """Whether the values are {-a, a} or {-a, 0, a} with a > 0 (the sets a scale applies to)."""
+        v = self.values
+        nonzero = v[v != 0]
+        return nonzero.numel() == 2 and bool(nonzero[0] == -nonzero[1])
 
     def bounds(self, dtype, device):
         low = torch.full(self.shape, float(self.values[0]), dtype=dtype, device=device)
@@ -278,10 +303,14 @@ class Finite(ControlSet):
         return ("enumeration",)
 
     def __repr__(self):
-        return f"Finite(values={self.values.tolist()}, shape={self.shape})"
+        scale = "" if self.scale == "auto" else f", scale={self.scale!r}"
+        return f"Finite(values={self.values.tolist()}, shape={self.shape}{scale})"
 
     def to_dict(self):
-        return {"type": "Finite", "values": self.values.tolist(), "shape": list(self.shape)}
+        out = {"type": "Finite", "values": self.values.tolist(), "shape": list(self.shape)}
+        if self.scale != "auto":
+            out["scale"] = self.scale
+        return out
 
 
 class UserSet(ControlSet):

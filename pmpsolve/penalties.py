@@ -26,14 +26,19 @@ class ControlPenalty:
 
     name = ""
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, *, relative: bool = False):
         try:
             weight = float(weight)
         except (TypeError, ValueError):
             raise TypeError(f"{type(self).__name__}: the weight must be a number >= 0, got {weight!r}") from None
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{type(self).__name__}: the weight must be a finite number >= 0, got {weight!r}")
+        if not isinstance(relative, bool):
+            raise TypeError(f"{type(self).__name__}: `relative` must be True or False, got {relative!r}")
         self.weight = weight
+        #: True: ``weight`` is a fraction of the layer's own Hamiltonian scale, resolved at every step by the
+        #: network optimizer (``pmp.nn``, docs/discrete.md); False: the absolute weight c
+        self.relative = relative
 
     def value(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -43,10 +48,13 @@ class ControlPenalty:
         raise NotImplementedError
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.weight:g})"
+        return f"{type(self).__name__}({self.weight:g}{', relative=True' if self.relative else ''})"
 
     def to_dict(self):
-        return {"type": type(self).__name__, "weight": self.weight}
+        out = {"type": type(self).__name__, "weight": self.weight}
+        if self.relative:
+            out["relative"] = True
+        return out
 
 
 class L1(ControlPenalty):
@@ -72,6 +80,11 @@ class L1(ControlPenalty):
 
 class L0(ControlPenalty):
     """c |u|_0: c times the number of non-zero components (hard thresholding).
+
+    On the weights of a network (``pmp.nn``, ``penalties={name: pmp.L0(f, relative=True)}``) the
+    weight may be relative: c is then f times the layer's Hamiltonian scale at each step (for a
+    finite set: the mean |dH/dW| times one step of the weight, docs/discrete.md), so the same f
+    prunes alike on any scale of inputs or loss. A control problem takes absolute weights only.
 
     Example:
         >>> import torch, pmpsolve as pmp

@@ -99,6 +99,12 @@ class ControlProblem:
             )
         if control_penalty is not None and not isinstance(control_penalty, ControlPenalty):
             raise TypeError(f"ControlProblem: `control_penalty` must be pmp.L1(c), pmp.L0(c) or None, got {control_penalty!r}")
+        if control_penalty is not None and getattr(control_penalty, "relative", False):
+            raise ValueError(f"ControlProblem: `control_penalty` {control_penalty!r} is relative, which only network "
+                             f"weights have (pmp.nn); give the absolute weight, e.g. pmp.{control_penalty.name}(0.1)")
+        if getattr(controls, "scale", None) in ("channel", "tensor"):
+            raise ValueError(f"ControlProblem: {controls!r} has a scale, which only network weights have (pmp.nn); "
+                             "use pmp.Finite(values) (scale=None) for a control problem")
         if control_penalty is not None and isinstance(controls, UserSet):
             raise ValueError(
                 f"ControlProblem: `control_penalty` {control_penalty!r} cannot be combined with a UserSet: the library "

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import pmpsolve as pmp
+from pmpsolve.nn.discrete import in_the_set
 from pmpsolve.studies import discrete as study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +53,12 @@ def test_finite_set_runs_have_every_weight_exactly_in_the_set(quick):
     """Counted twice: the recorded count, and the weights of a model trained again by the same variant."""
     _, results = quick
     finite = [r for r in results["runs"] if r["set"] is not None]
-    assert len(finite) == 4 * len(study.NETWORKS)
+    assert len(finite) == sum(weights in study.SETS for _, weights, _ in study.VARIANTS) * len(study.NETWORKS)
     for r in finite:
         assert r["in_set"] == r["restricted_weights"] > 0, (r["network"], r["variant"])
     data = study.datasets.digits8x8(seed=0)
     config = results["config"]
-    for variant in ("binary-msa", "ternary-msa", "binary-ste", "ternary-ste"):
+    for variant in ("binary-msa", "ternary-msa", "binary-ste", "ternary-ste", *study.SCALED):
         def build():
             return study.build_network("cnn", image_size=8, hidden=config["hidden"], channels=config["channels"],
                                        residual_layers=config["residual_layers"], seed=0)
@@ -75,7 +77,8 @@ def test_finite_set_runs_have_every_weight_exactly_in_the_set(quick):
         params = dict(model.named_parameters())
         names = study.restricted_names(model)
         assert len(names) == 4  # 2 projection convs, 1 residual conv (quick), the classifier
-        inside = sum(int((params[k].detach().reshape(-1, 1) == values).any(1).sum()) for k in names)
+        finite = pmp.Finite(values.tolist(), scale="channel" if variant in study.SCALED else None)
+        inside = sum(int(in_the_set(params[k].detach(), finite).sum()) for k in names)
         assert inside == sum(params[k].numel() for k in names)
 
 

@@ -72,7 +72,7 @@ NET_SCENARIOS = {
 # below), never a fixed number; a real error (a wrong shard weight B_r / B) moves them by 1e-2.
 ROUNDOFF_FACTOR = 20
 ROUNDOFF_FLOOR = 1e-14  # below a few ulps of O(1) parameters a spread is no measure of the amplification
-BINARY = {"2.module.0.weight": pmp.Finite([-1.0, 1.0])}  # a binary-weight residual layer
+BINARY = {"2.module.0.weight": pmp.Finite([-1.0, 1.0], scale=None)}  # a binary-weight residual layer (Li & Hao)
 
 
 def _train_net(x, y, group, steps=NET_STEPS, batches=None, **options):

@@ -71,6 +71,10 @@ class StraightThrough(torch.optim.Optimizer):
                  weight_decay: float = 0.0):
         if not controls or not all(isinstance(s, Finite) for s in controls.values()):
             raise TypeError("StraightThrough: `controls` must map parameter names to pmp.Finite sets")
+        scaled = sorted(k for k, s in controls.items() if s.scale in ("channel", "tensor"))
+        if scaled:  # "auto" means the values themselves here: the baseline has no scale
+            raise ValueError(f"StraightThrough: {scaled} have a scaled set; the baseline quantises to the values "
+                             "themselves: use pmp.Finite(values) or pmp.Finite(values, scale=None)")
         if not (math.isfinite(float(lr)) and float(lr) > 0):
             raise ValueError(f"StraightThrough: `lr` must be > 0, got {lr!r}")
         self._params = _named(model, list(controls), "StraightThrough")

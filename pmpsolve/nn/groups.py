@@ -132,6 +132,10 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
         lows.append(torch.full((p.numel(),), lo, dtype=torch.float64))
         highs.append(torch.full((p.numel(),), hi, dtype=torch.float64))
         pen = penalties.get(full)
+        if pen is not None and getattr(pen, "relative", False):
+            raise ValueError(f"pmp.nn: parameter {full!r} has the relative penalty {pen!r}; relative weights are "
+                             "resolved by the discrete-weight rule (parameters with a pmp.Finite set) only. Give the "
+                             f"absolute weight, e.g. pmp.{pen.name}(1e-4)")
         if pen is not None:
             kinds.add(pen.name)
         weights.append(torch.full((p.numel(),), pen.weight if pen is not None else 0.0, dtype=torch.float64))

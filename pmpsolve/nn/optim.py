@@ -47,7 +47,7 @@ from ..update.rules import SQH as _SQHRule
 from ..update.rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
 from ..update.stopping import Divergence
 from .affine import affine_maximise
-from .discrete import DiscreteRule, FiniteWeights
+from .discrete import DiscreteRule, FiniteWeights, resolve_scales
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .network import LayerIterate, LayerMaximiser, LayerProblem, row_penalty, row_set
@@ -338,7 +338,8 @@ class Optimizer(torch.optim.Optimizer):
         finite = {k: v for k, v in controls.items() if isinstance(v, Finite)}
         self._finite: Optional[FiniteWeights] = None
         if finite:
-            self._finite = FiniteWeights({k: named[k] for k in finite}, finite, penalties, discrete or DiscreteRule())
+            self._finite = FiniteWeights({k: named[k] for k in finite}, resolve_scales(model, finite), penalties,
+                                         discrete or DiscreteRule())
         self._finite_names = frozenset(finite)
         free = {k: p for k, p in named.items() if p.requires_grad and k not in controls and k not in penalties}
         self._adam: Optional[AdamPath] = None

@@ -21,6 +21,7 @@ test); ``--quick`` uses scikit-learn's 8x8 digits and tiny networks (docs/discre
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -32,9 +33,10 @@ import pmpsolve as pmp
 from pmpsolve.studies import data as datasets
 from pmpsolve.arguments import progress_bar
 from pmpsolve.studies import cli
+from pmpsolve.nn.discrete import DEFAULT_SPARSITY, in_the_set
 
 __all__ = ["NETWORKS", "VARIANTS", "CONFIGS", "build_network", "restricted_names", "make_optimizer", "train_run",
-           "study_settings", "run_study", "format_table", "targets", "plot", "main"]
+           "study_settings", "run_study", "format_table", "targets", "across_seeds", "plot", "main"]
 
 NETWORKS = ("fc", "fc-bn", "cnn")
 NETWORK_NAMES = {"fc": "fully connected", "fc-bn": "fully connected + batch norm", "cnn": "residual CNN"}
@@ -47,7 +49,11 @@ VARIANTS = (
     ("ternary-ste", "ternary", "straight-through"),
     ("l0-sqh", "L0", "SQH"),
     ("l0-prune", "L0", "magnitude pruning"),
+    ("binary-msa-scaled", "binary", "MSA, scaled"),
+    ("ternary-msa-scaled", "ternary", "MSA, scaled"),
 )
+#: the variants with a scale alpha per channel (``pmp.Finite``'s default scale="auto", the default lambda)
+SCALED = ("binary-msa-scaled", "ternary-msa-scaled")
 VARIANT_KEYS = tuple(v[0] for v in VARIANTS)
 SETS = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0]}
 #: The sizes: "default" is ``reproduce discrete``, "quick" the smoke test of CI.
@@ -109,13 +115,16 @@ def make_optimizer(variant: str, model: torch.nn.Sequential, *, steps: int, sett
     rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"])
     if variant == "float-adam":
         return torch.optim.Adam(model.parameters(), lr=s["adam_lr"])
-    if variant == "binary-msa":
-        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["binary"]) for k in names}, adam_lr=s["adam_lr"],
-                          discrete=rule)
+    if variant == "binary-msa":  # Li & Hao's rule as published: the weights are the values (scale=None)
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["binary"], scale=None) for k in names},
+                          adam_lr=s["adam_lr"], discrete=rule)
     if variant == "ternary-msa":
-        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["ternary"]) for k in names},
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS["ternary"], scale=None) for k in names},
                           penalties={k: pmp.L0(s["ternary_lambda"]) for k in names}, adam_lr=s["adam_lr"],
                           discrete=rule)
+    if variant in SCALED:  # the defaults: scale "auto" (per channel unless batch norm follows), lambda relative
+        return pmp.nn.MSA(model, controls={k: pmp.Finite(SETS[variant.split("-")[0]]) for k in names},
+                          adam_lr=s["adam_lr"], discrete=rule)
     if variant in ("binary-ste", "ternary-ste"):
         values = SETS[variant.split("-")[0]]
         return pmp.nn.StraightThrough(model, {k: pmp.Finite(values) for k in names}, lr=s["ste_lr"])
@@ -143,15 +152,16 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss / labels.shape[0], correct / labels.shape[0]
 
 
-def weight_counts(model: torch.nn.Module, names: Sequence[str], values: Optional[Sequence[float]]) -> Dict:
+def weight_counts(model: torch.nn.Module, names: Sequence[str], values: Optional[Sequence[float]],
+                  scaled: bool = False) -> Dict:
     """Restricted weights: total, non-zero, and (for a finite set) how many lie exactly in it."""
     params = dict(model.named_parameters())
     total = sum(params[k].numel() for k in names)
     nonzero = sum(int((params[k].detach() != 0).sum()) for k in names)
     out = {"restricted_weights": total, "nonzero_weights": nonzero, "final_nonzero_fraction": nonzero / max(total, 1)}
-    if values is not None:
-        v = torch.tensor(values, dtype=params[names[0]].dtype)
-        out["in_set"] = sum(int((params[k].detach().reshape(-1, 1) == v).any(1).sum()) for k in names)
+    if values is not None:  # alpha_c * V per output channel for the scaled variants (alpha = 1 satisfies it too)
+        finite = pmp.Finite(values, scale="channel" if scaled else None)
+        out["in_set"] = sum(int(in_the_set(params[k].detach(), finite).sum()) for k in names)
     return out
 
 
@@ -180,7 +190,7 @@ def train_run(network: str, variant: str, data: datasets.ImageData, build: Calla
 
     def evaluation(epoch: int, elapsed: float, train_loss: Optional[float]):
         test_loss, test_acc = evaluate(model, data.test_images, data.test_labels)
-        counts = weight_counts(model, names, values)
+        counts = weight_counts(model, names, values, variant in SCALED)
         for key, v in (("epoch", epoch), ("seconds", elapsed), ("train_loss", train_loss), ("test_loss", test_loss),
                        ("test_accuracy", test_acc), ("nonzero_fraction", counts["final_nonzero_fraction"])):
             record[key].append(v)
@@ -319,6 +329,10 @@ def _setting(run: Dict, methods: Dict) -> str:
         return f"lr {methods['adam_lr']:g}"
     if v.endswith("-ste"):
         return f"Adam lr {methods['ste_lr']:g}"
+    if v in SCALED:
+        rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
+        lam = f", lambda L0({DEFAULT_SPARSITY:g}, relative)" if v.startswith("ternary") else ""
+        return f"scale auto, rho {rho:g}{lam}, a0 {methods['average']:g}, d {methods['decay']:g}/epoch"
     if v.endswith("-msa"):
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda {methods['ternary_lambda']:g}" if v.startswith("ternary") else ""
@@ -332,27 +346,78 @@ def _find(runs: List[Dict], network: str, variant: str) -> Optional[Dict]:
     return next((r for r in runs if r["network"] == network and r["variant"] == variant and r.get("complete")), None)
 
 
+#: (finite-set variant, the variant it is compared with) of the targets: ternary against float, binary against
+#: straight-through
+TERNARY_TARGETS = (("ternary-msa", "float-adam"), ("ternary-msa-scaled", "float-adam"))
+BINARY_TARGETS = (("binary-msa", "binary-ste"), ("binary-msa-scaled", "binary-ste"))
+
+
 def targets(results: Dict) -> List[str]:
     """The study's targets (docs/discrete.md), per network: met or not met (from the recorded numbers)."""
     runs = results["runs"]
     lines = []
     for network in results["config"].get("networks", NETWORKS):
-        adam, ter = _find(runs, network, "float-adam"), _find(runs, network, "ternary-msa")
-        if adam and ter:
+        for variant, reference in TERNARY_TARGETS:
+            adam, ter = _find(runs, network, reference), _find(runs, network, variant)
+            if not (adam and ter):
+                continue
             gap = 100 * (adam["final_test_accuracy"] - ter["final_test_accuracy"])
             nz = ter["final_nonzero_fraction"]
             met = gap <= 2.0 and nz <= 0.2
-            lines.append(f"- {network}: ternary (MSA) {100 * ter['final_test_accuracy']:.2f} % vs float (Adam) "
+            lines.append(f"- {network}: ternary ({ter['method']}) {100 * ter['final_test_accuracy']:.2f} % vs float (Adam) "
                          f"{100 * adam['final_test_accuracy']:.2f} % ({abs(gap):.2f} points {'behind' if gap > 0 else 'ahead'}), "
                          f"{100 * nz:.2f} % "
                          f"non-zero: {'met' if met else 'not met'} (within 2 points, <= 20 % non-zero)")
-        msa, ste = _find(runs, network, "binary-msa"), _find(runs, network, "binary-ste")
-        if msa and ste:
+        for variant, reference in BINARY_TARGETS:
+            msa, ste = _find(runs, network, variant), _find(runs, network, reference)
+            if not (msa and ste):
+                continue
             met = msa["final_test_accuracy"] >= ste["final_test_accuracy"]
-            lines.append(f"- {network}: binary (MSA) {100 * msa['final_test_accuracy']:.2f} % vs straight-through "
+            lines.append(f"- {network}: binary ({msa['method']}) {100 * msa['final_test_accuracy']:.2f} % vs straight-through "
                          f"{100 * ste['final_test_accuracy']:.2f} % at {msa['epoch'][-1]} epochs: "
                          f"{'met' if met else 'not met'} (MSA >= straight-through)")
     return lines
+
+
+def across_seeds(results: Sequence[Dict]) -> str:
+    """Markdown: per network and variant, the final test accuracy and non-zero fraction over the results files of
+    several seeds (mean, min-max), and the targets on the means."""
+    seeds = [r["config"]["seed"] for r in results]
+    rows: Dict[Tuple[str, str], List[Dict]] = {}
+    for res in results:
+        for run in res["runs"]:
+            if run.get("complete"):
+                rows.setdefault((run["network"], run["variant"]), []).append(run)
+    if not rows:
+        return "(no run)"
+
+    def spread(values: List[float]) -> str:
+        mean = sum(values) / len(values)
+        return f"{100 * mean:.2f} % ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+    lines = [f"seeds {', '.join(map(str, seeds))}; mean (min-max) over the seeds", "",
+             "| network | weights | method | runs | epochs | test acc | non-zero |", "|---|---|---|---:|---:|---:|---:|"]
+    means = {}
+    for (network, variant), runs in rows.items():
+        acc = [r["final_test_accuracy"] for r in runs]
+        nz = [r["final_nonzero_fraction"] for r in runs]
+        means[network, variant] = (sum(acc) / len(acc), sum(nz) / len(nz))
+        lines.append(f"| {network} | {runs[0]['weights']} | {runs[0]['method']} | {len(runs)} | {runs[0]['epoch'][-1]} | "
+                     f"{spread(acc)} | {spread(nz)} |")
+    lines += ["", "Targets (on the means):", ""]
+    for network in dict.fromkeys(n for n, _ in rows):
+        for variant, reference in TERNARY_TARGETS:
+            if (network, variant) in means and (network, reference) in means:
+                (acc, nz), (ref, _) = means[network, variant], means[network, reference]
+                met = 100 * (ref - acc) <= 2.0 and nz <= 0.2
+                lines.append(f"- {network}: {variant} {100 * acc:.2f} % vs float {100 * ref:.2f} %, {100 * nz:.2f} % "
+                             f"non-zero: {'met' if met else 'not met'} (within 2 points, <= 20 % non-zero)")
+        for variant, reference in BINARY_TARGETS:
+            if (network, variant) in means and (network, reference) in means:
+                acc, ref = means[network, variant][0], means[network, reference][0]
+                lines.append(f"- {network}: {variant} {100 * acc:.2f} % vs straight-through {100 * ref:.2f} %: "
+                             f"{'met' if acc >= ref else 'not met'} (MSA >= straight-through)")
+    return "\n".join(lines)
 
 
 def format_table(results: Dict) -> str:
@@ -446,14 +511,25 @@ def main(argv=None) -> Dict:
                         help="seed of the split, the initial weights and the batch order (default 0)")
     parser.add_argument("--networks", nargs="+", type=cli.one_of(NETWORKS, "network"), default=list(NETWORKS),
                         help=f"which networks (default: all: {', '.join(NETWORKS)})")
+    parser.add_argument("--variants", nargs="+", type=cli.one_of(VARIANT_KEYS, "variant"), default=list(VARIANT_KEYS),
+                        help=f"which variants (default: all: {', '.join(VARIANT_KEYS)})")
     parser.add_argument("--quick", action="store_const", dest="size", const="quick", default="default",
                         help="a smoke test: the 8x8 digits, hidden width 32, a CNN of 4 channels and 1 residual "
                              "layer, 5 epochs")
     parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: faster than 2 on a busy 2-core machine)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="no run: write OUT/seeds.md, the mean and spread over the results files of several "
+                             "seeds (e.g. OUT-s0/results.json OUT-s1/results.json), and print it")
     cli.add_resume_option(parser)
     args = parser.parse_args(argv)
+    if args.summarise:
+        table = across_seeds([json.loads(Path(p).read_text()) for p in args.summarise])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "seeds.md").write_text(table + "\n")
+        print(table)
+        return {"summary": table}
     options = dict(size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed)
     settings = study_settings(**options)
@@ -467,7 +543,8 @@ def main(argv=None) -> Dict:
     previous = cli.load_previous(parser, path, settings, key="config") if args.resume else None
     return cli.run_and_report(
         "discrete", argv, path, args.out,
-        lambda: run_study(networks=list(dict.fromkeys(args.networks)), progress=not args.no_progress,
+        lambda: run_study(networks=list(dict.fromkeys(args.networks)), variants=list(dict.fromkeys(args.variants)),
+                          progress=not args.no_progress,
                           results_path=path, previous=previous, data=data, threads=args.threads, **options),
         _write_outputs, partial=lambda results: any(r.get("complete") for r in results["runs"]))
 
