@@ -69,7 +69,7 @@ def test_bad_mesh(mesh, error, message):
 
 
 def test_unknown_method_and_option():
-    with pytest.raises(ValueError, match=r"unknown `method` 'newton'; choose one of \['emsa', 'gradient', 'msa'"):
+    with pytest.raises(ValueError, match=r"unknown `method` 'newton'; choose one of \['ddp', 'emsa', 'gradient', 'msa'"):
         pmp.solve(make(), method="newton")
     with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
         pmp.solve(make(), learning_rate=0.1)
