@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
-
 import harness
 import pmpsolve as pmp
 from problems import REFERENCE_PROBLEMS

@@ -268,7 +268,7 @@ class DDP(UpdateRule):
         sweeper = self._sweeps[0]
         Z, _, _, _, nodes = self._model
         N, K, n = nodes.shape[0] - 1, nodes.shape[1], nodes.shape[2]
-        D, m = K * n, u.shape[-1]
+        D = K * n
         A, B = Z[..., :D], Z[..., D:]
         closed = A + B @ gains.K  # [N, D, D]
         reference = nodes.reshape(N + 1, D)
