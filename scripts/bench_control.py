@@ -31,8 +31,8 @@ time by scaling time to [0, 1] with T a decision variable in the problem's
 bounds on the state nodes; IPOPT with its defaults (``--ipopt-tol`` to change the
 tolerance) from the start pmpsolve uses (states x0, controls 0 or the middle of
 the box, T at the FreeTime guess); its seconds are those of the IPOPT call alone
-(the building of the NLP is stored apart). pmpsolve: ``solve(problem, mesh=N)``
-(the default method; ``--max-iter`` sets ``pmp.Stop(max_iter=...)``, ``--timeout``
+(the building of the NLP is stored apart). pmpsolve: ``solve(problem, method, mesh=N)``
+for each of ``--methods`` (default: emsa ddp), one row each; ``--max-iter`` sets ``pmp.Stop(max_iter=...)``, ``--timeout``
 stops a solve by its callback after that many seconds), each problem in its own
 try (a failure is recorded, not raised). Compared: T for minimum time, h(tf) = -J
 for goddard, J for bryson-denham, against the published value and CasADi's.
@@ -285,8 +285,8 @@ def solve_casadi_constrained(name, problem, N, rk4_steps, repeats, ipopt_tol=Non
                 rk4_steps=rk4_steps, ipopt_tol=ipopt_tol if ipopt_tol is not None else 1e-8)
 
 
-def solve_pmpsolve_constrained(name, problem, N, repeats, max_iter=None, timeout=None):
-    """``pmp.solve(problem, mesh=N)`` (default method) ``repeats`` times; a dict of the last solve
+def solve_pmpsolve_constrained(name, problem, N, repeats, max_iter=None, timeout=None, method="emsa"):
+    """``pmp.solve(problem, method, mesh=N)`` ``repeats`` times; a dict of the last solve
     (value, cost, horizon, violation, converged, status, iterations) and the median seconds, or of
     the error (the first failure ends the repeats)."""
     stop = pmp.Stop(max_iter=max_iter) if max_iter is not None else None
@@ -300,13 +300,14 @@ def solve_pmpsolve_constrained(name, problem, N, repeats, max_iter=None, timeout
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                sol = pmp.solve(problem, mesh=N, stop=stop, callback=watch)
+                sol = pmp.solve(problem, method, mesh=N, stop=stop, callback=watch)
         except Exception as err:  # noqa: BLE001 - a failure is a result
             seconds.append(time.perf_counter() - start)
             error = harness.error_message(err)
             break
         seconds.append(time.perf_counter() - start)
-    out = dict(seconds=statistics.median(seconds), seconds_all=seconds, max_iter=max_iter, timeout=timeout)
+    out = dict(method=method, seconds=statistics.median(seconds), seconds_all=seconds, max_iter=max_iter,
+               timeout=timeout)
     if error is not None:
         out["error"] = error
     if sol is not None and error is None:
@@ -338,32 +339,35 @@ def main_constrained(args):
     out = args.out / "constrained.json"
     for name in names:
         problem, published = problems[name]()
-        row = dict(problem=name, quantity=CONSTRAINED_VALUES[name], published=published, mesh=args.mesh,
-                   casadi_n200=CASADI_N200.get(name))
         try:
             c = solve_casadi_constrained(name, problem, args.mesh, args.rk4_steps, args.repeats, args.ipopt_tol)
             c["rel_error_published"] = _relative(c["value"], published)
-            c["rel_error_n200"] = _relative(c["value"], row["casadi_n200"]) if args.mesh == 200 else None
+            c["rel_error_n200"] = _relative(c["value"], CASADI_N200.get(name)) if args.mesh == 200 else None
         except Exception as err:  # noqa: BLE001 - recorded, the pmpsolve side still runs
             c = dict(error=harness.error_message(err))
-        row["casadi"] = c
-        print(f"{name}: CasADi {row['quantity']} = {c.get('value', float('nan')):.8f} in {c.get('seconds', float('nan')):.3f} s "
-              f"({c.get('status', c.get('error'))}, T = {c.get('horizon', float('nan')):.8f}; N = 200 reference "
-              f"{row['casadi_n200']}, relative difference {_fmt(c.get('rel_error_n200'), '.1e')})", flush=True)
-        p = solve_pmpsolve_constrained(name, problem, args.mesh, args.repeats, args.max_iter, args.timeout)
-        p["rel_error_published"] = _relative(p.get("value"), published)
-        p["rel_error_casadi"] = _relative(p.get("value"), c.get("value"))
-        if "seconds" in c:
-            p["ratio"] = p["seconds"] / c["seconds"]
-        row["pmpsolve"] = p
-        if "error" in p:
-            print(f"{name}: pmpsolve failed after {p['seconds']:.1f} s: {p['error']}", flush=True)
-        else:
-            print(f"{name}: pmpsolve {row['quantity']} = {p['value']:.8f} in {p['seconds']:.2f} s ({p['status']}, "
-                  f"{p['iterations']} it, violation {p['violation']:.2e}, converged {p['converged']})", flush=True)
-        rows.append(row)
-        # Written after every problem, so that a long run keeps what it has measured.
-        harness.write_json(out, {"machine": machine, "rows": rows}, quiet=True)
+        print(f"{name}: CasADi {CONSTRAINED_VALUES[name]} = {c.get('value', float('nan')):.8f} in "
+              f"{c.get('seconds', float('nan')):.3f} s ({c.get('status', c.get('error'))}, T = "
+              f"{c.get('horizon', float('nan')):.8f}; N = 200 reference {CASADI_N200.get(name)}, relative "
+              f"difference {_fmt(c.get('rel_error_n200'), '.1e')})", flush=True)
+        for method in args.methods:  # one row per problem and method, the CasADi side shared
+            row = dict(problem=name, method=method, quantity=CONSTRAINED_VALUES[name], published=published,
+                       mesh=args.mesh, casadi_n200=CASADI_N200.get(name), casadi=c)
+            p = solve_pmpsolve_constrained(name, problem, args.mesh, args.repeats, args.max_iter, args.timeout,
+                                           method)
+            p["rel_error_published"] = _relative(p.get("value"), published)
+            p["rel_error_casadi"] = _relative(p.get("value"), c.get("value"))
+            if "seconds" in c:
+                p["ratio"] = p["seconds"] / c["seconds"]
+            row["pmpsolve"] = p
+            if "error" in p:
+                print(f"{name} [{method}]: pmpsolve failed after {p['seconds']:.1f} s: {p['error']}", flush=True)
+            else:
+                print(f"{name} [{method}]: pmpsolve {row['quantity']} = {p['value']:.8f} in {p['seconds']:.2f} s "
+                      f"({p['status']}, {p['iterations']} it, violation {p['violation']:.2e}, converged "
+                      f"{p['converged']})", flush=True)
+            rows.append(row)
+            # Written after every solve, so that a long run keeps what it has measured.
+            harness.write_json(out, {"machine": machine, "rows": rows}, quiet=True)
     print()
     print(format_constrained_table(rows))
     print(f"\nwrote {out}")
@@ -372,9 +376,9 @@ def main_constrained(args):
 
 def format_constrained_table(rows):
     num = _fmt
-    lines = ["| problem | quantity | published | CasADi | CasADi s | pmpsolve | rel. err. vs published | "
+    lines = ["| problem | quantity | published | CasADi | CasADi s | method | pmpsolve | rel. err. vs published | "
              "rel. err. vs CasADi | violation | converged (status, it) | pmpsolve s | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c, p = r["casadi"], r["pmpsolve"]
         if "error" in p:
@@ -386,7 +390,7 @@ def format_constrained_table(rows):
                     f"{p['violation']:.1e} | {p['converged']} ({p['status']}, {p['iterations']}) | {p['seconds']:.2f} | "
                     f"{num(p.get('ratio'), '.3g')} |")
         lines.append(f"| {r['problem']} | {r['quantity']} | {r['published']:.8g} | {num(c.get('value'), '.8f')} | "
-                     f"{num(c.get('seconds'), '.3f')} | {pm} | {rest}")
+                     f"{num(c.get('seconds'), '.3f')} | {r.get('method', 'emsa')} | {pm} | {rest}")
     return "\n".join(lines)
 
 
@@ -402,7 +406,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rk4-steps", type=int, default=4)
     parser.add_argument("--target", type=float, default=1e-4)
-    parser.add_argument("--methods", nargs="+", default=["emsa", "sqh", "ddp"])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="default: emsa sqh ddp; with --group constrained: emsa ddp (--quick: emsa)")
     parser.add_argument("--max-iter", type=int, default=None,
                         help="constrained group: pmp.Stop(max_iter=...) for pmpsolve (default: its own)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -412,6 +417,8 @@ def main(argv=None):
     args = harness.parse(parser, argv, quick=dict(mesh=20, repeats=1, methods=["emsa"]))
     if ca is None:
         sys.exit("bench_control.py needs CasADi: pip install -e '.[bench]'  (or: pip install casadi)")
+    if args.methods is None:
+        args.methods = ["emsa", "ddp"] if args.group == "constrained" else ["emsa", "sqh", "ddp"]
     if args.group == "constrained":
         if args.quick and not args.problems:
             args.problems = ["min-time-double-integrator"]
