@@ -5,6 +5,7 @@ import torch
 
 import pmpsolve as pmp
 from helpers import closure_for, recorded
+from pmpsolve.nn import affine
 from pmpsolve.nn.affine import affine_maximise
 from pmpsolve.nn.groups import group_layers
 from pmpsolve.nn.hamiltonian import LayerHamiltonian, layer_data
@@ -43,13 +44,17 @@ def _objectives(kind, bias, dtype, rho, wd):
     return out
 
 
-@pytest.mark.parametrize("kind", ["linear", "wide", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "wide", "conv", "conv-lags"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rho,wd", [(0.5, 0.0), (0.05, 1e-3), (0.5, 1e-2)])
-def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
+def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd, monkeypatch):
     """float64: the closed form's step equals converged L-BFGS's and its value is at least as high; float32 (the
     same weights and data): its step equals the float64 maximiser's to the float32 rounding of the batch sums.
-    A Linear without weight decay is left to L-BFGS (None)."""
+    A Linear without weight decay is left to L-BFGS (None). "conv-lags": every convolution's co-state Gram
+    matrix from lag correlations (the route of large patches)."""
+    if kind == "conv-lags":
+        monkeypatch.setattr(affine, "MAX_PATCHES", 0)
+        kind = "conv"
     if kind != "conv" and wd == 0:
         for g, objective in _objectives(kind, bias, torch.float64, rho, wd):
             assert affine_maximise(g, objective) is None
@@ -73,6 +78,22 @@ def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd):
         assert closed is not None and closed.dtype == torch.float32
         u0 = objective.data.controls.double()
         assert (closed.double() - closed64).abs().max() <= 1e-3 * (closed64 - u0).abs().max()
+
+
+@pytest.mark.parametrize("kernel,padding,size", [((3, 3), (1, 1), (6, 6)), ((3, 3), (0, 0), (7, 5)),
+                                                 ((3, 5), (1, 2), (9, 8)), ((3, 3), (2, 2), (4, 4)),
+                                                 ((5, 5), (2, 2), (8, 8)), ((3, 3), (1, 0), (3, 3))])
+def test_the_lag_gram_is_the_patch_gram(kernel, padding, size):
+    """The Gram matrix of im2col patches from lag correlations minus the edges each window leaves out equals the
+    patches' own (float64; two groups of layers, two channel counts, paddings 0 ... k - 1, a 3 x 3 image)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 4, 3, *size, generator=g, dtype=torch.float64)
+    X = affine._patches(a, kernel, padding)
+    expected = affine._gram(X, X)
+    lags = affine._shifted_gram(a.transpose(0, 1), a.transpose(0, 1), kernel, padding)
+    assert lags.shape == expected.shape
+    assert (lags - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert (affine._patch_gram(a, kernel, padding) - expected).abs().max() == 0  # small: im2col itself
 
 
 def test_a_box_that_binds_falls_back_and_a_loose_box_does_not():
