@@ -5,14 +5,19 @@ every round takes one step of each configuration in turn (round-robin, so that l
 machine hits all of them alike), the first round is a warm-up; printed and saved are the median step
 time, its ratio to Adam's step (with the same weight decay) and the median number of closure calls.
 Configurations: pmp.nn.EMSA with rho 0.03 and adaptive, weight decay 0 and 0.001 (the study's),
-``closed_form=True`` (default) and ``False`` (L-BFGS on every layer). Target: an E-MSA step <= 5x Adam's.
+``closed_form=True`` (default) and ``False`` (L-BFGS on every layer), and ``autograd`` rows: the closed form
+with the residual layers' gradient from autograd (``pmp.nn`` without ``residual.ResidualHamiltonian``) and
+every convolution Gram matrix from im2col patches (``affine.MAX_PATCHES`` unbounded): the step as it was
+before those two, for the record. Target: an E-MSA step <= 5x Adam's.
 
     python scripts/bench_closed_form.py [--rounds 8] [--batch 128] [--out results/bench]
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -21,16 +26,26 @@ import pmpsolve as pmp
 from problems.cnn import cross_entropy, residual_cnn
 
 
+def autograd_paths():
+    """The residual layers on autograd's gradient and every convolution Gram matrix from im2col patches."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch("pmpsolve.nn.optim.residual_objective", lambda group, objective: None))
+    stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES", float("inf")))
+    return stack
+
+
 def configurations():
-    """name -> (weight decay, make(model) -> optimizer)."""
-    out = {"adam": (0.0, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)),
-           "adam, wd 0.001": (1e-3, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-3))}
+    """name -> (weight decay, make(model) -> optimizer, context of its steps)."""
+    out = {"adam": (0.0, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), contextlib.nullcontext),
+           "adam, wd 0.001": (1e-3, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-3),
+                              contextlib.nullcontext)}
     for wd in (0.0, 1e-3):
         for rho, label in ((0.03, "rho 0.03"), (None, "adaptive")):
-            for closed in (True, False):
-                name = f"emsa {label}, wd {wd:g}, {'closed form' if closed else 'all L-BFGS'}"
-                out[name] = (wd, lambda m, rho=rho, closed=closed, wd=wd: pmp.nn.EMSA(
-                    m, rho=rho, maximiser_iter=10, closed_form=closed, weight_decay=wd))
+            for route in ("closed form", "closed form, autograd", "all L-BFGS"):
+                name = f"emsa {label}, wd {wd:g}, {route}"
+                out[name] = (wd, lambda m, rho=rho, closed=route != "all L-BFGS", wd=wd: pmp.nn.EMSA(
+                    m, rho=rho, maximiser_iter=10, closed_form=closed, weight_decay=wd),
+                    autograd_paths if route == "closed form, autograd" else contextlib.nullcontext)
     return out
 
 
@@ -50,13 +65,13 @@ def main(argv=None):
         x, y = torch.rand(args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     configs = configurations()
     runs = {}
-    for name, (_, make) in configs.items():
+    for name, (_, make, context) in configs.items():
         model = residual_cnn(seed=args.seed)
-        runs[name] = (model, make(model))
+        runs[name] = (model, make(model), context)
     seconds = {name: [] for name in configs}
     calls = {name: [] for name in configs}
     for round_ in range(args.rounds):
-        for name, (model, opt) in runs.items():
+        for name, (model, opt, context) in runs.items():
             count = [0]
 
             def closure(model=model, opt=opt, count=count):
@@ -66,23 +81,25 @@ def main(argv=None):
                 loss.backward()
                 return loss
 
-            start = time.perf_counter()
-            if isinstance(opt, torch.optim.Adam):
-                closure()
-                opt.step()
-            else:
-                opt.step(closure)
+            with context():
+                start = time.perf_counter()
+                if isinstance(opt, torch.optim.Adam):
+                    closure()
+                    opt.step()
+                else:
+                    opt.step(closure)
+                elapsed = time.perf_counter() - start
             if round_ > 0 or args.rounds == 1:  # the first round warms up
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(elapsed)
                 calls[name].append(count[0])
     adam = {0.0: statistics.median(seconds["adam"]), 1e-3: statistics.median(seconds["adam, wd 0.001"])}
     rows = {}
     print(f"batch {args.batch}, 1 thread, median of {max(args.rounds - 1, 1)} rounds\n")
-    print(f"{'configuration':44s} {'step [ms]':>10s} {'x Adam':>7s} {'closure calls':>14s}")
-    for name, (wd, _) in configs.items():
+    print(f"{'configuration':52s} {'step [ms]':>10s} {'x Adam':>7s} {'closure calls':>14s}")
+    for name, (wd, _, _) in configs.items():
         step = statistics.median(seconds[name])
         rows[name] = {"step_s": step, "ratio_to_adam": step / adam[wd], "closure_calls": statistics.median(calls[name])}
-        print(f"{name:44s} {1e3 * step:10.1f} {step / adam[wd]:7.1f} {rows[name]['closure_calls']:14.0f}")
+        print(f"{name:52s} {1e3 * step:10.1f} {step / adam[wd]:7.1f} {rows[name]['closure_calls']:14.0f}")
     harness.write_json(args.out / "bench_closed_form.json",
                        {"batch": args.batch, "threads": 1, "rounds": args.rounds, "steps": rows})
 
