@@ -144,3 +144,37 @@ def test_an_emsa_step_in_closed_form_equals_the_converged_iterative_step(rho):
     with pytest.raises(TypeError, match="closed_form"):
         pmp.nn.EMSA(net(), closed_form=1)
 
+
+
+def test_a_closed_form_that_falls_back_later_gets_its_input_costates(monkeypatch):
+    """After its first (checked) step a closed-form group's data carries no p_n (not needed); when the closed form
+    then refuses (a box that binds, say), L-BFGS runs on p_n formed then: the same step as with p_n formed eagerly."""
+    from pmpsolve.nn import optim
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
+                                   torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+    lazy, eager = net(), net()
+    opts = [pmp.nn.EMSA(m, rho=0.03, weight_decay=1e-3) for m in (lazy, eager)]
+    for opt, model in zip(opts, (lazy, eager)):
+        opt.step(closure_for(opt, model, x, y))
+        assert set(opt.last_step["routes"].values()) == {"quadratic"}
+    seen = []
+    real_layer_data = optim.layer_data
+
+    def spy(group, records, controls, need):
+        data = real_layer_data(group, records, controls, need)
+        seen.append(data.input_costates is None)
+        return data
+    monkeypatch.setattr(optim, "layer_data", spy)
+    monkeypatch.setattr(optim, "affine_maximise", lambda group, objective, check=True: None)
+    opts[0].step(closure_for(opts[0], lazy, x, y))
+    assert seen == [True, True]  # both groups solved in closed form before: p_n skipped
+    monkeypatch.setattr(opts[1], "_input_costates", lambda group: True)
+    opts[1].step(closure_for(opts[1], eager, x, y))
+    assert set(opts[0].last_step["routes"].values()) == {"lbfgs"}
+    for a, b in zip(lazy.parameters(), eager.parameters()):
+        assert torch.equal(a, b)

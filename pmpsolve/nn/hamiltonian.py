@@ -33,14 +33,15 @@ __all__ = ["LayerData", "LayerHamiltonian", "layer_data"]
 class LayerData(NamedTuple):
     """The frozen data of a group's G layers (what ``IntervalData`` is for mesh intervals).
 
-    inputs x_n, outputs x_{n+1}, costates p_{n+1}, input_costates p_n: [G, B, ...];
+    inputs x_n, outputs x_{n+1}, costates p_{n+1}, input_costates p_n: [G, B, ...] (None: not formed yet,
+    ``with_input_costates`` forms it; zeros where no objective needs it);
     controls theta^k [G, m]; lengths: ones [G] (a layer is one time step: no interval length).
     """
 
     inputs: torch.Tensor
     outputs: torch.Tensor
     costates: torch.Tensor
-    input_costates: torch.Tensor
+    input_costates: Optional[torch.Tensor]
     controls: torch.Tensor
     lengths: torch.Tensor
 
@@ -95,7 +96,11 @@ class LayerHamiltonian:
     def _rows(self, fn, u: torch.Tensor, *extra):
         """Apply fn(theta, x, y, p, p_in, theta_k, *extra) to every row: vmap, or directly for an unbatched group."""
         d = self.data
-        args = (u, d.inputs, d.outputs, d.costates, d.input_costates, d.controls) + extra
+        if d.input_costates is None and self.rho > 0 and d.inputs.is_floating_point():
+            raise RuntimeError("pmp.nn: the augmented Hamiltonian needs the input co-states p_n; build the objective "
+                               "with LayerHamiltonian.with_input_costates()")
+        p_in = d.input_costates if d.input_costates is not None else d.inputs  # read only when rho > 0
+        args = (u, d.inputs, d.outputs, d.costates, p_in, d.controls) + extra
         if self.group.batched:
             return vmap(fn)(*args)
         out = fn(*(a[0] for a in args))
@@ -149,6 +154,15 @@ class LayerHamiltonian:
         safe = torch.where(step > 0, step, torch.ones_like(step))
         return torch.where(step[:, 0] > 0, -(d * (g1 - g0)).sum(-1) / safe[:, 0], torch.zeros_like(step[:, 0]))
 
+    def with_input_costates(self) -> "LayerHamiltonian":
+        """This objective with p_n formed (itself when it has them): ``layer_data`` skips them for a group
+        that the closed form solves without them (``affine.affine_maximise``)."""
+        if self.data.input_costates is not None:
+            return self
+        d = self.data
+        data = d._replace(input_costates=input_costates(self.group, d.inputs, d.costates, d.controls))
+        return LayerHamiltonian(self.group, data, self.rho, self.eps, self.weight_decay, self._reduce)
+
     def penalty_value(self, u: torch.Tensor) -> torch.Tensor:
         if self.penalty is None:
             return u.new_zeros(u.shape[:-1])
@@ -169,22 +183,31 @@ class LayerHamiltonian:
             return plain(u)
 
 
-def layer_data(group: LayerGroup, records, controls: torch.Tensor, need_input_costates: bool) -> LayerData:
-    """Stack the records of a group's layers into ``LayerData``; p_n from one batched vjp at theta^k."""
-    x = torch.stack([records[n].inputs for n in group.indices])
-    y = torch.stack([records[n].outputs for n in group.indices])
-    p = torch.stack([records[n].costates for n in group.indices])
-    lengths = torch.ones(group.rows, dtype=controls.dtype, device=controls.device)
-    if not need_input_costates or not x.is_floating_point():  # integer inputs have no co-state
-        return LayerData(x, y, p, torch.zeros_like(x), controls, lengths)
+def input_costates(group: LayerGroup, x: torch.Tensor, p: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
+    """p_n = grad_x H_n(x_n, p_{n+1}, theta^k) [G, B, ...]: one batched vjp of the layers at theta^k."""
+    if not x.is_floating_point():  # integer inputs (token indices) have no co-state
+        return torch.zeros_like(x)
 
-    def input_costate(theta, x_, p_):
+    def one(theta, x_, p_):
         _, pullback = vjp(lambda z: group.call(theta, z), x_)
         return pullback(p_)[0]
 
     with torch.no_grad():
         if group.batched:
-            p_in = vmap(input_costate)(controls, x, p)
-        else:
-            p_in = input_costate(controls[0], x[0], p[0]).unsqueeze(0)
-    return LayerData(x, y, p, p_in, controls, lengths)
+            return vmap(one)(controls, x, p)
+        return one(controls[0], x[0], p[0]).unsqueeze(0)
+
+
+def layer_data(group: LayerGroup, records, controls: torch.Tensor,
+               need_input_costates: Optional[bool]) -> LayerData:
+    """Stack the records of a group's layers into ``LayerData``; p_n from one batched vjp at theta^k, or None
+    (formed later by ``LayerHamiltonian.with_input_costates``) when ``need_input_costates`` is None."""
+    x = torch.stack([records[n].inputs for n in group.indices])
+    y = torch.stack([records[n].outputs for n in group.indices])
+    p = torch.stack([records[n].costates for n in group.indices])
+    lengths = torch.ones(group.rows, dtype=controls.dtype, device=controls.device)
+    if need_input_costates is None:
+        return LayerData(x, y, p, None, controls, lengths)
+    if not need_input_costates:
+        return LayerData(x, y, p, torch.zeros_like(x), controls, lengths)
+    return LayerData(x, y, p, input_costates(group, x, p, controls), controls, lengths)

@@ -486,7 +486,7 @@ class Optimizer(torch.optim.Optimizer):
         if self._adam is not None:
             self._adam.keep_gradients()
         old = [g.parameters() for g in groups]
-        datas = [layer_data(g, records, u, self.method == "emsa") for g, u in zip(groups, old)]
+        datas = [layer_data(g, records, u, self._input_costates(g)) for g, u in zip(groups, old)]
         iterate = LayerIterate.of(groups, datas)
         J0 = loss_value + self._parameter_cost(groups, old)
         self._steps += 1
@@ -557,6 +557,13 @@ class Optimizer(torch.optim.Optimizer):
                 self._rule.load_state(self._pending_rule_state)
         return self._rule
 
+    def _input_costates(self, g: LayerGroup) -> Optional[bool]:
+        """Whether E-MSA's objective needs p_n (True / False), or None: not now, the group's closed form
+        (checked at an earlier step) does without them; formed only if it falls back to L-BFGS."""
+        if self.method != "emsa":
+            return False
+        return None if self._closed_form and tuple(g.indices) in self._checked else True
+
     def _parameter_cost(self, groups, rows) -> float:
         """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
         wd = self.param_groups[0]["weight_decay"]
@@ -587,6 +594,7 @@ class Optimizer(torch.optim.Optimizer):
                     self._routes[key] = "quadratic"
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
+            objective = objective.with_input_costates()
             objective = residual_objective(g, objective) or objective  # the exact gradient without autograd
             maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
                                              perturb=settings["perturb"], method="lbfgs")
