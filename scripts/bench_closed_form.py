@@ -6,9 +6,10 @@ machine hits all of them alike), the first round is a warm-up; printed and saved
 time, its ratio to Adam's step (with the same weight decay) and the median number of closure calls.
 Configurations: pmp.nn.EMSA with rho 0.03 and adaptive, weight decay 0 and 0.001 (the study's),
 ``closed_form=True`` (default) and ``False`` (L-BFGS on every layer), and ``autograd`` rows: the closed form
-with the residual layers' gradient from autograd (``pmp.nn`` without ``residual.ResidualHamiltonian``) and
-every convolution Gram matrix from im2col patches (``affine.MAX_PATCHES`` unbounded): the step as it was
-before those two, for the record. Target: an E-MSA step <= 5x Adam's.
+with the residual layers' gradient from autograd (``pmp.nn`` without ``derived.DerivedHamiltonian``),
+every convolution Gram matrix from im2col patches (``affine.MAX_PATCHES`` unbounded) and p_n formed for
+every layer at every step: the step as it was before those three, for the record; and the closed form with ``maximiser_iter=5`` instead of the study's 10.
+Target: an E-MSA step <= 5x Adam's.
 
     python scripts/bench_closed_form.py [--rounds 8] [--batch 128] [--out results/bench]
 """
@@ -29,8 +30,9 @@ from problems.cnn import cross_entropy, residual_cnn
 def autograd_paths():
     """The residual layers on autograd's gradient and every convolution Gram matrix from im2col patches."""
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch("pmpsolve.nn.optim.residual_objective", lambda group, objective: None))
+    stack.enter_context(mock.patch("pmpsolve.nn.optim.derived_objective", lambda group, objective: None))
     stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES", float("inf")))
+    stack.enter_context(mock.patch.object(pmp.nn.Optimizer, "_input_costates", lambda self, group: self.method == "emsa"))
     return stack
 
 
@@ -46,6 +48,9 @@ def configurations():
                 out[name] = (wd, lambda m, rho=rho, closed=route != "all L-BFGS", wd=wd: pmp.nn.EMSA(
                     m, rho=rho, maximiser_iter=10, closed_form=closed, weight_decay=wd),
                     autograd_paths if route == "closed form, autograd" else contextlib.nullcontext)
+        for rho, label in ((0.03, "rho 0.03"), (None, "adaptive")):  # fewer L-BFGS iterations on the residual layers
+            out[f"emsa {label}, wd {wd:g}, closed form, 5 iterations"] = (wd, lambda m, rho=rho, wd=wd: pmp.nn.EMSA(
+                m, rho=rho, maximiser_iter=5, weight_decay=wd), contextlib.nullcontext)
     return out
 
 

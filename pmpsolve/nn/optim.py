@@ -25,7 +25,7 @@ per-parameter quadratic's maximiser passed through the penalty's proximal map (h
 thresholding for L0, bSQH; soft for L1) and the box, checked by one exact evaluation
 (``separable_maximise``). With rho > 0 the augmented Hamiltonian of such a layer is an exact concave
 quadratic, maximised by solving it (``affine.affine_maximise``, docs/theory.md); other layers run L-BFGS,
-on the hand-derived gradient of ``residual.ResidualHamiltonian`` for a residual tanh layer.
+on the hand-derived gradient of ``derived.DerivedHamiltonian`` for residual tanh layers and affine entries.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .network import LayerIterate, LayerMaximiser, LayerProblem, row_penalty, row_set
 from .recording import CostateRecorder
-from .residual import residual_objective
+from .derived import derived_objective
 
 __all__ = ["Optimizer", "EMSA", "MSA", "SQH", "BatchReduction", "AdamPath"]
 
@@ -595,7 +595,7 @@ class Optimizer(torch.optim.Optimizer):
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
             objective = objective.with_input_costates()
-            objective = residual_objective(g, objective) or objective  # the exact gradient without autograd
+            objective = derived_objective(g, objective) or objective  # the exact gradient without autograd
             maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
                                              perturb=settings["perturb"], method="lbfgs")
             u = maximiser.maximise(objective, generator).controls

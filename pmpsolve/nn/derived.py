@@ -1,7 +1,10 @@
-"""The augmented Hamiltonian of a residual tanh layer and its exact gradient, without autograd (docs/theory.md).
+"""Augmented Hamiltonians whose gradient is derived by hand, without autograd (docs/theory.md).
 
 For a ``Residual(Sequential(A, Tanh()), delta)`` entry, A a ``Linear`` or ``Conv2d`` (stride 1), the layer is
 g(x, theta) = x + delta tanh(z), z = A_W x + b, and grad_x H = p + delta A_W' (s * p) with s = 1 - tanh(z)^2.
+For a ``Linear`` or ``Conv2d`` entry itself (where L-BFGS maximises it: the closed form of ``affine`` does
+not apply, e.g. a Linear without weight decay), g = z and grad_x H = A_W' p: the formulas below with
+delta = 1, s = 1, no tanh and no skip connection.
 The augmented Hamiltonian of ``hamiltonian.LayerHamiltonian`` (paper eq. (7), discrete form) is
 
     Htilde(theta) = p . g - rho/2 |e|^2 - rho/2 |r|^2 - wd/2 |theta|^2 - eps |theta - theta^k|^2,
@@ -9,16 +12,15 @@ The augmented Hamiltonian of ``hamiltonian.LayerHamiltonian`` (paper eq. (7), di
 
 and its gradient, by the chain rule through tanh and its derivative (t = tanh(z), v = A_W r):
 
-    dHtilde/dz  = delta s * (p + rho e) - 2 rho delta t * s * v * p
+    dHtilde/dz  = delta s * (p + rho e) - 2 rho delta t * s * v * p     (affine entry: p + rho e)
     dHtilde/dW  = (dHtilde/dz) x'  +  rho delta (s * p) r'      (the weight gradients of A: inputs x and r)
     dHtilde/db  = sum of dHtilde/dz over the batch (and positions).
 
 Autograd gets the same numbers by differentiating the co-state term (a vector-Jacobian product) once
-more under ``torch.func.vmap``: on the CNN study's 7 x 7 residual layers that double backward is
-dispatch overhead more than arithmetic. Here one evaluation is a forward map, two adjoint-side maps
-(A_W' a, A_W r) and two weight gradients for all rows of the group at once (a grouped convolution,
-a batched matrix product). ``ResidualHamiltonian`` replaces only ``value_and_grad``, what L-BFGS
-asks for; everything else (values at trial points, gains) stays the autograd ``LayerHamiltonian``.
+more under ``torch.func.vmap``, about twice the arithmetic. Here one evaluation is a forward map, two
+adjoint-side maps (A_W' a, A_W r) and two weight gradients for all rows of the group at once (a grouped
+convolution, a batched matrix product). ``DerivedHamiltonian`` replaces only ``value_and_grad``, what
+L-BFGS asks for; everything else (values at trial points, gains) stays the autograd ``LayerHamiltonian``.
 """
 from __future__ import annotations
 
@@ -31,40 +33,43 @@ from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 from .layers import Residual
 
-__all__ = ["ResidualHamiltonian", "residual_objective"]
+__all__ = ["DerivedHamiltonian", "derived_objective"]
 
 
-def _branch(group: LayerGroup) -> Optional[Tuple[torch.nn.Module, float, bool]]:
-    """(the affine map A, delta, has bias) of a Residual(Sequential(A, Tanh())) template, or None."""
-    layer = group.template
-    if type(layer) is not Residual or type(layer.module) is not torch.nn.Sequential or len(layer.module) != 2:
-        return None
-    affine, act = layer.module[0], layer.module[1]
-    if type(act) is not torch.nn.Tanh:
-        return None
-    if type(affine) is torch.nn.Conv2d:
-        if not (affine.stride == (1, 1) and affine.dilation == (1, 1) and affine.groups == 1
-                and affine.padding_mode == "zeros" and isinstance(affine.padding, tuple)):
+def _conv_supported(conv: torch.nn.Conv2d) -> bool:
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple))
+
+
+def _structure(group: LayerGroup) -> Optional[Tuple[torch.nn.Module, Optional[float], bool]]:
+    """(the affine map A, delta (None: the affine entry itself), has bias), or None for other layers."""
+    layer, prefix, delta = group.template, "", None
+    if type(layer) is Residual:
+        if type(layer.module) is not torch.nn.Sequential or len(layer.module) != 2:
             return None
-    elif type(affine) is not torch.nn.Linear:
+        if type(layer.module[1]) is not torch.nn.Tanh:
+            return None
+        layer, prefix, delta = layer.module[0], "module.0.", layer.delta
+    if not (type(layer) is torch.nn.Linear or (type(layer) is torch.nn.Conv2d and _conv_supported(layer))):
         return None
-    if group.names == ["module.0.weight", "module.0.bias"]:
-        return affine, layer.delta, True
-    if group.names == ["module.0.weight"] and affine.bias is None:
-        return affine, layer.delta, False
+    if group.names == [prefix + "weight", prefix + "bias"]:
+        return layer, delta, True
+    if group.names == [prefix + "weight"] and layer.bias is None:
+        return layer, delta, False
     return None  # a fixed (excluded) bias or weight: the autograd objective handles it
 
 
-class ResidualHamiltonian(LayerHamiltonian):
-    """``LayerHamiltonian`` of a residual tanh group with the hand-derived ``value_and_grad`` (module docstring).
+class DerivedHamiltonian(LayerHamiltonian):
+    """``LayerHamiltonian`` of a residual tanh or affine group with the hand-derived ``value_and_grad`` (module doc).
 
     Rows u [G, m] are (weight, bias) flattened per layer; the frozen data are laid out once so that the G
     layers run as one grouped convolution ([B, G C, H, W]) or one batched matrix product ([G, N, K]).
     """
 
-    def __init__(self, objective: LayerHamiltonian, affine: torch.nn.Module, delta: float, bias: bool):
+    def __init__(self, objective: LayerHamiltonian, affine: torch.nn.Module, delta: Optional[float], bias: bool):
         super().__init__(objective.group, objective.data, objective.rho, objective.eps, objective.weight_decay)
-        self.affine, self.delta, self.bias = affine, float(delta), bias
+        self.affine, self.bias = affine, bias
+        self.residual, self.delta = delta is not None, 1.0 if delta is None else float(delta)
         d = self.data
         G = d.controls.shape[0]
         self._conv = isinstance(affine, torch.nn.Conv2d)
@@ -130,14 +135,22 @@ class ResidualHamiltonian(LayerHamiltonian):
         with torch.no_grad():
             W, b = self._weights(u)
             x, y, p, p_in = self._x, self._y, self._p, self._p_in
-            t = torch.tanh(self._forward(x, W, b))
-            s = 1 - t * t
-            a = s * p
-            e = y - (x + delta * t)
-            r = p_in - (p + delta * self._adjoint(a, W))
-            values = self._row_sums(delta * p * t + x * p - 0.5 * rho * (e * e + r * r))
-            v = self._forward(r, W)
-            dz = (delta * s) * (p + rho * e - (2 * rho) * t * v * p)
+            if self.residual:
+                t = torch.tanh(self._forward(x, W, b))
+                s = 1 - t * t
+                a = s * p
+                e = y - (x + delta * t)
+                r = p_in - (p + delta * self._adjoint(a, W))
+                values = self._row_sums(delta * p * t + x * p - 0.5 * rho * (e * e + r * r))
+                v = self._forward(r, W)
+                dz = (delta * s) * (p + rho * e - (2 * rho) * t * v * p)
+            else:
+                z = self._forward(x, W, b)
+                a = p
+                e = y - z
+                r = p_in - self._adjoint(p, W)
+                values = self._row_sums(p * z - 0.5 * rho * (e * e)) - 0.5 * rho * self._row_sums(r * r)
+                dz = p + rho * e
             grads = [self._weight_grad(x, dz, W) + (rho * delta) * self._weight_grad(r, a, W)]
             if self.bias:
                 grads.append(self._bias_grad(dz))
@@ -153,13 +166,13 @@ class ResidualHamiltonian(LayerHamiltonian):
         return values, grads
 
 
-def residual_objective(group: LayerGroup, objective: LayerHamiltonian) -> Optional[ResidualHamiltonian]:
-    """``ResidualHamiltonian`` for a residual tanh group in one process with rho > 0, else None."""
+def derived_objective(group: LayerGroup, objective: LayerHamiltonian) -> Optional[DerivedHamiltonian]:
+    """``DerivedHamiltonian`` for a residual tanh or affine group in one process with rho > 0, else None."""
     if objective._reduce is not None or objective.penalty is not None or not group.batched:
         return None
     if not (objective.rho > 0 and objective.data.inputs.is_floating_point()):
         return None
-    branch = _branch(group)
-    if branch is None:
+    structure = _structure(group)
+    if structure is None:
         return None
-    return ResidualHamiltonian(objective, *branch)
+    return DerivedHamiltonian(objective, *structure)

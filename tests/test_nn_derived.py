@@ -1,0 +1,103 @@
+"""The hand-derived gradient of the augmented Hamiltonian of residual tanh layers and of Linear / Conv2d entries
+(pmpsolve/nn/derived.py) against autograd's (hamiltonian.LayerHamiltonian: grad of the vjp under vmap), and a
+pmp.nn.EMSA step with it against the same step on autograd's gradient."""
+import pytest
+import torch
+
+import pmpsolve as pmp
+from helpers import closure_for, recorded
+from pmpsolve.nn import optim
+from pmpsolve.nn.groups import group_layers
+from pmpsolve.nn.hamiltonian import LayerHamiltonian, layer_data
+from pmpsolve.nn.derived import DerivedHamiltonian, derived_objective
+
+
+def _block(kind: str, bias: bool, stride: int = 1, act=torch.nn.Tanh):
+    inner = (torch.nn.Conv2d(3, 3, 3, padding=1, bias=bias, stride=stride) if kind == "conv"
+             else torch.nn.Linear(4, 4, bias=bias))
+    return pmp.nn.Residual(torch.nn.Sequential(inner, act()), delta=0.5)
+
+
+def _network(kind: str, bias: bool) -> torch.nn.Sequential:
+    """Two residual blocks of equal shape (one group of two rows) between a projection (padding 0 for the
+    convolution) and a classifier."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, bias=bias), torch.nn.Tanh(), _block(kind, bias),
+                                   _block(kind, bias), torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 3)).double()
+    return torch.nn.Sequential(torch.nn.Linear(5, 4, bias=bias), torch.nn.Tanh(), _block(kind, bias),
+                               _block(kind, bias), torch.nn.Linear(4, 3)).double()
+
+
+def _data(kind: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 5, 5, generator=g) if kind == "conv" else torch.randn(10, 5, generator=g)
+    return x.double(), torch.randint(0, 3, (x.shape[0],), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_gradient_is_autograds(kind, bias):
+    """float64, weight decay and the SQH term on: value and gradient equal autograd's to rounding, at theta^k and
+    at a point away from it (where tanh' and the co-state term have changed), for the two residual blocks (one
+    group of two rows) and the affine entries (the projection, the classifier: rows of their own)."""
+    model = _network(kind, bias)
+    layers, records = recorded(model, *_data(kind))
+    groups = group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
+    assert [g.rows for g in groups if isinstance(g.template, pmp.nn.Residual)] == [2]
+    assert len(groups) == 3
+    for g in groups:
+        u0 = g.parameters()
+        objective = LayerHamiltonian(g, layer_data(g, records, u0, True), rho=0.7, eps=0.3, weight_decay=0.01)
+        fast = derived_objective(g, objective)
+        assert isinstance(fast, DerivedHamiltonian)
+        move = 0.3 * torch.randn(u0.shape, generator=torch.Generator().manual_seed(4), dtype=u0.dtype)
+        for u in (u0, u0 + move):
+            value, grad = objective.value_and_grad(u)
+            value_fast, grad_fast = fast.value_and_grad(u)
+            assert (grad.abs() > 1e-3).any()  # a gradient with content
+            assert torch.allclose(value_fast, value, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(grad_fast, grad, rtol=1e-10, atol=1e-12 * grad.abs().max())
+
+
+def test_other_residual_layers_keep_autograd():
+    """Another activation, a strided convolution, rho = 0 or a process group: no hand-derived gradient (None),
+    the autograd objective is used."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.Flatten(),
+                                pmp.nn.Residual(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()), 0.5),
+                                torch.nn.Linear(16, 3)).double()
+    layers, records = recorded(model, *_data("conv"))
+    routes = {}
+    for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}):
+        objective = LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.5)
+        routes[tuple(g.indices)] = derived_objective(g, objective) is not None
+    assert routes == {(0,): False, (2,): False, (3,): True}
+    model = _network("linear", True)
+    layers, records = recorded(model, *_data("linear"))
+    g = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
+         if isinstance(g.template, pmp.nn.Residual)][0]
+    assert derived_objective(g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.0)) is None
+    assert derived_objective(g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.5,
+                                                  reduce=object())) is None
+
+
+@pytest.mark.parametrize("rho,wd", [(0.03, 1e-3), (None, 1e-3), (0.03, 0.0)])
+def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch):
+    """A whole pmp.nn.EMSA step (10 L-BFGS iterations on the residual layers, and on the classifier without
+    weight decay; fixed and adaptive rho): the same parameters as with autograd's gradient, to the rounding
+    of the two gradients."""
+    kind = "conv"
+    x, y = _data(kind)
+    fast, slow, start = _network(kind, True), _network(kind, True), _network(kind, True)
+    opt_fast = pmp.nn.EMSA(fast, rho=rho, weight_decay=wd)
+    opt_fast.step(closure_for(opt_fast, fast, x, y))
+    assert opt_fast.last_step["routes"][(2, 3)] == "lbfgs"
+    assert opt_fast.last_step["routes"][(5,)] == ("lbfgs" if wd == 0 else "quadratic")
+    monkeypatch.setattr(optim, "derived_objective", lambda group, objective: None)
+    opt_slow = pmp.nn.EMSA(slow, rho=rho, weight_decay=wd)
+    opt_slow.step(closure_for(opt_slow, slow, x, y))
+    assert opt_fast.last_step["trials"] == opt_slow.last_step["trials"]
+    moved = max(float((a - a0).detach().abs().max()) for a, a0 in zip(fast.parameters(), start.parameters()))
+    assert moved > 1e-3
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        assert (a - b).abs().max() <= 1e-9 * moved
