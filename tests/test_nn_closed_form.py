@@ -120,16 +120,23 @@ def test_unsupported_layers_and_penalties_are_left_to_the_iterative_maximisers()
         assert affine_maximise(g, objective) is None
 
 
+def _step_network() -> torch.nn.Sequential:
+    """A convolution and a classifier: both solved in closed form with weight decay."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).double()
+
+
+def _step_batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+
+
 @pytest.mark.parametrize("rho", [0.03, None])
 def test_an_emsa_step_in_closed_form_equals_the_converged_iterative_step(rho):
     """A whole pmp.nn.EMSA step on a network of Linear and Conv2d entries: the closed form gives the parameters
     of the iterative path with L-BFGS run to convergence (fixed and adaptive rho: the same trials accepted)."""
-    def net():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
-                                   torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+    net, (x, y) = _step_network, _step_batch()
     fast, slow, start = net(), net(), net()
     opt_fast = pmp.nn.EMSA(fast, rho=rho, weight_decay=1e-3)
     opt_slow = pmp.nn.EMSA(slow, rho=rho, weight_decay=1e-3, closed_form=False, maximiser_iter=3000)
@@ -150,13 +157,7 @@ def test_a_closed_form_that_falls_back_later_gets_its_input_costates(monkeypatch
     """After its first (checked) step a closed-form group's data carries no p_n (not needed); when the closed form
     then refuses (a box that binds, say), L-BFGS runs on p_n formed then: the same step as with p_n formed eagerly."""
     from pmpsolve.nn import optim
-
-    def net():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.AvgPool2d(2),
-                                   torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).double()
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+    net, (x, y) = _step_network, _step_batch()
     lazy, eager = net(), net()
     opts = [pmp.nn.EMSA(m, rho=0.03, weight_decay=1e-3) for m in (lazy, eager)]
     for opt, model in zip(opts, (lazy, eager)):
