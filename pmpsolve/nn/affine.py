@@ -215,13 +215,15 @@ def _shifted_gram(a: torch.Tensor, b: torch.Tensor, kernel: Tuple[int, int], pad
     rows = [r for r in range(H) if r < kh - 1 - ph or r >= H - (kh - 1 - ph)]  # edge rows some window leaves out
     cols = [c for c in range(W) if c < kw - 1 - pw or c >= W - (kw - 1 - pw)]
 
+    device = a.device
+
     def left_out(lines, extent, k, pad):  # [k, lines]: the window of kernel offset j leaves line out
-        j = torch.arange(k)[:, None]
-        line = torch.tensor(lines, dtype=torch.long)[None, :]
+        j = torch.arange(k, device=device)[:, None]
+        line = torch.tensor(lines, dtype=torch.long, device=device)[None, :]
         return ((line < j - pad) | (line >= extent - (k - 1 - pad - j))).to(torch.float64)
 
     # the lag of every pair of kernel offsets (j, j'): index lag + j' - j, [kh, kw, kh, kw]
-    jy, jx = torch.arange(kh), torch.arange(kw)
+    jy, jx = torch.arange(kh, device=device), torch.arange(kw, device=device)
     dy = (jy[None, None, :, None] - jy[:, None, None, None] + lag[0]).expand(kh, kw, kh, kw)
     dx = (jx[None, None, None, :] - jx[None, :, None, None] + lag[1]).expand(kh, kw, kh, kw)
     gram = full[..., dy, dx]  # [G, Ca, Cb, kh, kw, kh, kw]
