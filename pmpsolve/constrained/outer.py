@@ -48,6 +48,10 @@ MAX_ROUNDS = 60
 ANDERSON_MEMORY = 5
 #: quasi-Newton steps in z = (p, T) per round, and halvings of one step
 STATIC_STEPS, LINE_SEARCH_STEPS = 8, 4
+#: iterations of one inner solve, by method (default: the remaining budget). A Newton-type inner solve that
+#: has not converged in this many has stalled on the penalty's kinks (DDP on Goddard at N = 200 and large
+#: penalties: 770 iterations in one solve with J fixed to 8 digits); the next round's multipliers help more.
+ROUND_ITERATIONS = {"ddp": 50}
 PENALTY_GROWTH = 10.0
 PENALTY_MAX = 1e9
 #: an inner solve stops at max(INNER_TOL_FLOOR * tol, INNER_TOL0 * INNER_TOL_SHRINK**k) in round k: below
@@ -311,7 +315,8 @@ class ConstrainedSolver:
 
         def solve_at(pt, controls, meth):
             nonlocal used
-            sol = self._inner(pt, controls, meth, tol, max(budget - used, 0), progress, callback)
+            cap = min(budget - used, ROUND_ITERATIONS.get(meth.name, budget))
+            sol = self._inner(pt, controls, meth, tol, max(cap, 0), progress, callback)
             history.extend(_renumbered(sol.history, len(history)))
             used += sol.iterations
             return self._measure(pt, sol), _warm(meth, sol, self.transcription.K, self.method)
@@ -493,9 +498,17 @@ class _StaticStep:
     def project(self, z: torch.Tensor) -> torch.Tensor:
         return torch.minimum(torch.maximum(z, self.low), self.high)
 
-    def direction(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """A projected quasi-Newton step from z (the first: a quarter of max(|z|, 1) downhill)."""
+    def size(self, z: torch.Tensor) -> torch.Tensor:
+        """The scale of each entry of z: max(|p_i|, 1) for a parameter, T itself for the final time
+        (a step of 0.25 in T is small at T = 5 and a leap at T = 0.2)."""
         size = torch.maximum(z.abs(), torch.ones_like(z))
+        if self.tr.free:
+            size = torch.cat([size[:-1], z[-1:].abs()])
+        return size
+
+    def direction(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """A projected quasi-Newton step from z (the first: a quarter of the entries' size downhill)."""
+        size = self.size(z)
         if self.B is None:
             scale = float((g.abs() / (0.25 * size)).max())
             self.B = torch.eye(z.numel(), dtype=z.dtype, device=z.device) * max(scale, 1e-12)
