@@ -293,7 +293,7 @@ class DDP(Method):
     shrink: float = 0.5
     alpha_min: float = 0.03
     c: float = 1e-4
-    forward_solves: int = 1
+    forward_solves: int = 0
     model_steps: int = 1
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ checked against finite differences of DDP's own forward pass; the box QP against
 its active sets.
 """
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -116,11 +117,11 @@ def test_feedback_gain_is_the_derivative_of_the_optimal_first_control():
     assert np.abs(K0 - riccati[0]).max() < 1e-6 * np.abs(K0).max()
 
 
-def _along_forward_pass(problem, N, start, alpha=1e-2):
+def _along_forward_pass(problem, N, start, alpha=1e-2, forward_solves=0):
     """The expansion's (linear, quadratic) terms at ``start`` and central differences of J along DDP's forward
     pass u(alpha) (feedback on the new trajectory) for the same two terms. alpha = 1e-2: J's error (rtol
     1e-9) over alpha^2 stays at 1e-5 of the second difference."""
-    solver, state, rule = _expansion(problem, pmp.DDP(model_steps=4), N, init=start)
+    solver, state, rule = _expansion(problem, pmp.DDP(model_steps=4, forward_solves=forward_solves), N, init=start)
     gains = rule._gains
     assert rule.mu == 0.0 and gains.linear < 0
     J = {a: float(solver.sweeper.forward(rule._rollout(start, gains, a)).cost) for a in (-alpha, alpha)}
@@ -129,15 +130,18 @@ def _along_forward_pass(problem, N, start, alpha=1e-2):
     return gains, slope, curvature
 
 
-def test_predicted_decrease_matches_finite_differences_of_the_forward_pass():
+@pytest.mark.parametrize("forward_solves", [0, 1])
+def test_predicted_decrease_matches_finite_differences_of_the_forward_pass(forward_solves):
     """Nonlinear dynamics (Rayleigh), near the optimum where mu = 0: the first-order term exactly. (The
     second-order one is Newton's, the dynamics' curvature weighted by the co-state rather than by DDP's
-    V_x = co-state + O(step): it differs from J's along the closed loop by O(step), 2e-3 here.)"""
+    V_x = co-state + O(step): it differs from J's along the closed loop by O(step), 2e-3 here.) The feedback
+    acting on the linear prediction of the closed loop (forward_solves=0) or on the nodes corrected by one
+    batched solve (1)."""
     problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
     N = 20
     mesh = torch.linspace(0, problem.horizon, N + 1, dtype=torch.float64)
     start = _quiet_solve(problem, method="emsa", mesh=N).controls + 0.3 * torch.sin(mesh[:-1, None])
-    gains, slope, curvature = _along_forward_pass(problem, N, start)
+    gains, slope, curvature = _along_forward_pass(problem, N, start, forward_solves=forward_solves)
     assert abs(slope - gains.linear) < 2e-5 * abs(gains.linear)  # the central difference's O(alpha^2)
     assert abs(curvature - 2 * gains.quadratic) < 1e-2 * abs(2 * gains.quadratic)
 
@@ -155,6 +159,35 @@ def test_predicted_curvature_matches_finite_differences_with_linear_dynamics():
     gains, slope, curvature = _along_forward_pass(problem, N, start)
     assert abs(slope - gains.linear) < 2e-5 * abs(gains.linear)  # the central difference's O(alpha^2)
     assert abs(curvature - 2 * gains.quadratic) < 1e-3 * abs(2 * gains.quadratic)
+
+
+def test_indefinite_exact_curvature_falls_back_to_gauss_newton():
+    """Rayleigh from u = 0: the co-state-weighted dynamics' curvature makes Q_uu indefinite; the iteration then
+    takes the Gauss-Newton expansion at mu = 0, i.e. proposes exactly what hessian="gauss-newton" does."""
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    N = 20
+    controls = {}
+    for hessian in ("exact", "gauss-newton"):
+        solver, state, rule = _expansion(problem, pmp.DDP(hessian=hessian), N)
+        controls[hessian] = rule._rollout(state.controls, rule._gains, 1.0)
+        assert rule.mu == 0.0 and rule._gains.positive
+    assert rule._gauss_newton is False  # hessian="gauss-newton" has nothing to fall back from
+    solver, _, exact = _expansion(problem, pmp.DDP(), N)
+    assert exact._gauss_newton is True
+    assert torch.equal(controls["exact"], controls["gauss-newton"])
+
+
+def test_rejected_step_is_followed_by_the_minimiser_of_the_interpolating_parabola():
+    """Predicted J(a) - J(0) = -a + a^2/4 (linear -1, quadratic 1/4); measured at a = 1: +1, i.e. the parabola
+    -a + 2 a^2, minimal at a = 1/4. A measured change that makes the minimiser longer than shrink * a, or
+    that is not finite, gives shrink * a; a shorter one than a / 10 gives a / 10."""
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    _, _, rule = _expansion(problem, pmp.DDP(), 10)
+    rule._gains = rule._gains._replace(linear=-1.0, quadratic=0.25)
+    rule._expected, rule._noise = 0.75, 1e-8
+    for change, expected in ((1.0, 0.25), (-0.9, 0.5), (math.inf, 0.5), (100.0, 0.1)):
+        rule._trial_change = change
+        assert rule._shorter(1.0) == pytest.approx(expected, rel=1e-12)
 
 
 def _enumerated_box_qp(H, g, lower, upper):
