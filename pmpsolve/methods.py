@@ -256,22 +256,25 @@ class DDP(Method):
 
     Args:
         hessian: "exact" (default): the second derivatives of the dynamics are kept, weighted by the
-            co-state (Newton's curvature); "gauss-newton": dropped (iLQR).
+            co-state (Newton's curvature), except in an iteration where they leave a Q_uu indefinite:
+            that one uses the Gauss-Newton curvature (before mu grows); "gauss-newton": dropped (iLQR).
         mu0: the first regularisation (default 0: the plain Newton step; on a linear-quadratic
             problem the first step is then the Riccati solution).
         mu_min, mu_max: a mu below mu_min becomes 0, a growing one starts there; mu stays below mu_max
             (1e-3, 1e10; mu is in units of Q_uu / h_n, i.e. of L_uu).
         mu_factor: mu's growth factor Delta_0 > 1 (default 2).
-        shrink: alpha's factor after a rejected step (0 < shrink < 1; default 0.5).
+        shrink: alpha's largest factor after a rejected step (0 < shrink < 1; default 0.5): the next
+            alpha minimises the parabola through the predicted slope of J and its measured change,
+            within [0.1, shrink] times the rejected one.
         alpha_min: below this alpha the line search gives up, mu grows (tenfold at least) and the
             backward pass is redone (default 0.03: 6 step sizes from 1).
         c: a step is kept when J decreases by at least c times the decrease the expansion predicts
             (default 1e-4).
         forward_solves: batched solves of the forward pass (Newton on the node defects from the closed
-            loop's linear prediction; default 1). 0: the linear prediction alone, so that the feedback
-            acts on the linearised trajectory and DDP is Newton's method with a line search (measured at
-            N = 200: the same iterations on van der Pol and Rayleigh, 15 instead of 18 on catalyst
-            mixing; docs/guide.md, section 2b).
+            loop's linear prediction; default 0: the linear prediction alone, so that the feedback acts
+            on the linearised trajectory and DDP is Newton's method with a line search; measured at
+            N = 200 with 1: the same iterations on Rayleigh, 9 instead of 8 on van der Pol, 15
+            instead of 13 on catalyst mixing, and 1.0-1.2x the time to 1e-4; docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the
             gradient, and with it the solution, is the engine's whatever this is).

@@ -29,15 +29,18 @@ An iteration (Tassa, Erez and Todorov 2012, sec. II; Tassa, Mansard and Todorov 
    mu h_n: the regularisation scaled like Q_uu (an integral over the interval), so that mu does not
    depend on the mesh.
 3. Forward pass: u_n = P_U(u_n + alpha k_n + K_n (x_n^new - x_n)) along the new trajectory
-   x^new_{n+1} = F_n(x^new_n, u_n). Sequential by nature; solved here for all intervals at once by
-   Newton on the node defects (multiple shooting with the feedback law inside the intervals, the
-   closed-loop transitions A_n + B_n K_n chained by the associative scan), from the linear
-   prediction of the closed loop (exact on a linear-quadratic problem): one to three batched solves
-   of the engine's ODE solver.
+   x^new_{n+1} = F_n(x^new_n, u_n). Sequential by nature; here the feedback acts on the linear
+   prediction of the closed loop (the closed-loop transitions A_n + B_n K_n chained by the associative
+   scan; exact on a linear-quadratic problem), so that the iteration is Newton's method with a line
+   search (``forward_solves=0``, the default); ``forward_solves`` > 0 corrects those nodes by Newton on
+   the node defects (multiple shooting with the feedback law inside the intervals), that many batched
+   solves of the engine's ODE solver at most.
 
 The solver (``Solver.step``) sweeps the proposal and asks ``judge``: a step is kept when J decreases
-by at least ``c`` times the predicted decrease; otherwise alpha shrinks, and below ``alpha_min``
-mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F).
+by at least ``c`` times the predicted decrease; otherwise alpha shrinks to the minimiser of the
+parabola through the predicted slope and the measured change (within [0.1, ``shrink``] alpha), and
+below ``alpha_min`` mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F). Where
+the exact curvature leaves a Q_uu indefinite, the iteration first falls back to the Gauss-Newton one.
 """
 from __future__ import annotations
 
@@ -135,8 +138,8 @@ class DDP(UpdateRule):
     name, method_type = "ddp", DDPMethod
     defaults = DDPMethod.defaults()
     adaptive = True
-    # alpha halves 5 times from 1 to alpha_min = 0.03, then mu grows tenfold: 40 proposals leave room
-    # for 6 such rounds (mu x 1e6)
+    # alpha shrinks 2-5 times from 1 to alpha_min = 0.03 (by 0.1-0.5 each), then mu grows tenfold: 40
+    # proposals leave room for at least 6 such rounds (mu x 1e6)
     max_rejections = 40
 
     def __init__(self, pw, controls, maximiser, generator, options=None):
