@@ -58,12 +58,14 @@ def _discrete_lq(A, B, Q, R, S, x0, T, N):
     return np.array(controls), np.array(gains), 0.5 * x0 @ P @ x0
 
 
-def _expansion(problem, method, mesh, init=None):
-    """The solver after iteration 0's sweeps with the DDP rule's expansion and gains (alpha = 1 proposed)."""
+def _expansion(problem, method, mesh, init=None, later=False):
+    """The solver after iteration 0's sweeps with the DDP rule's expansion and gains (alpha = 1 proposed);
+    ``later``: the rule proposes as in a later iteration than the first."""
     solver = pmp.Solver(problem, method=method, mesh=mesh)
     state = solver.measure(solver.init(init))
     backward, data, _ = state.measured
     rule = solver.rule
+    rule._iteration += int(later)
     rule.begin(solver.sweeper, state.forward, backward)
     rule.propose(data)
     return solver, state, rule
@@ -121,7 +123,8 @@ def _along_forward_pass(problem, N, start, alpha=1e-2, forward_solves=0):
     """The expansion's (linear, quadratic) terms at ``start`` and central differences of J along DDP's forward
     pass u(alpha) (feedback on the new trajectory) for the same two terms. alpha = 1e-2: J's error (rtol
     1e-9) over alpha^2 stays at 1e-5 of the second difference."""
-    solver, state, rule = _expansion(problem, pmp.DDP(model_steps=4, forward_solves=forward_solves), N, init=start)
+    solver, state, rule = _expansion(problem, pmp.DDP(model_steps=4, forward_solves=forward_solves), N, init=start,
+                                     later=True)  # the exact curvature (the first iteration tries Gauss-Newton's)
     gains = rule._gains
     assert rule.mu == 0.0 and gains.linear < 0
     J = {a: float(solver.sweeper.forward(rule._rollout(start, gains, a)).cost) for a in (-alpha, alpha)}
@@ -161,20 +164,39 @@ def test_predicted_curvature_matches_finite_differences_with_linear_dynamics():
     assert abs(curvature - 2 * gains.quadratic) < 1e-3 * abs(2 * gains.quadratic)
 
 
+def _proposal(problem, method, N, later=False):
+    solver, state, rule = _expansion(problem, method, N, later=later)
+    return rule._rollout(state.controls, rule._gains, 1.0), rule
+
+
 def test_indefinite_exact_curvature_falls_back_to_gauss_newton():
-    """Rayleigh from u = 0: the co-state-weighted dynamics' curvature makes Q_uu indefinite; the iteration then
-    takes the Gauss-Newton expansion at mu = 0, i.e. proposes exactly what hessian="gauss-newton" does."""
+    """Rayleigh from u = 0, as in a later iteration (exact curvature first): the co-state-weighted dynamics'
+    curvature makes Q_uu indefinite; the iteration then takes the Gauss-Newton expansion at mu = 0, i.e.
+    proposes exactly what hessian="gauss-newton" does."""
     problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
-    N = 20
-    controls = {}
-    for hessian in ("exact", "gauss-newton"):
-        solver, state, rule = _expansion(problem, pmp.DDP(hessian=hessian), N)
-        controls[hessian] = rule._rollout(state.controls, rule._gains, 1.0)
-        assert rule.mu == 0.0 and rule._gains.positive
-    assert rule._gauss_newton is False  # hessian="gauss-newton" has nothing to fall back from
-    solver, _, exact = _expansion(problem, pmp.DDP(), N)
-    assert exact._gauss_newton is True
-    assert torch.equal(controls["exact"], controls["gauss-newton"])
+    reference, rule = _proposal(problem, pmp.DDP(hessian="gauss-newton"), 20, later=True)
+    assert rule.mu == 0.0 and rule._gains.positive and not rule._switched
+    proposal, rule = _proposal(problem, pmp.DDP(), 20, later=True)
+    assert rule._switched and rule._gauss_newton and rule.mu == 0.0
+    assert torch.equal(proposal, reference)
+
+
+def test_first_iteration_tries_gauss_newton_then_exact():
+    """The first iteration's curvature is Gauss-Newton's where it is positive definite (van der Pol: what
+    hessian="gauss-newton" proposes, the exact one proposing something else); where it is singular (catalyst
+    mixing: no running cost, a linear terminal cost, no curvature in u) the exact one, still at mu = 0."""
+    problem, _ = REFERENCE_PROBLEMS["vanderpol"]()
+    reference, _ = _proposal(problem, pmp.DDP(hessian="gauss-newton"), 20)
+    proposal, rule = _proposal(problem, pmp.DDP(), 20)
+    assert rule._gauss_newton and not rule._switched
+    assert torch.equal(proposal, reference)
+    later, rule = _proposal(problem, pmp.DDP(), 20, later=True)
+    assert not rule._gauss_newton and not torch.equal(later, reference)
+    problem, _ = REFERENCE_PROBLEMS["catalyst"]()
+    proposal, rule = _proposal(problem, pmp.DDP(), 20)
+    assert rule._switched and not rule._gauss_newton and rule.mu == 0.0 and rule._gains.positive
+    exact, _ = _proposal(problem, pmp.DDP(), 20, later=True)
+    assert torch.equal(proposal, exact) and torch.isfinite(proposal).all()
 
 
 def test_rejected_step_is_followed_by_the_minimiser_of_the_interpolating_parabola():

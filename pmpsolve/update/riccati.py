@@ -77,7 +77,10 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
         smallest = Quu_all[:, 0, 0]
     else:  # on a box, Q_uu on the free set is what must be positive definite; all of it is checked here
         smallest = torch.linalg.eigvalsh(Quu_all)[:, 0]
-    deficiency = torch.clamp(-smallest / lengths, min=0.0).max()
+    # a singular Q_uu (no curvature in u, e.g. Gauss-Newton without running cost) is deficient too: its
+    # gains divide by zero
+    singular = (smallest <= 0).to(smallest.dtype) * 1e-30
+    deficiency = (torch.clamp(-smallest / lengths, min=0.0) + singular).max()
     return torch.stack(ks[::-1]), torch.stack(Ks[::-1]), torch.stack(qus[::-1]), Quu_all, deficiency
 
 
