@@ -256,8 +256,9 @@ class DDP(Method):
 
     Args:
         hessian: "exact" (default): the second derivatives of the dynamics are kept, weighted by the
-            co-state (Newton's curvature), except in an iteration where they leave a Q_uu indefinite:
-            that one uses the Gauss-Newton curvature (before mu grows); "gauss-newton": dropped (iLQR).
+            co-state (Newton's curvature); the first iteration tries the Gauss-Newton one (the co-state of
+            the initial guess weights the exact one), and an iteration whose curvature leaves a Q_uu
+            indefinite or singular takes the other one before mu grows; "gauss-newton": dropped (iLQR).
         mu0: the first regularisation (default 0: the plain Newton step; on a linear-quadratic
             problem the first step is then the Riccati solution).
         mu_min, mu_max: a mu below mu_min becomes 0, a growing one starts there; mu stays below mu_max
@@ -273,8 +274,8 @@ class DDP(Method):
         forward_solves: batched solves of the forward pass (Newton on the node defects from the closed
             loop's linear prediction; default 0: the linear prediction alone, so that the feedback acts
             on the linearised trajectory and DDP is Newton's method with a line search; measured at
-            N = 200 with 1: the same iterations on Rayleigh, 9 instead of 8 on van der Pol, 15
-            instead of 13 on catalyst mixing, and 1.0-1.2x the time to 1e-4; docs/guide.md, section 2b).
+            N = 200 with 1: the same iterations on Rayleigh and van der Pol, 15 instead of 13 on
+            catalyst mixing, and 0.9-1.3x the time to 1e-4; docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the
             gradient, and with it the solution, is the engine's whatever this is).

@@ -39,8 +39,9 @@ An iteration (Tassa, Erez and Todorov 2012, sec. II; Tassa, Mansard and Todorov 
 The solver (``Solver.step``) sweeps the proposal and asks ``judge``: a step is kept when J decreases
 by at least ``c`` times the predicted decrease; otherwise alpha shrinks to the minimiser of the
 parabola through the predicted slope and the measured change (within [0.1, ``shrink``] alpha), and
-below ``alpha_min`` mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F). Where
-the exact curvature leaves a Q_uu indefinite, the iteration first falls back to the Gauss-Newton one.
+below ``alpha_min`` mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F). The
+first iteration tries the Gauss-Newton curvature; where an iteration's curvature leaves a Q_uu
+indefinite or singular, it takes the other one before mu grows (``DDP.propose``).
 """
 from __future__ import annotations
 
