@@ -41,7 +41,7 @@ SOURCES = {
     "compiled_step": ["bench_shooting_compiled_step.json"],
     "compile": ["bench_compile.json"],
     "func_objective": ["bench_func_objective.json"],
-    "constrained": ["bench_constrained.json"],
+    "constrained": ["bench_constrained.json", "bench_constrained_methods.json"],
     "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
@@ -49,7 +49,11 @@ SOURCES = {
 REMEASURED = {
     "control": ["bench_control_crossover_forward_differences.json"],
     "compile": ["bench_compile_lqr_alone.json"],
+    # DDP's rows after the constrained loop's and DDP's line-search changes (a different code, so marked)
+    "constrained": ["bench_constrained_ddp.json"],
 }
+#: How a re-measured row finds the row it replaces (default: by "problem").
+ROW_KEYS = {"constrained": lambda row: (row["problem"], row.get("method", "emsa"))}
 
 
 def load(name: str) -> dict:
@@ -66,10 +70,11 @@ def merged_rows(benchmark: str, key: str = "problem") -> tuple[list, dict, list]
     names of the re-measuring files that replaced a row)."""
     name, data = newest(benchmark)
     rows, used = list(data["rows"]), []
+    same = ROW_KEYS.get(benchmark, lambda row: row[key])
     for extra in REMEASURED.get(benchmark, []):
         for row in load(extra)["rows"]:
             for i, old in enumerate(rows):
-                if old[key] == row[key]:
+                if same(old) == same(row):
                     rows[i] = dict(row, _source=extra)
                     used.append(extra)
     return rows, data, sorted(set(used))
@@ -177,11 +182,11 @@ def ddp() -> str:
 
 
 def constrained() -> str:
-    name, data = newest("constrained")
+    rows, _, extra = merged_rows("constrained")
     out = []
-    for r in data["rows"]:
+    for r in rows:
         c, p = r["casadi"], r["pmpsolve"]
-        method = r.get("method", "emsa")
+        method = r.get("method", "emsa") + ("\\*" if "_source" in r else "")
         if "value" not in p:
             out.append([r["problem"], r["quantity"], f"{r['published']:.8g}", f"{c['value']:.8f}",
                         f"{c['seconds']:.3f}", method, "error", "-", "-", "-", f"{p['seconds']:.1f}", "-"])
@@ -190,7 +195,7 @@ def constrained() -> str:
                     method, f"{p['value']:.8f}", f"{abs(p['rel_error_published']):.1e}", f"{p['violation']:.1e}",
                     f"{p['status']} ({p['iterations']} it)", f"{p['seconds']:.1f}", f"{p['ratio']:.0f}"])
     return table(["problem", "value", "published", "CasADi + IPOPT", "CasADi [s]", "method", "pmpsolve",
-                  "rel. error", "violation", "status", "pmpsolve [s]", "time ratio"], out) + "\n\n" + source_note("constrained")
+                  "rel. error", "violation", "status", "pmpsolve [s]", "time ratio"], out) + "\n\n" + source_note("constrained", extra)
 
 
 def sine() -> str:
