@@ -21,8 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 reproduce: $(STAMP)
 	$(PY) -m pmpsolve reproduce --resume
 
+# Two pytest workers, one thread each (tests/conftest.py), a whole test file per worker (module fixtures
+# such as the distributed spawn run once); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The documentation site (mkdocs.yml) into site/, not committed; --strict: a broken link, a page
 # missing from the navigation or a reference to a missing docstring fails the build.
