@@ -82,9 +82,11 @@ class L0(ControlPenalty):
     """c |u|_0: c times the number of non-zero components (hard thresholding).
 
     On the weights of a network (``pmp.nn``, ``penalties={name: pmp.L0(f, relative=True)}``) the
-    weight may be relative: c is then f times the layer's Hamiltonian scale at each step (for a
-    finite set: the mean |dH/dW| times one step of the weight, docs/discrete.md), so the same f
-    prunes alike on any scale of inputs or loss. A control problem takes absolute weights only.
+    weight may be relative: c is then f times the layer's own scale at each step (for a finite
+    set: the mean |dH/dW| times one step of the weight; for float weights under ``pmp.nn.SQH``:
+    the proximity cost of moving a weight of the tensor's root mean square to zero, so that the
+    hard threshold is sqrt(f) RMS(W); docs/discrete.md), so the same f prunes alike on any scale
+    of inputs or loss. A control problem takes absolute weights only.
 
     Example:
         >>> import torch, pmpsolve as pmp

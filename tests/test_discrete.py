@@ -471,3 +471,62 @@ def test_auto_scale_is_per_channel_unless_normalisation_follows():
     sets = resolve_scales(model, {"0.weight": pmp.Finite(TERNARY), "3.weight": pmp.Finite(TERNARY),
                                   "3.bias": pmp.Finite([0.0, 1.0])})
     assert (sets["0.weight"].scale, sets["3.weight"].scale, sets["3.bias"].scale) == (None, "channel", None)
+
+
+def test_relative_l0_on_float_weights_thresholds_at_sqrt_f_times_each_layers_rms():
+    """pmp.L0(f, relative=True) on float weights (SQH): the weight is f c mean(W^2) of each layer (c: the step's
+    proximity weight), so the bSQH hard threshold |v| > sqrt(weight / c) is sqrt(f) RMS(W) whatever c is, per layer
+    of a group (two identical layers with weights 100x apart get thresholds 100x apart)."""
+    torch.manual_seed(0)
+    layers = {0: torch.nn.Linear(4, 4, bias=False).double(), 1: torch.nn.Linear(4, 4, bias=False).double()}
+    with torch.no_grad():
+        layers[1].weight.mul_(100.0)
+    inputs = {n: torch.randn(8, 4, dtype=torch.float64) for n in layers}
+    f = 2.0
+    penalties = {f"{n}.weight": pmp.L0(f, relative=True) for n in layers}
+    rms = torch.stack([layers[n].weight.detach().pow(2).mean().sqrt() for n in layers])
+    for c in (0.5, 40.0):
+        (group,) = group_layers(layers, inputs, {}, penalties, proximity=c)
+        assert group.rows == 2
+        threshold = (group.penalty.weight / c).sqrt()  # [G, m]
+        torch.testing.assert_close(threshold, (math.sqrt(f) * rms)[:, None].expand(2, 16), rtol=1e-12, atol=0)
+        # the proximal map keeps exactly the entries above it
+        v = torch.linspace(-3, 3, 16, dtype=torch.float64).expand(2, 16) * rms[:, None]
+        kept = group.penalty.prox(v, torch.full_like(v, 1 / (2 * c))) != 0
+        assert torch.equal(kept, v.abs() > threshold)
+    with pytest.raises(ValueError, match="proximity"):
+        group_layers(layers, inputs, {}, penalties)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="relative penalty of '0.weight'.*SQH"):
+        pmp.nn.EMSA(model, penalties={"0.weight": pmp.L0(1.0, relative=True)})
+
+
+def test_relative_l0_by_sqh_prunes_irrelevant_inputs_on_any_input_scale():
+    """A no-batch-norm layer on 3 informative and 27 irrelevant features, trained by pmp.nn.SQH with
+    pmp.L0(1, relative=True): the irrelevant inputs' weights go to zero and informative ones stay, with the inputs
+    as they are and times 100 (the weights divided by 100); the absolute pmp.L0(1e-3), which prunes as well at scale
+    1, keeps most irrelevant weights at scale 100. Measured, non-zero fraction of the irrelevant / informative
+    inputs' weights and test accuracy: relative 0.005 / 0.458, 0.993 (scale 1) and 0.000 / 0.875, 0.979 (scale 100);
+    absolute 0.009 / 0.625, 0.991 (scale 1) and 0.782 / 1.000, 0.914 (scale 100)."""
+
+    def train(penalty, scale):
+        x, y = noisy_features(n=600, scale=scale)
+        xt, yt = noisy_features(n=2000, seed=1, scale=scale)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        with torch.no_grad():
+            model[0].weight.div_(scale)
+        opt = pmp.nn.SQH(model, penalties={"0.weight": penalty}, adam_lr=1e-2)
+        closure = closure_for(opt, model, x, y)
+        for _ in range(60):
+            opt.step(closure)
+        W = model[0].weight.detach()
+        with torch.no_grad():
+            accuracy = float((model(xt).argmax(1) == yt).double().mean())
+        return float((W[:, 3:] != 0).double().mean()), float((W[:, :3] != 0).double().mean()), accuracy
+
+    for scale in (1.0, 100.0):
+        irrelevant, informative, accuracy = train(pmp.L0(1.0, relative=True), scale)
+        assert irrelevant < 0.05 and informative > 0.3 and accuracy > 0.95, (scale, irrelevant, informative, accuracy)
+    irrelevant, _, _ = train(pmp.L0(1e-3), 100.0)
+    assert irrelevant > 0.5, irrelevant

@@ -23,13 +23,36 @@ __all__ = ["LayerGroup", "ComponentPenalty", "group_layers"]
 class ComponentPenalty(ControlPenalty):
     """An L1 / L0 penalty whose weight differs per component (0 on parameters without a penalty).
 
-    ``weight`` is a tensor [m]; ``value`` and ``prox`` broadcast it, so the engine's proximal
-    maximiser and closed-form thresholds use it as they use a scalar weight.
+    ``weight`` is a tensor [m] (or [G, m]: one row per layer of a group); ``value`` and ``prox``
+    broadcast it, so the engine's proximal maximiser and closed-form thresholds use it as they use
+    a scalar weight. ``factors`` [m] (or None) are the f of relative penalties (``pmp.L0(f,
+    relative=True)``), 0 elsewhere: ``resolved`` turns them into weights at each step.
     """
 
-    def __init__(self, kind: str, weight: torch.Tensor):
+    def __init__(self, kind: str, weight: torch.Tensor, factors: Optional[torch.Tensor] = None):
         super().__init__(0.0)
         self.name, self.weight = kind, weight
+        self.factors = factors if factors is not None and bool((factors != 0).any()) else None
+
+    def resolved(self, rows: torch.Tensor, sizes: List[int], proximity: float) -> "ComponentPenalty":
+        """The penalty of rows [G, m] (one per layer) with its relative parts as weights [G, m].
+
+        The weight's unit is what the bSQH step's proximity term -c (theta - theta^k)^2 charges for
+        moving a weight of the parameter tensor's typical size to zero (c = ``proximity``): for L0
+        the weight is f c mean(theta^2), so that the hard threshold |v| > sqrt(weight / c) is sqrt(f)
+        times the tensor's root mean square (at a fixed point of the step, where the loss's gradient
+        vanishes on the non-zero weights, at most 1/f of them are non-zero: Markov's inequality); for
+        L1 it is 2 f c mean |theta|, so that soft thresholding shrinks by f times the mean magnitude.
+        Both follow the weights' scale, not the loss's or the inputs'."""
+        if self.factors is None:
+            return self
+        pieces = torch.split(rows.detach().to(torch.float64), sizes, dim=-1)
+        if self.name == "L0":
+            units = [proximity * (piece * piece).mean(-1, keepdim=True).expand_as(piece) for piece in pieces]
+        else:
+            units = [2.0 * proximity * piece.abs().mean(-1, keepdim=True).expand_as(piece) for piece in pieces]
+        unit = torch.cat(units, dim=-1).cpu()
+        return ComponentPenalty(self.name, self.weight + self.factors * unit)
 
     def value(self, u):
         w = self.weight.to(dtype=u.dtype, device=u.device)
@@ -110,7 +133,7 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
              penalties: Mapping[str, ControlPenalty]) -> Tuple[ControlSet, Optional[ControlPenalty]]:
     """The control set and penalty of one layer's flattened parameters, from the per-parameter options."""
     params = dict(module.named_parameters())
-    lows, highs, weights, kinds = [], [], [], set()
+    lows, highs, weights, factors, kinds = [], [], [], [], set()
     for name in names:
         p = params[name]
         full = prefix + name
@@ -132,13 +155,12 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
         lows.append(torch.full((p.numel(),), lo, dtype=torch.float64))
         highs.append(torch.full((p.numel(),), hi, dtype=torch.float64))
         pen = penalties.get(full)
-        if pen is not None and getattr(pen, "relative", False):
-            raise ValueError(f"pmp.nn: parameter {full!r} has the relative penalty {pen!r}; relative weights are "
-                             "resolved by the discrete-weight rule (parameters with a pmp.Finite set) only. Give the "
-                             f"absolute weight, e.g. pmp.{pen.name}(1e-4)")
+        relative = pen is not None and getattr(pen, "relative", False)
         if pen is not None:
             kinds.add(pen.name)
-        weights.append(torch.full((p.numel(),), pen.weight if pen is not None else 0.0, dtype=torch.float64))
+        weights.append(torch.full((p.numel(),), pen.weight if pen is not None and not relative else 0.0,
+                                  dtype=torch.float64))
+        factors.append(torch.full((p.numel(),), pen.weight if relative else 0.0, dtype=torch.float64))
     if len(kinds) > 1:
         raise ValueError(f"pmp.nn: the parameters of one layer ({prefix.rstrip('.')}) may carry one kind of penalty, "
                          f"got {sorted(kinds)}")
@@ -147,13 +169,14 @@ def _row_set(module: torch.nn.Module, names: List[str], prefix: str, controls: M
         row_set: ControlSet = Reals(low.numel())
     else:
         row_set = Box(low, high)
-    penalty = ComponentPenalty(kinds.pop(), torch.cat(weights)) if kinds else None
+    penalty = ComponentPenalty(kinds.pop(), torch.cat(weights), torch.cat(factors)) if kinds else None
     return row_set, penalty
 
 
 def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, torch.Tensor],
                  controls: Mapping[str, ControlSet], penalties: Mapping[str, ControlPenalty],
-                 exclude: Set[str] = frozenset(), unbatched: Set[int] = frozenset()) -> List[LayerGroup]:
+                 exclude: Set[str] = frozenset(), unbatched: Set[int] = frozenset(),
+                 proximity: Optional[float] = None) -> List[LayerGroup]:
     """Group the layers (index -> module) that can be maximised as rows of one objective.
 
     Same function of (x, theta): same class, same ``repr`` (hyper-parameters), same parameter
@@ -162,7 +185,8 @@ def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, tor
     rule) are not rows; they enter the layer's function at their current values, so a layer
     with excluded parameters is a group of its own (the template is the layer itself). Layers in
     ``unbatched`` (modules ``torch.func.vmap`` has no batching rule for, e.g. a wrapped ``GRU``) are
-    groups of their own too, evaluated without vmap.
+    groups of their own too, evaluated without vmap. ``proximity``: SQH's proximity weight c of this
+    step, which resolves relative penalties (``ComponentPenalty.resolved``); needed when there are any.
     """
     buckets: Dict[tuple, List[int]] = {}
     for n, module in layers.items():
@@ -186,6 +210,11 @@ def group_layers(layers: Mapping[int, torch.nn.Module], inputs: Mapping[int, tor
         names = [name for name, p in mods[0].named_parameters() if p.requires_grad and prefix + name not in exclude]
         row_set, penalty = _row_set(mods[0], names, f"{indices[0]}.", controls, penalties)
         group = LayerGroup(indices, mods, names, row_set, penalty)
+        if penalty is not None and penalty.factors is not None:
+            if proximity is None:
+                raise ValueError(f"pmp.nn: the relative penalty of layer {indices[0]} needs SQH's proximity weight "
+                                 "(relative penalties on float weights: pmp.nn.SQH only)")
+            group.penalty = penalty.resolved(group.parameters(), group.sizes, proximity)
         if indices[0] in unbatched:
             group.batched = False
         groups.append(group)

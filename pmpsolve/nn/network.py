@@ -153,6 +153,6 @@ def row_penalty(groups: Sequence[LayerGroup]) -> Optional[ComponentPenalty]:
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
-    weights = [(g.penalty.weight if g.penalty is not None and g.penalty.name == kind
-                else torch.zeros(sum(g.sizes), dtype=torch.float64)).repeat(g.rows) for g in groups]
+    weights = [(g.penalty.weight.expand(g.rows, -1) if g.penalty is not None and g.penalty.name == kind
+                else torch.zeros(g.rows, sum(g.sizes), dtype=torch.float64)).reshape(-1) for g in groups]
     return ComponentPenalty(kind, torch.cat(weights))

@@ -328,6 +328,12 @@ class Optimizer(torch.optim.Optimizer):
         self._controls, self._penalties = controls, penalties
         self._reduction = BatchReduction(process_group)
         self.method, self._rule_class, self._rule_options = method.name, rule_class, options
+        relative = sorted(k for k, pen in penalties.items()
+                          if getattr(pen, "relative", False) and not isinstance(controls.get(k), Finite))
+        if relative and method.name != "sqh":
+            raise ValueError(f"pmp.nn: the relative penalty of {relative[0]!r} is measured in SQH's proximity weight "
+                             "(pmp.nn.SQH) or, on pmp.Finite weights, by the discrete-weight rule; with "
+                             f"{method.name!r} give the absolute weight, e.g. pmp.{penalties[relative[0]].name}(1e-4)")
         self._rule = None  # built at the first step, when the batch size is known (rho starts at rho0 / B)
         self._pending_rule_state = None  # a checkpoint's rule state, applied when the rule is built
         defaults = dict(rho=rho, maximiser_iter=maximiser_iter, perturb=perturb, weight_decay=weight_decay,
@@ -464,10 +470,12 @@ class Optimizer(torch.optim.Optimizer):
             raise FloatingPointError(f"pmp.nn: the closure's loss is {loss_value}; nothing to maximise")
         self._check_costates(records, loss_value)
         inputs = {n: r.inputs for n, r in records.items()}
-        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched)
+        proximity = self._proximity()
+        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched,
+                              proximity)
         if self._batchable(groups, records):
             groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude,
-                                  self._unbatched)
+                                  self._unbatched, proximity)
         # no layer to maximise (every parameter finite-set or under adam_lr): no rule
         rule = self._rule_for(global_batch, groups) if groups else None
         if fixed_rho and rule is not None:
@@ -556,6 +564,14 @@ class Optimizer(torch.optim.Optimizer):
             if self._pending_rule_state is not None:
                 self._rule.load_state(self._pending_rule_state)
         return self._rule
+
+    def _proximity(self) -> Optional[float]:
+        """SQH's proximity weight c = eps + weight_decay / 2 at the start of this step (the unit of relative
+        penalties on float weights, ``ComponentPenalty.resolved``); None for the other methods."""
+        if self.method != "sqh":
+            return None
+        eps = self._rule.eps if self._rule is not None else float(self._rule_options["eps0"])
+        return eps + 0.5 * self.param_groups[0]["weight_decay"]
 
     def _input_costates(self, g: LayerGroup) -> Optional[bool]:
         """Whether E-MSA's objective needs p_n (True / False), or None: not now, the group's closed form

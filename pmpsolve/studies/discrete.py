@@ -48,6 +48,7 @@ VARIANTS = (
     ("ternary-msa", "ternary", "MSA"),
     ("ternary-ste", "ternary", "straight-through"),
     ("l0-sqh", "L0", "SQH"),
+    ("l0-sqh-relative", "L0", "SQH, relative"),
     ("l0-prune", "L0", "magnitude pruning"),
     ("binary-msa-scaled", "binary", "MSA, scaled"),
     ("ternary-msa-scaled", "ternary", "MSA, scaled"),
@@ -70,6 +71,7 @@ SETTINGS = dict(
     decay=0.95,            # a <- 1 - (1 - a) d once per epoch (the notebooks')
     ternary_lambda=1e-6,   # the ternary rule's lambda (pmp.L0 on the finite-set weights)
     l0=1e-4,               # SQH's L0 weight c
+    l0_relative=1.0,       # SQH's relative L0 weight f: the hard threshold is sqrt(f) x RMS(W) of the tensor
     keep=0.2,              # magnitude pruning: fraction kept
     prune_at=0.5,          # ... after this fraction of the steps
 )
@@ -130,6 +132,9 @@ def make_optimizer(variant: str, model: torch.nn.Sequential, *, steps: int, sett
         return pmp.nn.StraightThrough(model, {k: pmp.Finite(values) for k in names}, lr=s["ste_lr"])
     if variant == "l0-sqh":
         return pmp.nn.SQH(model, penalties={k: pmp.L0(s["l0"]) for k in names}, adam_lr=s["adam_lr"])
+    if variant == "l0-sqh-relative":
+        return pmp.nn.SQH(model, penalties={k: pmp.L0(s["l0_relative"], relative=True) for k in names},
+                          adam_lr=s["adam_lr"])
     if variant == "l0-prune":
         return pmp.nn.MagnitudePruning(model, names, keep=s["keep"], prune_at=max(1, round(s["prune_at"] * steps)),
                                        lr=s["adam_lr"])
@@ -339,6 +344,8 @@ def _setting(run: Dict, methods: Dict) -> str:
         return f"rho {rho:g}{lam}, a0 {methods['average']:g}, d {methods['decay']:g}/epoch"
     if v == "l0-sqh":
         return f"c {methods['l0']:g}"
+    if v == "l0-sqh-relative":
+        return f"L0({methods['l0_relative']:g}, relative)"
     return f"keep {methods['keep']:.0%} after {methods['prune_at']:.0%} of the steps"
 
 
