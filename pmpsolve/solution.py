@@ -89,7 +89,8 @@ class Solution:
             (0 when there are none).
         multipliers: None without constraints; else a dict: "terminal" [K, cT] (the terminal
             constraints' multipliers nu, in their order; per sample), "path" [K, M, cP] (the
-            path multiplier functions mu(t) >= 0 on the grid "path_times" [M]).
+            path multiplier functions mu(t) >= 0 on the grid "path_times" [M]), "path_end" [K, cP]
+            (their atoms eta >= 0 at T: the multipliers of the path constraints' end values).
         rounds: the outer loop's rounds (``pmpsolve.constrained.outer.Round``), empty without one.
 
     Example: x' = u, x(0) = 1, J = 5/2 x(1)^2 + 1/2 int u^2, whose optimal control is u = -5/6.

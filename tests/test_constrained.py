@@ -86,6 +86,23 @@ def test_a_state_bound_converges_with_ddp_to_the_analytic_optimum():
     assert float(sol.multipliers["path"][0, :5].abs().max()) == 0.0
 
 
+def test_a_state_constraint_active_at_the_free_final_time_only_is_met_there():
+    """Maximise the height of x'' = u - 1, u in [0, 1/2], from (0, 1) with a free T and v >= 0: u = 1/2, T* = 2 (the
+    apex, v(T*) = 0, where the bound is active at T alone), x(T*) = 1. The bound's end value is a terminal
+    inequality of the inner problems (its multiplier ``path_end``): without it a round ended with T past the apex
+    (measured: T = 2.0000042, violation 2.1e-6 in two rounds in a row) while the integral penalty, blind to a window
+    of that width, grew; with it no round after the first leaves a violation above 1e-6."""
+    problem = pmp.ControlProblem(
+        lambda t, x, u: torch.stack([x[..., 1], u[..., 0] - 1.0], -1), torch.tensor([0.0, 1.0], dtype=F64),
+        pmp.FreeTime(1.0, low=0.1, high=5.0), pmp.Box(0.0, 0.5, shape=(1,)), terminal_cost=lambda x: -x[..., 0],
+        path_constraints=[pmp.AtMost(lambda t, x, u: -x[..., 1:2], name="v >= 0")])
+    sol = pmp.solve(problem, mesh=20)
+    assert sol.converged and sol.violation <= 1e-6
+    assert abs(sol.horizon - 2.0) <= 1e-6 and abs(sol.cost + 1.0) <= 1e-9
+    assert all(r.violation <= 1e-6 for r in sol.rounds[1:]), [r.violation for r in sol.rounds]
+    assert sol.multipliers["path_end"].shape == (1, 1) and float(sol.multipliers["path_end"].min()) >= 0.0
+
+
 def test_minimum_time_bang_bang_on_a_finite_set():
     problem, T_star = min_time_double_integrator(1.0, controls="binary")
     with warnings.catch_warnings():

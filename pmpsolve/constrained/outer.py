@@ -8,7 +8,9 @@ then, from that solve's trajectories:
 1. the constraints are measured: psi(x(T)) and g on the multiplier grid and between it
    (``CHECK_FRACTIONS``); ``violation`` is the largest violation anywhere;
 2. the multipliers take the first-order step nu += r psi, mu = max(0, mu + r c) (pointwise on
-   the grid for path constraints);
+   the grid for path constraints, and for their end values g(T), which the inner problems
+   penalise as terminal inequalities: a state constraint active at T only, as Goddard's v >= 0
+   at the apex, is violated in a window the integral penalty does not see);
 3. a penalty grows tenfold only for the constraint groups (terminal, path) whose violation did
    not halve, so a well-behaved group keeps a well-conditioned inner problem;
 4. T and p take a projected quasi-Newton step on the merit function: the gradient is the
@@ -126,6 +128,8 @@ class ConstrainedSolver:
     def _inner(self, point: OuterPoint, init, method, tol: float, max_iter: int, progress: bool, callback):
         from ..solver import Solver
 
+        if self.transcription.path_sizes and isinstance(init, torch.Tensor) and init.dim() == 2:
+            point = point.with_(end_control=init[-1].detach())  # the control the end values are taken at
         inner = self.transcription.inner_problem(point)
         stop = Stop(max_iter=max_iter, tol=tol, stall_tol=self.stopping.stall_tol)
         solver = Solver(inner, method=method, mesh=self.transcription.mesh, ode=self.ode,
@@ -142,6 +146,8 @@ class ConstrainedSolver:
         x_T, p_T, _ = tr.split(values[-1])
         terminal = tr.terminal_values(x_T, p_T)  # [K, cT]
         path_grid, path_check = self._path_values(point, sol)
+        if tr.path_sizes:  # the path constraints' end values (at the last interval's control) [K, cT + cP]
+            terminal = torch.cat([terminal, path_grid[:, -1, :]], dim=-1)
         viol, worst = self._violation(terminal, path_check)
         gradient = torch.zeros(tr.static_dim, dtype=self.dtype, device=self.device)
         if tr.static_dim:
@@ -427,8 +433,9 @@ class ConstrainedSolver:
             warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
         settings = {**sol.settings, "rounds": len(rounds), "violation_tol": self.violation_tol}
         nu, mu = self._first_order(best.point, best)
+        cT = sum(tr.terminal_sizes)
         multipliers = None if not (tr.terminal_sizes or tr.path_sizes) else {
-            "terminal": nu, "path": mu, "path_times": tr.grid * scale}
+            "terminal": nu[:, :cT], "path": mu, "path_times": tr.grid * scale, "path_end": nu[:, cT:]}
         return Solution(
             cost=best.cost, controls=sol.controls if prob.has_controls else sol.controls[:, :0],
             mesh=mesh, history=history, converged=converged, message=message, method=sol.method,
@@ -456,7 +463,7 @@ class _MultiplierAcceleration:
         mesh = tr.grid
         h = mesh[1:] - mesh[:-1]
         node_share = torch.cat([h[:1] / 2, (h[1:] + h[:-1]) / 2, h[-1:] / 2])  # trapezoidal weights [M]
-        cT, cP = sum(tr.terminal_sizes), sum(tr.path_sizes)
+        cT, cP = tr.terminal_equal.numel(), sum(tr.path_sizes)
         self.weights = torch.cat([torch.ones(tr.K * cT, dtype=mesh.dtype, device=mesh.device),
                                   node_share[None, :, None].expand(tr.K, -1, cP).reshape(-1)])
         self.nonnegative = torch.cat([~tr.terminal_equal.expand(tr.K, cT).reshape(-1),

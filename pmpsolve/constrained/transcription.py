@@ -9,7 +9,9 @@ Three rewritings, each exact:
 * **constraints** enter the costs by the augmented Lagrangian of Powell-Hestenes-Rockafellar:
   a terminal equality psi adds nu psi + r/2 |psi|^2 to Phi, an inequality c <= 0 adds
   (max(0, mu + r c)^2 - mu^2) / (2 r) to Phi, and a path constraint g <= 0 the same term with
-  a multiplier function mu(s), piecewise linear on the multiplier grid, to L.
+  a multiplier function mu(s), piecewise linear on the multiplier grid, to L, and once more to
+  Phi at s = 1 (its end value g(T, x(T), u) <= 0 with a multiplier of its own: the atom a state
+  constraint's multiplier may have at T, which an integral penalty cannot see).
 
 The sweeps, the Hamiltonian maximisation and every update rule then run on that problem
 unchanged; ``pmpsolve.constrained.outer`` updates the multipliers, the penalties, T and p.
@@ -40,9 +42,11 @@ class OuterPoint:
     """What the outer loop fixes for one inner solve.
 
     horizon: T; parameters: p [q] (empty when none);
-    terminal: multipliers of the terminal constraints [K, cT] (equalities and inequalities,
-    in the problem's order); path: multipliers of the path constraints on the grid [K, M, cP];
-    terminal_penalty [cT], path_penalty [cP]: the penalty weights r per component.
+    terminal: multipliers of the terminal constraints [K, cT + cP] (equalities and inequalities,
+    in the problem's order, then the path constraints' end values); path: multipliers of the path
+    constraints on the grid [K, M, cP]; terminal_penalty [cT + cP], path_penalty [cP]: the penalty
+    weights r per component; end_control [m]: the control of the last interval, at which a mixed
+    path constraint's end value is taken during an inner solve (frozen: Phi reads no control).
     """
 
     horizon: float
@@ -51,6 +55,7 @@ class OuterPoint:
     path: torch.Tensor
     terminal_penalty: torch.Tensor
     path_penalty: torch.Tensor
+    end_control: Optional[torch.Tensor] = None
 
     def with_(self, **changes) -> "OuterPoint":
         return replace(self, **changes)
@@ -83,16 +88,17 @@ class Transcription:
         self.grid = torch.cat([grid, self.mesh[-1:]])  # [M], the multiplier grid
         self.terminal_sizes = getattr(problem, "terminal_sizes", ())
         self.path_sizes = getattr(problem, "path_sizes", ())
+        # the terminal constraints' components, then the path constraints' end values (inequalities)
         self.terminal_equal = torch.tensor(
             [c.kind == "equal" for c, size in zip(problem.terminal_constraints, self.terminal_sizes)
-             for _ in range(size)], dtype=torch.bool, device=device)
+             for _ in range(size)] + [False] * sum(self.path_sizes), dtype=torch.bool, device=device)
 
     # ------------------------------------------------------------------ the outer variables
     def initial_point(self, penalty: float = 1.0) -> OuterPoint:
         p = self.problem
         parameters = (torch.zeros(0, dtype=self.dtype, device=self.device) if p.parameters is None
                       else p.parameters.default_point(self.dtype, self.device).clone())
-        cT, cP = sum(self.terminal_sizes), sum(self.path_sizes)
+        cT, cP = self.terminal_equal.numel(), sum(self.path_sizes)
         full = lambda *shape: torch.full(shape, penalty, dtype=self.dtype, device=self.device)  # noqa: E731
         return OuterPoint(float(p.horizon), parameters,
                           torch.zeros(self.K, cT, dtype=self.dtype, device=self.device),
@@ -182,7 +188,7 @@ class Transcription:
         prob, free = self.problem, self.free
         f, L, Phi = prob.dynamics, prob.running_cost, prob.terminal_cost
         has_path = constraints and bool(self.path_sizes)
-        has_terminal = constraints and bool(self.terminal_sizes)
+        has_terminal = constraints and bool(self.terminal_sizes or self.path_sizes)
         nu, rT, equal = point.terminal, point.terminal_penalty, self.terminal_equal
         mu_path, rP = point.path, point.path_penalty
         extra = self.static_dim
@@ -209,6 +215,14 @@ class Transcription:
             value = Phi(*self._args(x, p=p)) if Phi is not None else z.new_zeros(z.shape[:-1])
             if has_terminal:
                 c = self.terminal_values(x, p)
+                if self.path_sizes:  # the path constraints at s = 1, at the frozen last control
+                    _, _, T = self.split(z)
+                    u_end = point.end_control
+                    if u_end is None:
+                        u_end = z.new_zeros(prob.control_dim if prob.has_controls else 1)
+                    u_end = u_end.to(z).expand(z.shape[:-1] + u_end.shape[-1:])
+                    end = self._at_time(self.path_values, z.new_tensor(self.inner_horizon), x, u_end, p, T)
+                    c = torch.cat([c, end], dim=-1)
                 value = value + torch.where(equal, nu * c + 0.5 * rT * c * c, phr_inequality(c, nu, rT)).sum(-1)
             return value
 
