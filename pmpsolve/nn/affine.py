@@ -174,6 +174,15 @@ def _patch_gram(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, in
     return _shifted_gram(t, t, kernel, padding)
 
 
+def conv_weight_grad(out_grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int],
+                     groups: int) -> torch.Tensor:
+    """The weight gradient of a grouped 2-D convolution with stride and dilation 1 (out_grad [B, groups O, H', W'],
+    inputs [B, groups I, H, W], weight: any tensor of the weight's shape [groups O, I, kh, kw], read for its shape
+    only): the weight output of ``aten.convolution_backward``, without the input gradient."""
+    return torch.ops.aten.convolution_backward(out_grad, inputs, weight, None, (1, 1), padding, (1, 1), False, [0, 0],
+                                               groups, (False, True, False))[1]
+
+
 def _weight_grad(inputs: torch.Tensor, out_grad: torch.Tensor, kernel: Tuple[int, int],
                  padding: Tuple[int, int], per_sample: bool = True) -> torch.Tensor:
     """sum over samples and positions of out_grad[o, y, x] inputs_padded[i, y + u, x + v]: [G, O, I, ku, kv] float64.
@@ -190,9 +199,8 @@ def _weight_grad(inputs: torch.Tensor, out_grad: torch.Tensor, kernel: Tuple[int
     # per sample: one sample, B G groups; else: B samples, G groups
     batch, groups = (1, B * G) if per_sample else (B, G)
     weight = out_grad.new_empty(1).expand(groups * O, I, *kernel)
-    sums = torch.ops.aten.convolution_backward(
-        out_grad.reshape(batch, -1, *out_grad.shape[3:]), inputs.reshape(batch, -1, *inputs.shape[3:]),
-        weight, None, (1, 1), padding, (1, 1), False, [0, 0], groups, (False, True, False))[1]
+    sums = conv_weight_grad(out_grad.reshape(batch, -1, *out_grad.shape[3:]),
+                            inputs.reshape(batch, -1, *inputs.shape[3:]), weight, padding, groups)
     return sums.reshape(-1, G, O, I, *kernel).sum(0, dtype=torch.float64)
 
 

@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .affine import conv_weight_grad
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 from .layers import Residual
@@ -108,9 +109,7 @@ class DerivedHamiltonian(LayerHamiltonian):
         """The gradient of a . A_W x in W: [G, *weight.shape]."""
         G = self.data.controls.shape[0]
         if self._conv:
-            gw = torch.ops.aten.convolution_backward(
-                a, x, W, None, (1, 1), self.affine.padding, (1, 1), False, [0, 0], G, (False, True, False))[1]
-            return gw.reshape(G, -1)
+            return conv_weight_grad(a, x, W, self.affine.padding, G).reshape(G, -1)
         return (a.transpose(1, 2) @ x).reshape(G, -1)
 
     def _row_sums(self, t: torch.Tensor) -> torch.Tensor:
