@@ -71,7 +71,7 @@ SETTINGS = dict(
     decay=0.95,            # a <- 1 - (1 - a) d once per epoch (the notebooks')
     ternary_lambda=1e-6,   # the ternary rule's lambda (pmp.L0 on the finite-set weights)
     l0=1e-4,               # SQH's L0 weight c
-    l0_relative=1.0,       # SQH's relative L0 weight f: the hard threshold is sqrt(f) x RMS(W) of the tensor
+    l0_relative=0.3,       # SQH's relative L0 weight f: the hard threshold is sqrt(f) x RMS(W) of the tensor
     keep=0.2,              # magnitude pruning: fraction kept
     prune_at=0.5,          # ... after this fraction of the steps
 )
@@ -357,6 +357,14 @@ def _find(runs: List[Dict], network: str, variant: str) -> Optional[Dict]:
 #: straight-through
 TERNARY_TARGETS = (("ternary-msa", "float-adam"), ("ternary-msa-scaled", "float-adam"))
 BINARY_TARGETS = (("binary-msa", "binary-ste"), ("binary-msa-scaled", "binary-ste"))
+#: L0 by SQH against float: within 1 point with at most 20 % non-zero
+L0_TARGETS = (("l0-sqh", "float-adam"), ("l0-sqh-relative", "float-adam"))
+
+
+def _l0_target(network: str, variant: str, acc: float, nz: float, ref: float) -> str:
+    met = 100 * (ref - acc) <= 1.0 and nz <= 0.2
+    return (f"- {network}: {variant} {100 * acc:.2f} % vs float {100 * ref:.2f} %, {100 * nz:.2f} % non-zero: "
+            f"{'met' if met else 'not met'} (within 1 point, <= 20 % non-zero)")
 
 
 def targets(results: Dict) -> List[str]:
@@ -383,6 +391,11 @@ def targets(results: Dict) -> List[str]:
             lines.append(f"- {network}: binary ({msa['method']}) {100 * msa['final_test_accuracy']:.2f} % vs straight-through "
                          f"{100 * ste['final_test_accuracy']:.2f} % at {msa['epoch'][-1]} epochs: "
                          f"{'met' if met else 'not met'} (MSA >= straight-through)")
+        for variant, reference in L0_TARGETS:
+            adam, l0 = _find(runs, network, reference), _find(runs, network, variant)
+            if adam and l0:
+                lines.append(_l0_target(network, variant, l0["final_test_accuracy"], l0["final_nonzero_fraction"],
+                                        adam["final_test_accuracy"]))
     return lines
 
 
@@ -424,6 +437,10 @@ def across_seeds(results: Sequence[Dict]) -> str:
                 acc, ref = means[network, variant][0], means[network, reference][0]
                 lines.append(f"- {network}: {variant} {100 * acc:.2f} % vs straight-through {100 * ref:.2f} %: "
                              f"{'met' if acc >= ref else 'not met'} (MSA >= straight-through)")
+        for variant, reference in L0_TARGETS:
+            if (network, variant) in means and (network, reference) in means:
+                (acc, nz), (ref, _) = means[network, variant], means[network, reference]
+                lines.append(_l0_target(network, variant, acc, nz, ref))
     return "\n".join(lines)
 
 
