@@ -272,10 +272,11 @@ class DDP(Method):
         c: a step is kept when J decreases by at least c times the decrease the expansion predicts
             (default 1e-4).
         forward_solves: batched solves of the forward pass (Newton on the node defects from the closed
-            loop's linear prediction; default 0: the linear prediction alone, so that the feedback acts
-            on the linearised trajectory and DDP is Newton's method with a line search; measured at
-            N = 200 with 1: the same iterations on Rayleigh and van der Pol, 15 instead of 13 on
-            catalyst mixing, and 0.9-1.3x the time to 1e-4; docs/guide.md, section 2b).
+            loop's linear prediction; default 1). 0: the linear prediction alone, so that the feedback
+            acts on the linearised trajectory and DDP is Newton's method with a line search (measured
+            at N = 200: the same iterations on Rayleigh and van der Pol, 13 instead of 15 on catalyst
+            mixing, 0.8-1.1x the time to 1e-4; but inside the constrained loop on Goddard's rocket no
+            convergence in 3000 iterations, against 77 with 1: docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the
             gradient, and with it the solution, is the engine's whatever this is).
@@ -297,7 +298,7 @@ class DDP(Method):
     shrink: float = 0.5
     alpha_min: float = 0.03
     c: float = 1e-4
-    forward_solves: int = 0
+    forward_solves: int = 1
     model_steps: int = 1
 
     def __post_init__(self):

@@ -29,12 +29,12 @@ An iteration (Tassa, Erez and Todorov 2012, sec. II; Tassa, Mansard and Todorov 
    mu h_n: the regularisation scaled like Q_uu (an integral over the interval), so that mu does not
    depend on the mesh.
 3. Forward pass: u_n = P_U(u_n + alpha k_n + K_n (x_n^new - x_n)) along the new trajectory
-   x^new_{n+1} = F_n(x^new_n, u_n). Sequential by nature; here the feedback acts on the linear
-   prediction of the closed loop (the closed-loop transitions A_n + B_n K_n chained by the associative
-   scan; exact on a linear-quadratic problem), so that the iteration is Newton's method with a line
-   search (``forward_solves=0``, the default); ``forward_solves`` > 0 corrects those nodes by Newton on
-   the node defects (multiple shooting with the feedback law inside the intervals), that many batched
-   solves of the engine's ODE solver at most.
+   x^new_{n+1} = F_n(x^new_n, u_n). Sequential by nature; here it starts from the linear prediction
+   of the closed loop (the closed-loop transitions A_n + B_n K_n chained by the associative scan;
+   exact on a linear-quadratic problem), which ``forward_solves`` (default 1) batched solves of the
+   engine's ODE solver at most correct by Newton on the node defects (multiple shooting with the
+   feedback law inside the intervals), so that the feedback acts on the nonlinear trajectory;
+   ``forward_solves=0`` keeps the prediction (Newton's method with a line search).
 
 The solver (``Solver.step``) sweeps the proposal and asks ``judge``: a step is kept when J decreases
 by at least ``c`` times the predicted decrease; otherwise alpha shrinks to the minimiser of the
