@@ -275,7 +275,7 @@ class DDP(Method):
             loop's linear prediction; default 1). 0: the linear prediction alone, so that the feedback
             acts on the linearised trajectory and DDP is Newton's method with a line search (measured
             at N = 200: the same iterations on Rayleigh and van der Pol, 13 instead of 15 on catalyst
-            mixing, 0.8-1.1x the time to 1e-4; but inside the constrained loop on Goddard's rocket no
+            mixing, 0.6-1.3x the time to 1e-4 of 1; but inside the constrained loop on Goddard's rocket no
             convergence in 3000 iterations, against 77 with 1: docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the

@@ -42,7 +42,8 @@ SOURCES = {
     "compile": ["bench_compile.json"],
     "func_objective": ["bench_func_objective.json"],
     "constrained": ["bench_constrained.json", "bench_constrained_methods.json"],
-    "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json"],
+    "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json",
+            "bench_control_ddp_forward_solves.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
 #: disturbed during those rows of the full run): their rows replace the newest file's rows of the same name.
