@@ -50,7 +50,7 @@ SOURCES = {
 REMEASURED = {
     "control": ["bench_control_crossover_forward_differences.json"],
     "compile": ["bench_compile_lqr_alone.json"],
-    # DDP's rows after the constrained loop's and DDP's line-search changes (a different code, so marked)
+    # DDP's rows with the end-value penalty of path constraints and forward_solves=1 (a different code, so marked)
     "constrained": ["bench_constrained_ddp.json"],
 }
 #: How a re-measured row finds the row it replaces (default: by "problem").
