@@ -15,7 +15,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve.constrained.transcription import Transcription
-from problems.constrained import min_time_double_integrator
+from problems.constrained import goddard, min_time_double_integrator
 
 F64 = torch.float64
 
@@ -103,6 +103,20 @@ def test_a_state_constraint_active_at_the_free_final_time_only_is_met_there():
     assert sol.multipliers["path_end"].shape == (1, 1) and float(sol.multipliers["path_end"].min()) >= 0.0
 
 
+def test_goddard_converges_with_e_msa_from_the_default_start():
+    """Goddard's rocket (free tf, m(tf) = 0.6, h >= 1, v >= 0, a singular arc) with E-MSA, the default
+    method: an inexact E-MSA solve leaves dJ/dT wrong by up to 2.5 times on the singular arc while the
+    merit is accurate, so the static line search interpolates merit values. Before, T never left its guess
+    0.2 (every trial rejected; measured here: max_iter = 1000 with T = 0.2). Mesh 10: its optimum
+    h(tf) = 1.012809 at tf = 0.19819 (this solve; 1.0128370 at tf = 0.198849 at mesh 200, CasADi's N = 200
+    reference 1.0128369 at 0.198851), COPS's published 1.01283."""
+    problem, published = goddard()
+    sol = pmp.solve(problem, mesh=10, stop=pmp.Stop(max_iter=1000, tol=1e-4))
+    assert sol.converged and sol.violation <= 1e-6
+    assert abs(-sol.cost - published) <= 3e-5 * published
+    assert abs(sol.horizon - 0.1988) <= 2e-3 and sol.horizon != 0.2
+
+
 def test_minimum_time_bang_bang_on_a_finite_set():
     problem, T_star = min_time_double_integrator(1.0, controls="binary")
     with warnings.catch_warnings():
@@ -158,6 +172,31 @@ def test_dJ_dT_and_dJ_dp_are_the_costates_of_the_static_states():
         J = [pmp.cost(tr.inner_problem(tr.with_static(point, w)), u, mesh=tr.mesh, rtol=1e-12, atol=1e-12)
              for w in (zp, zm)]
         assert float(gradient[i]) == pytest.approx((J[0] - J[1]) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+def test_the_static_line_search_finds_the_merit_minimum_despite_a_wrong_slope():
+    """The step rule of the line search in (p, T) (outer._next_step) on a merit m(a) = (a - 0.02)^2 along the
+    line, given the slope at 0 2.5 times too steep (an inexact inner solve's gradient in T: Goddard's first
+    static step was 25 times too long and its slope 2.5 times too steep). Halving alone (4 trials: 1 ... 1/8)
+    never reaches a decrease; the interpolation does, within 4 trials, near a = 0.02."""
+    from pmpsolve.constrained.outer import LINE_SEARCH_STEPS, _line_curvature, _next_step
+
+    def merit(a):
+        return (a - 0.02) ** 2
+
+    m0, slope = merit(0.0), 2.5 * -0.04
+    alpha, trials = 1.0, []
+    for _ in range(LINE_SEARCH_STEPS):
+        if merit(alpha) <= m0 + 1e-4 * alpha * slope:
+            break
+        trials.append((alpha, merit(alpha)))
+        alpha = _next_step(m0, slope, trials)
+    else:
+        pytest.fail(f"no decrease in {LINE_SEARCH_STEPS} trials: {trials}")
+    assert abs(alpha - 0.02) <= 0.005, (alpha, trials)
+    assert all(merit(0.5 ** k) > m0 for k in range(LINE_SEARCH_STEPS))
+    # the parabola through three values of a quadratic is the quadratic: its curvature 2
+    assert _line_curvature(m0, trials[-1:] + [(alpha, merit(alpha))]) == pytest.approx(2.0)
 
 
 def test_terminal_multipliers_satisfy_the_costate_condition():
