@@ -341,7 +341,6 @@ class OCNOpt(torch.optim.Optimizer):
         policies: Dict[int, object] = {}
         factors, j = {}, len(self._call_hooks)
         for n in reversed(order):  # the DDP backward pass: k, K and V_x entry by entry
-            value_grad = -_per_sample(scale, records[n].costates)  # V_x' [B, ...]
             if n in self._kfac:
                 mods = self._kfac[n]
                 j -= len(mods)
@@ -349,6 +348,7 @@ class OCNOpt(torch.optim.Optimizer):
                 policy = self._kfac_policy(mods, [module_records[j + i] for i in range(len(mods))], scale, batch,
                                            damping, settings, value=n != order[0])
             else:
+                value_grad = _per_sample(-scale, records[n].costates)  # V_x' [B, ...]
                 policy = self._exact_policy(self._groups[n], records[n].inputs, value_grad, batch, damping, settings)
             policy["scale"] = scale  # C_i(t+1), for the feedback's r_i . dx^i
             policies[n] = policy
@@ -368,7 +368,7 @@ class OCNOpt(torch.optim.Optimizer):
         parts = []
         for m, rec in zip(mods, recs):
             a = rec.inputs
-            d = -_per_sample(scale, rec.costates)  # per-sample dQ/d(output) [B, ...]
+            d = _per_sample(-scale, rec.costates)  # per-sample dQ/d(output) [B, ...] (-scale: one pass, not two)
             state = self.state[m.module.weight]
             steps = int(state.get("steps", 0))
             if "A" not in state or steps % settings["curvature_every"] == 0:
