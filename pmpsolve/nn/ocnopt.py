@@ -29,6 +29,12 @@ l_theta = weight_decay * theta (the entries' L2 cost). Q_thetatheta gets ``dampi
 for K-FAC split between the factors by the trace-norm rule of Martens and Grosse 2015, sec. 6.3).
 ``curvature="exact"`` forms the dense block B sum_i q_i q_i^T from per-sample gradients
 (``torch.func``), for any entry, in small networks.
+
+``value_hessian="gauss-newton"`` (with ``loss="mse"`` or ``"cross_entropy"``) replaces the outer
+product by the loss Hessian at the output, H_i = S_i S_i^T, propagated back in the Gauss-Newton
+form V_xx = f_x^T V_xx' f_x (S(t) = f_x^T S(t+1), one batched backward pass of the R directions):
+Q_thetatheta = sum_ir q_ir q_ir^T with q_ir = f_theta^i^T s_ir (the block J^T H J), Q_thetax dx =
+sum_ir q_ir (s_ir(t) . dx^i), V_x^i = g_i + S_i(t) U_i (``OCNOpt._gauss_newton_pass``).
 """
 from __future__ import annotations
 
@@ -167,6 +173,12 @@ class OCNOpt(torch.optim.Optimizer):
         curvature_every: the K-FAC factors (and their Cholesky factors) are updated at the first step and
             then every ``curvature_every`` steps, as K-FAC implementations do: the input factor of a
             convolution costs (in_channels k^2)^2 per position, several convolutions (docs/networks.md).
+        value_hessian: ``"outer"`` (V_xx^i = B V_x^i V_x^i^T, the empirical Fisher; no extra pass) or
+            ``"gauss-newton"`` (the loss Hessian at the output propagated back: Gauss-Newton blocks
+            J^T H J; one extra forward pass and a batched backward pass of R directions a step).
+        loss: with ``value_hessian="gauss-newton"``: ``"mse"`` (``mse_loss(model(x), y)``, the mean over
+            every output entry; R = entries a sample) or ``"cross_entropy"`` (``cross_entropy(model(x),
+            labels)``, the batch mean; R = classes). The closure's loss is checked against it.
 
     Example:
         >>> import torch, pmpsolve as pmp
