@@ -24,8 +24,8 @@ import torch
 
 import pmpsolve as pmp
 
-__all__ = ["sine_data", "sine_problem", "sine", "sine_initial_controls", "predict", "IntervalFlow", "sine_network",
-           "network_controls"]
+__all__ = ["sine_data", "sine_problem", "sine", "sine_initial_controls", "predict", "IntervalFlow", "SumReadout",
+           "sine_network", "network_controls"]
 
 DIM = 5
 HORIZON = 5.0
@@ -165,12 +165,25 @@ class IntervalFlow(torch.nn.Module):
         return x
 
 
-def sine_network(controls: torch.Tensor, *, delta: float = 0.25, substeps: int = 4) -> torch.nn.Sequential:
-    """The network with controls [N, 30] as a Sequential of N ``IntervalFlow`` layers: inputs [K, 5] -> X_T [K, 5]."""
-    return torch.nn.Sequential(*[IntervalFlow(u, delta, substeps) for u in controls])
+class SumReadout(torch.nn.Module):
+    """The prediction from the final state: X_T [K, 5] -> the sum of its components [K, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1, keepdim=True)
+
+
+def sine_network(controls: torch.Tensor, *, delta: float = 0.25, substeps: int = 4,
+                 readout: bool = False) -> torch.nn.Sequential:
+    """The network with controls [N, 30] as a Sequential of N ``IntervalFlow`` layers: inputs [K, 5] -> X_T [K, 5].
+
+    ``readout=True`` appends a ``SumReadout`` entry: inputs [K, 5] -> predictions [K, 1], so that the loss is
+    ``mse_loss(model(x), y[:, None])`` (what ``pmp.nn.OCNOpt(value_hessian="gauss-newton", loss="mse")`` takes).
+    """
+    layers = [IntervalFlow(u, delta, substeps) for u in controls]
+    return torch.nn.Sequential(*layers, *([SumReadout()] if readout else []))
 
 
 def network_controls(model: torch.nn.Sequential) -> torch.Tensor:
     """The controls [N, 30] of a ``sine_network`` (the layout of ``sine_problem``)."""
     return torch.stack([torch.cat([layer.linear.weight.detach().reshape(-1), layer.linear.bias.detach()])
-                        for layer in model])
+                        for layer in model if isinstance(layer, IntervalFlow)])

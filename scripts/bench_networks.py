@@ -8,7 +8,8 @@ Linear / Conv2d entries too, instead of their exact quadratic). An E-MSA step is
 closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
 layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
 decides acceptance. The target: an E-MSA step <= 5x an Adam step at batch 128.
-pmp.nn.OCNOpt (K-FAC curvature, with and without the feedback gains) is timed the same way; its
+pmp.nn.OCNOpt (K-FAC curvature, with and without the feedback gains, and with the Gauss-Newton value
+Hessian of the cross-entropy: ten loss-Hessian directions back-propagated a step) is timed the same way; its
 target: a step <= 3x an Adam step at batch 128. ``--methods`` picks some of the methods (Adam
 is always timed: the ratios are to it); ``--threads`` sets torch's threads (default 1).
 
@@ -143,6 +144,8 @@ def main(argv=None):
         "msa (rho 0, wd 0.001), 10 it": lambda m: pmp.nn.MSA(m, weight_decay=1e-3, maximiser_iter=10),
         "ocnopt kfac, feedback": lambda m: pmp.nn.OCNOpt(m),
         "ocnopt kfac, no feedback": lambda m: pmp.nn.OCNOpt(m, feedback=False),
+        "ocnopt kfac gauss-newton, feedback": lambda m: pmp.nn.OCNOpt(m, value_hessian="gauss-newton",
+                                                                      loss="cross_entropy"),
     }
     if args.methods:
         methods = {name: make for name, make in methods.items()

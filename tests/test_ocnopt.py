@@ -52,6 +52,94 @@ def test_without_feedback_one_linear_layer_takes_the_newton_step(curvature):
     assert float(loss_of(flat(model))) < float(loss_of(theta0))
 
 
+@pytest.mark.parametrize("curvature", ["exact", "kfac"])
+def test_gauss_newton_without_feedback_on_one_linear_layer_takes_the_newton_step(curvature):
+    """mse_loss on one Linear layer with two outputs and arbitrary residuals: the Gauss-Newton value Hessian
+    is the loss Hessian there (and its Kronecker factors are exact), so the step is Newton's."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = 3 * torch.randn(16, 2, generator=g, dtype=torch.float64)
+    theta0 = flat(model)
+
+    def loss_of(theta):
+        return F.mse_loss(x @ theta[:6].reshape(2, 3).T + theta[6:], y)
+
+    hessian = torch.autograd.functional.hessian(loss_of, theta0)
+    theta = theta0.clone().requires_grad_()
+    gradient = torch.autograd.grad(loss_of(theta), theta)[0]
+    newton = theta0 - torch.linalg.solve(hessian, gradient)
+    opt = pmp.nn.OCNOpt(model, damping=1e-14, curvature=curvature, feedback=False, value_hessian="gauss-newton",
+                        loss="mse")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert torch.allclose(flat(model), newton, rtol=0, atol=1e-6)
+    theta = flat(model).requires_grad_()
+    assert float(torch.autograd.grad(loss_of(theta), theta)[0].norm()) < 1e-6  # least squares: one step solves it
+
+
+def _ggn_recursion(model, x, y, damping, lr):
+    """Linear-Tanh-Linear, cross-entropy: the Gauss-Newton DDP step written with torch.func.jacrev.
+
+    Per-sample Jacobians J_t [B, C, m] of the logits w.r.t. each layer's parameters, the loss Hessian
+    H_i = (diag(p_i) - p_i p_i^T) / B, the blocks sum_i J_t^T H_i J_t, k_2 from the gradient, the value gradient
+    at the logits after the last layer's step g_i + H_i J_2 k_2, k_0 from it. Returns the two blocks, k_2,
+    theta_0 + lr k_0 and a function dx -> the last layer's feedback gain from the logits' change under dx."""
+    first, last = model[0], model[2]
+    p0 = {n: p.detach() for n, p in first.named_parameters()}
+    p2 = {n: p.detach() for n, p in last.named_parameters()}
+    fc = torch.func.functional_call
+    logits_of_0 = lambda params: last(torch.tanh(fc(first, params, (x,))))
+    x2 = torch.tanh(first(x)).detach()
+    logits_of_2 = lambda params: fc(last, params, (x2,))
+
+    def jacobian(f, params):  # [B, C, m]: sample i's logits depend on the parameters only through sample i
+        jac = torch.func.jacrev(f)(params)
+        return torch.cat([jac[n].reshape(x.shape[0], -1, jac[n][0, 0].numel()) for n in params], -1)
+
+    J0, J2 = jacobian(logits_of_0, p0), jacobian(logits_of_2, p2)
+    logits = logits_of_2(p2)
+    prob = torch.softmax(logits, -1)
+    B = x.shape[0]
+    H = (torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]) / B
+    g = (prob - F.one_hot(y, prob.shape[1]).to(prob.dtype)) / B  # d mean cross-entropy / d logits
+    block0 = torch.einsum("bcm,bcd,bdn->mn", J0, H, J0).detach()
+    block2 = torch.einsum("bcm,bcd,bdn->mn", J2, H, J2).detach()
+    eye = lambda m: damping * torch.eye(m.shape[0], dtype=m.dtype)
+    k2 = -torch.linalg.solve(block2 + eye(block2), torch.einsum("bcm,bc->m", J2, g))
+    value = g + torch.einsum("bcd,bdm,m->bc", H, J2, k2)  # V_x' at the logits after the last step
+    k0 = -torch.linalg.solve(block0 + eye(block0), torch.einsum("bcm,bc->m", J0, value))
+    theta0 = torch.cat([v.reshape(-1) for v in p0.values()]) + lr * k0
+
+    def gain(dz):  # -Q_thetatheta^-1 sum_i J_2^T H_i dz_i, dz_i the logits' change caused by dx_i
+        return -torch.linalg.solve(block2 + eye(block2), torch.einsum("bcm,bcd,bd->m", J2, H, dz))
+    return block0, block2, k2, theta0, gain
+
+
+def test_gauss_newton_blocks_are_j_h_j_and_the_step_is_the_ggn_ddp_step():
+    """Linear-Tanh-Linear, cross-entropy, exact curvature, no feedback: each entry's Gauss-Newton block is
+    J^T H J (torch.func.jacrev), and the first entry's step uses the value gradient after the last one's."""
+    torch.manual_seed(5)
+    B, lr, damping = 6, 0.8, 0.05
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3)).double()
+    x, y = torch.randn(B, 2, dtype=torch.float64), torch.randint(0, 3, (B,))
+    block0, block2, k2, theta0, _ = _ggn_recursion(model, x, y, damping, lr)
+    theta2 = flat(model[2]) + lr * k2
+    opt = pmp.nn.OCNOpt(model, lr=lr, damping=damping, curvature="exact", feedback=False,
+                        value_hessian="gauss-newton", loss="cross_entropy")
+    opt.step(closure_for(opt, model, x, y))
+    assert torch.allclose(flat(model[0]), theta0, rtol=0, atol=1e-12)
+    assert torch.allclose(flat(model[2]), theta2, rtol=0, atol=1e-12)
+    assert float(block0.norm()) > 1e-3 and float(block2.norm()) > 1e-3
+    assert opt.last_step["value_shift"][2] > 0  # V_x moved: the first step is not the plain GGN step
+
+
 def test_exact_curvature_step_is_the_damped_outer_product_newton_step():
     """One entry, cross-entropy: theta - (B sum_i q_i q_i^T + lambda I)^-1 sum_i q_i, q_i from a loop over samples."""
     torch.manual_seed(1)
@@ -118,9 +206,12 @@ def test_kfac_factors_of_a_convolution_and_a_linear_layer_match_their_definition
     assert torch.allclose(opt.state[lin[0].weight]["G"], G, rtol=1e-12, atol=1e-14)
 
 
-def test_the_feedback_step_follows_the_ddp_recursion_written_out_sample_by_sample():
+@pytest.mark.parametrize("value_hessian", ["outer", "gauss-newton"])
+def test_the_feedback_step_follows_the_ddp_recursion_written_out_sample_by_sample(value_hessian):
     """Linear-Tanh-Linear, exact curvature: k_t, the per-sample value factors 1 + B q_i . k, and K dx with
-    dx from the second forward pass, each computed here with autograd and loops over samples."""
+    dx from the second forward pass, each computed here with autograd and loops over samples. Gauss-Newton:
+    the recursion with torch.func.jacrev (``_ggn_recursion``) and K dx from the change of the logits that dx
+    causes, read off the forward pass (the last layer is linear, so the difference is exact)."""
     torch.manual_seed(3)
     B, lr, damping = 8, 0.7, 0.1
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
@@ -145,6 +236,21 @@ def test_the_feedback_step_follows_the_ddp_recursion_written_out_sample_by_sampl
     def solve(q, rhs):
         return torch.linalg.solve(B * q.T @ q + damping * torch.eye(q.shape[1], dtype=q.dtype), rhs)
 
+    if value_hessian == "gauss-newton":
+        _, _, k2, theta0, feedback_gain = _ggn_recursion(model, x, y, damping, lr)
+        W0, b0 = theta0[:6].reshape(3, 2), theta0[6:]
+        dx = torch.tanh(x @ W0.T + b0) - x2.detach()
+        with torch.no_grad():
+            gain = feedback_gain(last(x2 + dx) - last(x2))
+        theta2 = flat(last) + lr * (k2 + gain)
+        opt = pmp.nn.OCNOpt(model, lr=lr, damping=damping, curvature="exact", value_hessian=value_hessian,
+                            loss="cross_entropy")
+        opt.step(closure_for(opt, model, x, y))
+        assert torch.allclose(flat(first), theta0, rtol=0, atol=1e-12)
+        assert torch.allclose(flat(last), theta2, rtol=0, atol=1e-12)
+        assert opt.last_step["feedback_norm"][2] == pytest.approx(float(gain.norm()), rel=1e-9)
+        assert opt.last_step["feedback_norm"][2] > 1e-3
+        return
     q2 = per_sample_q(last, x2.detach(), logits.grad)  # the last entry: V_x' = d loss / d logits
     k2 = -solve(q2, q2.sum(0))
     factor = 1 + B * q2 @ k2  # V_x^i = r_i (1 + B q_i . k)
@@ -236,6 +342,11 @@ class Twice(torch.nn.Module):
     (lambda: torch.nn.Sequential(torch.nn.Linear(2, 100), torch.nn.Linear(100, 100)), {"curvature": "exact"},
      ValueError, "curvature='kfac'"),
     (lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, groups=1, padding="same")), {}, ValueError, "padding"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(2, 2)), {"value_hessian": "fisher"}, ValueError, "`value_hessian`"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(2, 2)), {"value_hessian": "gauss-newton"}, ValueError, "`loss='mse'`"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(2, 2)), {"value_hessian": "gauss-newton", "loss": "huber"},
+     ValueError, "got loss='huber'"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(2, 2)), {"loss": "mse"}, ValueError, "value_hessian='outer'"),
 ])
 def test_bad_input_gets_a_clear_error(build, options, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace("'", "'")):
@@ -255,3 +366,60 @@ def test_shared_weights_and_reused_layers_are_refused():
     with pytest.raises(TypeError, match="closure"):
         opt.step(None)
     pmp.nn.OCNOpt(model, curvature="exact").step(closure_for(opt, model, x, y))  # the dense block takes it
+
+
+@pytest.mark.parametrize("declared, loss_fn, words", [
+    ("mse", lambda out, y: ((out - y) ** 2).sum(-1).mean(), "imply"),  # 2 x mse_loss on two outputs
+    ("mse", lambda out, y: F.mse_loss(out, y) + 0.1 * out.abs().mean(), "imply"),
+    ("cross_entropy", lambda out, y: F.mse_loss(out, y), "not \\(softmax - target\\) / B"),
+    ("cross_entropy", lambda out, y: F.cross_entropy(out, y.argmax(-1), reduction="sum"), "off by"),
+])
+def test_gauss_newton_refuses_a_loss_other_than_the_one_named(declared, loss_fn, words):
+    """The loss Hessian is known for mse_loss and cross_entropy (batch means): the closure's loss and gradient
+    are checked against the named loss, and anything else is refused rather than given a wrong curvature."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    opt = pmp.nn.OCNOpt(model, value_hessian="gauss-newton", loss=declared)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    before = flat(model)
+    with pytest.raises(ValueError, match=words):
+        opt.step(closure)
+    assert torch.equal(flat(model), before)  # refused before any parameter moved
+
+
+def test_gauss_newton_refuses_logits_that_are_not_a_matrix():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Unflatten(1, (2, 2)))
+    opt = pmp.nn.OCNOpt(model, value_hessian="gauss-newton", loss="cross_entropy")
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5, 2))
+    with pytest.raises(ValueError, match=r"logits \[B, C\]"):
+        opt.step(closure_for(opt, model, x, y))
+
+
+def test_gauss_newton_kfac_trains_a_convolution_and_two_moons():
+    """K-FAC with the Gauss-Newton G (batched backward of the loss-Hessian directions through a Conv2d),
+    and the two-moons network of the default test to >= 95 % test accuracy, cross-entropy."""
+    torch.manual_seed(7)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 25, 3)).double()
+    x, y = torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    opt = pmp.nn.OCNOpt(conv, value_hessian="gauss-newton", loss="cross_entropy")
+    closure = closure_for(opt, conv, x, y)
+    losses = [float(opt.step(closure).detach()) for _ in range(5)]
+    assert losses[-1] < 0.5 * losses[0]
+
+    x, y = two_moons(512, 0.1, torch.Generator().manual_seed(1))
+    x_test, y_test = two_moons(512, 0.1, torch.Generator().manual_seed(2))
+    model = small_net()
+    opt = pmp.nn.OCNOpt(model, value_hessian="gauss-newton", loss="cross_entropy")
+    closure = closure_for(opt, model, x, y)
+    for _ in range(60):
+        opt.step(closure)
+    with torch.no_grad():
+        accuracy = float((model(x_test).argmax(1) == y_test).double().mean())
+    assert accuracy >= 0.95, accuracy

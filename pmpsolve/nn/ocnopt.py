@@ -29,6 +29,12 @@ l_theta = weight_decay * theta (the entries' L2 cost). Q_thetatheta gets ``dampi
 for K-FAC split between the factors by the trace-norm rule of Martens and Grosse 2015, sec. 6.3).
 ``curvature="exact"`` forms the dense block B sum_i q_i q_i^T from per-sample gradients
 (``torch.func``), for any entry, in small networks.
+
+``value_hessian="gauss-newton"`` (with ``loss="mse"`` or ``"cross_entropy"``) replaces the outer
+product by the loss Hessian at the output, H_i = S_i S_i^T, propagated back in the Gauss-Newton
+form V_xx = f_x^T V_xx' f_x (S(t) = f_x^T S(t+1), one batched backward pass of the R directions):
+Q_thetatheta = sum_ir q_ir q_ir^T with q_ir = f_theta^i^T s_ir (the block J^T H J), Q_thetax dx =
+sum_ir q_ir (s_ir(t) . dx^i), V_x^i = g_i + S_i(t) U_i (``OCNOpt._gauss_newton_pass``).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import numbers
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, vjp, vmap
 
 from ..controls import Reals
 from .groups import LayerGroup
@@ -51,6 +57,10 @@ __all__ = ["OCNOpt", "KFAC_LAYERS"]
 KFAC_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 #: largest entry (number of parameters) whose dense block ``curvature="exact"`` forms
 EXACT_LIMIT = 4096
+#: the value Hessians: the per-sample outer product B V_x V_x^T, or the loss Hessian propagated back (GGN)
+VALUE_HESSIANS = ("outer", "gauss-newton")
+#: the losses whose Hessian at the model's output ``value_hessian="gauss-newton"`` knows
+LOSSES = ("mse", "cross_entropy")
 _BATCH_NORM = torch.nn.modules.batchnorm._BatchNorm
 
 
@@ -90,21 +100,33 @@ class _KFACModule:
 
     def factors(self, a: torch.Tensor, d: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A [K, K] and G [out, out] of inputs a [B, ...] and output gradients d [B, ...]."""
+        A, positions = self.input_factor(a, batch)
+        return A, self.output_sum(d) * (batch / positions)
+
+    def input_factor(self, a: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
+        """A = (1/B) sum_ip abar abar^T [K, K] of inputs a [B, ...], and the number P of positions per sample."""
         if self.conv:
             m = self.module
             U = torch.nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # [B, K', P]
             positions = U.shape[-1]
-            D = d.reshape(d.shape[0], d.shape[1], -1)  # [B, out, P]
             # per-sample products summed: no transposed copy of the patches (measured ~20 % faster)
-            A, GG, total = torch.bmm(U, U.mT).sum(0), torch.bmm(D, D.mT).sum(0), U.sum((0, 2))
+            A, total = torch.bmm(U, U.mT).sum(0), U.sum((0, 2))
         else:
-            U, D = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])  # [B P, K'], [B P, out]
+            U = a.reshape(-1, a.shape[-1])  # [B P, K']
             positions = U.shape[0] // batch
-            A, GG, total = U.T @ U, D.T @ D, U.sum(0)
+            A, total = U.T @ U, U.sum(0)
         if self.bias:
             corner = torch.full((1, 1), float(batch * positions), dtype=A.dtype, device=A.device)
             A = torch.cat([torch.cat([A, total[:, None]], 1), torch.cat([total[None], corner], 1)], 0)
-        return A / batch, GG * (batch / positions)
+        return A / batch, positions
+
+    def output_sum(self, d: torch.Tensor) -> torch.Tensor:
+        """sum_ip d d^T [out, out] of output vectors d [N, ...] (N: samples, or samples x directions)."""
+        if self.conv:
+            D = d.reshape(d.shape[0], d.shape[1], -1)  # [N, out, P]
+            return torch.bmm(D, D.mT).sum(0)
+        D = d.reshape(-1, d.shape[-1])  # [N P, out]
+        return D.T @ D
 
     def gradient(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """sum_i q_i [out, K]: the parameter gradient of sum_i d_i . f(a_i)."""
@@ -115,15 +137,17 @@ class _KFACModule:
         d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
         return self._with_bias(d2.T @ a2, d2.sum(0))
 
-    def dots(self, a: torch.Tensor, d: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-        """q_i . M for every sample [B]: the layer's output with parameters M against d_i."""
+    def output(self, a: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """The layer's output [B, ...] at inputs a with parameters M [out, K]: f_theta M (the layer is affine)."""
         m = self.module
         w, b = self.split(M)
         if self.conv:
-            out = torch.nn.functional.conv2d(a, w, b, m.stride, m.padding, m.dilation, m.groups)
-        else:
-            out = torch.nn.functional.linear(a, w, b)
-        return (out * d).reshape(d.shape[0], -1).sum(1)
+            return torch.nn.functional.conv2d(a, w, b, m.stride, m.padding, m.dilation, m.groups)
+        return torch.nn.functional.linear(a, w, b)
+
+    def dots(self, a: torch.Tensor, d: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """q_i . M for every sample [B]: the layer's output with parameters M against d_i."""
+        return (self.output(a, M) * d).reshape(d.shape[0], -1).sum(1)
 
 
 class OCNOpt(torch.optim.Optimizer):
@@ -149,6 +173,12 @@ class OCNOpt(torch.optim.Optimizer):
         curvature_every: the K-FAC factors (and their Cholesky factors) are updated at the first step and
             then every ``curvature_every`` steps, as K-FAC implementations do: the input factor of a
             convolution costs (in_channels k^2)^2 per position, several convolutions (docs/networks.md).
+        value_hessian: ``"outer"`` (V_xx^i = B V_x^i V_x^i^T, the empirical Fisher; no extra pass) or
+            ``"gauss-newton"`` (the loss Hessian at the output propagated back: Gauss-Newton blocks
+            J^T H J; one extra forward pass and a batched backward pass of R directions a step).
+        loss: with ``value_hessian="gauss-newton"``: ``"mse"`` (``mse_loss(model(x), y)``, the mean over
+            every output entry; R = entries a sample) or ``"cross_entropy"`` (``cross_entropy(model(x),
+            labels)``, the batch mean; R = classes). The closure's loss is checked against it.
 
     Example:
         >>> import torch, pmpsolve as pmp
@@ -178,7 +208,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, lr: float = 1.0, damping: float = 0.3, curvature: str = "kfac",
                  feedback: bool = True, weight_decay: float = 0.0, stat_decay: float = 0.9,
-                 curvature_every: int = 1):
+                 curvature_every: int = 1, value_hessian: str = "outer", loss: Optional[str] = None):
         if not isinstance(model, torch.nn.Sequential):
             raise TypeError(
                 f"pmp.nn.OCNOpt trains a torch.nn.Sequential whose entries are the layers x_(t+1) = f_t(x_t, "
@@ -196,6 +226,18 @@ class OCNOpt(torch.optim.Optimizer):
                              f"(dense Gauss-Newton blocks, small layers), got {curvature!r}")
         if not isinstance(feedback, bool):
             raise TypeError(f"`feedback` must be True or False, got {feedback!r}")
+        if value_hessian not in VALUE_HESSIANS:
+            raise ValueError(f"`value_hessian` must be 'outer' (B V_x V_x^T per sample, the empirical Fisher) or "
+                             f"'gauss-newton' (the loss Hessian propagated back, with `loss=`), got {value_hessian!r}")
+        if value_hessian == "gauss-newton" and loss not in LOSSES:
+            raise ValueError(
+                f"value_hessian='gauss-newton' needs the loss Hessian at the model's output: pass `loss='mse'` "
+                f"(torch.nn.functional.mse_loss(model(x), y), the mean over all output entries) or "
+                f"`loss='cross_entropy'` (torch.nn.functional.cross_entropy(model(x), labels), the batch mean), "
+                f"got loss={loss!r}")
+        if value_hessian == "outer" and loss is not None:
+            raise ValueError(f"`loss` is used by value_hessian='gauss-newton' only, got loss={loss!r} with "
+                             "value_hessian='outer'. Drop `loss` or pass value_hessian='gauss-newton'")
         _check_entries(model)
         self._entries: Dict[int, torch.nn.Module] = {
             n: module for n, module in enumerate(model) if any(p.requires_grad for p in module.parameters())}
@@ -227,6 +269,8 @@ class OCNOpt(torch.optim.Optimizer):
                 self._groups[n] = LayerGroup([n], [entry], names, Reals(size), None)
         defaults = dict(lr=lr, damping=damping, weight_decay=weight_decay, stat_decay=stat_decay,
                         curvature=curvature, feedback=feedback, curvature_every=curvature_every)
+        if value_hessian != "outer":  # (the defaults of the outer form stay as they were)
+            defaults.update(value_hessian=value_hessian, loss=loss)
         params = [p for module in self._entries.values() for p in module.parameters() if p.requires_grad]
         super().__init__(params, defaults)
         # every entry: the input gradient d loss / d x_t of an entry is the output gradient of the one before
@@ -236,6 +280,12 @@ class OCNOpt(torch.optim.Optimizer):
         self._calls: Dict[int, int] = {}
         self._solvers: Dict[str, tuple] = {}  # per K-FAC module: (damping, dtype) and its Kronecker solver
         self._call_hooks = [m.register_forward_pre_hook(self._count(j)) for j, m in modules.items()]
+        self._gauss_newton = value_hessian == "gauss-newton"
+        # value_hessian="gauss-newton": the outputs of the K-FAC modules in the extra forward pass
+        self._capturing = False
+        self._captured: Dict[int, torch.Tensor] = {}
+        if self._gauss_newton:
+            self._capture_hooks = [m.register_forward_hook(self._capture(j)) for j, m in modules.items()]
         self._built = True
         #: what the last step did: loss, |k| and |K dx| of each entry, the mean per-sample value factor
         #: 1 + B q_i . k of each entry but the first
@@ -245,6 +295,12 @@ class OCNOpt(torch.optim.Optimizer):
         def pre_hook(module, inputs):
             self._calls[j] = self._calls.get(j, 0) + 1
         return pre_hook
+
+    def _capture(self, j: int):
+        def forward_hook(module, inputs, output):
+            if self._capturing:
+                self._captured[j] = output
+        return forward_hook
 
     def add_param_group(self, param_group: dict) -> None:
         """Refused after construction: the optimizer updates the entries of the Sequential it was built with."""
@@ -287,12 +343,16 @@ class OCNOpt(torch.optim.Optimizer):
         _PMPOptimizer._check_costates(self, records, loss_value)
         module_records = (self._module_recorder.records(list(range(len(self._call_hooks))))
                           if self._module_recorder is not None else {})
+        if self._gauss_newton:
+            info = self._gauss_newton_pass(order, records, module_records, loss, batch, damping, settings)
+            self._forward(order, records, info.pop("policies"), lr, batch, settings["feedback"], info)
+            self.last_step = info
+            return loss
         dtype, device = records[order[0]].costates.dtype, records[order[0]].costates.device
         scale = torch.ones(batch, dtype=dtype, device=device)  # C_i: V_x'^i = C_i * d loss / d x_(t+1)^i
         policies: Dict[int, object] = {}
         factors, j = {}, len(self._call_hooks)
         for n in reversed(order):  # the DDP backward pass: k, K and V_x entry by entry
-            value_grad = -_per_sample(scale, records[n].costates)  # V_x' [B, ...]
             if n in self._kfac:
                 mods = self._kfac[n]
                 j -= len(mods)
@@ -300,6 +360,7 @@ class OCNOpt(torch.optim.Optimizer):
                 policy = self._kfac_policy(mods, [module_records[j + i] for i in range(len(mods))], scale, batch,
                                            damping, settings, value=n != order[0])
             else:
+                value_grad = _per_sample(-scale, records[n].costates)  # V_x' [B, ...]
                 policy = self._exact_policy(self._groups[n], records[n].inputs, value_grad, batch, damping, settings)
             policy["scale"] = scale  # C_i(t+1), for the feedback's r_i . dx^i
             policies[n] = policy
@@ -319,7 +380,7 @@ class OCNOpt(torch.optim.Optimizer):
         parts = []
         for m, rec in zip(mods, recs):
             a = rec.inputs
-            d = -_per_sample(scale, rec.costates)  # per-sample dQ/d(output) [B, ...]
+            d = _per_sample(-scale, rec.costates)  # per-sample dQ/d(output) [B, ...] (-scale: one pass, not two)
             state = self.state[m.module.weight]
             steps = int(state.get("steps", 0))
             if "A" not in state or steps % settings["curvature_every"] == 0:
@@ -358,6 +419,124 @@ class OCNOpt(torch.optim.Optimizer):
         k = -torch.cholesky_solve((q.sum(0) + wd * theta)[:, None], chol)[:, 0]
         return {"kind": "exact", "q": q, "chol": chol, "k": k, "value_factor": 1 + batch * (q @ k)}
 
+    # -- value_hessian="gauss-newton": V_xx^i = S_i S_i^T, the loss Hessian propagated back -------------
+    def _gauss_newton_pass(self, order: List[int], records, module_records, loss: torch.Tensor, batch: int,
+                           damping: float, settings) -> dict:
+        """The DDP backward pass with the Gauss-Newton value Hessian; returns the step's info and its policies.
+
+        At the model's output z the value Hessian of sample i is the loss Hessian, factored as
+        H_i = S_i S_i^T (S_i: R directions). Gauss-Newton propagation V_xx <- f_x^T V_xx' f_x keeps the
+        factor form with S(t) = f_x^T S(t+1): R back-propagated directions per sample, obtained from one
+        extra forward pass and one batched backward pass (``is_grads_batched``). With q_ir = f_theta^i^T s_ir:
+
+            Q_thetatheta = l_thetatheta + sum_ir q_ir q_ir^T + damping I      (DDPNOpt eq. 8, GN form)
+            Q_thetax dx  = sum_ir q_ir (s_ir(t) . dx^i)
+            V_x^i        = Q_x^i + (Q_xtheta k)_i = f_x^T V_x'^i + S_i(t) (S_i(t+1)^T f_theta^i k)
+
+        so V_x^i = g_i + S_i U_i at every entry (g: the closure's back-propagated gradient), U_i [R] a running
+        sum over the later entries. V_xx is the Gauss-Newton product alone (Q_xx; the term Q_xtheta K that
+        couples the samples through Q_thetatheta^-1 is dropped).
+        """
+        first, last = order[0], len(self._model) - 1
+        grad_out = -self._recorder.records([last])[last].costates  # d loss / d z [B, ...]
+        outputs: Dict[int, torch.Tensor] = {}
+        self._captured, self._capturing = {}, True
+        try:
+            with torch.enable_grad():  # the same entries at the same parameters: a graph for the directions
+                h = records[first].inputs
+                for n in range(first, last + 1):
+                    h = outputs[n] = self._model[n](h)
+        finally:
+            self._capturing = False
+        z = outputs[last]
+        sqrt_z = _loss_sqrt_hessian(settings["loss"], z.detach(), grad_out, float(loss.detach()), batch)
+        wanted = sorted(({n - 1 for n in order[1:]} | (set() if self._kfac else set(order))) - {last})
+        modules = list(range(len(self._call_hooks))) if self._kfac else []
+        targets = [outputs[n] for n in wanted] + [self._captured[j] for j in modules]
+        # S(t) = f_x^T S(t+1) for all R directions in one batched backward pass (vmap over the directions)
+        back = torch.autograd.grad(z, targets, sqrt_z, is_grads_batched=True, allow_unused=True) if targets else []
+        back = [torch.zeros((sqrt_z.shape[0],) + t.shape, dtype=t.dtype, device=t.device) if b is None else b
+                for b, t in zip(back, targets)]
+        sqrt_out = dict(zip(wanted, back[:len(wanted)]))  # S at the output of entry n [R, B, ...]
+        sqrt_out[last] = sqrt_z
+        sqrt_mod = dict(zip(modules, back[len(wanted):]))
+        del outputs, targets, z
+        self._captured = {}
+
+        shift = grad_out.new_zeros(batch, sqrt_z.shape[0])  # U_i: V_x^i = g_i + S_i U_i
+        policies: Dict[int, object] = {}
+        shifts: Dict[int, torch.Tensor] = {}
+        j = len(self._call_hooks)
+        for n in reversed(order):
+            value = n != first  # the first entry's V_x moves nothing
+            if n in self._kfac:
+                mods = self._kfac[n]
+                j -= len(mods)
+                ids = range(j, j + len(mods))
+                policy = self._kfac_gn_policy(mods, [module_records[i] for i in ids], [sqrt_mod[i] for i in ids],
+                                              shift, batch, damping, settings, value)
+            else:
+                policy = self._exact_gn_policy(self._groups[n], records[n].inputs, -records[n].costates,
+                                               sqrt_out[n], shift, damping, settings)
+            if value:
+                policy["sqrt_in"] = sqrt_out[n - 1]  # S(t) at the entry's input, for Q_thetax dx
+                shifts[n] = policy["value_shift"].norm(dim=1).mean()
+                shift = shift + policy["value_shift"]
+            policies[n] = policy
+        return {"loss": float(loss.detach()), "value_shift": {n: float(v) for n, v in shifts.items()},
+                "k_norm": {}, "feedback_norm": {}, "policies": policies}
+
+    def _kfac_gn_policy(self, mods: List[_KFACModule], recs, sqrts: List[torch.Tensor], shift: torch.Tensor,
+                        batch: int, damping: float, settings, value: bool) -> dict:
+        """K-FAC with the Gauss-Newton G: sum_ir q_ir q_ir^T ~ A (x) G, G = (1/P) sum_ipr s s^T."""
+        wd, decay = settings["weight_decay"], settings["stat_decay"]
+        u = shift.new_zeros(shift.shape)
+        parts = []
+        for m, rec, sqrt in zip(mods, recs, sqrts):
+            a = rec.inputs
+            d = _combine(shift, sqrt) - rec.costates  # V_x' at the module's output: g + S U [B, ...]
+            state = self.state[m.module.weight]
+            steps = int(state.get("steps", 0))
+            if "A" not in state or steps % settings["curvature_every"] == 0:
+                A, positions = m.input_factor(a, batch)
+                G = m.output_sum(sqrt.reshape((-1,) + sqrt.shape[2:])) / positions
+                if "A" in state and decay > 0:
+                    A = decay * state["A"] + (1 - decay) * A
+                    G = decay * state["G"] + (1 - decay) * G
+                state["A"], state["G"] = A, G
+                self._solvers.pop(m.name, None)
+            state["steps"] = steps + 1
+            key = (damping + wd, state["A"].dtype)
+            cached = self._solvers.get(m.name)
+            if cached is None or cached[0] != key:
+                cached = self._solvers[m.name] = (key, _kronecker_solver(state["A"], state["G"], damping + wd))
+            solve = cached[1]
+            k = -solve(m.gradient(a, d) + wd * m.matrix())  # k = -Q_thetatheta^-1 Q_theta
+            if value:
+                u = u + _directions_dot(sqrt, m.output(a, k))  # S_i(t+1)^T f_theta^i k [B, R]
+            parts.append((m, a, d, sqrt, k, solve))
+        return {"kind": "kfac-gn", "parts": parts, "value_shift": u, "decay": wd}
+
+    def _exact_gn_policy(self, group: LayerGroup, x: torch.Tensor, value_grad: torch.Tensor, sqrt: torch.Tensor,
+                         shift: torch.Tensor, damping: float, settings) -> dict:
+        """The dense block sum_ir q_ir q_ir^T from per-sample vector-Jacobian products (one forward a sample)."""
+        wd = settings["weight_decay"]
+        theta = group.parameters()[0]
+        cotangents = torch.cat([(value_grad + _combine(shift, sqrt))[:, None], sqrt.transpose(0, 1)], 1)
+
+        def sample_grads(xi, ci):  # [1 + R, m]: f_theta^i^T V_x'^i and f_theta^i^T s_ir
+            _, pull = vjp(lambda th: group.call(th, xi.unsqueeze(0))[0], theta)
+            return vmap(pull)(ci)[0]
+
+        with torch.no_grad():
+            q = vmap(sample_grads)(x, cotangents)  # [B, 1 + R, m]
+        qs = q[:, 1:]
+        hessian = torch.einsum("brm,brn->mn", qs, qs)
+        hessian.diagonal().add_(damping + wd)
+        chol = torch.linalg.cholesky(hessian)
+        k = -torch.cholesky_solve((q[:, 0].sum(0) + wd * theta)[:, None], chol)[:, 0]
+        return {"kind": "exact-gn", "q": qs, "chol": chol, "k": k, "value_shift": qs @ k}
+
     # -- the forward pass: theta_t + lr (k_t + K_t dx_t) -----------------------------------------
     def _forward(self, order, records, policies, lr: float, batch: int, feedback: bool, info: dict) -> None:
         first = order[0]
@@ -372,7 +551,11 @@ class OCNOpt(torch.optim.Optimizer):
                     continue
                 policy = policies[n]
                 weights = None
-                if feedback and n != first:
+                if feedback and n != first and "sqrt_in" in policy:
+                    # S_i(t)^T dx^i [B, R]: Q_thetax dx = sum_i f_theta^i^T S_i(t+1) S_i(t)^T dx^i (eq. 8, GN form)
+                    dx = x - records[n].inputs
+                    weights = _directions_dot(policy["sqrt_in"], dx)
+                elif feedback and n != first:
                     # r_i . dx^i = V_x'^i . f_x dx^i = C_i(t+1) (d loss / d x_t^i) . dx^i: back-propagation
                     # already carried the recorded gradient through the entry (f_x^T), no Jacobian product here
                     dx = x - records[n].inputs
@@ -383,7 +566,26 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _update(self, policy: dict, lr: float, batch: int, weights: Optional[torch.Tensor], info: dict,
                 n: int) -> None:
-        if policy["kind"] == "kfac":
+        if policy["kind"] == "kfac-gn":
+            k_sq, fb_sq = 0.0, 0.0
+            for m, a, d, sqrt, k, solve in policy["parts"]:
+                step = k
+                k_sq += float((k * k).sum())
+                if weights is not None:
+                    # k + K dx = -Q_thetatheta^-1 (Q_theta + Q_thetax dx): the gradient of (V_x' + S w) . f
+                    step = -solve(m.gradient(a, d + _combine(weights, sqrt)) + policy["decay"] * m.matrix())
+                    fb_sq += float(((step - k) ** 2).sum())
+                m.add(lr * step)
+        elif policy["kind"] == "exact-gn":
+            group, step = self._groups[n], policy["k"]
+            k_sq, fb_sq = float((step * step).sum()), 0.0
+            if weights is not None:
+                rhs = torch.einsum("brm,br->m", policy["q"], weights)  # Q_thetax dx
+                gain = -torch.cholesky_solve(rhs[:, None], policy["chol"])[:, 0]
+                fb_sq = float((gain * gain).sum())
+                step = step + gain
+            group.assign((group.parameters()[0] + lr * step)[None])
+        elif policy["kind"] == "kfac":
             k_sq, fb_sq = 0.0, 0.0
             for m, a, d, k, solve in policy["parts"]:
                 step = k
@@ -409,6 +611,54 @@ class OCNOpt(torch.optim.Optimizer):
 def _per_sample(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """scale [B] times t [B, ...]."""
     return t * scale.reshape((-1,) + (1,) * (t.ndim - 1)).to(t.dtype)
+
+
+def _directions_dot(sqrt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """s_ir . v_i [B, R] of directions sqrt [R, B, ...] and v [B, ...]."""
+    return (sqrt * v.unsqueeze(0)).reshape(sqrt.shape[0], sqrt.shape[1], -1).sum(-1).T
+
+
+def _combine(w: torch.Tensor, sqrt: torch.Tensor) -> torch.Tensor:
+    """sum_r w_ir s_ir [B, ...] of weights w [B, R] and directions sqrt [R, B, ...]."""
+    return (w.T.reshape(w.shape[1], w.shape[0], *(1,) * (sqrt.ndim - 2)).to(sqrt.dtype) * sqrt).sum(0)
+
+
+def _loss_sqrt_hessian(loss: str, z: torch.Tensor, grad_z: torch.Tensor, loss_value: float,
+                       batch: int) -> torch.Tensor:
+    """Factors S [R, B, ...] of the loss Hessian at the model's output z [B, ...]: H_i = sum_r s_ir s_ir^T.
+
+    Checked against the closure's loss and gradient, so that a loss other than the one named is refused
+    rather than given a wrong curvature.
+    """
+    shape = tuple(z.shape[1:])
+    if loss == "mse":
+        per = z[0].numel()
+        # mse_loss's mean over B * per entries: grad = 2 (z - y) / (B per), so loss = (B per / 4) |grad|^2
+        implied = float((grad_z * grad_z).sum()) * batch * per / 4
+        if not math.isclose(implied, loss_value, rel_tol=1e-3, abs_tol=1e-12):
+            raise ValueError(
+                f"pmp.nn.OCNOpt: loss='mse' takes torch.nn.functional.mse_loss(model(x), y) (the mean over all "
+                f"{batch} x {per} output entries, nothing added), but the closure's loss {loss_value:.6g} and its "
+                f"gradient at the model's output imply {implied:.6g} for that loss. Compute the loss as "
+                "mse_loss(model(x), y) (put any reduction of the output, e.g. a sum, into the model as a last "
+                "entry) and the L2 term as weight_decay")
+        eye = torch.eye(per, dtype=z.dtype, device=z.device).reshape((per, 1) + shape)
+        return (eye * math.sqrt(2.0 / (batch * per))).expand((per, batch) + shape).contiguous()
+    if z.ndim != 2:
+        raise ValueError(f"pmp.nn.OCNOpt: loss='cross_entropy' takes logits [B, C] from the model, got an output "
+                         f"of shape {tuple(z.shape)}")
+    p = torch.softmax(z, -1)
+    labels = p - batch * grad_z  # cross_entropy's mean: grad = (p - y) / B, so y = p - B grad
+    off = torch.maximum(-labels.min(), (labels.sum(-1) - 1).abs().max())
+    if bool(off > 1e-3):
+        raise ValueError(
+            f"pmp.nn.OCNOpt: loss='cross_entropy' takes torch.nn.functional.cross_entropy(model(x), labels) (the "
+            f"batch mean, nothing added), but the closure's gradient at the model's output is not (softmax - "
+            f"target) / B for any target distribution (off by {float(off):.3g}). Compute the loss that way and "
+            "the L2 term as weight_decay")
+    # diag(p) - p p^T = sum_c s_c s_c^T with s_c = sqrt(p_c) (e_c - p); the batch mean adds 1/B
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    return (eye[:, None, :] - p[None]) * (p.T.sqrt() / math.sqrt(batch))[:, :, None]
 
 
 def _kronecker_solver(A: torch.Tensor, G: torch.Tensor, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
