@@ -41,7 +41,8 @@ SOURCES = {
     "compiled_step": ["bench_shooting_compiled_step.json"],
     "compile": ["bench_compile.json"],
     "func_objective": ["bench_func_objective.json"],
-    "constrained": ["bench_constrained.json", "bench_constrained_methods.json"],
+    "constrained": ["bench_constrained.json", "bench_constrained_methods.json", "bench_constrained_ddp.json",
+                    "bench_constrained_line_search.json"],
     "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json",
             "bench_control_ddp_forward_solves.json"],
 }
@@ -50,8 +51,6 @@ SOURCES = {
 REMEASURED = {
     "control": ["bench_control_crossover_forward_differences.json"],
     "compile": ["bench_compile_lqr_alone.json"],
-    # DDP's rows with the end-value penalty of path constraints and forward_solves=1 (a different code, so marked)
-    "constrained": ["bench_constrained_ddp.json"],
 }
 #: How a re-measured row finds the row it replaces (default: by "problem").
 ROW_KEYS = {"constrained": lambda row: (row["problem"], row.get("method", "emsa"))}
