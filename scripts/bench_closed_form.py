@@ -8,7 +8,9 @@ Configurations: pmp.nn.EMSA with rho 0.03 and adaptive, weight decay 0 and 0.001
 ``closed_form=True`` (default) and ``False`` (L-BFGS on every layer), and ``autograd`` rows: the closed form
 with the residual layers' gradient from autograd (``pmp.nn`` without ``derived.DerivedHamiltonian``),
 every convolution Gram matrix from im2col patches (``affine.MAX_PATCHES`` unbounded) and p_n formed for
-every layer at every step: the step as it was before those three, for the record; and the closed form with ``maximiser_iter=5`` instead of the study's 10.
+every layer at every step: the step as it was before those three, for the record; ``unpreconditioned`` rows: the
+residual layers' L-BFGS without the Gauss-Newton diagonal that scales its steps (``derived.DerivedHamiltonian.
+precondition``); and the closed form with ``maximiser_iter`` 5 and 4 instead of the study's 10.
 Target: an E-MSA step <= 5x Adam's.
 
     python scripts/bench_closed_form.py [--rounds 8] [--batch 128] [--out results/bench]
@@ -36,6 +38,13 @@ def autograd_paths():
     return stack
 
 
+def unpreconditioned():
+    """The residual layers' L-BFGS without its diagonal preconditioner."""
+    from pmpsolve.nn.derived import DerivedHamiltonian
+
+    return mock.patch.object(DerivedHamiltonian, "precondition", False)
+
+
 def configurations():
     """name -> (weight decay, make(model) -> optimizer, context of its steps)."""
     out = {"adam": (0.0, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), contextlib.nullcontext),
@@ -43,14 +52,18 @@ def configurations():
                               contextlib.nullcontext)}
     for wd in (0.0, 1e-3):
         for rho, label in ((0.03, "rho 0.03"), (None, "adaptive")):
-            for route in ("closed form", "closed form, autograd", "all L-BFGS"):
+            contexts = {"closed form, autograd": autograd_paths, "closed form, unpreconditioned": unpreconditioned}
+            for route in ("closed form", "closed form, unpreconditioned", "closed form, autograd", "all L-BFGS"):
                 name = f"emsa {label}, wd {wd:g}, {route}"
                 out[name] = (wd, lambda m, rho=rho, closed=route != "all L-BFGS", wd=wd: pmp.nn.EMSA(
                     m, rho=rho, maximiser_iter=10, closed_form=closed, weight_decay=wd),
-                    autograd_paths if route == "closed form, autograd" else contextlib.nullcontext)
+                    contexts.get(route, contextlib.nullcontext))
         for rho, label in ((0.03, "rho 0.03"), (None, "adaptive")):  # fewer L-BFGS iterations on the residual layers
-            out[f"emsa {label}, wd {wd:g}, closed form, 5 iterations"] = (wd, lambda m, rho=rho, wd=wd: pmp.nn.EMSA(
-                m, rho=rho, maximiser_iter=5, weight_decay=wd), contextlib.nullcontext)
+            for iterations, route, context in ((5, "", contextlib.nullcontext), (5, ", unpreconditioned", unpreconditioned),
+                                               (4, "", contextlib.nullcontext)):
+                out[f"emsa {label}, wd {wd:g}, closed form, {iterations} iterations{route}"] = (
+                    wd, lambda m, rho=rho, wd=wd, iterations=iterations: pmp.nn.EMSA(
+                        m, rho=rho, maximiser_iter=iterations, weight_decay=wd), context)
     return out
 
 

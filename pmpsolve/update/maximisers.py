@@ -70,6 +70,10 @@ class IntervalObjective(Protocol):
       that a ``UserSet`` maximiser receives.
     * ``rho``, ``eps``: the E-MSA and SQH proximity weights already inside ``smooth``
       (for information; user maximisers receive them).
+    * optional ``diagonal_curvature(u [N, m]) -> [N, m]``: a positive estimate of the diagonal of
+      -Hessian of ``smooth`` at u (``ProjectedLBFGS`` scales its steps by its inverse: its initial
+      inverse Hessian); objectives whose parameters differ in curvature by orders of magnitude
+      (a layer's biases and weights) gain most from it.
     * optional ``total(*parts, error=None) -> tuple``: in a distributed solve
       (docs/distributed.md) ``smooth`` is one rank's part of the objective (its samples)
       while every other member returns totals over all ranks; a maximiser that
@@ -185,18 +189,21 @@ class ProjectedLBFGS:
         x = perturbed_start(objective, controls, self.perturb, generator)
         f, g = value_grad(x)
         N = x.shape[0]
+        # the diagonal preconditioner (None: the identity), fixed for this maximisation
+        diagonal = getattr(objective, "diagonal_curvature", None)
+        D = diagonal(start) if diagonal is not None else None
         S, Y, R = [], [], []  # curvature pairs [N, m] and 1/(s.y) [N] (0 where a row skipped the pair)
         active = torch.ones(N, dtype=torch.bool, device=x.device)
         pg0 = _projected_gradient(x, g, project).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
             free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)))
-            d = -_two_loop(g * free, S, Y, R) * free
+            d = -_two_loop(g * free, S, Y, R, D) * free
             slope = (g * d).sum(-1)
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
-                d = torch.where(steepest[:, None], -g * free, d)
-            else:
+                d = torch.where(steepest[:, None], -g * free if D is None else -g / D * free, d)
+            elif D is None:
                 # First step: the exact minimiser along -g of the local quadratic model,
                 # a = |g|^2 / g'Hg with g'Hg from one Hessian-vector product (autograd).
                 d = -g * free
@@ -204,6 +211,16 @@ class ProjectedLBFGS:
                 gg = (d * d).sum(-1)
                 fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0)
                 alpha = torch.where(curv > 0, gg / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
+                d = d * alpha[:, None]
+                evals[0] += 1
+            else:
+                # First step: along -D^-1 g, to the minimiser of the local quadratic model along it
+                # (a = g'D^-1 g / d'Hd); the Newton step of the diagonal model (a = 1) where that curvature is not positive.
+                d = -g / D * free
+                curv = objective.curvature(x, d)
+                gd = -(g * d).sum(-1)
+                alpha = torch.where(curv > 0, gd / torch.where(curv > 0, curv, torch.ones_like(curv)),
+                                    torch.ones_like(curv))
                 d = d * alpha[:, None]
                 evals[0] += 1
             d = d * active[:, None]
@@ -246,18 +263,27 @@ def _projected_gradient(x, g, project):
     return (x - project(x - g)).abs()
 
 
-def _two_loop(q: torch.Tensor, S, Y, R) -> torch.Tensor:
-    """H q for the row-wise L-BFGS inverse Hessians given by the pairs (S, Y, R); rows are independent."""
+def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """H q for the row-wise L-BFGS inverse Hessians given by the pairs (S, Y, R); rows are independent. The
+    initial inverse Hessian is gamma I, or gamma D^-1 with a diagonal preconditioner D [N, m] (gamma = s'y / y'y,
+    s'y / y'D^-1 y: Nocedal and Wright, 7.20, in the preconditioned metric)."""
     alphas = []
     for s, y, r in zip(reversed(S), reversed(Y), reversed(R)):
         a = r * (s * q).sum(-1)
         q = q - a[:, None] * y
         alphas.append(a)
-    if S:
+    if S and D is None:
         s, y, r = S[-1], Y[-1], R[-1]
         yy = (y * y).sum(-1)
         gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
         q = q * gamma[:, None]
+    elif S:
+        s, y, r = S[-1], Y[-1], R[-1]
+        yy = (y * y / D).sum(-1)
+        gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
+        q = q / D * gamma[:, None]
+    elif D is not None:
+        q = q / D
     for s, y, r, a in zip(S, Y, R, reversed(alphas)):
         b = r * (y * q).sum(-1)
         q = q + (a - b)[:, None] * s
