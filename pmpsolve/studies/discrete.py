@@ -69,6 +69,7 @@ SETTINGS = dict(
     rho=None,              # DiscreteRule: None = 0.5 binary, 0.25 ternary (the reference notebooks')
     average=0.999,         # DiscreteRule's a0 (the notebooks')
     decay=0.95,            # a <- 1 - (1 - a) d once per epoch (the notebooks')
+    coherence=0.5,         # DiscreteRule's coherence: the scale step's proximity k^e (the default; scaled sets only)
     ternary_lambda=1e-6,   # the ternary rule's lambda (pmp.L0 on the finite-set weights)
     l0=1e-4,               # SQH's L0 weight c
     l0_relative=0.3,       # SQH's relative L0 weight f: the hard threshold is sqrt(f) x RMS(W) of the tensor
@@ -114,7 +115,7 @@ def make_optimizer(variant: str, model: torch.nn.Sequential, *, steps: int, sett
     """The optimizer of ``variant`` (a key of VARIANTS) for ``model``; ``steps``: the run's total steps."""
     names = restricted_names(model)
     s = settings
-    rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"])
+    rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"], coherence=s["coherence"])
     if variant == "float-adam":
         return torch.optim.Adam(model.parameters(), lr=s["adam_lr"])
     if variant == "binary-msa":  # Li & Hao's rule as published: the weights are the values (scale=None)
@@ -337,7 +338,9 @@ def _setting(run: Dict, methods: Dict) -> str:
     if v in SCALED:
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda L0({DEFAULT_SPARSITY:g}, relative)" if v.startswith("ternary") else ""
-        return f"scale auto, rho {rho:g}{lam}, a0 {methods['average']:g}, d {methods['decay']:g}/epoch"
+        # results files from before the setting ran with coherence 1
+        return (f"scale auto, rho {rho:g}{lam}, coherence {methods.get('coherence', 1.0):g}, a0 {methods['average']:g}, "
+                f"d {methods['decay']:g}/epoch")
     if v.endswith("-msa"):
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda {methods['ternary_lambda']:g}" if v.startswith("ternary") else ""
