@@ -298,7 +298,7 @@ def scaled_argmax(M: torch.Tensor, G: torch.Tensor, w: torch.Tensor, alpha: torc
     # e = 0 (c |v|^2) diverged, e = 1 damped the scale of wide rows to a standstill (docs/discrete.md)
     k = vv.clamp_min(1) ** float(coherence)  # v in {-1, 0, 1}: |v|^2 = the support size
     safe = torch.where(frozen, torch.ones_like(curvature), curvature)
-    # the same maximiser written as a step from beta^k, so that the k-fold curvature damps the step only
+    # the same maximiser written as a step from beta^k, so that the k^e-fold curvature damps the step only
     beta = alpha * a + (slope - 2 * safe * alpha * a * vv) / (2 * safe * k * vv.clamp_min(1e-30))
     beta = torch.where(vv > 0, beta, alpha * a)
     new_alpha = torch.where(frozen, alpha, torch.maximum(beta / a, 0.5 * alpha))
