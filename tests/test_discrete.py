@@ -297,12 +297,13 @@ def test_joint_scale_and_values_equal_enumeration(values, kind, dtype):
                 assert float(on_grid.max()) <= -float(c[r] * ((best_W - z[r]) ** 2).sum()) - l1 * b + 1e-9
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype,coherence", [(torch.float64, 0.5), (torch.float32, 0.5), (torch.float64, 1.0)])
 @pytest.mark.parametrize("values,kind,scale", [(TERNARY, "L0", "channel"), (TERNARY, "L1", "tensor"),
                                                (BINARY, None, "channel"), ([-2.0, 0.0, 2.0], "L0", "tensor")])
-def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
+def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype, coherence):
     """The scaled rule's two block steps against enumeration: v over all of V^n with alpha = alpha^k, then alpha
-    over a fine grid with v held (each the maximiser of the rule's objective in W)."""
+    over a fine grid with v held (each the maximiser of the rule's objective in W, the alpha step's proximity
+    counted k^coherence times for k non-zero weights)."""
     g = torch.Generator().manual_seed(2)
     V = torch.tensor(values, dtype=torch.float64)
     a, gap = float(V.abs().max()), float(torch.sort(V).values.diff().min())
@@ -318,7 +319,7 @@ def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
         lam = torch.full((layout.rows,), 0.2, dtype=torch.float64)
         rho_alpha = 0.6 * G.abs().max() * torch.ones(layout.rows, dtype=torch.float64)
         W, new_alpha = scaled_argmax(M.to(dtype), G.to(dtype), w.to(dtype), alpha.to(dtype), rho_k.to(dtype),
-                                     rho_alpha.to(dtype), V, lam.to(dtype), kind, 0.05, layout)
+                                     rho_alpha.to(dtype), V, lam.to(dtype), kind, 0.05, layout, coherence)
         W, new_alpha = W.double(), new_alpha.double()
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         for r in range(layout.rows):
@@ -337,10 +338,10 @@ def test_scaled_rule_steps_are_exact_maximisers(values, kind, scale, dtype):
             grid = torch.linspace(0.5 * float(alpha[r]), 4 * float(alpha[r]), 20001, dtype=torch.float64)
             Wg = grid[:, None] * (a * best_v / a)  # [K, n]
             pen = {"L0": (Wg != 0).sum(-1), "L1": Wg.abs().sum(-1)}.get(kind, 0.0)
-            # the alpha-step's objective: the rule's, plus (k - 1) c |v|^2 (beta - beta^k)^2 (the coherent proximity)
+            # the alpha-step's objective: the rule's, plus (k^e - 1) c |v|^2 (beta - beta^k)^2 (the coherent proximity)
             k, vv = float((best_v != 0).sum()), float((best_v * best_v).sum())
             values_on_grid = ((G[j] * Wg).sum(-1) - pg * ((Wg - w[j]) ** 2).sum(-1) - 0.025 * (Wg * Wg).sum(-1)
-                              - float(lam[r]) * pen - (k - 1) * (pg + 0.025) * vv * (grid - float(alpha[r])) ** 2)
+                              - float(lam[r]) * pen - (max(k, 1.0) ** coherence - 1) * (pg + 0.025) * vv * (grid - float(alpha[r])) ** 2)
             assert abs(float(new_alpha[r]) - float(grid[values_on_grid.argmax()])) <= 4 * float(grid[1] - grid[0]) + tol
 
 
@@ -450,6 +451,9 @@ def test_scaled_sets_and_relative_penalties_refuse_bad_input():
         pmp.Finite([0.0, 1.0], scale="channel")
     with pytest.raises(TypeError, match="relative"):
         pmp.L0(0.1, relative="yes")
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ValueError, match="coherence"):
+            pmp.nn.DiscreteRule(coherence=bad)
     from pmpsolve.nn.discrete import resolve_scales
     with pytest.raises(ValueError, match="0-d"):
         m = torch.nn.Module()

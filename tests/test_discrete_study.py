@@ -94,6 +94,7 @@ def test_resume_loads_the_complete_runs(quick, tmp_path):
     (["--networks", "mlp"], "unknown network 'mlp'"),
     (["--batch-size", "x"], "--batch-size"),
     (["--data-dir", "/nonexistent"], "--data-dir is for --dataset mnist or fashion"),
+    (["--coherence", "1.5"], "--coherence"),
 ])
 def test_cli_errors_exit_2(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -101,6 +102,15 @@ def test_cli_errors_exit_2(args, message, tmp_path, capsys):
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any run
+
+
+def test_coherence_setting_reaches_the_rule_and_the_results_file():
+    assert study.study_settings()["methods"]["coherence"] == pmp.nn.DiscreteRule().coherence == 0.5
+    settings = study.study_settings(size="quick", coherence=1.0)
+    assert settings["methods"]["coherence"] == 1.0
+    model = study.build_network("fc", image_size=8, hidden=4, channels=2, residual_layers=1, seed=0)
+    opt = study.make_optimizer("ternary-msa-scaled", model, steps=1, settings=settings["methods"])
+    assert opt._finite.rule.coherence == 1.0
 
 
 def test_cli_error_through_python_m_pmpsolve(tmp_path):

@@ -69,6 +69,7 @@ SETTINGS = dict(
     rho=None,              # DiscreteRule: None = 0.5 binary, 0.25 ternary (the reference notebooks')
     average=0.999,         # DiscreteRule's a0 (the notebooks')
     decay=0.95,            # a <- 1 - (1 - a) d once per epoch (the notebooks')
+    coherence=0.5,         # DiscreteRule's coherence: the scale step's proximity k^e (the default; scaled sets only)
     ternary_lambda=1e-6,   # the ternary rule's lambda (pmp.L0 on the finite-set weights)
     l0=1e-4,               # SQH's L0 weight c
     l0_relative=0.3,       # SQH's relative L0 weight f: the hard threshold is sqrt(f) x RMS(W) of the tensor
@@ -114,7 +115,7 @@ def make_optimizer(variant: str, model: torch.nn.Sequential, *, steps: int, sett
     """The optimizer of ``variant`` (a key of VARIANTS) for ``model``; ``steps``: the run's total steps."""
     names = restricted_names(model)
     s = settings
-    rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"])
+    rule = pmp.nn.DiscreteRule(rho=s["rho"], average=s["average"], decay=s["decay"], coherence=s["coherence"])
     if variant == "float-adam":
         return torch.optim.Adam(model.parameters(), lr=s["adam_lr"])
     if variant == "binary-msa":  # Li & Hao's rule as published: the weights are the values (scale=None)
@@ -253,8 +254,10 @@ def train_run(network: str, variant: str, data: datasets.ImageData, build: Calla
 
 
 def study_settings(*, size: str = "default", dataset: Optional[str] = None, data_dir: Optional[str] = None,
-                   epochs: Optional[int] = None, batch_size: int = 100, seed: int = 0) -> Dict:
-    """The settings a results file records under "config"; ``--resume`` loads runs only when they are the same."""
+                   epochs: Optional[int] = None, batch_size: int = 100, seed: int = 0,
+                   coherence: Optional[float] = None) -> Dict:
+    """The settings a results file records under "config"; ``--resume`` loads runs only when they are the same.
+    ``coherence``: the scaled sets' ``DiscreteRule(coherence=...)`` (None: SETTINGS', the library's default)."""
     config = dict(CONFIGS[size])
     for key, value in (("dataset", dataset), ("epochs", epochs)):
         if value is not None:
@@ -263,6 +266,8 @@ def study_settings(*, size: str = "default", dataset: Optional[str] = None, data
     config.update(size=size, data_dir=str(Path(data_dir).expanduser().resolve()) if idx and data_dir else None,
                   batch_size=batch_size, seed=seed, methods=dict(SETTINGS), dtype="float32", device="cpu",
                   loss="softmax cross-entropy, mean over the batch")
+    if coherence is not None:
+        config["methods"]["coherence"] = float(coherence)
     return config
 
 
@@ -337,7 +342,9 @@ def _setting(run: Dict, methods: Dict) -> str:
     if v in SCALED:
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda L0({DEFAULT_SPARSITY:g}, relative)" if v.startswith("ternary") else ""
-        return f"scale auto, rho {rho:g}{lam}, a0 {methods['average']:g}, d {methods['decay']:g}/epoch"
+        # results files from before the setting ran with coherence 1
+        return (f"scale auto, rho {rho:g}{lam}, coherence {methods.get('coherence', 1.0):g}, a0 {methods['average']:g}, "
+                f"d {methods['decay']:g}/epoch")
     if v.endswith("-msa"):
         rho = methods["rho"] if methods["rho"] is not None else (0.5 if v.startswith("binary") else 0.25)
         lam = f", lambda {methods['ternary_lambda']:g}" if v.startswith("ternary") else ""
@@ -519,6 +526,14 @@ def _write_outputs(results: Dict, out: Path) -> Tuple[List[Path], str]:
     return figures, table
 
 
+def coherence_type(value: str) -> float:
+    """--coherence: a number in [0, 1]."""
+    number = cli.nonnegative_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(prog="python -m pmpsolve reproduce discrete", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=cli.writable_dir, default="results/discrete",
@@ -540,6 +555,9 @@ def main(argv=None) -> Dict:
     parser.add_argument("--quick", action="store_const", dest="size", const="quick", default="default",
                         help="a smoke test: the 8x8 digits, hidden width 32, a CNN of 4 channels and 1 residual "
                              "layer, 5 epochs")
+    parser.add_argument("--coherence", type=coherence_type, default=None,
+                        help=f"the scaled variants' DiscreteRule(coherence=e), in [0, 1]: the scale step's proximity "
+                             f"counted k^e times for a row of k non-zero weights (default {SETTINGS['coherence']:g})")
     parser.add_argument("--threads", type=cli.positive_int, default=1,
                         help="torch CPU threads (default 1: faster than 2 on a busy 2-core machine)")
     parser.add_argument("--no-progress", action="store_true")
@@ -555,7 +573,7 @@ def main(argv=None) -> Dict:
         print(table)
         return {"summary": table}
     options = dict(size=args.size, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                   batch_size=args.batch_size, seed=args.seed)
+                   batch_size=args.batch_size, seed=args.seed, coherence=args.coherence)
     settings = study_settings(**options)
     if args.data_dir is not None and settings["dataset"] not in ("mnist", "fashion"):
         parser.error(f"--data-dir is for --dataset mnist or fashion, not {settings['dataset']}")
