@@ -381,27 +381,34 @@ class OCNOpt(torch.optim.Optimizer):
         for m, rec in zip(mods, recs):
             a = rec.inputs
             d = _per_sample(-scale, rec.costates)  # per-sample dQ/d(output) [B, ...] (-scale: one pass, not two)
-            state = self.state[m.module.weight]
-            steps = int(state.get("steps", 0))
-            if "A" not in state or steps % settings["curvature_every"] == 0:
-                A, G = m.factors(a, d, batch)
-                if "A" in state and decay > 0:
-                    A = decay * state["A"] + (1 - decay) * A
-                    G = decay * state["G"] + (1 - decay) * G
-                state["A"], state["G"] = A, G
-                self._solvers.pop(m.name, None)
-            state["steps"] = steps + 1
-            key = (damping + wd, state["A"].dtype)
-            cached = self._solvers.get(m.name)
-            if cached is None or cached[0] != key:  # Cholesky factors: once per curvature update
-                cached = self._solvers[m.name] = (key, _kronecker_solver(state["A"], state["G"], damping + wd))
-            solve = cached[1]
+            solve = self._factor_solver(m, lambda: m.factors(a, d, batch), damping + wd, decay, settings)
             gradient = m.gradient(a, d) + wd * m.matrix()  # Q_theta [out, K]
             k = -solve(gradient)
             if value:
                 qk = qk + m.dots(a, d, k)  # q_i . k
             parts.append((m, a, d, k, solve))
         return {"kind": "kfac", "parts": parts, "value_factor": 1 + batch * qk, "decay": wd}
+
+    def _factor_solver(self, m: "_KFACModule", factors: Callable[[], Tuple[torch.Tensor, torch.Tensor]],
+                       shift: float, decay: float, settings) -> Callable:
+        """The solver of (A (x) G + shift I) for module m: its running Kronecker factors, refreshed from
+        ``factors()`` at the first step and every ``curvature_every`` steps (an exponential average with
+        ``decay``), Cholesky-factored once per refresh or change of ``shift``."""
+        state = self.state[m.module.weight]
+        steps = int(state.get("steps", 0))
+        if "A" not in state or steps % settings["curvature_every"] == 0:
+            A, G = factors()
+            if "A" in state and decay > 0:
+                A = decay * state["A"] + (1 - decay) * A
+                G = decay * state["G"] + (1 - decay) * G
+            state["A"], state["G"] = A, G
+            self._solvers.pop(m.name, None)
+        state["steps"] = steps + 1
+        key = (shift, state["A"].dtype)
+        cached = self._solvers.get(m.name)
+        if cached is None or cached[0] != key:  # Cholesky factors: once per curvature update
+            cached = self._solvers[m.name] = (key, _kronecker_solver(state["A"], state["G"], shift))
+        return cached[1]
 
     def _exact_policy(self, group: LayerGroup, x: torch.Tensor, value_grad: torch.Tensor, batch: int,
                       damping: float, settings) -> dict:
@@ -495,22 +502,12 @@ class OCNOpt(torch.optim.Optimizer):
         for m, rec, sqrt in zip(mods, recs, sqrts):
             a = rec.inputs
             d = _combine(shift, sqrt) - rec.costates  # V_x' at the module's output: g + S U [B, ...]
-            state = self.state[m.module.weight]
-            steps = int(state.get("steps", 0))
-            if "A" not in state or steps % settings["curvature_every"] == 0:
+
+            def factors(a=a, sqrt=sqrt):  # A and the Gauss-Newton G = (1/P) sum_ipr s s^T
                 A, positions = m.input_factor(a, batch)
-                G = m.output_sum(sqrt.reshape((-1,) + sqrt.shape[2:])) / positions
-                if "A" in state and decay > 0:
-                    A = decay * state["A"] + (1 - decay) * A
-                    G = decay * state["G"] + (1 - decay) * G
-                state["A"], state["G"] = A, G
-                self._solvers.pop(m.name, None)
-            state["steps"] = steps + 1
-            key = (damping + wd, state["A"].dtype)
-            cached = self._solvers.get(m.name)
-            if cached is None or cached[0] != key:
-                cached = self._solvers[m.name] = (key, _kronecker_solver(state["A"], state["G"], damping + wd))
-            solve = cached[1]
+                return A, m.output_sum(sqrt.reshape((-1,) + sqrt.shape[2:])) / positions
+
+            solve = self._factor_solver(m, factors, damping + wd, decay, settings)
             k = -solve(m.gradient(a, d) + wd * m.matrix())  # k = -Q_thetatheta^-1 Q_theta
             if value:
                 u = u + _directions_dot(sqrt, m.output(a, k))  # S_i(t+1)^T f_theta^i k [B, R]
