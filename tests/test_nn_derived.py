@@ -61,8 +61,8 @@ def test_the_gradient_is_autograds(kind, bias):
 
 
 def test_other_residual_layers_keep_autograd():
-    """Another activation, a strided convolution, rho = 0 or a process group: no hand-derived gradient (None),
-    the autograd objective is used."""
+    """Another activation, a strided convolution or rho = 0: no hand-derived gradient (None), the autograd
+    objective is used; in a process group the derived objective keeps the group's reduction."""
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.Flatten(),
                                 pmp.nn.Residual(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()), 0.5),
                                 torch.nn.Linear(16, 3)).double()
@@ -77,8 +77,10 @@ def test_other_residual_layers_keep_autograd():
     g = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
          if isinstance(g.template, pmp.nn.Residual)][0]
     assert derived_objective(g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.0)) is None
-    assert derived_objective(g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.5,
-                                                  reduce=object())) is None
+    reduce = object()
+    fast = derived_objective(g, LayerHamiltonian(g, layer_data(g, records, g.parameters(), True), rho=0.5,
+                                                 reduce=reduce))
+    assert isinstance(fast, DerivedHamiltonian) and fast._reduce is reduce
 
 
 @pytest.mark.parametrize("rho,wd", [(0.03, 1e-3), (None, 1e-3), (0.03, 0.0)])

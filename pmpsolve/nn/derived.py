@@ -20,7 +20,9 @@ Autograd gets the same numbers by differentiating the co-state term (a vector-Ja
 more under ``torch.func.vmap``, about twice the arithmetic. Here one evaluation is a forward map, two
 adjoint-side maps (A_W' a, A_W r) and two weight gradients for all rows of the group at once (a grouped
 convolution, a batched matrix product). ``DerivedHamiltonian`` replaces only ``value_and_grad``, what
-L-BFGS asks for; everything else (values at trial points, gains) stays the autograd ``LayerHamiltonian``.
+L-BFGS asks for, and adds the Gauss-Newton diagonal L-BFGS scales its steps by (residual entries);
+everything else (values at trial points, gains) stays the autograd ``LayerHamiltonian``. In a process
+group both are totals over the ranks, like the autograd objective's.
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ class DerivedHamiltonian(LayerHamiltonian):
     precondition = True
 
     def __init__(self, objective: LayerHamiltonian, affine: torch.nn.Module, delta: Optional[float], bias: bool):
-        super().__init__(objective.group, objective.data, objective.rho, objective.eps, objective.weight_decay)
+        super().__init__(objective.group, objective.data, objective.rho, objective.eps, objective.weight_decay,
+                         objective._reduce)
         self.affine, self.bias = affine, bias
         self.residual, self.delta = delta is not None, 1.0 if delta is None else float(delta)
         d = self.data
@@ -134,8 +137,16 @@ class DerivedHamiltonian(LayerHamiltonian):
     def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and torch.equal(self._last[0], u):
             return self._last[1], self._last[2]
-        rho, delta = self.rho, self.delta
         u = u.detach()
+        fused = self._totalled(lambda: self._local_value_and_grad(u), u.shape[:-1] + (u.shape[-1] + 1,), u)
+        values, grads = fused[:, 0], fused[:, 1:]
+        self._last = (u.clone(), values, grads)
+        return values, grads
+
+    def _local_value_and_grad(self, u: torch.Tensor) -> torch.Tensor:
+        """[G, 1 + m]: this process's values and gradients (its samples; weight decay and eps are divided
+        among the ranks by the caller)."""
+        rho, delta = self.rho, self.delta
         with torch.no_grad():
             W, b = self._weights(u)
             x, y, p, p_in = self._x, self._y, self._p, self._p_in
@@ -166,8 +177,7 @@ class DerivedHamiltonian(LayerHamiltonian):
                 diff = u - self.data.controls
                 values = values - self.eps * (diff * diff).sum(1)
                 grads = grads - 2 * self.eps * diff
-        self._last = (u.clone(), values, grads)
-        return values, grads
+            return torch.cat([values[:, None], grads], dim=1)
 
 
     def _gauss_newton_diagonal(self, u: torch.Tensor) -> torch.Tensor:
@@ -181,24 +191,29 @@ class DerivedHamiltonian(LayerHamiltonian):
         fallback) the diagonal of its Kronecker-sum Hessian slowed L-BFGS (a Linear classifier: 272 iterations
         to a gradient of 2e-7 against 209 to 2e-8)."""
         rho, delta = self.rho, self.delta
-        with torch.no_grad():
-            W, b = self._weights(u.detach())
-            x, p = self._x, self._p
-            t = torch.tanh(self._forward(x, W, b))
-            s2 = (1 - t * t) ** 2
-            a2 = s2 * p * p
-            weights = self._weight_grad(x * x, s2, W) + self._weight_grad(torch.ones_like(x), a2, W)
-            parts = [(rho * delta * delta) * weights]
-            if self.bias:
-                parts.append((rho * delta * delta) * self._bias_grad(s2))
-            D = torch.cat(parts, dim=1) + (self.weight_decay + 2 * self.eps)
+
+        def local():
+            with torch.no_grad():
+                W, b = self._weights(u.detach())
+                x, p = self._x, self._p
+                t = torch.tanh(self._forward(x, W, b))
+                s2 = (1 - t * t) ** 2
+                a2 = s2 * p * p
+                weights = self._weight_grad(x * x, s2, W) + self._weight_grad(torch.ones_like(x), a2, W)
+                parts = [(rho * delta * delta) * weights]
+                if self.bias:
+                    parts.append((rho * delta * delta) * self._bias_grad(s2))
+                return torch.cat(parts, dim=1) + (self.weight_decay + 2 * self.eps)
+
+        D = self._totalled(local, u.shape, u)
         # a floor: a parameter that nothing in the batch touches keeps a finite step
         return D.clamp_min(torch.finfo(D.dtype).eps * float(D.max()))
 
 
 def derived_objective(group: LayerGroup, objective: LayerHamiltonian) -> Optional[DerivedHamiltonian]:
-    """``DerivedHamiltonian`` for a residual tanh or affine group in one process with rho > 0, else None."""
-    if objective._reduce is not None or objective.penalty is not None or not group.batched:
+    """``DerivedHamiltonian`` for a residual tanh or affine group with rho > 0, else None (in a process group its
+    sums are totals over the ranks, as the autograd objective's)."""
+    if objective.penalty is not None or not group.batched:
         return None
     if not (objective.rho > 0 and objective.data.inputs.is_floating_point()):
         return None

@@ -121,19 +121,28 @@ class LayerHamiltonian:
     def value_and_grad(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and torch.equal(self._last[0], u):
             return self._last[1], self._last[2]
-        if self._reduce is None:
+
+        def local():
             grads, values = self._rows(grad_and_value(self._row), u.detach())
-        else:  # one fused buffer: value and gradient together (and the error flag)
-            fused = None
-            with self._reduce.guard() as guard:
-                grads, values = self._rows(grad_and_value(self._row), u.detach())
-                fused = torch.cat([values[:, None], grads], dim=1)
-            if fused is None:
-                fused = u.new_zeros(u.shape[:-1] + (u.shape[-1] + 1,))
-            fused = self._reduce.totals(fused, error=guard.error)[0]
-            values, grads = fused[:, 0], fused[:, 1:]
+            return torch.cat([values[:, None], grads], dim=1)
+
+        fused = self._totalled(local, u.shape[:-1] + (u.shape[-1] + 1,), u)
+        values, grads = fused[:, 0], fused[:, 1:]
         self._last = (u.detach().clone(), values.detach(), grads.detach())
         return self._last[1], self._last[2]
+
+    def _totalled(self, local, shape, like: torch.Tensor) -> torch.Tensor:
+        """``local()`` (this process's sums over its samples, a tensor of ``shape``), made a total over the
+        process group in one fused buffer: an exception in ``local`` still joins the collective, then is
+        raised on every rank. In one process ``local()`` itself."""
+        if self._reduce is None:
+            return local()
+        fused = None
+        with self._reduce.guard() as guard:
+            fused = local()
+        if fused is None:
+            fused = like.new_zeros(shape)
+        return self._reduce.totals(fused, error=guard.error)[0]
 
     def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """d' (-Hessian of ``smooth``) d per row [G], from a difference of gradients along d.
