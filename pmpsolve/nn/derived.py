@@ -207,7 +207,7 @@ class DerivedHamiltonian(LayerHamiltonian):
 
         D = self._totalled(local, u.shape, u)
         # a floor: a parameter that nothing in the batch touches keeps a finite step
-        return D.clamp_min(torch.finfo(D.dtype).eps * float(D.max()))
+        return torch.maximum(D, torch.finfo(D.dtype).eps * D.amax(-1, keepdim=True))  # per row, no host sync
 
 
 def derived_objective(group: LayerGroup, objective: LayerHamiltonian) -> Optional[DerivedHamiltonian]:
