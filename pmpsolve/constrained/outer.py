@@ -555,7 +555,7 @@ def _next_step(m0: float, slope: float, trials) -> float:
     if curvature is None or curvature <= 0:
         return 0.5 * alpha
     # the parabola's minimiser: its slope at 0 from the two trials' divided difference
-    (a1, m1), (a2, m2) = trials[-2:]
+    a1, m1 = trials[-2]
     b = (m1 - m0) / a1 - 0.5 * curvature * a1
     return min(max(-b / curvature, 0.02 * alpha), 0.5 * alpha)
 

@@ -179,7 +179,6 @@ class DerivedHamiltonian(LayerHamiltonian):
                 grads = grads - 2 * self.eps * diff
             return torch.cat([values[:, None], grads], dim=1)
 
-
     def _gauss_newton_diagonal(self, u: torch.Tensor) -> torch.Tensor:
         """The Gauss-Newton diagonal of -Hessian of the objective at u [G, m] (``ProjectedLBFGS``'s preconditioner):
         rho delta^2 (s^2 . x^2 + a^2 . 1) per weight and rho delta^2 sum s^2 per bias, the squares of the

@@ -203,24 +203,15 @@ class ProjectedLBFGS:
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
                 d = torch.where(steepest[:, None], -g * free if D is None else -g / D * free, d)
-            elif D is None:
-                # First step: the exact minimiser along -g of the local quadratic model,
-                # a = |g|^2 / g'Hg with g'Hg from one Hessian-vector product (autograd).
-                d = -g * free
-                curv = objective.curvature(x, d)
-                gg = (d * d).sum(-1)
-                fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0)
-                alpha = torch.where(curv > 0, gg / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
-                d = d * alpha[:, None]
-                evals[0] += 1
             else:
-                # First step: along -D^-1 g, to the minimiser of the local quadratic model along it
-                # (a = g'D^-1 g / d'Hd); the Newton step of the diagonal model (a = 1) where that curvature is not positive.
-                d = -g / D * free
+                # First step: the exact minimiser along -g (-D^-1 g with a preconditioner) of the local
+                # quadratic model, a = -g'd / d'Hd with d'Hd from one Hessian-vector product (autograd); where
+                # that curvature is not positive, 1 / max|g| (with D: 1, the diagonal model's Newton step).
+                d = -g * free if D is None else -g / D * free
                 curv = objective.curvature(x, d)
                 gd = -(g * d).sum(-1)
-                alpha = torch.where(curv > 0, gd / torch.where(curv > 0, curv, torch.ones_like(curv)),
-                                    torch.ones_like(curv))
+                fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0) if D is None else torch.ones_like(curv)
+                alpha = torch.where(curv > 0, gd / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
                 d = d * alpha[:, None]
                 evals[0] += 1
             d = d * active[:, None]
@@ -272,16 +263,11 @@ def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> tor
         a = r * (s * q).sum(-1)
         q = q - a[:, None] * y
         alphas.append(a)
-    if S and D is None:
+    if S:
         s, y, r = S[-1], Y[-1], R[-1]
-        yy = (y * y).sum(-1)
+        yy = (y * y if D is None else y * y / D).sum(-1)
         gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
-        q = q * gamma[:, None]
-    elif S:
-        s, y, r = S[-1], Y[-1], R[-1]
-        yy = (y * y / D).sum(-1)
-        gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
-        q = q / D * gamma[:, None]
+        q = q * gamma[:, None] if D is None else q / D * gamma[:, None]
     elif D is not None:
         q = q / D
     for s, y, r, a in zip(S, Y, R, reversed(alphas)):
