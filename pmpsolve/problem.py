@@ -71,6 +71,14 @@ class ControlProblem:
         (2, 1, 1)
     """
 
+    #: The kinks of the running cost inside the mesh intervals, for the co-state sweep, or None (L smooth in t
+    #: between the nodes). ``hinges(t, x, u) -> (a [..., c], w [..., c])`` (w shaped like a) declares that L contains
+    #: sum_j w_j max(0, a_j)^2 / 2 with a and w smooth in t between the nodes: grad_x L then has kinks where an
+    #: a_j changes sign, which the polynomial co-state strategies add exactly (``pmpsolve.sweep.costate``)
+    #: instead of interpolating across them. The augmented-Lagrangian transcription sets it for the path
+    #: penalties (``pmpsolve.constrained.transcription``).
+    running_cost_hinges: Optional[Callable] = None
+
     def __init__(self, dynamics: Dynamics, x0, horizon: Union[float, FreeTime], controls: Optional[ControlSet] = None,
                  terminal_cost: Optional[TerminalCost] = None,
                  running_cost: Optional[RunningCost] = None, *, control_penalty: Optional[ControlPenalty] = None,

@@ -226,16 +226,25 @@ class Transcription:
                 value = value + torch.where(equal, nu * c + 0.5 * rT * c * c, phr_inequality(c, nu, rT)).sum(-1)
             return value
 
+        def hinges(s, z, u):  # the path penalties' kinks: (max(0, a)^2 - mu^2) / (2 r) with a = mu + r g (T / r: time scaling)
+            x, p, T = self.split(z)
+            a = self.path_multiplier(mu_path, s) + rP * self._at_time(self.path_values, s, x, u, p, T)
+            w = (T if free else 1.0) / rP
+            return a, w.expand_as(a)
+
         x0 = prob.initial_state(self.dtype, self.device)
         if extra:
             static = self.static(point).to(x0).expand(self.K, extra)
             x0 = torch.cat([x0, static], dim=-1)
         if prob.single_sample:
             x0 = x0[0]
-        return ControlProblem(dynamics, x0, self.inner_horizon, prob.controls,
-                              terminal if (Phi is not None or has_terminal) else None,
-                              running if (L is not None or has_path) else None,
-                              control_penalty=prob.control_penalty, name=prob.name)
+        inner = ControlProblem(dynamics, x0, self.inner_horizon, prob.controls,
+                               terminal if (Phi is not None or has_terminal) else None,
+                               running if (L is not None or has_path) else None,
+                               control_penalty=prob.control_penalty, name=prob.name)
+        if has_path:
+            inner.running_cost_hinges = hinges
+        return inner
 
     def initial_problem(self) -> ControlProblem:
         """The inner problem at the initial point (what ``ControlProblem`` checks)."""

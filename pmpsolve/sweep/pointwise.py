@@ -26,7 +26,7 @@ import torch
 from ..problem import ControlProblem
 from .reduce import SampleReducer
 
-__all__ = ["PointwiseProblem"]
+__all__ = ["PointwiseProblem", "hinge_gradient"]
 
 
 class PointwiseProblem:
@@ -192,6 +192,39 @@ class PointwiseProblem:
                     b = torch.zeros_like(x) if g is None else g / self.reducer.num_samples
         return A.detach(), b.detach()
 
+    @property
+    def has_hinges(self) -> bool:
+        """Whether the running cost declares kinks between the nodes (``ControlProblem.running_cost_hinges``)."""
+        return self.has_running_cost and self.problem.running_cost_hinges is not None
+
+    def hinge_linearisation(self, t, x, u) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kinked part of b = (1/K) grad_x L, for a running cost that declares
+        sum_j w_j max(0, a_j)^2 / 2 (``ControlProblem.running_cost_hinges``):
+
+            (1/K) grad_x of it = sum_j max(0, a_j) G_j + max(0, a_j)^2 H_j,
+            G_j = w_j grad_x a_j / K,  H_j = grad_x w_j / (2 K),
+
+        a [..., K, c], G and H [..., K, c, n]: smooth between the nodes, so a co-state strategy may keep
+        them as polynomials and add the kinks exactly (``hinge_gradient``). Points as in ``linearisation``.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            a, w = self._map(self.problem.running_cost_hinges, t, x, u)
+            w = w.expand_as(a)
+            K = self.reducer.num_samples
+
+            def rows(values):  # d values[..., j] / dx for every component j: [..., K, c, n]
+                out = []
+                for j in range(values.shape[-1]):
+                    g = (torch.autograd.grad(values[..., j].sum(), x, retain_graph=True, allow_unused=True)[0]
+                         if values.requires_grad else None)
+                    out.append(torch.zeros_like(x) if g is None else g)
+                return torch.stack(out, dim=-2) if out else x.new_zeros(x.shape[:-1] + (0,) + x.shape[-1:])
+
+            G = w.detach().unsqueeze(-1) * rows(a) / K
+            H = rows(w) / (2 * K)
+        return a.detach(), G.detach(), H
+
     def costate_terminal(self, x_final: torch.Tensor) -> torch.Tensor:
         """P_T = -grad_{X_T} mean_i Phi(X_T^i), [K, n]."""
         if self.problem.terminal_cost is None:
@@ -240,3 +273,10 @@ def _expand_control(u: torch.Tensor, x: torch.Tensor, batched: bool) -> torch.Te
     if batched and u.ndim == 2:
         u = u.reshape((u.shape[0],) + (1,) * (len(lead) - 1) + (u.shape[-1],))
     return u.expand(lead + (u.shape[-1],))
+
+
+def hinge_gradient(a: torch.Tensor, G: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """sum_j max(0, a_j) G_j + max(0, a_j)^2 H_j [..., n] for a [..., c], G, H [..., c, n]: the kinked part of
+    (1/K) grad_x L at given a, G, H (``PointwiseProblem.hinge_linearisation``)."""
+    r = torch.clamp(a, min=0).unsqueeze(-1)
+    return (r * (G + r * H)).sum(-2)
