@@ -44,6 +44,7 @@ from .sweep.reduce import distributed_reducer, refuse_user_set
 from .update.relaxation import RelaxAndRound, relax_round_polish
 from .solution import IterationRecord, Solution
 from .update.stopping import StopReason, default_tests
+from .update.rules import NoiseFloor
 from .sweep.sweeps import ForwardSweep, Sweeper
 
 __all__ = ["solve", "Solver", "SolverState", "DEFAULT_TOLERANCES"]
@@ -170,6 +171,7 @@ class Solver:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         self.maximiser = HamiltonianMaximiser(problem.controls, max_iter=m.iterations, perturb=m.perturb, method=m.kind)
         self.rule = self.method.rule(self.pw, problem.controls, self.maximiser, generator, self.method.options())
+        self.rule.noise = NoiseFloor(self.ode.rtol)
         self.sweeper = Sweeper(self.pw, self.mesh, method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol,
                                options=self.ode.options, quadrature=m.quadrature)
         self.tests = default_tests(self.method.name, self.rule, self.stopping.stall_tol)
@@ -382,7 +384,7 @@ class Solver:
     def _noise(self, cost: float) -> float:
         """What J is known to: 10 times the sweeps' rtol, relative (a rise below it is no divergence: a rule
         that accepts steps within it near a solution, as DDP's line search does, must not be stopped as one)."""
-        return 10.0 * self.ode.rtol * max(1.0, abs(cost))
+        return NoiseFloor(self.ode.rtol).level(cost)
 
     def _check_controls(self, u: torch.Tensor, k: int) -> None:
         if not bool(torch.isfinite(u).all()):

@@ -238,3 +238,21 @@ def test_half_precision_and_missing_cuda_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pmp.solve(problem, mesh=4, device="cuda")
+
+
+def test_e_msa_keeps_a_step_whose_gain_is_below_the_noise_of_J():
+    """J is known to 10 rtol relative (NoiseFloor): a predicted decrease below that cannot be measured. E-MSA keeps
+    such a step unless J rose beyond the noise above the lowest J kept, and leaves rho alone (growing it on
+    noise stalled Bryson-Denham's penalised problems at rho 1e5-1e12); a measurable gain is judged as before."""
+    solver = pmp.Solver(readme_double_integrator(), method="emsa", mesh=10)
+    rule = solver.rule
+    assert rule.noise.rtol == solver.ode.rtol == 1e-9
+    level = rule.noise.level(2.0)  # 2e-8
+    rho = rule.rho
+    assert rule.judge(2.0, 2.0 + 0.5 * level, gain=0.1 * level) and rule.rho == rho  # a rise within the noise
+    assert not rule.judge(2.0, 2.0 + 2 * level, gain=0.1 * level) and rule.rho > rho  # beyond it: a rejection
+    rho = rule.rho
+    assert not rule.judge(2.0, 2.0 + 0.5 * level, gain=100 * level) and rule.rho > rho  # measurable: J must fall
+    # outside a Solver (rtol 0) every gain is measurable, as in the networks' EMSA
+    bare = type(rule)(solver.pw, solver.problem.controls, solver.maximiser, None, {})
+    assert bare.noise.rtol == 0 and not bare.judge(2.0, 2.0 + 0.5 * level, gain=0.1 * level)

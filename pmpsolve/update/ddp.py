@@ -69,8 +69,6 @@ MAX_CONCATENATED_STATE = 1024
 _ROLLOUT_RELATIVE = 1e-3
 #: mu's growth at least after a failed line search
 _LINE_SEARCH_GROWTH = 10.0
-#: J's error in units of the sweeps' rtol (the judge's noise level)
-_NOISE = 10.0
 #: alpha's smallest factor after a rejection (the interpolated line search, ``DDP._shorter``)
 _MIN_SHORTENING = 0.1
 #: The closed-loop chain of the forward pass by the scan up to this concatenated state, else sequentially.
@@ -171,7 +169,6 @@ class DDP(UpdateRule):
         self._iteration = 0  # the solver's iterations so far (``begin``)
         self._gauss_newton = self._switched = False  # this iteration's curvature; switched from the other
         self._trial_change, self._noise = math.inf, 0.0  # the last trial's change of J, the judge's noise level
-        self._lowest = float("inf")  # the lowest J accepted: noise-level steps are judged against it
         self._nodes = None  # the forward pass's nodes of the last proposal
         bounds = controls.bounds(pw.dtype, pw.device)
         self._box = bounds if isinstance(controls, Box) else None
@@ -227,20 +224,15 @@ class DDP(UpdateRule):
 
     def judge(self, old_cost, new_cost, gain):
         decrease = old_cost - new_cost
-        # J is known to the sweeps' tolerance only: a predicted decrease below it cannot be measured, and
-        # demanding one stalls the line search next to a solution (Rayleigh at N = 10: 40 rejections in a
-        # row with the optimality measure at 1.1 tol; also with J required not to rise at all). There the
-        # step must only not raise J beyond that noise, above the lowest J so far (not the last one: rises
-        # within the noise must not add up, Goddard at N = 200 drifted up 3 times in a row and was judged
-        # divergent).
-        noise = self._noise = _NOISE * self._sweeps[0].ode.rtol * max(1.0, abs(old_cost))
-        if self._expected <= noise:
-            accept = new_cost <= min(old_cost, self._lowest) + noise
+        # a predicted decrease below J's noise cannot be measured: J must only not rise beyond it (NoiseFloor)
+        self._noise = self.noise.level(old_cost)
+        if self.noise.unmeasurable(self._expected, old_cost):
+            accept = self.noise.acceptable(old_cost, new_cost)
         else:
             accept = new_cost < old_cost and decrease >= float(self.options["c"]) * self._expected
         self._trial_change = new_cost - old_cost
         if accept:
-            self._lowest = min(self._lowest, old_cost, new_cost)
+            self.noise.kept(old_cost, new_cost)
             # A full step: the expansion is trusted, mu shrinks. A step the line search had to cut
             # well short (alpha < shrink^2): the expansion overshoots (e.g. on a singular arc, where
             # Q_uu is nearly zero and the Newton step runs into the box), mu grows for the next one.

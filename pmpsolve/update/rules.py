@@ -27,7 +27,49 @@ _RELAX_SHRINK = 0.1
 _SAME_WEIGHT = 1.05
 _MAX_RELAXATIONS = 32
 
-__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule", "adapt_rho"]
+__all__ = ["UpdateRule", "BasicMSA", "ExtendedMSA", "GradientStep", "SQH", "RULES", "register_rule", "adapt_rho",
+           "NoiseFloor", "NOISE_RTOLS"]
+
+#: J's error in units of the sweeps' rtol: what a judge can measure of a change of J
+NOISE_RTOLS = 10.0
+
+
+class NoiseFloor:
+    """What J is known to, for a judge: NOISE_RTOLS times the sweeps' rtol, relative to max(1, |J|).
+
+    A predicted decrease below it cannot be measured, and demanding one stalls a rule next to a
+    solution: DDP on Rayleigh at N = 10 (40 rejections in a row at a measure of 1.1 tol), E-MSA on
+    Bryson-Denham's stiff penalised problems (every inner solve "stalled" at a measure 100x its
+    tolerance, rho driven to 1e5, while steps taken at the noise level bring the measure down 5
+    decades in 15 iterations). There a step must only not raise J beyond the noise above the lowest J
+    kept so far (not the last one: rises within the noise must not add up; Goddard at N = 200
+    drifted up 3 times in a row and was judged divergent). ``rtol`` 0: every decrease is measurable
+    (a rule used outside a ``Solver``, which sets its sweeps' rtol).
+
+    DDP and E-MSA judge so. SQH and the gradient step do not: their step grows after every kept step
+    (eps shrinks, lr doubles), and kept noise-level steps grew it until the iteration stopped converging
+    (LQR at N = 100: SQH 40 iterations to the tolerance, not converged in 300 that way; the gradient
+    step 60, not in 300).
+    """
+
+    def __init__(self, rtol: float = 0.0):
+        self.rtol = rtol
+        self.lowest = math.inf
+
+    def level(self, cost: float) -> float:
+        return NOISE_RTOLS * self.rtol * max(1.0, abs(cost))
+
+    def unmeasurable(self, predicted: float, cost: float) -> bool:
+        """Whether a predicted decrease of J from ``cost`` is below the noise."""
+        return self.rtol > 0 and predicted <= self.level(cost)
+
+    def acceptable(self, old_cost: float, new_cost: float) -> bool:
+        """A step of unmeasurable predicted decrease: J did not rise beyond the noise above the lowest kept."""
+        return new_cost <= min(old_cost, self.lowest) + self.level(old_cost)
+
+    def kept(self, old_cost: float, new_cost: float) -> None:
+        """A step was kept: the lowest J so far."""
+        self.lowest = min(self.lowest, old_cost, new_cost)
 
 
 class UpdateRule:
@@ -96,6 +138,8 @@ class UpdateRule:
             self.method_type(**self.options)  # checks the values (one home: pmpsolve.methods)
         self.pw, self.controls, self.maximiser, self.generator = pw, controls, maximiser, generator
         self.evaluations = 0  # objective evaluations of all maximisations so far
+        #: what J is known to (the Solver sets its sweeps' rtol): the judges' acceptance of noise-level steps
+        self.noise = NoiseFloor()
 
     def begin(self, sweeper, forward, backward) -> None:
         """A new iteration starts from the sweeps of u^k (default: nothing to do)."""
@@ -266,7 +310,17 @@ class ExtendedMSA(UpdateRule):
         if self._fixed:  # nothing to change: keep u^k and let converged() stop
             return True
         o = self.options
+        if self._stage != "anderson" and self.noise.unmeasurable(gain, old_cost):
+            # a gain below J's noise: rho's trust-region test cannot tell, so rho stays (growing it on noise
+            # shrank the steps 1e4-fold on Bryson-Denham, each still unmeasurable)
+            if self.noise.acceptable(old_cost, new_cost):
+                self.noise.kept(old_cost, new_cost)
+                self._aggressive = None
+                self._remember()
+                return True
         accept = new_cost <= old_cost - float(o["eta"]) * max(gain, 0.0) and new_cost < old_cost
+        if accept:
+            self.noise.kept(old_cost, new_cost)
         if self._stage == "anderson":
             # A mixture that barely moves J (it can land next to u^k when the memory is stale) must
             # not pass for progress: it must decrease J by low_ratio of the plain step's gain.
