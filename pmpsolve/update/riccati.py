@@ -74,13 +74,15 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
     rows: List[torch.Tensor] = []  # the u rows of [Q | q] [m, D + 1 + m] (Q_uu unregularised)
     for i in range(N):
         n = N - 1 - i
+        # (narrow, not [:, a:b]: TorchScript makes the latter two operations)
         Qq = torch.addmm(Hqs[n], ZTs[n], torch.mm(Vs, Zaugs[n]))  # [Q | q], columns x, q, u
-        u_rows = Qq[D:]
+        u_rows = Qq.narrow(0, D, m)
         if m == 1:  # one control: a division; on a box the QP's minimiser is the clamped Newton step
-            Kk = u_rows[:, :D + 1] / (-shifts[n] - u_rows[0, D + 1])  # [K | k] = -[Q_ux | q_u] / Q_uu
+            # [K | k] = -[Q_ux | q_u] / Q_uu
+            Kk = u_rows.narrow(1, 0, D + 1) / (-shifts[n] - u_rows.narrow(1, D + 1, 1))
             if boxed:  # k clamped to its box; K zeroed where that moved k (at the bound exactly: free)
                 clamped = torch.clamp(Kk, low_rows[n], high_rows[n])
-                Kk = clamped * ((clamped[:, D:] == Kk[:, D:]) | last)
+                Kk = clamped * ((clamped == Kk).all(1, keepdim=True) | last)
         elif not boxed:
             Quu = torch.addmm(u_rows[:, D + 1:], eye_m, eye_m, alpha=shifts[n])  # + mu h_n I
             factor, _ = torch.linalg.cholesky_ex(Quu)  # not positive definite: seen after the loop
@@ -91,7 +93,7 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
             Kk = torch.cat([K, k.unsqueeze(1)], 1)
         gains.append(Kk)
         rows.append(u_rows)
-        Vs = torch.mm(Qq[:D], torch.cat([eye_x, Kk]))  # [Q_xx | q_x] + Q_xu [K | k]
+        Vs = torch.mm(Qq.narrow(0, 0, D), torch.cat([eye_x, Kk]))  # [Q_xx | q_x] + Q_xu [K | k]
     Kks = torch.stack(gains[::-1])  # [N, m, D + 1]
     u_all = torch.stack(rows[::-1])  # [N, m, D + 1 + m]
     Quu_all = u_all[:, :, D + 1:] + (mu * lengths).view(N, 1, 1) * eye_m
