@@ -101,20 +101,25 @@ def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.
         scalar = w * cost
         if multipliers is not None:
             scalar = scalar + (multipliers.detach() * x).sum(-1)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device).view(n, 1, 1, n).expand(n, N, K, n)
-        A, B = (_rows(g, n) for g in torch.autograd.grad(
-            x, (x0, v), eye, is_grads_batched=True, retain_graph=True, allow_unused=True,
-            materialize_grads=True))  # [n, N, K, n], [n, N, K, m]
         g = x.new_zeros(N, K, n + m)
         if scalar.requires_grad:  # else no running cost and no multipliers: no curvature
             gx, gu = torch.autograd.grad(scalar.sum(), (x0, v), create_graph=True, allow_unused=True,
                                          materialize_grads=True)
             g = torch.cat([gx, gu], dim=-1)
-        if g.requires_grad:
-            eye = torch.eye(n + m, dtype=x.dtype, device=x.device).view(n + m, 1, 1, n + m).expand(n + m, N, K, n + m)
-            Hx, Hu = (_rows(h, n + m) for h in torch.autograd.grad(g, (x0, v), eye, is_grads_batched=True,
-                                                                   allow_unused=True, materialize_grads=True))
-            hessian = torch.cat([Hx, Hu], dim=-1).permute(1, 2, 0, 3)
+        # The Jacobian's n rows (of x) and the Hessian's n + m (of g) in one batched reverse pass over both
+        # graphs: one call's overhead instead of two (the rows of the other output are zero cotangents).
+        curved = g.requires_grad
+        rows = n + (n + m if curved else 0)
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        seeds = eye[:, :n].reshape(rows, 1, 1, n).expand(rows, N, K, n)
+        outputs = (x, g) if curved else (x,)
+        if curved:
+            seeds = (seeds, eye[:, n:].reshape(rows, 1, 1, n + m).expand(rows, N, K, n + m))
+        dx, du = (_rows(d, rows) for d in torch.autograd.grad(
+            outputs, (x0, v), seeds, is_grads_batched=True, allow_unused=True, materialize_grads=True))
+        A, B = dx[:n], du[:n]  # [n, N, K, n], [n, N, K, m]
+        if curved:
+            hessian = torch.cat([dx[n:], du[n:]], dim=-1).permute(1, 2, 0, 3)
         else:  # linear in (x, u)
             hessian = g.new_zeros(N, K, n + m, n + m)
     A, B = A.permute(1, 2, 0, 3), B.permute(1, 2, 0, 3)
