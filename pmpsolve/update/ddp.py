@@ -234,6 +234,9 @@ class DDP(UpdateRule):
             # one; 5 iterations instead of 8, measured with forward_solves=0).
             self._gauss_newton = exact and self._iteration == 1
             self._switched = False
+            if self._gauss_newton and self.mu == 0.0 and self._no_gauss_newton_curvature():
+                # its Q_uu would be zero, singular: the switch below, without the expansion and pass
+                self._gauss_newton, self._switched = False, True
             self._model = self._expand(data, exact=not self._gauss_newton)
         elif self._shorter(self.alpha) >= float(self.options["alpha_min"]):
             self.alpha = self._shorter(self.alpha)  # the last step was rejected
@@ -328,6 +331,10 @@ class DDP(UpdateRule):
         G = -data.objective(pw, 0.0).gradient(data.controls)  # dJ/du_n [N, m] (interval Hamiltonian, Prop. 2)
         self.evaluations += 1
         return Z, H, G, self._terminal(nodes[-1]), nodes
+
+    def _no_gauss_newton_curvature(self) -> bool:
+        """Whether the Gauss-Newton expansion is zero: no running cost and Phi linear (catalyst mixing)."""
+        return not self.pw.has_running_cost and not bool(self._terminal(self._sweeps[1].states.values[-1]).any())
 
     def _terminal(self, x: torch.Tensor) -> torch.Tensor:
         """V_N = w Phi_xx, block-diagonal over the samples [D, D] (n reverse passes over the gradient)."""
