@@ -74,7 +74,6 @@ class IntervalDerivatives(NamedTuple):
     B: torch.Tensor
     hessian: torch.Tensor
     ends: Optional[torch.Tensor] = None  # the maps' values F_n(x_n, u_n) [N, K, n]
-    running: Optional[torch.Tensor] = None  # their running costs l_n(x_n, u_n) [N, K]
 
 
 def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.Tensor, u: torch.Tensor,
@@ -124,7 +123,7 @@ def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.
             hessian = g.new_zeros(N, K, n + m, n + m)
     A, B = A.permute(1, 2, 0, 3), B.permute(1, 2, 0, 3)
     return IntervalDerivatives(A.detach(), B.detach(), 0.5 * (hessian + hessian.transpose(-1, -2)).detach(),
-                               x.detach(), cost.detach())
+                               x.detach())
 
 
 def rk4_maps(pw: PointwiseProblem, mesh: torch.Tensor, starts: torch.Tensor, u: torch.Tensor,

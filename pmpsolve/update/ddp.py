@@ -84,11 +84,6 @@ _SCAN_STATE = 16
 #: the defect (in units of the sweeps' local error tolerance) at which they stop
 _MODEL_NEWTON = 8
 _MODEL_ACCEPT = 1.0
-#: A proposal is rejected without the solver's sweep when J on the model's trajectory fails the judge's
-#: test by more than this fraction of its change (plus J's noise). Measured at N = 200 on catalyst
-#: mixing, Rayleigh and van der Pol: the model's J within 1e-6 of the change of the solver's (4e-8 of
-#: the iterate's J at most), wherever its trajectory converged.
-_SCREEN_MARGIN = 0.1
 
 
 class Gains(NamedTuple):
@@ -188,9 +183,6 @@ class DDP(UpdateRule):
         self._lowest = float("inf")  # the lowest J accepted: noise-level steps are judged against it
         self._nodes = None  # the forward pass's nodes of the last proposal
         self._model_error = None  # the swept nodes less the model's maps at the iterate [N, D]
-        self._cost_error = 0.0  # J of the iterate less J on the model's maps at its nodes
-        self._model_cost = None  # J on the model's trajectory of the last proposal (None: not converged)
-        self.screened = 0  # proposals rejected on the model's J, without the solver's sweep
         bounds = controls.bounds(pw.dtype, pw.device)
         self._box = bounds if isinstance(controls, Box) else None
 
@@ -203,29 +195,6 @@ class DDP(UpdateRule):
     def propose(self, data):
         if self._sweeps is None:
             raise RuntimeError("the DDP rule needs the solver's sweeps (UpdateRule.begin) before propose")
-        # A proposal whose J on the model's trajectory (``_trajectory``) fails the judge's test by far more
-        # than that J's error is rejected here, as the judge would reject it after the solver's sweep
-        # (catalyst mixing at N = 200: 5 such sweeps of 20), and the line search goes on from that change.
-        old = float(self._sweeps[1].cost)
-        for _ in range(self.max_rejections):
-            u = self._propose(data)
-            if self._model_cost is None or not self._screened_out(old, self._model_cost):
-                return u
-            self.screened += 1
-            self._noise = _NOISE * self._sweeps[0].ode.rtol * max(1.0, abs(old))
-            self._trial_change = self._model_cost - old
-        return u
-
-    def _screened_out(self, old: float, predicted: float) -> bool:
-        """Whether the judge rejects J = ``predicted`` even lowered by ``_SCREEN_MARGIN`` of its change and
-        J's noise (only where the expected decrease is measurable: below the noise the sweep decides)."""
-        noise = _NOISE * self._sweeps[0].ode.rtol * max(1.0, abs(old))
-        if self._expected <= noise:
-            return False
-        change = predicted - old
-        return change - (_SCREEN_MARGIN * abs(change) + noise) > -float(self.options["c"]) * self._expected
-
-    def _propose(self, data):
         exact = self.options["hessian"] == "exact"
         if self._model is None:
             # The exact curvature weights the dynamics' second derivatives by the co-state of the iterate, at
@@ -296,7 +265,7 @@ class DDP(UpdateRule):
         return accept
 
     def parameters(self):
-        return {"mu": self.mu, "alpha": self.alpha, "screened": self.screened}
+        return {"mu": self.mu, "alpha": self.alpha}
 
     def _shorter(self, alpha: float) -> float:
         """The next alpha after the step alpha was rejected: the minimiser of the parabola through J's
@@ -327,7 +296,6 @@ class DDP(UpdateRule):
         Z, H = _concatenated(derivatives.A, derivatives.B, derivatives.hessian)
         # the model's maps miss the swept nodes by their error: x_{n+1} - F_n(x_n, u_n) [N, D]
         self._model_error = (nodes[1:] - derivatives.ends).reshape(nodes.shape[0] - 1, -1)
-        self._cost_error = float(forward.cost) - self._model_J(nodes[-1], derivatives.running)
         G = -data.objective(pw, 0.0).gradient(data.controls)  # dJ/du_n [N, m] (interval Hamiltonian, Prop. 2)
         self.evaluations += 1
         return Z, H, G, self._terminal(nodes[-1]), nodes
@@ -382,7 +350,6 @@ class DDP(UpdateRule):
         change = (S - reference).abs().amax()
         ode = sweeper.ode
         steps = int(self.options["model_steps"])
-        self._model_cost = None
         with torch.no_grad():
             for _ in range(int(self.options["forward_solves"])):
                 v = controls(S)
@@ -425,27 +392,20 @@ class DDP(UpdateRule):
             bumped = S[:-1] + offset
             starts[:, 1 + component, :, component] = bumped.permute(2, 0, 1)
             self.evaluations += 4 * steps
-            ends, running = rk4_maps(self.pw, mesh, starts, v, steps)
-            ends = ends + error.unsqueeze(1)
+            ends = rk4_maps(self.pw, mesh, starts, v, steps)[0] + error.unsqueeze(1)
             defect = ends[:, 0] - S[1:]
             tolerance = ode.atol + ode.rtol * torch.maximum(ends[:, 0].abs(), S[1:].abs())
             size = float((defect.abs() / tolerance).amax())
             if not size < smallest:  # not finite, or no contraction: the best so far
                 break
             best, smallest = S, size
-            if size <= _MODEL_ACCEPT:  # converged: J on it too
-                self._model_cost = self._model_J(S[-1], running[:, 0]) + self._cost_error
+            if size <= _MODEL_ACCEPT:
                 break
             # Phi[j][:, a, i] = d F_a / d S_i [N, K, n, n]
             Phi = (ends[:, 1:] - ends[:, :1]).permute(0, 2, 3, 1) / (bumped - S[:-1]).unsqueeze(-2)
             _, delta = affine_prefix_scan(Phi, defect)
             S = torch.cat([S[:1], S[1:] + delta])
         return best
-
-    def _model_J(self, end: torch.Tensor, running: torch.Tensor) -> float:
-        """J on the model's maps: the mean over the samples of Phi at the end [K, n] and of the intervals'
-        running costs [N, K]."""
-        return float((self.pw.terminal_cost(end) + running.sum(0)).mean())
 
     # ------------------------------------------------------------------ regularisation (Tassa et al. 2012)
     def _increase_mu(self, deficiency: float = 0.0, floor: float = 0.0):
