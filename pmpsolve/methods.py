@@ -271,12 +271,14 @@ class DDP(Method):
             backward pass is redone (default 0.03: 6 step sizes from 1).
         c: a step is kept when J decreases by at least c times the decrease the expansion predicts
             (default 1e-4).
-        forward_solves: batched solves of the forward pass (Newton on the node defects from the closed
-            loop's linear prediction; default 1). 0: the linear prediction alone, so that the feedback
-            acts on the linearised trajectory and DDP is Newton's method with a line search (measured
-            at N = 200: the same iterations on Rayleigh and van der Pol, 13 instead of 15 on catalyst
-            mixing, 0.6-1.3x the time to 1e-4 of 1; but inside the constrained loop on Goddard's rocket no
-            convergence in 3000 iterations, against 77 with 1: docs/guide.md, section 2b).
+        forward_solves: Newton steps of the forward pass on the closed loop's node defects, from its
+            linear prediction, all intervals at once on the model's maps (the RK4 steps of
+            ``model_steps``, offset by their error at the iterate; default 1). 0: the linear prediction
+            alone, so that the feedback acts on the linearised trajectory and DDP is Newton's method
+            with a line search (measured at N = 200, when the steps were adaptive solves of all
+            intervals: the same iterations on Rayleigh and van der Pol, 13 instead of 15 on catalyst
+            mixing, 0.6-1.3x the time to 1e-4 of 1; but inside the constrained loop on Goddard's rocket
+            no convergence in 3000 iterations, against 77 with 1: docs/guide.md, section 2b).
         model_steps: classical Runge-Kutta steps per interval of the maps whose derivatives make the
             expansion's curvature (default 1: 2e-6 relative on the reference problems at N = 200; the
             gradient, and with it the solution, is the engine's whatever this is).

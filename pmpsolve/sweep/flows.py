@@ -20,7 +20,7 @@ import torch
 from .ode import ODE
 from .pointwise import PointwiseProblem
 
-__all__ = ["interval_flows", "interval_derivatives", "IntervalDerivatives", "all_intervals_options"]
+__all__ = ["interval_flows", "interval_derivatives", "rk4_maps", "IntervalDerivatives", "all_intervals_options"]
 
 
 def all_intervals_options(ode: ODE, N: int, copies: int = 1) -> dict:
@@ -73,6 +73,7 @@ class IntervalDerivatives(NamedTuple):
     A: torch.Tensor
     B: torch.Tensor
     hessian: torch.Tensor
+    ends: Optional[torch.Tensor] = None  # the maps' values F_n(x_n, u_n) [N, K, n]
 
 
 def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.Tensor, u: torch.Tensor,
@@ -92,47 +93,64 @@ def interval_derivatives(pw: PointwiseProblem, mesh: torch.Tensor, nodes: torch.
     N, K, n = nodes.shape[0] - 1, nodes.shape[1], nodes.shape[2]
     m = u.shape[-1]
     w = 1.0 / pw.reducer.num_samples
-    first, length = mesh[:-1], mesh[1:] - mesh[:-1]
     x0 = nodes[:-1].detach().clone().requires_grad_(True)
     v = u.detach()[:, None, :].expand(N, K, m).clone().requires_grad_(True)  # one copy per sample
     with torch.enable_grad():
-        evaluate, _ = pw.with_controls(v, x0.shape)
-        dt = (length / steps).view(N, 1, 1)
-        x, cost = x0, x0.new_zeros(N, K)
-        for j in range(steps):
-            t = first + j * dt.view(N)
-            half = t + dt.view(N) / 2
-            stages = []
-            for time, y in ((t, x), (half, None), (half, None), (t + dt.view(N), None)):
-                if y is None:  # RK4's stages 2-4 from the previous stage's slope
-                    y = x + (dt / 2 if len(stages) < 3 else dt) * stages[-1][0]
-                out = evaluate(time, y)
-                stages.append(out if pw.has_running_cost else (out, None))
-            (k1, L1), (k2, L2), (k3, L3), (k4, L4) = stages
-            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            if pw.has_running_cost:
-                cost = cost + dt.view(N, 1) / 6 * (L1 + 2 * L2 + 2 * L3 + L4)
+        x, cost = rk4_maps(pw, mesh, x0, v, steps)
         scalar = w * cost
         if multipliers is not None:
             scalar = scalar + (multipliers.detach() * x).sum(-1)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device).view(n, 1, 1, n).expand(n, N, K, n)
-        A, B = (_rows(g, n) for g in torch.autograd.grad(
-            x, (x0, v), eye, is_grads_batched=True, retain_graph=True, allow_unused=True,
-            materialize_grads=True))  # [n, N, K, n], [n, N, K, m]
         g = x.new_zeros(N, K, n + m)
         if scalar.requires_grad:  # else no running cost and no multipliers: no curvature
             gx, gu = torch.autograd.grad(scalar.sum(), (x0, v), create_graph=True, allow_unused=True,
                                          materialize_grads=True)
             g = torch.cat([gx, gu], dim=-1)
-        if g.requires_grad:
-            eye = torch.eye(n + m, dtype=x.dtype, device=x.device).view(n + m, 1, 1, n + m).expand(n + m, N, K, n + m)
-            Hx, Hu = (_rows(h, n + m) for h in torch.autograd.grad(g, (x0, v), eye, is_grads_batched=True,
-                                                                   allow_unused=True, materialize_grads=True))
-            hessian = torch.cat([Hx, Hu], dim=-1).permute(1, 2, 0, 3)
+        # The Jacobian's n rows (of x) and the Hessian's n + m (of g) in one batched reverse pass over both
+        # graphs: one call's overhead instead of two (the rows of the other output are zero cotangents).
+        curved = g.requires_grad
+        rows = n + (n + m if curved else 0)
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        seeds = eye[:, :n].reshape(rows, 1, 1, n).expand(rows, N, K, n)
+        outputs = (x, g) if curved else (x,)
+        if curved:
+            seeds = (seeds, eye[:, n:].reshape(rows, 1, 1, n + m).expand(rows, N, K, n + m))
+        dx, du = (_rows(d, rows) for d in torch.autograd.grad(
+            outputs, (x0, v), seeds, is_grads_batched=True, allow_unused=True, materialize_grads=True))
+        A, B = dx[:n], du[:n]  # [n, N, K, n], [n, N, K, m]
+        if curved:
+            hessian = torch.cat([dx[n:], du[n:]], dim=-1).permute(1, 2, 0, 3)
         else:  # linear in (x, u)
             hessian = g.new_zeros(N, K, n + m, n + m)
     A, B = A.permute(1, 2, 0, 3), B.permute(1, 2, 0, 3)
-    return IntervalDerivatives(A.detach(), B.detach(), 0.5 * (hessian + hessian.transpose(-1, -2)).detach())
+    return IntervalDerivatives(A.detach(), B.detach(), 0.5 * (hessian + hessian.transpose(-1, -2)).detach(),
+                               x.detach())
+
+
+def rk4_maps(pw: PointwiseProblem, mesh: torch.Tensor, starts: torch.Tensor, u: torch.Tensor,
+             steps: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(F_n [N, ..., n], l_n [N, ...]) of the intervals' maps taken by ``steps`` classical Runge-Kutta steps
+    per interval from ``starts`` [N, ..., n] (e.g. [N, K, n]) with controls u [N, m] (or per sample,
+    [N, K, m]), all intervals as one batch: 4 evaluations of f (and L) per step, with the autograd graph
+    where grad mode is on."""
+    N = starts.shape[0]
+    first, length = mesh[:-1], mesh[1:] - mesh[:-1]
+    evaluate, _ = pw.with_controls(u, starts.shape)
+    dt = (length / steps).view((N,) + (1,) * (starts.dim() - 1))
+    x, cost = starts, starts.new_zeros(starts.shape[:-1])
+    for j in range(steps):
+        t = first + j * dt.view(N)
+        half = t + dt.view(N) / 2
+        stages = []
+        for time, y in ((t, x), (half, None), (half, None), (t + dt.view(N), None)):
+            if y is None:  # RK4's stages 2-4 from the previous stage's slope
+                y = x + (dt / 2 if len(stages) < 3 else dt) * stages[-1][0]
+            out = evaluate(time, y)
+            stages.append(out if pw.has_running_cost else (out, None))
+        (k1, L1), (k2, L2), (k3, L3), (k4, L4) = stages
+        x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        if pw.has_running_cost:
+            cost = cost + dt.squeeze(-1) / 6 * (L1 + 2 * L2 + 2 * L3 + L4)
+    return x, cost
 
 
 def _rows(gradient: torch.Tensor, rows: int) -> torch.Tensor:

@@ -28,51 +28,75 @@ def _box_gains(Quu: torch.Tensor, qu: torch.Tensor, Qux: torch.Tensor, lower: to
 def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor, lengths: torch.Tensor, mu: float,
              boxed: bool, lower: torch.Tensor, upper: torch.Tensor, start: torch.Tensor
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loop of ``ddp.backward_pass``, sequential over the intervals by nature: about 25 small operations
-    per interval (the intervals' matrices unbound into lists once, the results stacked after the loop,
-    the positive-definiteness checked after it from the stored Q_uu), scripted (TorchScript: 2.5x faster
-    than the same loop in Python at N = 200, D = 2, where dispatching the operations is the whole cost).
-    No host sync but in the box QP of several controls. Returns k [N, m], K [N, m, D], q_u [N, m],
-    Q_uu [N, m, m] (regularised) and the largest shift of mu (in Q_uu / h_n) a Q_uu needed (0-d)."""
+    """The loop of ``ddp.backward_pass``, sequential over the intervals by nature, scripted (TorchScript:
+    2.5x faster than the same loop in Python at N = 200, D = 2, where dispatching the operations is the
+    whole cost). No host sync but in the box QP of several controls. Returns k [N, m], K [N, m, D],
+    q_u [N, m], Q_uu [N, m, m] (regularised) and the largest shift of mu (in Q_uu / h_n) a Q_uu needed (0-d).
+
+    Each operation on these tiny matrices costs about a microsecond whatever its size, so the loop is
+    arranged for few of them (about 10 per interval for one control): the value's gradient s rides
+    along as an extra column of V, [V | s], and Q with q as the matching extra column of
+    [Q | q] = [H | (0, G_n)] + Z' [V | s] Zaug (Zaug = [Z_x 0 Z_u; 0 1 0], columns x, q, u: both
+    from one product), and the value update uses the gains' defining equation: on the free set
+    Q_uu K = -Q_ux and Q_uu k = -q_u (Q_uu regularised), elsewhere K = 0, so that
+
+        V <- W' Q W = Q_xx + Q_xu K,   s <- W' (q + Q w) = q_x + Q_xu k,
+
+    one product for [V | s] <- [Q_xx | q_x | Q_xu] [I; K | k] (in exact arithmetic the same as the
+    expanded form; in floating point within rounding of it)."""
     N, D, m = Z.shape[0], Z.shape[1], G.shape[1]
-    eye_D = torch.eye(D, dtype=Z.dtype, device=Z.device)
-    Zs = Z.unbind(0)
+    # Zaug [N, D + 1, D + 1 + m] and [H | (0, G)] [N, D + m, D + 1 + m], columns ordered x, q, u
+    Zaug = torch.zeros(N, D + 1, D + 1 + m, dtype=Z.dtype, device=Z.device)
+    Zaug[:, :D, :D] = Z[:, :, :D]
+    Zaug[:, :D, D + 1:] = Z[:, :, D:]
+    Zaug[:, D, D] = 1.0
+    Hq = torch.cat([H[:, :, :D], torch.cat([torch.zeros(N, D, dtype=G.dtype, device=G.device), G], 1).unsqueeze(2),
+                    H[:, :, D:]], 2)
+    Zaugs = Zaug.unbind(0)
     ZTs = Z.transpose(-1, -2).unbind(0)
-    Hs = H.unbind(0)
-    Gs = torch.cat([torch.zeros(N, D, dtype=G.dtype, device=G.device), G], 1).unbind(0)  # (0, G_n)
+    Hqs = Hq.unbind(0)
     shifts: List[float] = (mu * lengths).tolist()
-    s = torch.zeros(D, dtype=Z.dtype, device=Z.device)
-    ks: List[torch.Tensor] = []
-    Ks: List[torch.Tensor] = []
-    qus: List[torch.Tensor] = []
-    Quus: List[torch.Tensor] = []
+    eye_m = torch.eye(m, dtype=Z.dtype, device=Z.device)
+    eye_x = torch.eye(D + 1, dtype=Z.dtype, device=Z.device)
+    Vs = torch.cat([V, torch.zeros(D, 1, dtype=Z.dtype, device=Z.device)], 1)  # [V | s], s_N = 0
+    lowers = lower.unbind(0) if boxed and m > 1 else []
+    uppers = upper.unbind(0) if boxed and m > 1 else []
+    if boxed and m == 1:
+        # the bounds of k as bounds of [K | k] (K unbounded); the last column: k's, kept where k is clamped
+        inf = torch.full((N, D), float("inf"), dtype=Z.dtype, device=Z.device)
+        low_rows = torch.cat([-inf, lower], 1).unsqueeze(1).unbind(0)
+        high_rows = torch.cat([inf, upper], 1).unsqueeze(1).unbind(0)
+        last = torch.arange(D + 1, device=Z.device) == D
+    else:
+        low_rows = high_rows = []
+        last = torch.zeros(0, dtype=torch.bool, device=Z.device)
+    gains: List[torch.Tensor] = []  # [K | k] [m, D + 1] per interval
+    rows: List[torch.Tensor] = []  # the u rows of [Q | q] [m, D + 1 + m] (Q_uu unregularised)
     for i in range(N):
         n = N - 1 - i
-        Q = torch.addmm(Hs[n], ZTs[n], V @ Zs[n])
-        q = torch.addmv(Gs[n], ZTs[n], s)
-        Quu, Qux, qu = Q[D:, D:], Q[D:, :D], q[D:]
-        Quu.diagonal().add_(shifts[n])  # Levenberg-Marquardt, scaled by h_n as Q_uu is
+        # (narrow, not [:, a:b]: TorchScript makes the latter two operations)
+        Qq = torch.addmm(Hqs[n], ZTs[n], torch.mm(Vs, Zaugs[n]))  # [Q | q], columns x, q, u
+        u_rows = Qq.narrow(0, D, m)
         if m == 1:  # one control: a division; on a box the QP's minimiser is the clamped Newton step
-            gains = torch.cat([qu.unsqueeze(1), Qux], 1).div_(Quu).neg_()
-            k, K = gains[:, 0], gains[:, 1:]
-            if boxed:
-                free = (k > lower[n]) & (k < upper[n])
-                k = torch.minimum(torch.maximum(k, lower[n]), upper[n])
-                K = K * free.unsqueeze(1)
+            # [K | k] = -[Q_ux | q_u] / Q_uu
+            Kk = u_rows.narrow(1, 0, D + 1) / (-shifts[n] - u_rows.narrow(1, D + 1, 1))
+            if boxed:  # k clamped to its box; K zeroed where that moved k (at the bound exactly: free)
+                clamped = torch.clamp(Kk, low_rows[n], high_rows[n])
+                Kk = clamped * ((clamped == Kk).all(1, keepdim=True) | last)
         elif not boxed:
+            Quu = torch.addmm(u_rows[:, D + 1:], eye_m, eye_m, alpha=shifts[n])  # + mu h_n I
             factor, _ = torch.linalg.cholesky_ex(Quu)  # not positive definite: seen after the loop
-            gains = torch.cholesky_solve(torch.cat([qu.unsqueeze(1), Qux], 1), factor).neg_()
-            k, K = gains[:, 0], gains[:, 1:]
+            Kk = torch.cholesky_solve(u_rows[:, :D + 1], factor).neg_()
         else:
-            k, K = _box_gains(Quu, qu, Qux, lower[n], upper[n], start[n])
-        ks.append(k)
-        Ks.append(K)
-        qus.append(qu)
-        Quus.append(Quu)
-        W = torch.cat([eye_D, K])  # [D + m, D]
-        V = W.t() @ (Q @ W)
-        s = torch.mv(W.t(), torch.addmv(q, Q[:, D:], k))
-    Quu_all = torch.stack(Quus[::-1])
+            Quu = torch.addmm(u_rows[:, D + 1:], eye_m, eye_m, alpha=shifts[n])
+            k, K = _box_gains(Quu, u_rows[:, D], u_rows[:, :D], lowers[n], uppers[n], start[n])
+            Kk = torch.cat([K, k.unsqueeze(1)], 1)
+        gains.append(Kk)
+        rows.append(u_rows)
+        Vs = torch.mm(Qq.narrow(0, 0, D), torch.cat([eye_x, Kk]))  # [Q_xx | q_x] + Q_xu [K | k]
+    Kks = torch.stack(gains[::-1])  # [N, m, D + 1]
+    u_all = torch.stack(rows[::-1])  # [N, m, D + 1 + m]
+    Quu_all = u_all[:, :, D + 1:] + (mu * lengths).view(N, 1, 1) * eye_m
     if m == 1:
         smallest = Quu_all[:, 0, 0]
     else:  # on a box, Q_uu on the free set is what must be positive definite; all of it is checked here
@@ -81,7 +105,7 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
     # gains divide by zero
     singular = (smallest <= 0).to(smallest.dtype) * 1e-30
     deficiency = (torch.clamp(-smallest / lengths, min=0.0) + singular).max()
-    return torch.stack(ks[::-1]), torch.stack(Ks[::-1]), torch.stack(qus[::-1]), Quu_all, deficiency
+    return Kks[:, :, D], Kks[:, :, :D], u_all[:, :, D], Quu_all, deficiency
 
 
 @functools.lru_cache(maxsize=None)
