@@ -88,6 +88,10 @@ class DerivedHamiltonian(LayerHamiltonian):
                 return t.reshape(G, -1, t.shape[-1])
         self._x, self._y, self._p, self._p_in = (lay(t) for t in (d.inputs, d.outputs, d.costates,
                                                                    d.input_costates))
+        if self.residual:  # the terms that do not depend on theta, formed once for L-BFGS's evaluations
+            with torch.no_grad():
+                self._y_x, self._p_in_p = self._y - self._x, self._p_in - self._p  # e, r at tanh = 0
+                self._xp = self._row_sums(self._x * self._p)  # the skip connection's p . x
         # ProjectedLBFGS's preconditioner (maximisers.IntervalObjective)
         self.diagonal_curvature = self._gauss_newton_diagonal if self.residual and self.precondition else None
 
@@ -150,15 +154,16 @@ class DerivedHamiltonian(LayerHamiltonian):
         with torch.no_grad():
             W, b = self._weights(u)
             x, y, p, p_in = self._x, self._y, self._p, self._p_in
-            if self.residual:
-                t = torch.tanh(self._forward(x, W, b))
-                s = 1 - t * t
+            if self.residual:  # fused and in place where possible: L-BFGS evaluates this about 15 times a step
+                t = torch.tanh_(self._forward(x, W, b))
+                s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)  # 1 - t^2
                 a = s * p
-                e = y - (x + delta * t)
-                r = p_in - (p + delta * self._adjoint(a, W))
-                values = self._row_sums(delta * p * t + x * p - 0.5 * rho * (e * e + r * r))
-                v = self._forward(r, W)
-                dz = (delta * s) * (p + rho * e - (2 * rho) * t * v * p)
+                e = torch.add(self._y_x, t, alpha=-delta)
+                r = torch.add(self._p_in_p, self._adjoint(a, W), alpha=-delta)
+                terms = (e * e).addcmul_(r, r).mul_(-0.5 * rho).addcmul_(p, t, value=delta)
+                values = self._row_sums(terms) + self._xp
+                tvp = self._forward(r, W).mul_(t).mul_(p)
+                dz = torch.add(p, e, alpha=rho).add_(tvp, alpha=-2 * rho).mul_(s).mul_(delta)
             else:
                 z = self._forward(x, W, b)
                 a = p
