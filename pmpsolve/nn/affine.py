@@ -225,7 +225,8 @@ def _shifted_gram(a: torch.Tensor, b: torch.Tensor, kernel: Tuple[int, int], pad
     fewer positions on each side: the patches at that ring of R rows (and columns) of positions are
     subtracted, and there most of a patch lies in the zero padding, so only the R kernel rows (columns)
     that reach into the image are formed: four thin im2col strips. The same sums in another order, for
-    (2k - 1)^2 / k^4 of im2col's arithmetic (25/81 for 3 x 3) and small copies.
+    (2k - 1)^2 / k^4 of im2col's arithmetic (25/81 for 3 x 3; for a Gram matrix, b = a, k (2k - 1) / k^4, the
+    lags dy >= 0) and small copies.
     """
     B, G, Ca, H, W = a.shape
     Cb = b.shape[2]
@@ -233,7 +234,11 @@ def _shifted_gram(a: torch.Tensor, b: torch.Tensor, kernel: Tuple[int, int], pad
     Rh, Rw = kh - 1 - ph, kw - 1 - pw
     lag = (kh - 1, kw - 1)
     size = (2 * kh - 1, 2 * kw - 1)  # every lag (dy, dx) in [-lag, lag]
-    full = _weight_grad(b, a, size, lag)  # [G, Ca, Cb, 2kh-1, 2kw-1]
+    if b is a:  # a Gram matrix: lags dy >= 0 suffice, those below are their transposes (c, c', d) = (c', c, -d)
+        upper = _weight_grad(F.pad(a, (lag[1], lag[1], 0, lag[0])), a, (kh, size[1]), (0, 0))  # [G, Ca, Ca, kh, 2kw-1]
+        full = torch.cat([upper.transpose(1, 2).flip(-2, -1)[..., :lag[0], :], upper], dim=-2)
+    else:
+        full = _weight_grad(b, a, size, lag)  # [G, Ca, Cb, 2kh-1, 2kw-1]
     device = a.device
     # the lag of every pair of kernel offsets (j, j'): index lag + j' - j, [kh, kw, kh, kw]
     jy, jx = torch.arange(kh, device=device), torch.arange(kw, device=device)
