@@ -357,7 +357,8 @@ def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool 
         if not check:
             return u
         # the check: the exact increase against the quadratic's, G.d - 1/2 d'Qd = 1/2 G.d at the maximiser
-        value0, value = objective(u0), objective(u)
+        exact = objective.with_input_costates()  # the evaluations read p_n
+        value0, value = exact(u0), exact(u)
         predicted = _predicted_gain(group, objective, d)
         scale = value0.abs() + predicted.abs() + 1.0
         tol = torch.finfo(u0.dtype).eps ** 0.5 * 10 * scale
