@@ -23,8 +23,9 @@ Q d = G: no L-BFGS.
   (padding k - 1 - padding, kernel flipped), Q = rho (I_O (x) X X' + I_C (x) Pt Pt') + c I shares the
   kernel offset between its two terms, so it is no Kronecker sum: it is assembled densely
   ([m, m], m = O (C k_h k_w + 1)) and solved by a Cholesky factorisation. Where the patches would be large
-  (the co-state patches of a first convolution: 8 channels on 28 x 28 images), the Gram matrix is formed from
-  lag correlations of the images instead (``_shifted_gram``: the same sums, no patches).
+  (the co-state patches of a first convolution: 8 channels on 28 x 28 images) or the channels come in blocks
+  of 8 (``_by_lags``), the Gram matrices are formed from lag correlations of the images instead
+  (``_shifted_gram``: the same sums, no patches), and J'p from a weight gradient.
 
 Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-state's zero sum over
 classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
