@@ -34,6 +34,7 @@ def autograd_paths():
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch("pmpsolve.nn.optim.derived_objective", lambda group, objective: None))
     stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES", float("inf")))
+    stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES_BLOCKED", float("inf")))
     stack.enter_context(mock.patch.object(pmp.nn.Optimizer, "_input_costates", lambda self, group: self.method == "emsa"))
     return stack
 

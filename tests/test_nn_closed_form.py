@@ -84,15 +84,20 @@ def test_closed_form_is_the_converged_lbfgs_maximiser(kind, bias, rho, wd, monke
                                                  ((3, 5), (1, 2), (9, 8)), ((3, 3), (2, 2), (4, 4)),
                                                  ((5, 5), (2, 2), (8, 8)), ((3, 3), (1, 0), (3, 3))])
 def test_the_lag_gram_is_the_patch_gram(kernel, padding, size):
-    """The Gram matrix of im2col patches from lag correlations minus the edges each window leaves out equals the
-    patches' own (float64; two groups of layers, two channel counts, paddings 0 ... k - 1, a 3 x 3 image)."""
+    """The Gram matrix of im2col patches from lag correlations minus the ring of positions the padding drops equals
+    the patches' own (float64; two groups of layers, two channel counts, paddings 0 ... k - 1, a 3 x 3 image), and
+    so does the cross Gram of two images: the lags of both signs, without the symmetry a Gram matrix uses."""
     g = torch.Generator().manual_seed(3)
     a = torch.randn(2, 4, 3, *size, generator=g, dtype=torch.float64)
-    X = affine._patches(a, kernel, padding)
+    b = torch.randn(2, 4, 2, *size, generator=g, dtype=torch.float64)
+    X, Y = affine._patches(a, kernel, padding), affine._patches(b, kernel, padding)
     expected = affine._gram(X, X)
-    lags = affine._shifted_gram(a.transpose(0, 1), a.transpose(0, 1), kernel, padding)
+    t = a.transpose(0, 1)
+    lags = affine._shifted_gram(t, t, kernel, padding)
     assert lags.shape == expected.shape
     assert (lags - expected).abs().max() <= 1e-12 * expected.abs().max()
+    cross = affine._shifted_gram(t, b.transpose(0, 1), kernel, padding)
+    assert (cross - affine._gram(X, Y)).abs().max() <= 1e-12 * expected.abs().max()
     assert (affine._patch_gram(a, kernel, padding) - expected).abs().max() == 0  # small: im2col itself
 
 

@@ -83,6 +83,30 @@ def test_other_residual_layers_keep_autograd():
     assert isinstance(fast, DerivedHamiltonian) and fast._reduce is reduce
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_costates_by_hand_are_the_vjps(kind, bias):
+    """Built without p_n (as ``pmp.nn.EMSA`` builds it), the derived objective forms p_n = grad_x H itself: the
+    batched vjp's numbers (float64, residual and affine groups), in the layout [G, B, ...] of ``LayerData``, and
+    its values and gradients equal those of the objective built on the vjp's p_n."""
+    model = _network(kind, bias)
+    layers, records = recorded(model, *_data(kind))
+    for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}):
+        u0 = g.parameters()
+        expected = layer_data(g, records, u0, True)
+        objective = LayerHamiltonian(g, layer_data(g, records, u0, None), rho=0.7, weight_decay=0.01)
+        assert objective.data.input_costates is None
+        fast = derived_objective(g, objective)
+        p_in = fast.data.input_costates
+        assert p_in.shape == expected.input_costates.shape
+        assert torch.allclose(p_in, expected.input_costates, rtol=1e-12, atol=1e-14)
+        reference = derived_objective(g, LayerHamiltonian(g, expected, rho=0.7, weight_decay=0.01))
+        u = u0 + 0.3 * torch.randn(u0.shape, generator=torch.Generator().manual_seed(4), dtype=u0.dtype)
+        for a, b in zip(fast.value_and_grad(u), reference.value_and_grad(u)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(fast(u), reference(u), rtol=1e-12, atol=1e-12)  # the autograd values on them
+
+
 @pytest.mark.parametrize("rho,wd", [(0.03, 1e-3), (None, 1e-3), (0.03, 0.0)])
 def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch):
     """A whole pmp.nn.EMSA step (10 L-BFGS iterations on the residual layers, and on the classifier without

@@ -23,8 +23,9 @@ Q d = G: no L-BFGS.
   (padding k - 1 - padding, kernel flipped), Q = rho (I_O (x) X X' + I_C (x) Pt Pt') + c I shares the
   kernel offset between its two terms, so it is no Kronecker sum: it is assembled densely
   ([m, m], m = O (C k_h k_w + 1)) and solved by a Cholesky factorisation. Where the patches would be large
-  (the co-state patches of a first convolution: 8 channels on 28 x 28 images), the Gram matrix is formed from
-  lag correlations of the images instead (``_shifted_gram``: the same sums, no patches).
+  (the co-state patches of a first convolution: 8 channels on 28 x 28 images) or the channels come in blocks
+  of 8 (``_by_lags``), the Gram matrices are formed from lag correlations of the images instead
+  (``_shifted_gram``: the same sums, no patches), and J'p from a weight gradient.
 
 Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-state's zero sum over
 classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
@@ -161,13 +162,24 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 #: im2col patches above this many elements (B x C kh kw x positions) cost more to copy than the lag correlations
 #: of ``_shifted_gram`` cost to compute: measured 2.5x faster at 7.2M (8 channels, 28 x 28, batch 128), slower below 1M
 MAX_PATCHES = 1 << 22
+#: the same bound where the channels are a multiple of 8: there the lag correlations (a convolution's weight
+#: gradient) run on the blocked kernels of the CPU backend, faster than im2col from 0.5M patch elements up (one thread:
+#: 2.4 ms against 9.3 ms for 8 channels on 14 x 14 at batch 128, 1.4 against 1.9 on 8 x 8; 2 and 4 channels stayed
+#: slower than im2col up to 3.6M)
+MAX_PATCHES_BLOCKED = 1 << 19
+
+
+def _by_lags(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> bool:
+    """Whether the Gram matrix of t's patches [G, B, C, H, W] is formed from lag correlations, not im2col."""
+    G, B, C = t.shape[:3]
+    positions = (t.shape[3] + 2 * padding[0] - kernel[0] + 1) * (t.shape[4] + 2 * padding[1] - kernel[1] + 1)
+    elements = B * C * kernel[0] * kernel[1] * positions
+    return elements > MAX_PATCHES or (C % 8 == 0 and elements > MAX_PATCHES_BLOCKED)
 
 
 def _patch_gram(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
     """sum over samples and positions of patches(t) patches(t)' [G, C kh kw, C kh kw] float64; t [G, B, C, H, W]."""
-    G, B, C = t.shape[:3]
-    positions = (t.shape[3] + 2 * padding[0] - kernel[0] + 1) * (t.shape[4] + 2 * padding[1] - kernel[1] + 1)
-    if B * C * kernel[0] * kernel[1] * positions <= MAX_PATCHES:
+    if not _by_lags(t, kernel, padding):
         X = _patches(t, kernel, padding)
         return _gram(X, X).to(torch.float64)
     t = t.transpose(0, 1)
@@ -208,53 +220,61 @@ def _shifted_gram(a: torch.Tensor, b: torch.Tensor, kernel: Tuple[int, int], pad
     """The Gram matrix of the im2col patches of a and b, without the patches: a, b [B, G, C, H, W] ->
     [G, Ca kh kw, Cb kh kw] float64, sum over samples and positions of patches(a) patches(b)'.
 
-    Entry ((c, j), (c', j')) sums a[c, q] b[c', q + j' - j] over the positions q of a's patch window of kernel
-    offset j: all of the image but at most k - 1 - padding rows and columns at its edges. So it is the lag
-    correlation over the whole image (one weight gradient with a (2k - 1)-kernel) minus the same sums over
-    the few edge rows and columns that window leaves out, plus their corners (left out twice). The same sums
-    in another order, for (2k - 1)^2 / k^4 of im2col's arithmetic (25/81 for 3 x 3) and none of its copies.
+    With the full padding k - 1 every kernel offset's window covers the whole image, so entry
+    ((c, j), (c', j')) is the lag correlation of channels c and c' at lag j' - j over the whole image (all
+    lags at once: one weight gradient with a (2k - 1)-kernel). The padding asked for has R = k - 1 - padding
+    fewer positions on each side: the patches at that ring of R rows (and columns) of positions are
+    subtracted, and there most of a patch lies in the zero padding, so only the R kernel rows (columns)
+    that reach into the image are formed: four thin im2col strips. The same sums in another order, for
+    (2k - 1)^2 / k^4 of im2col's arithmetic (25/81 for 3 x 3; for a Gram matrix, b = a, k (2k - 1) / k^4, the
+    lags dy >= 0) and small copies.
     """
     B, G, Ca, H, W = a.shape
+    Cb = b.shape[2]
     (kh, kw), (ph, pw) = kernel, padding
+    Rh, Rw = kh - 1 - ph, kw - 1 - pw
     lag = (kh - 1, kw - 1)
     size = (2 * kh - 1, 2 * kw - 1)  # every lag (dy, dx) in [-lag, lag]
-    full = _weight_grad(b, a, size, lag)  # [G, Ca, Cb, 2kh-1, 2kw-1]
-    bp = F.pad(b, (lag[1], lag[1], lag[0], lag[0]))  # b with room for every lag
-    rows = [r for r in range(H) if r < kh - 1 - ph or r >= H - (kh - 1 - ph)]  # edge rows some window leaves out
-    cols = [c for c in range(W) if c < kw - 1 - pw or c >= W - (kw - 1 - pw)]
-
+    if b is a:  # a Gram matrix: lags dy >= 0 suffice, those below are their transposes (c, c', d) = (c', c, -d)
+        upper = _weight_grad(F.pad(a, (lag[1], lag[1], 0, lag[0])), a, (kh, size[1]), (0, 0))  # [G, Ca, Ca, kh, 2kw-1]
+        full = torch.cat([upper.transpose(1, 2).flip(-2, -1)[..., :lag[0], :], upper], dim=-2)
+    else:
+        full = _weight_grad(b, a, size, lag)  # [G, Ca, Cb, 2kh-1, 2kw-1]
     device = a.device
-
-    def left_out(lines, extent, k, pad):  # [k, lines]: the window of kernel offset j leaves line out
-        j = torch.arange(k, device=device)[:, None]
-        line = torch.tensor(lines, dtype=torch.long, device=device)[None, :]
-        return ((line < j - pad) | (line >= extent - (k - 1 - pad - j))).to(torch.float64)
-
     # the lag of every pair of kernel offsets (j, j'): index lag + j' - j, [kh, kw, kh, kw]
     jy, jx = torch.arange(kh, device=device), torch.arange(kw, device=device)
     dy = (jy[None, None, :, None] - jy[:, None, None, None] + lag[0]).expand(kh, kw, kh, kw)
     dx = (jx[None, None, None, :] - jx[None, :, None, None] + lag[1]).expand(kh, kw, kh, kw)
-    gram = full[..., dy, dx]  # [G, Ca, Cb, kh, kw, kh, kw]
-    if rows:
-        lags = torch.stack([_weight_grad(bp[..., r:r + size[0], :], a[..., r:r + 1, :], size, (0, 0), False)
-                            for r in rows])
-        out = left_out(rows, H, kh, ph).t()[:, None, None, None, :, None, None, None]  # [R, 1, 1, 1, kh, 1, 1, 1]
-        gram = gram - (out * lags[..., dy, dx]).sum(0)
-    if cols:
-        lags = torch.stack([_weight_grad(bp[..., c:c + size[1]], a[..., c:c + 1], size, (0, 0), False)
-                            for c in cols])
-        out = left_out(cols, W, kw, pw).t()[:, None, None, None, None, :, None, None]
-        gram = gram - (out * lags[..., dy, dx]).sum(0)
-    if rows and cols:  # the corners: one point of a against its window of b, per corner
-        out_r, out_c = left_out(rows, H, kh, ph), left_out(cols, W, kw, pw)
-        corner = [(r, c) for r in rows for c in cols]
-        lags = torch.stack([torch.einsum("bgc,bgduv->gcduv", a[:, :, :, r, c].to(torch.float64),
-                                         bp[:, :, :, r:r + size[0], c:c + size[1]].to(torch.float64))
-                            for r, c in corner])[..., dy, dx]  # [corners, G, Ca, Cb, kh, kw, kh, kw]
-        both = torch.stack([out_r[:, i][:, None] * out_c[:, m][None, :]
-                            for i in range(len(rows)) for m in range(len(cols))])  # [corners, kh, kw]
-        gram = gram + (both[:, None, None, None, :, :, None, None] * lags).sum(0)
-    return gram.permute(0, 1, 3, 4, 2, 5, 6).reshape(G, Ca * kh * kw, b.shape[2] * kh * kw)
+    gram = full[..., dy, dx].permute(0, 1, 3, 4, 2, 5, 6).contiguous()  # [G, Ca, kh, kw, Cb, kh, kw]
+    if Rh == 0 and Rw == 0:
+        return gram.reshape(G, Ca * kh * kw, Cb * kh * kw)
+    Hf, Wf = H + kh - 1, W + kw - 1  # positions with the full padding; below, coordinates of the images padded by lag
+
+    def ring(rows: Tuple[int, int], cols: Tuple[int, int], k: Tuple[int, int]) -> torch.Tensor:
+        """Gram of the patches (kernel k) of the window rows x cols of the images padded by lag: [G, Ca k, Cb k],
+        float64 (few positions: the patches are small)."""
+        def patches(t):  # the window alone, cut from t and zero-padded (F.pad crops at negative widths)
+            window = F.pad(t, (lag[1] - cols[0], cols[1] - W - lag[1], lag[0] - rows[0], rows[1] - H - lag[0]))
+            # patches as a view (F.unfold loops over the samples), copied once in kernel-major order
+            cols_ = window.to(torch.float64).unfold(3, k[0], 1).unfold(4, k[1], 1)  # [B, G, C, L_h, L_w, kh, kw]
+            return cols_.permute(1, 2, 5, 6, 0, 3, 4).flatten(4).flatten(1, 3)  # [G, C k, B L]
+        pa = patches(a)
+        pb = pa if b is a else patches(b)
+        return pa @ pb.transpose(-1, -2)
+
+    if Rh:
+        # top: output rows [0, Rh) reach the image with kernel rows [kh - Rh, kh) only; bottom: [Hf - Rh, Hf) with [0, Rh)
+        top = ring((kh - Rh, kh - 1 + Rh), (0, W + 2 * lag[1]), (Rh, kw)).reshape(G, Ca, Rh, kw, Cb, Rh, kw)
+        bottom = ring((Hf - Rh, Hf + Rh - 1), (0, W + 2 * lag[1]), (Rh, kw)).reshape(G, Ca, Rh, kw, Cb, Rh, kw)
+        gram[:, :, kh - Rh:, :, :, kh - Rh:, :] -= top
+        gram[:, :, :Rh, :, :, :Rh, :] -= bottom
+    if Rw:  # left and right, on the output rows the padding asked for keeps (the corners went with top and bottom)
+        rows = (Rh, Hf - Rh + kh - 1)
+        left = ring(rows, (kw - Rw, kw - 1 + Rw), (kh, Rw)).reshape(G, Ca, kh, Rw, Cb, kh, Rw)
+        right = ring(rows, (Wf - Rw, Wf + Rw - 1), (kh, Rw)).reshape(G, Ca, kh, Rw, Cb, kh, Rw)
+        gram[:, :, :, kw - Rw:, :, :, kw - Rw:] -= left
+        gram[:, :, :, :Rw, :, :, :Rw] -= right
+    return gram.reshape(G, Ca * kh * kw, Cb * kh * kw)
 
 
 def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
@@ -266,24 +286,33 @@ def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> to
     O, C = conv.out_channels, conv.in_channels
     kh, kw = conv.kernel_size
     J = kh * kw
-    X = _patches(data.inputs, conv.kernel_size, conv.padding)  # [G, B, C J, L]
-    p = data.costates  # [G, B, O, H', W']
-    if bias:
-        X = torch.cat([X, X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3])], dim=2)  # the bias: a constant input
-    grad = _gram(p.reshape(G, p.shape[1], O, -1), X)  # J'p: [G, O, C J (+1)]
+    x, p = data.inputs, data.costates  # [G, B, C, H, W], [G, B, O, H', W']
     f64 = torch.float64
     M = C * J + int(bias)  # columns of the augmented weight [O, M]
+    if _by_lags(x, conv.kernel_size, conv.padding):  # no patches: J'p a weight gradient (per sample, float64 sum)
+        grad = _weight_grad(x.transpose(0, 1), p.transpose(0, 1), conv.kernel_size, conv.padding)
+        grad = grad.reshape(G, O, C * J)
+        S = _shifted_gram(x.transpose(0, 1), x.transpose(0, 1), conv.kernel_size, conv.padding) if rho > 0 else None
+    else:
+        X = _patches(x, conv.kernel_size, conv.padding)  # [G, B, C J, L]
+        grad = _gram(p.reshape(G, p.shape[1], O, -1), X).to(f64)  # J'p: [G, O, C J]
+        S = _gram(X, X).to(f64) if rho > 0 else None  # [G, C J, C J]
+    if bias:
+        grad = torch.cat([grad, p.sum((1, 3, 4), dtype=f64)[..., None]], dim=2)
     Q = u0.new_zeros(G, O, M, O, M, dtype=f64)
     if rho > 0:
-        S = _gram(X, X).to(f64)  # [G, M, M]
+        if bias:  # the bias is a constant input: its row holds each kernel offset's window sum of the batch
+            window = F.unfold(x.sum(1, dtype=f64), conv.kernel_size, padding=conv.padding).sum(-1)  # [G, C J]
+            count = torch.full((G, 1, 1), float(x.shape[1] * p.shape[3] * p.shape[4]), dtype=f64, device=x.device)
+            S = torch.cat([torch.cat([S, window[:, :, None]], dim=2),
+                           torch.cat([window[:, None, :], count], dim=2)], dim=1)  # [G, M, M]
         # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
         PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
         PP = PP.reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
-        eye_O = torch.eye(O, dtype=f64, device=u0.device)
-        eye_C = torch.eye(C, dtype=f64, device=u0.device)
-        Q += rho * eye_O[None, :, None, :, None] * S[:, None, :, None, :]
-        co = rho * eye_C[None, None, :, None, None, :, None] * PP[:, :, None, :, :, None, :]  # [G,O,C,J,O,C,J]
-        Q[:, :, :C * J, :, :C * J] += co.reshape(G, O, C * J, O, C * J)
+        # I_O (x) S and I_C (x) PP added in place on Q's diagonals (no Kronecker products formed)
+        Q.diagonal(dim1=1, dim2=3).add_(rho * S[..., None])
+        co = Q[:, :, :C * J, :, :C * J].unflatten(4, (C, J)).unflatten(2, (C, J))  # [G, O, C, J, O, C, J], a view
+        co.diagonal(dim1=2, dim2=5).add_(rho * PP[..., None])
     Q = Q.reshape(G, O * M, O * M)
     Q.diagonal(dim1=1, dim2=2).add_(c)
     theta = torch.cat([u0[:, :O * C * J].reshape(G, O, C * J),
@@ -294,7 +323,7 @@ def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> to
         step = torch.cholesky_solve(rhs, L)[..., 0]
     else:  # singular: the minimum-norm maximiser
         lam, V = torch.linalg.eigh(Q)
-        cut = _cutoff(lam, O * M, X.dtype)
+        cut = _cutoff(lam, O * M, x.dtype)
         coef = (V.transpose(1, 2) @ rhs)[..., 0]
         coef = torch.where(lam > cut, coef / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(coef))
         step = (V @ coef[..., None])[..., 0]
@@ -329,7 +358,8 @@ def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool 
         if not check:
             return u
         # the check: the exact increase against the quadratic's, G.d - 1/2 d'Qd = 1/2 G.d at the maximiser
-        value0, value = objective(u0), objective(u)
+        exact = objective.with_input_costates()  # the evaluations read p_n
+        value0, value = exact(u0), exact(u)
         predicted = _predicted_gain(group, objective, d)
         scale = value0.abs() + predicted.abs() + 1.0
         tol = torch.finfo(u0.dtype).eps ** 0.5 * 10 * scale

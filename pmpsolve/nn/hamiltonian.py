@@ -211,9 +211,12 @@ def layer_data(group: LayerGroup, records, controls: torch.Tensor,
                need_input_costates: Optional[bool]) -> LayerData:
     """Stack the records of a group's layers into ``LayerData``; p_n from one batched vjp at theta^k, or None
     (formed later by ``LayerHamiltonian.with_input_costates``) when ``need_input_costates`` is None."""
-    x = torch.stack([records[n].inputs for n in group.indices])
-    y = torch.stack([records[n].outputs for n in group.indices])
-    p = torch.stack([records[n].costates for n in group.indices])
+    def stacked(tensors):  # one layer: a view (nothing writes into the records), not a copy
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+    x = stacked([records[n].inputs for n in group.indices])
+    y = stacked([records[n].outputs for n in group.indices])
+    p = stacked([records[n].costates for n in group.indices])
     lengths = torch.ones(group.rows, dtype=controls.dtype, device=controls.device)
     if need_input_costates is None:
         return LayerData(x, y, p, None, controls, lengths)

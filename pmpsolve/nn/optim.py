@@ -53,7 +53,7 @@ from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
 from .network import LayerIterate, LayerMaximiser, LayerProblem, row_penalty, row_set
 from .recording import CostateRecorder
-from .derived import derived_objective
+from .derived import derived_objective, has_derived_objective
 
 __all__ = ["Optimizer", "EMSA", "MSA", "SQH", "BatchReduction", "AdamPath"]
 
@@ -575,10 +575,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _input_costates(self, g: LayerGroup) -> Optional[bool]:
         """Whether E-MSA's objective needs p_n (True / False), or None: not now, the group's closed form
-        (checked at an earlier step) does without them; formed only if it falls back to L-BFGS."""
+        (checked at an earlier step) does without them, or its hand-derived objective forms them itself
+        (``derived.DerivedHamiltonian``, cheaper than the vjp); formed only where needed."""
         if self.method != "emsa":
             return False
-        return None if self._closed_form and tuple(g.indices) in self._checked else True
+        if self._closed_form and tuple(g.indices) in self._checked:
+            return None
+        return None if has_derived_objective(g) else True
 
     def _parameter_cost(self, groups, rows) -> float:
         """sum_n L_n(theta_n): weight decay and penalties (identical on every rank)."""
@@ -610,8 +613,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._routes[key] = "quadratic"
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
-            objective = objective.with_input_costates()
-            objective = derived_objective(g, objective) or objective  # the exact gradient without autograd
+            # the exact gradient without autograd (it forms p_n by hand), else autograd's on p_n from a vjp
+            objective = derived_objective(g, objective) or objective.with_input_costates()
             maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
                                              perturb=settings["perturb"], method="lbfgs")
             u = maximiser.maximise(objective, generator).controls
