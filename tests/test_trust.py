@@ -240,19 +240,20 @@ def test_half_precision_and_missing_cuda_are_refused():
             pmp.solve(problem, mesh=4, device="cuda")
 
 
-def test_e_msa_keeps_a_step_whose_gain_is_below_the_noise_of_J():
-    """J is known to 10 rtol relative (NoiseFloor): a predicted decrease below that cannot be measured. E-MSA keeps
-    such a step unless J rose beyond the noise above the lowest J kept, and leaves rho alone (growing it on
-    noise stalled Bryson-Denham's penalised problems at rho 1e5-1e12); a measurable gain is judged as before."""
-    solver = pmp.Solver(readme_double_integrator(), method="emsa", mesh=10)
-    rule = solver.rule
-    assert rule.noise.rtol == solver.ode.rtol == 1e-9
-    level = rule.noise.level(2.0)  # 2e-8
-    rho = rule.rho
-    assert rule.judge(2.0, 2.0 + 0.5 * level, gain=0.1 * level) and rule.rho == rho  # a rise within the noise
-    assert not rule.judge(2.0, 2.0 + 2 * level, gain=0.1 * level) and rule.rho > rho  # beyond it: a rejection
-    rho = rule.rho
-    assert not rule.judge(2.0, 2.0 + 0.5 * level, gain=100 * level) and rule.rho > rho  # measurable: J must fall
-    # outside a Solver (rtol 0) every gain is measurable, as in the networks' EMSA
-    bare = type(rule)(solver.pw, solver.problem.controls, solver.maximiser, None, {})
-    assert bare.noise.rtol == 0 and not bare.judge(2.0, 2.0 + 0.5 * level, gain=0.1 * level)
+
+def test_the_noise_floor_keeps_steps_within_the_noise_above_the_lowest_J():
+    """J is known to 10 rtol relative (NoiseFloor, DDP's judge): a predicted decrease below that is unmeasurable,
+    and such a step is kept unless J rose beyond the noise above the lowest J kept so far (not the last one:
+    rises within the noise must not add up). The Solver gives its rule the sweeps' rtol."""
+    from pmpsolve.update.rules import NoiseFloor
+
+    solver = pmp.Solver(readme_double_integrator(), method="ddp", mesh=10)
+    assert solver.rule.noise.rtol == solver.ode.rtol == 1e-9
+    noise = NoiseFloor(1e-9)
+    level = noise.level(2.0)
+    assert level == pytest.approx(2e-8) and noise.level(0.5) == pytest.approx(1e-8)
+    assert noise.unmeasurable(0.5 * level, 2.0) and not noise.unmeasurable(2 * level, 2.0)
+    assert noise.acceptable(2.0, 2.0 + 0.9 * level)
+    noise.kept(2.0, 2.0 + 0.9 * level)
+    assert not noise.acceptable(2.0 + 0.9 * level, 2.0 + 1.8 * level)  # above the lowest (2.0) by more than the noise
+    assert not NoiseFloor().unmeasurable(0.0, 2.0)  # rtol 0 (a rule outside a Solver): every decrease counts
