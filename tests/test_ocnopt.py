@@ -206,6 +206,29 @@ def test_kfac_factors_of_a_convolution_and_a_linear_layer_match_their_definition
     assert torch.allclose(opt.state[lin[0].weight]["G"], G, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("padding, stride, bias", [(1, 1, True), (0, 1, False), ((1, 0), 1, True), (1, 2, True)])
+def test_kfac_input_factor_of_a_wide_convolution_by_lag_correlations_matches_its_patches(padding, stride, bias):
+    # 8 channels on 14 x 14 at batch 32: patches of 0.3-0.45M elements, where the input factor is formed from lag
+    # correlations (pmpsolve.nn.affine._by_lags) rather than im2col; stride 2 takes the im2col path
+    from pmpsolve.nn.affine import _by_lags
+    torch.manual_seed(4)
+    B = 32
+    conv = torch.nn.Sequential(torch.nn.Conv2d(8, 3, 3, padding=padding, stride=stride, bias=bias),
+                               torch.nn.Flatten()).double()
+    x = torch.randn(B, 8, 14, 14, dtype=torch.float64)
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    assert _by_lags(x.unsqueeze(0), (3, 3), pad)
+    out_size = conv[0](x)[0].numel()
+    y = torch.randint(0, out_size, (B,))
+    U = F.unfold(x, 3, padding=pad, stride=stride).transpose(1, 2)  # [B, P, 72]
+    if bias:
+        U = torch.cat([U, torch.ones(B, U.shape[1], 1, dtype=U.dtype)], -1)
+    A = torch.einsum("bpk,bpl->kl", U, U) / B
+    opt = pmp.nn.OCNOpt(conv, stat_decay=0.0)
+    opt.step(closure_for(opt, conv, x, y))
+    assert torch.allclose(opt.state[conv[0].weight]["A"], A, rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("value_hessian", ["outer", "gauss-newton"])
 def test_the_feedback_step_follows_the_ddp_recursion_written_out_sample_by_sample(value_hessian):
     """Linear-Tanh-Linear, exact curvature: k_t, the per-sample value factors 1 + B q_i . k, and K dx with

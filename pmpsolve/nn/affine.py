@@ -163,10 +163,10 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 #: of ``_shifted_gram`` cost to compute: measured 2.5x faster at 7.2M (8 channels, 28 x 28, batch 128), slower below 1M
 MAX_PATCHES = 1 << 22
 #: the same bound where the channels are a multiple of 8: there the lag correlations (a convolution's weight
-#: gradient) run on the blocked kernels of the CPU backend, faster than im2col from 0.5M patch elements up (one thread:
-#: 2.4 ms against 9.3 ms for 8 channels on 14 x 14 at batch 128, 1.4 against 1.9 on 8 x 8; 2 and 4 channels stayed
-#: slower than im2col up to 3.6M)
-MAX_PATCHES_BLOCKED = 1 << 19
+#: gradient) run on the blocked kernels of the CPU backend, faster than im2col from 0.26M patch elements up (one
+#: thread: 2.4 ms against 9.3 ms for 8 channels on 14 x 14 at batch 128, 1.4 against 1.9 on 8 x 8, 1.1 against 1.7
+#: on 7 x 7 (0.45M); 2 and 4 channels stayed slower than im2col up to 3.6M)
+MAX_PATCHES_BLOCKED = 1 << 18
 
 
 def _by_lags(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> bool:

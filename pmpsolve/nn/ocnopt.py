@@ -46,6 +46,7 @@ import torch
 from torch.func import grad, vjp, vmap
 
 from ..controls import Reals
+from .affine import _patch_gram
 from .groups import LayerGroup
 from .optim import Optimizer as _PMPOptimizer
 from .optim import _check_entries, _finite, _whole
@@ -77,6 +78,9 @@ class _KFACModule:
         self.module, self.name = module, name
         self.bias = module.bias is not None
         self.conv = isinstance(module, torch.nn.Conv2d)
+        # stride and dilation 1, padding at most k - 1: the lag correlations of ``_patch_gram`` apply
+        self.plain = self.conv and module.stride == (1, 1) and module.dilation == (1, 1) and all(
+            p <= k - 1 for p, k in zip(module.padding, module.kernel_size))
 
     def matrix(self) -> torch.Tensor:
         w = self.module.weight.detach().reshape(self.module.weight.shape[0], -1)
@@ -105,7 +109,15 @@ class _KFACModule:
 
     def input_factor(self, a: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
         """A = (1/B) sum_ip abar abar^T [K, K] of inputs a [B, ...], and the number P of positions per sample."""
-        if self.conv:
+        if self.conv and self.plain:
+            # the Gram matrix of the patches, from lag correlations where those are cheaper than im2col (one
+            # home with pmp.nn.EMSA's closed-form step: ``affine._patch_gram``), added in float64
+            m = self.module
+            A = _patch_gram(a.unsqueeze(0), m.kernel_size, m.padding)[0].to(a.dtype)
+            # the patches' sums: the patches of the sum over the samples (one image's im2col)
+            S = torch.nn.functional.unfold(a.sum(0, keepdim=True), m.kernel_size, padding=m.padding)  # [1, K', P]
+            positions, total = S.shape[-1], S.sum((0, 2))
+        elif self.conv:
             m = self.module
             U = torch.nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # [B, K', P]
             positions = U.shape[-1]
