@@ -212,6 +212,27 @@ def test_rejected_step_is_followed_by_the_minimiser_of_the_interpolating_parabol
         assert rule._shorter(1.0) == pytest.approx(expected, rel=1e-12)
 
 
+def test_kept_full_step_with_a_poor_ratio_grows_mu():
+    """The trust-region ratio rule: a kept full step (alpha = 1) whose decrease of J is 0.1 of the predicted one
+    grows mu, one of 0.9 shrinks it; a predicted decrease at J's noise level cannot be judged and does not grow it."""
+    from pmpsolve.update.rules import NoiseFloor
+
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    _, _, rule = _expansion(problem, pmp.DDP(), 10)
+
+    def judged(predicted, ratio, cost=10.0):
+        rule.noise = NoiseFloor(1e-8)  # noise level 10 * 1e-8 * |J| = 1e-6 at J = 10
+        rule.alpha, rule.mu, rule._delta, rule._expected = 1.0, 1.0, 1.0, predicted
+        assert rule.judge(cost, cost - ratio * predicted, 0.0)  # kept (c = 1e-4)
+        return rule.mu
+
+    assert judged(1.0, 0.1) > 1.0
+    assert judged(1.0, 0.24) > 1.0
+    assert judged(1.0, 0.9) < 1.0
+    assert judged(1.0, 0.25) < 1.0
+    assert judged(1e-7, 0.1) < 1.0  # unmeasurable: shrinks as for any kept full step
+
+
 def _enumerated_box_qp(H, g, lower, upper):
     """The minimiser over every assignment free / at the lower / at the upper bound (exact for a convex QP)."""
     best, best_value = None, np.inf
