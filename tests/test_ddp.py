@@ -342,3 +342,17 @@ def test_refused_too_many_samples():
 def test_bad_options_are_refused(options, words):
     with pytest.raises(ValueError, match=words):
         pmp.DDP(**options)
+
+
+def test_the_solver_computes_no_trial_gain_for_ddp_but_records_the_kept_one():
+    """DDP judges by its predicted decrease (``judges_gain`` False): its judge gets no gain, and the record still
+    has the kept proposal's Hamiltonian gain over the iterate."""
+    problem, _ = REFERENCE_PROBLEMS["vanderpol"]()
+    solver = pmp.Solver(problem, method="ddp", mesh=20)
+    seen, judge = [], solver.rule.judge
+    solver.rule.judge = lambda old, new, gain: seen.append(gain) or judge(old, new, gain)
+    state = solver.step(solver.init())
+    assert seen and all(g is None for g in seen)
+    _, data, _ = solver.measure(solver.init()).measured
+    _, gain = solver._gain(data, state.controls)
+    assert gain != 0.0 and state.history[1].hamiltonian_gain == pytest.approx(gain, rel=1e-12)

@@ -153,6 +153,7 @@ class DDP(UpdateRule):
     name, method_type = "ddp", DDPMethod
     defaults = DDPMethod.defaults()
     adaptive = True
+    judges_gain = False  # judge compares J's change with the expansion's prediction, not the Hamiltonian gain
     # alpha shrinks 2-5 times from 1 to alpha_min = 0.03 (by 0.1-0.5 each), then mu grows tenfold: 40
     # proposals leave room for at least 6 such rounds (mu x 1e6)
     max_rejections = 40
