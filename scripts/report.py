@@ -44,7 +44,8 @@ SOURCES = {
     "constrained": ["bench_constrained.json", "bench_constrained_methods.json", "bench_constrained_ddp.json",
                     "bench_constrained_line_search.json", "bench_constrained_hinges.json"],
     "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json",
-            "bench_control_ddp_forward_solves.json", "bench_control_ddp_model_maps.json"],
+            "bench_control_ddp_forward_solves.json", "bench_control_ddp_model_maps.json",
+            "bench_control_ddp_trust_region.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
 #: disturbed during those rows of the full run): their rows replace the newest file's rows of the same name.
