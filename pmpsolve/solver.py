@@ -243,9 +243,8 @@ class Solver:
                 fw_new = None
             fw_seconds += time.perf_counter() - t0
             fw_evals += 0 if fw_new is None else fw_new.evaluations
-            terms = IntervalHamiltonian(self.pw, data, 0.0).terms(u_new, create_graph=False)
-            terms = type(terms)(*(x.detach() for x in terms))
-            gain = float((terms.hamiltonian - data.hamiltonian).sum())
+            # the Hamiltonian gain of every trial for a rule that judges by it; else of the kept one only (the record)
+            terms, gain = self._gain(data, u_new) if rule.judges_gain else (None, None)
             new_cost = math.inf if fw_new is None else float(fw_new.cost)
             if rule.judge(cost, new_cost, gain):
                 break
@@ -257,6 +256,8 @@ class Solver:
                     state, iteration=k, history=state.history + (record,), status="stalled",
                     message=f"no decrease of J found in {rejected} proposals at iteration {k} "
                             f"({describe(rule.parameters())})")
+        if terms is None:
+            terms, gain = self._gain(data, u_new)
         record = self._record(k, new_cost, gain, terms, u, u_new, rejected, t_iter, state.start, bw, fw_evals,
                               rule.evaluations - evals_before, fw_seconds, max_seconds)
         history = state.history + (record,)
@@ -391,6 +392,12 @@ class Solver:
             where = float(self.mesh[int((~torch.isfinite(u)).any(-1).nonzero()[0])])
             raise NonFiniteError(f"the Hamiltonian maximisation returned non-finite controls at t = {where:g}",
                                  iteration=k, sweep="maximisation", time=where)
+
+    def _gain(self, data, u_new):
+        """(the interval Hamiltonian's terms of u_new on the current sweep, its gain mu_k over u^k)."""
+        terms = IntervalHamiltonian(self.pw, data, 0.0).terms(u_new, create_graph=False)
+        terms = type(terms)(*(x.detach() for x in terms))
+        return terms, float((terms.hamiltonian - data.hamiltonian).sum())
 
     def _record(self, k, cost, gain, terms, u_old, u_new, rejected, t_iter, start, bw, fw_evals, max_evals,
                 fw_seconds, max_seconds) -> IterationRecord:

@@ -44,7 +44,8 @@ SOURCES = {
     "constrained": ["bench_constrained.json", "bench_constrained_methods.json", "bench_constrained_ddp.json",
                     "bench_constrained_line_search.json", "bench_constrained_hinges.json"],
     "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json",
-            "bench_control_ddp_forward_solves.json", "bench_control_ddp_model_maps.json"],
+            "bench_control_ddp_forward_solves.json", "bench_control_ddp_model_maps.json",
+            "bench_control_ddp_trust_region.json"],
 }
 #: Files that re-measure some rows of the newest file with the same code, each row alone (the machine was
 #: disturbed during those rows of the full run): their rows replace the newest file's rows of the same name.
@@ -171,6 +172,9 @@ def ddp() -> str:
         c, e, d = r["casadi"], r["pmpsolve-emsa"], r["pmpsolve-ddp"]
         te, td = e["seconds_to_target"], d["seconds_to_target"]
         ratio = "-" if te is None or td is None else f"{td / te:.2f}"
+        each = (r.get("ratios_to_emsa_all") or {}).get("ddp")
+        if each and te is not None and td is not None:  # interleaved rounds: the median of their ratios, the range
+            ratio = f"{r['ratio_to_emsa']['ddp']:.2f} ({min(each):.2f}-{max(each):.2f})"
         out.append([r["problem"], f"{e['iterations']}{'' if e.get('converged', True) else ' (not converged)'}",
                     f"{d['iterations']}{'' if d.get('converged', True) else ' (not converged)'}",
                     f"{c['seconds']:.3f}", "-" if te is None else f"{te:.3f}", "-" if td is None else f"{td:.3f}",
@@ -178,7 +182,10 @@ def ddp() -> str:
                     f"{abs(d['rel_error']):.1e}"])
     return (table(["problem", "E-MSA iterations", "DDP iterations", "CasADi + IPOPT [s]", "E-MSA to 1e-4 [s]",
                    "DDP to 1e-4 [s]", "DDP / E-MSA", "DDP / CasADi", "J DDP", "rel. error"], out)
-            + f"\n\nMesh {data['rows'][0]['mesh']}; medians of the repeats. " + source_note("ddp"))
+            + f"\n\nMesh {data['rows'][0]['mesh']}; medians of the repeats"
+            + ("; DDP / E-MSA: the median of the ratios within the interleaved rounds (E-MSA, DDP, E-MSA, ...), "
+               "their range in brackets. " if any("ratios_to_emsa_all" in r for r in data["rows"]) else ". ")
+            + source_note("ddp"))
 
 
 def constrained() -> str:

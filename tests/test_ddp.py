@@ -212,6 +212,27 @@ def test_rejected_step_is_followed_by_the_minimiser_of_the_interpolating_parabol
         assert rule._shorter(1.0) == pytest.approx(expected, rel=1e-12)
 
 
+def test_kept_full_step_with_a_poor_ratio_grows_mu():
+    """The trust-region ratio rule: a kept full step (alpha = 1) whose decrease of J is 0.1 of the predicted one
+    grows mu, one of 0.9 shrinks it; a predicted decrease at J's noise level cannot be judged and does not grow it."""
+    from pmpsolve.update.rules import NoiseFloor
+
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    _, _, rule = _expansion(problem, pmp.DDP(), 10)
+
+    def judged(predicted, ratio, cost=10.0):
+        rule.noise = NoiseFloor(1e-8)  # noise level 10 * 1e-8 * |J| = 1e-6 at J = 10
+        rule.alpha, rule.mu, rule._delta, rule._expected = 1.0, 1.0, 1.0, predicted
+        assert rule.judge(cost, cost - ratio * predicted, 0.0)  # kept (c = 1e-4)
+        return rule.mu
+
+    assert judged(1.0, 0.1) > 1.0
+    assert judged(1.0, 0.24) > 1.0
+    assert judged(1.0, 0.9) < 1.0
+    assert judged(1.0, 0.25) < 1.0
+    assert judged(1e-7, 0.1) < 1.0  # unmeasurable: shrinks as for any kept full step
+
+
 def _enumerated_box_qp(H, g, lower, upper):
     """The minimiser over every assignment free / at the lower / at the upper bound (exact for a convex QP)."""
     best, best_value = None, np.inf
@@ -321,3 +342,17 @@ def test_refused_too_many_samples():
 def test_bad_options_are_refused(options, words):
     with pytest.raises(ValueError, match=words):
         pmp.DDP(**options)
+
+
+def test_the_solver_computes_no_trial_gain_for_ddp_but_records_the_kept_one():
+    """DDP judges by its predicted decrease (``judges_gain`` False): its judge gets no gain, and the record still
+    has the kept proposal's Hamiltonian gain over the iterate."""
+    problem, _ = REFERENCE_PROBLEMS["vanderpol"]()
+    solver = pmp.Solver(problem, method="ddp", mesh=20)
+    seen, judge = [], solver.rule.judge
+    solver.rule.judge = lambda old, new, gain: seen.append(gain) or judge(old, new, gain)
+    state = solver.step(solver.init())
+    assert seen and all(g is None for g in seen)
+    _, data, _ = solver.measure(solver.init()).measured
+    _, gain = solver._gain(data, state.controls)
+    assert gain != 0.0 and state.history[1].hamiltonian_gain == pytest.approx(gain, rel=1e-12)

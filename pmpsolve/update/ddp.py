@@ -45,7 +45,9 @@ An iteration (Tassa, Erez and Todorov 2012, sec. II; Tassa, Mansard and Todorov 
 The solver (``Solver.step``) sweeps the proposal and asks ``judge``: a step is kept when J decreases
 by at least ``c`` times the predicted decrease; otherwise alpha shrinks to the minimiser of the
 parabola through the predicted slope and the measured change (within [0.1, ``shrink``] alpha), and
-below ``alpha_min`` mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F). The
+below ``alpha_min`` mu grows and the backward pass is redone (Tassa et al. 2012, sec. II.F). After a
+kept full step mu shrinks, unless J decreased by less than a quarter of the prediction: then it grows,
+as a trust region's radius shrinks (Nocedal and Wright, Alg. 4.1; ``_POOR_RATIO``). The
 first iteration tries the Gauss-Newton curvature; where an iteration's curvature leaves a Q_uu
 indefinite or singular, it takes the other one before mu grows (``DDP.propose``).
 """
@@ -72,6 +74,11 @@ MAX_CONCATENATED_STATE = 1024
 #: defect is within the solver's local error tolerance or this fraction of the largest change of the nodes.
 #: (Solving the defects to the tolerance, 8 solves at most, took 1.3-1.8x the time of one at N = 200.)
 _ROLLOUT_RELATIVE = 1e-3
+#: A kept full step whose actual decrease of J is below this fraction of the predicted one grows mu instead
+#: of shrinking it: the trust-region ratio rule (Nocedal and Wright, Alg. 4.1: the radius shrinks when
+#: actual / predicted < 1/4), with mu standing for the inverse radius. On catalyst mixing's singular arc,
+#: where Q_uu is nearly zero, full Newton steps are kept with a poor ratio and the next one overshoots.
+_POOR_RATIO = 0.25
 #: mu's growth at least after a failed line search
 _LINE_SEARCH_GROWTH = 10.0
 #: alpha's smallest factor after a rejection (the interpolated line search, ``DDP._shorter``)
@@ -146,6 +153,7 @@ class DDP(UpdateRule):
     name, method_type = "ddp", DDPMethod
     defaults = DDPMethod.defaults()
     adaptive = True
+    judges_gain = False  # judge compares J's change with the expansion's prediction, not the Hamiltonian gain
     # alpha shrinks 2-5 times from 1 to alpha_min = 0.03 (by 0.1-0.5 each), then mu grows tenfold: 40
     # proposals leave room for at least 6 such rounds (mu x 1e6)
     max_rejections = 40
@@ -246,11 +254,16 @@ class DDP(UpdateRule):
         self._trial_change = new_cost - old_cost
         if accept:
             self.noise.kept(old_cost, new_cost)
-            # A full step: the expansion is trusted, mu shrinks. A step the line search had to cut
-            # well short (alpha < shrink^2): the expansion overshoots (e.g. on a singular arc, where
-            # Q_uu is nearly zero and the Newton step runs into the box), mu grows for the next one.
+            # A full step: the expansion is trusted, mu shrinks, unless J decreased by less than
+            # _POOR_RATIO of the prediction (measurably): then mu grows (the trust-region ratio rule).
+            # A step the line search had to cut well short (alpha < shrink^2): the expansion overshoots
+            # (e.g. on a singular arc, where Q_uu is nearly zero and the Newton step runs into the box),
+            # mu grows for the next one.
             if self.alpha == 1.0:
-                self._decrease_mu()
+                if self.noise.unmeasurable(self._expected, old_cost) or decrease >= _POOR_RATIO * self._expected:
+                    self._decrease_mu()
+                else:
+                    self._increase_mu()
             elif self.alpha < float(self.options["shrink"]) ** 2:
                 self._increase_mu()
             self._last_k = self._gains.k

@@ -94,7 +94,11 @@ class UpdateRule:
       sweep predicts it from the current one).
     * ``judge(old_cost, new_cost, gain) -> bool``: keep the proposal? ``new_cost`` is J of
       the proposal re-simulated (inf when its sweep was abandoned), ``gain`` its Hamiltonian
-      gain mu_k over u^k. A rule adapts its own parameters here.
+      gain mu_k over u^k (None for a rule whose ``judges_gain`` is False). A rule adapts its own
+      parameters here.
+    * ``judges_gain`` (class attribute, default True): ``judge`` reads ``gain``. False (DDP, which
+      judges by its own predicted decrease): the solver computes the gain of the kept proposal only,
+      for the record, not of every trial.
     * ``adaptive`` (class attribute): the rule rejects proposals; the solver may abandon a
       trial sweep that costs far more than the current one (a rejection) and ends the solve as
       "stalled" after ``max_rejections`` proposals in a row.
@@ -123,6 +127,9 @@ class UpdateRule:
     #: and its constructor checks the options
     method_type: ClassVar[Optional[Type[Method]]] = None
     adaptive: bool = False
+    #: ``judge`` reads the trial's Hamiltonian gain (False: the solver passes None and computes it for the
+    #: record of the kept proposal only)
+    judges_gain: bool = True
     #: proposals rejected in a row before the solver stops ("stalled")
     max_rejections: int = 12
     detect_cycles: bool = False
@@ -152,7 +159,7 @@ class UpdateRule:
         """The last proposal's trajectory at the nodes as the rule predicts it, or None (default)."""
         return None
 
-    def judge(self, old_cost: float, new_cost: float, gain: float) -> bool:
+    def judge(self, old_cost: float, new_cost: float, gain: Optional[float]) -> bool:
         """Keep the proposal? Default: always (the paper's plain algorithms)."""
         return True
 
