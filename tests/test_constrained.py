@@ -289,6 +289,16 @@ def test_an_unreachable_target_ends_infeasible_with_the_least_violation():
     assert 0.94 <= sol.violation <= 0.951
 
 
+@pytest.mark.parametrize("status, optimality, cost, settled", [
+    ("converged", 1.0, 4.0, True), ("stalled", 3.9e-3, 4.0, True), ("stalled", 4.1e-3, 4.0, False),
+    ("stalled", 9e-4, 0.1, True), ("stalled", 1.1e-3, 0.1, False), ("max_iter", 1e-9, 4.0, False)])
+def test_a_stalled_inner_solve_settles_its_round_within_the_settled_measure(status, optimality, cost, settled):
+    """Penalties grow after an inner solve that converged or stalled with measure <= 1e-3 max(1, |J|)."""
+    from types import SimpleNamespace
+    from pmpsolve.constrained.outer import _settled
+    assert _settled(SimpleNamespace(status=status, optimality=optimality, cost=cost)) is settled
+
+
 def test_ctrl_c_returns_the_best_iterate_so_far():
     problem, _ = min_time_double_integrator(1.0)
     calls = []
