@@ -207,18 +207,29 @@ def test_the_gradient_is_exact_where_a_path_penalty_switches_inside_intervals(ho
         assert dJ_dT == pytest.approx((J[0] - J[1]) / (2 * eps), rel=2e-4)
 
 
-def test_a_mixed_constraint_switching_inside_an_interval_leaves_dJ_du_within_its_documented_error():
-    """g = 0.1 u + x1 - 0.111 reads u: the penalty's switch enters grad_u H, whose Gauss quadrature is not split
-    there (docs/theory.md): dJ/du off by 1.5e-4 of its largest entry on that interval, 3e-8 on the others."""
+def test_the_gradient_is_accurate_where_a_mixed_constraint_switches_inside_an_interval():
+    """g = 0.1 u + x1 - 0.111 reads u: the penalty's switch enters grad_u H, whose Gauss quadrature misses the
+    kink (1.5e-4 of max |dJ/du| on that interval); the interpolants of a and w integrated on fine cells there
+    (update.hamiltonian.hinge_correction) bring it to the other intervals' 1e-7 level. A state constraint's
+    hinges do not read u and keep the plain quadrature."""
+    from pmpsolve.sweep.pointwise import PointwiseProblem
     f = lambda t, x, u: torch.stack([x[..., 1], u[..., 0].expand(x.shape[:-1])], dim=-1)  # noqa: E731
-    problem = pmp.ControlProblem(f, torch.tensor([0.0, 1.0], dtype=F64), 1.0, pmp.Reals(1),
-                                 running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
-                                 path_constraints=[pmp.AtMost(lambda t, x, u: 0.1 * u + x[..., :1] - 0.111)])
+
+    def inner_problem(g):
+        problem = pmp.ControlProblem(f, torch.tensor([0.0, 1.0], dtype=F64), 1.0, pmp.Reals(1),
+                                     running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
+                                     path_constraints=[pmp.AtMost(g)])
+        tr = Transcription(problem, N, F64, "cpu")
+        mu = (40 * torch.sin(torch.pi * tr.grid) ** 2 - 15).clamp(min=0)
+        return tr, tr.inner_problem(tr.initial_point(penalty=1e3).with_(path=mu.reshape(1, -1, 1),
+                                                                         end_control=u[-1]))
+
     N, eps, tight = 20, 1e-4, dict(rtol=1e-12, atol=1e-14)
-    tr = Transcription(problem, N, F64, "cpu")
-    mu = (40 * torch.sin(torch.pi * tr.grid) ** 2 - 15).clamp(min=0)
-    u = 6 * (tr.mesh[:-1, None] + 0.5 / N) - 4
-    inner = tr.inner_problem(tr.initial_point(penalty=1e3).with_(path=mu.reshape(1, -1, 1), end_control=u[-1]))
+    u = 6 * (torch.linspace(0, 1, N + 1, dtype=F64)[:-1, None] + 0.5 / N) - 4
+    tr, inner = inner_problem(lambda t, x, u: 0.1 * u + x[..., :1] - 0.111)
+    assert PointwiseProblem(inner, F64, "cpu").hinges_read_control
+    _, state_bound = inner_problem(lambda t, x, u: x[..., :1] - 0.111)
+    assert not PointwiseProblem(state_bound, F64, "cpu").hinges_read_control
     _, gradient = pmp.cost_gradient(inner, u, mesh=tr.mesh, rtol=1e-10, atol=1e-12)
     fd = torch.empty(N, dtype=F64)
     for n in range(N):
@@ -226,9 +237,7 @@ def test_a_mixed_constraint_switching_inside_an_interval_leaves_dJ_du_within_its
         up[n] += eps
         um[n] -= eps
         fd[n] = (pmp.cost(inner, up, mesh=tr.mesh, **tight) - pmp.cost(inner, um, mesh=tr.mesh, **tight)) / (2 * eps)
-    error = (gradient[:, 0] - fd).abs() / fd.abs().max()
-    assert float(error.max()) <= 1e-3
-    assert int((error > 1e-6).sum()) <= 1  # only the interval where the penalty switches
+    assert float((gradient[:, 0] - fd).abs().max()) <= 5e-6 * float(fd.abs().max())
 
 
 def test_the_static_line_search_finds_the_merit_minimum_despite_a_wrong_slope():

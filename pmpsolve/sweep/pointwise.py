@@ -197,6 +197,26 @@ class PointwiseProblem:
         """Whether the running cost declares kinks between the nodes (``ControlProblem.running_cost_hinges``)."""
         return self.has_running_cost and self.problem.running_cost_hinges is not None
 
+    @property
+    def hinges_read_control(self) -> bool:
+        """Whether a declared hinge reads u (a mixed path constraint): then the kink of max(0, a) moves
+        with u and enters grad_u H too (``update.hamiltonian.hinge_correction``). One call at x0, u = 0."""
+        if not self.has_hinges:
+            return False
+        if getattr(self, "_hinges_read_control", None) is None:
+            u = self.x0.new_zeros(self.control_dim).requires_grad_(True)
+            t = self.x0.new_zeros(())
+            with torch.enable_grad():
+                a, w = self._map(self.problem.running_cost_hinges, t, self.x0.detach(), u)
+            self._hinges_read_control = bool(a.requires_grad or torch.as_tensor(w).requires_grad)
+        return self._hinges_read_control
+
+    def hinge_values(self, t, x, u) -> Tuple[torch.Tensor, torch.Tensor]:
+        """a and w of the declared hinges (``ControlProblem.running_cost_hinges``) at the points, each
+        [..., K, c] (points as in ``running_cost``)."""
+        a, w = self._map(self.problem.running_cost_hinges, t, x, u)
+        return a, torch.as_tensor(w, dtype=a.dtype, device=a.device).expand_as(a)
+
     def hinge_linearisation(self, t, x, u) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The kinked part of b = (1/K) grad_x L, for a running cost that declares
         sum_j w_j max(0, a_j)^2 / 2 (``ControlProblem.running_cost_hinges``):
