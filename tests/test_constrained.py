@@ -174,6 +174,18 @@ def test_dJ_dT_and_dJ_dp_are_the_costates_of_the_static_states():
         assert float(gradient[i]) == pytest.approx((J[0] - J[1]) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
+def _central_differences(problem, u, mesh, eps):
+    """dJ/du_n [N] by central differences of J, each cost at tight ODE tolerances."""
+    tight = dict(rtol=1e-12, atol=1e-14)
+    fd = torch.empty(u.shape[0], dtype=F64)
+    for n in range(u.shape[0]):
+        up, um = u.clone(), u.clone()
+        up[n] += eps
+        um[n] -= eps
+        fd[n] = (pmp.cost(problem, up, mesh=mesh, **tight) - pmp.cost(problem, um, mesh=mesh, **tight)) / (2 * eps)
+    return fd
+
+
 @pytest.mark.parametrize("horizon", [1.0, pmp.FreeTime(1.0, low=0.5, high=2.0)], ids=["fixed T", "free T"])
 def test_the_gradient_is_exact_where_a_path_penalty_switches_inside_intervals(horizon):
     """The PHR path penalty max(0, mu + r g)^2 / (2 r) switches on and off inside mesh intervals, where grad_x L
@@ -192,12 +204,7 @@ def test_the_gradient_is_exact_where_a_path_penalty_switches_inside_intervals(ho
     inner = tr.inner_problem(point)
     assert inner.running_cost_hinges is not None
     _, gradient = pmp.cost_gradient(inner, u, mesh=tr.mesh, rtol=1e-10, atol=1e-12)
-    fd = torch.empty(N, dtype=F64)
-    for n in range(N):
-        up, um = u.clone(), u.clone()
-        up[n] += eps
-        um[n] -= eps
-        fd[n] = (pmp.cost(inner, up, mesh=tr.mesh, **tight) - pmp.cost(inner, um, mesh=tr.mesh, **tight)) / (2 * eps)
+    fd = _central_differences(inner, u, tr.mesh, eps)
     assert float((gradient[:, 0] - fd).abs().max()) <= 5e-5 * float(fd.abs().max())
     if tr.free:
         sol = pmp.solve(inner, mesh=tr.mesh, init=u, stop=pmp.Stop(max_iter=0), ode=pmp.ODE(rtol=1e-10, atol=1e-12))
@@ -224,19 +231,14 @@ def test_the_gradient_is_accurate_where_a_mixed_constraint_switches_inside_an_in
         return tr, tr.inner_problem(tr.initial_point(penalty=1e3).with_(path=mu.reshape(1, -1, 1),
                                                                          end_control=u[-1]))
 
-    N, eps, tight = 20, 1e-4, dict(rtol=1e-12, atol=1e-14)
+    N, eps = 20, 1e-4
     u = 6 * (torch.linspace(0, 1, N + 1, dtype=F64)[:-1, None] + 0.5 / N) - 4
     tr, inner = inner_problem(lambda t, x, u: 0.1 * u + x[..., :1] - 0.111)
     assert PointwiseProblem(inner, F64, "cpu").hinges_read_control
     _, state_bound = inner_problem(lambda t, x, u: x[..., :1] - 0.111)
     assert not PointwiseProblem(state_bound, F64, "cpu").hinges_read_control
     _, gradient = pmp.cost_gradient(inner, u, mesh=tr.mesh, rtol=1e-10, atol=1e-12)
-    fd = torch.empty(N, dtype=F64)
-    for n in range(N):
-        up, um = u.clone(), u.clone()
-        up[n] += eps
-        um[n] -= eps
-        fd[n] = (pmp.cost(inner, up, mesh=tr.mesh, **tight) - pmp.cost(inner, um, mesh=tr.mesh, **tight)) / (2 * eps)
+    fd = _central_differences(inner, u, tr.mesh, eps)
     assert float((gradient[:, 0] - fd).abs().max()) <= 5e-6 * float(fd.abs().max())
 
 
