@@ -46,6 +46,7 @@ class PointwiseProblem:
         self.dynamics_reads_time = reads_time(problem.dynamics, self.x0, problem.control_dim)
         self.cost_reads_time = self.has_running_cost and reads_time(problem.running_cost, self.x0,
                                                                     problem.control_dim)
+        self._hinges_read_control: Optional[bool] = None  # ``hinges_read_control``, probed once
 
     # ---------------------------------------------------------- user functions
     def dynamics(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -203,7 +204,7 @@ class PointwiseProblem:
         with u and enters grad_u H too (``update.hamiltonian.hinge_correction``). One call at x0, u = 0."""
         if not self.has_hinges:
             return False
-        if getattr(self, "_hinges_read_control", None) is None:
+        if self._hinges_read_control is None:
             u = self.x0.new_zeros(self.control_dim).requires_grad_(True)
             t = self.x0.new_zeros(())
             with torch.enable_grad():

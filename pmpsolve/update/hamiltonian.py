@@ -20,6 +20,7 @@ quadrature and ODE tolerances, on coarse meshes too (this is what makes the
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -35,9 +36,11 @@ __all__ = ["IntervalData", "interval_data", "HamiltonianTerms", "IntervalHamilto
 HINGE_CELLS = 32
 
 
-def _hinge_rule(points: int, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The fine rule of ``hinge_correction``: the Lagrange matrix [F, Q] from the Q Gauss nodes of an
-    interval to 3-point Gauss rules on each of ``HINGE_CELLS`` equal cells, and the fine weights [F] (sum 1)."""
+@functools.lru_cache(maxsize=None)
+def _hinge_rule(points: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fine rule of ``hinge_correction`` (float64, CPU; built once per Q): the Lagrange matrix [F, Q] from
+    the Q Gauss nodes of an interval to 3-point Gauss rules on each of ``HINGE_CELLS`` equal cells, and the
+    fine weights [F] (sum 1)."""
     c, _ = gauss_legendre(points, torch.float64, "cpu")
     g, gw = gauss_legendre(3, torch.float64, "cpu")
     starts = torch.arange(HINGE_CELLS, dtype=torch.float64) / HINGE_CELLS
@@ -48,7 +51,7 @@ def _hinge_rule(points: int, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]
         for j in range(points):
             if j != q:
                 basis[:, q] *= (s - c[j]) / (c[q] - c[j])
-    return basis.to(dtype=dtype, device=device), weights.to(dtype=dtype, device=device)
+    return basis, weights
 
 
 def hinge_correction(pw: PointwiseProblem, weights: torch.Tensor, lengths: torch.Tensor, times: torch.Tensor,
@@ -64,7 +67,7 @@ def hinge_correction(pw: PointwiseProblem, weights: torch.Tensor, lengths: torch
     if not pw.hinges_read_control or times.shape[1] < 2:
         return None
     a, w = pw.hinge_values(times, states, u)  # [N, Q, K, c]
-    basis, fine_weights = _hinge_rule(times.shape[1], a.dtype, a.device)
+    basis, fine_weights = (r.to(dtype=a.dtype, device=a.device) for r in _hinge_rule(times.shape[1]))
     af = torch.einsum("fq,nqkc->nfkc", basis, a)
     wf = torch.einsum("fq,nqkc->nfkc", basis, w)
     with torch.no_grad():
