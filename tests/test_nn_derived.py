@@ -186,3 +186,31 @@ def test_preconditioned_lbfgs_gets_further_in_the_same_iterations():
     fast.diagonal_curvature = None
     plain4, plain8 = (ProjectedLBFGS(max_iter=k).maximise(fast, group.controls).value for k in (4, 8))
     assert (scaled > plain8).all() and (plain8 > plain4).all() and (plain4 > start).all()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_hamiltonian_gain_is_the_plain_hamiltonians_change(kind, bias):
+    """``hamiltonian_gain`` (one pass at u, the recorded output for theta^k; the step itself for entries linear in
+    their parameters) against p . (g(x, u) - g(x, theta^k)) - (L(u) - L(theta^k)) with both passes run here, on
+    the residual blocks (two rows), the projection and the classifier, with weight decay and an L1 penalty."""
+    model = _network(kind, bias)
+    layers, records = recorded(model, *_data(kind))
+    penalties = {"0.weight": pmp.L1(0.02)}
+    groups = group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, penalties)
+    wd = 0.01
+    for g in groups:
+        u0 = g.parameters()
+        objective = LayerHamiltonian(g, layer_data(g, records, u0, True), rho=0.7, weight_decay=wd)
+        u = u0 + 0.3 * torch.randn(u0.shape, generator=torch.Generator().manual_seed(4), dtype=u0.dtype)
+        expected = []
+        for row, (n, r) in enumerate((n, records[n]) for n in g.indices):
+            out_u, out_k = (g.call(theta, r.inputs) for theta in (u[row], u0[row]))
+            change = (r.costates * (out_u - out_k)).sum() - 0.5 * wd * ((u[row] ** 2).sum() - (u0[row] ** 2).sum())
+            if g.penalty is not None:
+                change = change - (g.penalty.value(u[row:row + 1]) - g.penalty.value(u0[row:row + 1]))[0]
+            expected.append(change)
+        expected = torch.stack(expected)
+        assert (expected.abs() > 1e-3).all()
+        assert torch.allclose(objective.hamiltonian_gain(u), expected, rtol=1e-12, atol=1e-13)
+    assert any(g.penalty is not None for g in groups)

@@ -134,8 +134,8 @@ def test_non_finite_costates_under_a_finite_loss_name_the_layers():
 def test_a_non_finite_hamiltonian_gain_names_the_layer(monkeypatch):
     model, (x, y) = small_net(), data()
     opt = pmp.nn.EMSA(model)
-    plain = LayerHamiltonian.hamiltonian
-    monkeypatch.setattr(LayerHamiltonian, "hamiltonian",
+    plain = LayerHamiltonian.hamiltonian_gain
+    monkeypatch.setattr(LayerHamiltonian, "hamiltonian_gain",
                         lambda self, u: plain(self, u) * (float("nan") if self.group.indices == [5] else 1.0))
     before = parameters(model)
     with pytest.raises(FloatingPointError, match=r"Hamiltonian gain of layer 5 \(Linear\) is not finite"):
@@ -299,3 +299,46 @@ def test_a_learning_rate_scheduler_gets_a_clear_error_and_rho_can_be_scheduled()
     opt.param_groups[0]["rho"] = -1.0
     with pytest.raises(ValueError, match="`rho` must be a finite number >= 0"):
         train(model, opt, x, y, 1)
+
+
+def test_a_trial_runs_the_closure_forward_only_with_the_losses_and_gradients_of_a_full_call():
+    """The adaptive rule's trial closure runs without the parameters' backward pass: the loss it returns is the
+    full closure's at the trial parameters, bit for bit, and the gradients after the step are those at theta^k."""
+    model, (x, y) = small_net(), data()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = pmp.nn.EMSA(model)
+    losses = train(model, opt, x, y, 1)
+    assert opt.last_step["accepted"] and opt.last_step["trials"] == 1
+    assert opt._forward_only_trials
+    twin = small_net()
+    assert F.cross_entropy(twin(x), y).item() == losses[0]
+    F.cross_entropy(twin(x), y).backward()  # the gradient at theta^k, by a full pass
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad():  # the loss at the step's parameters, by a full pass
+        for q, p in zip(twin.parameters(), model.parameters()):
+            q.copy_(p)
+    assert F.cross_entropy(twin(x), y).item() == opt.last_step["J_new"]
+    assert not all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), start))
+
+
+def test_a_closure_that_needs_the_parameters_gradients_runs_its_trials_in_full():
+    """A closure that asks autograd for the parameters' gradients itself cannot run forward only: its trials fall
+    back to the full call, and the step is the one a plain closure gives."""
+    model, (x, y) = small_net(), data()
+    twin = small_net()
+    opt, opt_twin = pmp.nn.EMSA(model), pmp.nn.EMSA(twin)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            p.grad = g
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+        train(twin, opt_twin, x, y, 1)
+    assert not opt._forward_only_trials and opt_twin._forward_only_trials
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

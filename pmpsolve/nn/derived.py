@@ -93,6 +93,10 @@ class DerivedHamiltonian(LayerHamiltonian):
             def unlay(t):
                 return t.reshape(d.inputs.shape)
         self._x, self._y, self._p = (lay(t) for t in (d.inputs, d.outputs, d.costates))
+        if self.residual:  # tanh(z) at theta^k, read by p_n, the preconditioner and L-BFGS's first evaluation
+            with torch.no_grad():
+                W, b = self._weights(d.controls)
+                self._t_k = torch.tanh_(self._forward(self._x, W, b))
         if d.input_costates is None:  # not formed yet (``layer_data``): p_n here, without the vjp
             self._p_in = self._input_costates()
             self.data = d._replace(input_costates=unlay(self._p_in))  # for the autograd methods (values)
@@ -109,12 +113,18 @@ class DerivedHamiltonian(LayerHamiltonian):
         """p_n = grad_x H(x_n, p_{n+1}, theta^k) in the grouped layout: p + delta A_W' (s * p) (A_W' p for an
         affine entry), the numbers of ``hamiltonian.input_costates``'s vjp in a third of its time."""
         with torch.no_grad():
-            W, b = self._weights(self.data.controls)
+            W, _ = self._weights(self.data.controls)
             if not self.residual:
                 return self._adjoint(self._p, W)
-            t = torch.tanh_(self._forward(self._x, W, b))
+            t = self._t_k
             s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)
             return torch.add(self._p, self._adjoint(s.mul_(self._p), W), alpha=self.delta)
+
+    def _tanh(self, u: torch.Tensor, x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """tanh(A_W x + b) at the rows u (read only: at theta^k it is the one formed at construction)."""
+        if torch.equal(u, self.data.controls):
+            return self._t_k
+        return torch.tanh_(self._forward(x, W, b))
 
     # -- the affine map A_W of all rows at once, its adjoint in x and its weight gradient --------------
     def _weights(self, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -176,7 +186,7 @@ class DerivedHamiltonian(LayerHamiltonian):
             W, b = self._weights(u)
             x, y, p, p_in = self._x, self._y, self._p, self._p_in
             if self.residual:  # fused and in place where possible: L-BFGS evaluates this about 15 times a step
-                t = torch.tanh_(self._forward(x, W, b))
+                t = self._tanh(u, x, W, b)
                 s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)  # 1 - t^2
                 a = s * p
                 e = torch.add(self._y_x, t, alpha=-delta)
@@ -221,7 +231,7 @@ class DerivedHamiltonian(LayerHamiltonian):
             with torch.no_grad():
                 W, b = self._weights(u.detach())
                 x, p = self._x, self._p
-                t = torch.tanh(self._forward(x, W, b))
+                t = self._tanh(u, x, W, b)
                 s2 = (1 - t * t) ** 2
                 a2 = s2 * p * p
                 weights = self._weight_grad(x * x, s2, W) + self._weight_grad(torch.ones_like(x), a2, W)

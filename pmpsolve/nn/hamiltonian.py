@@ -185,11 +185,46 @@ class LayerHamiltonian:
         with torch.no_grad():
             return torch.stack([self(u) for u in U])
 
-    def hamiltonian(self, u: torch.Tensor) -> torch.Tensor:
-        """The plain Hamiltonian p_{n+1} . g_n(x_n, theta) - L_n(theta) of every row [G] (rho = eps = 0)."""
-        plain = LayerHamiltonian(self.group, self.data, 0.0, 0.0, self.weight_decay, self._reduce)
-        with torch.no_grad():
-            return plain(u)
+    def hamiltonian_gain(self, u: torch.Tensor) -> torch.Tensor:
+        """H(u) - H(theta^k) of the plain Hamiltonian, every row [G]: one pass of the layer, at u.
+
+        The recorded output x_{n+1} = g_n(x_n, theta^k) stands in for the pass at theta^k; a layer linear in
+        its parameters (a Linear or convolution whose rows hold all of them) passes the step u - theta^k
+        itself, g(x, u) - g(x, theta^k) = g(x, u - theta^k), with no difference of two nearly equal sums.
+        """
+        d = self.data
+        theta_k = d.controls
+        linear = _linear_in_parameters(self.group)
+        step = u - theta_k
+
+        def local():
+            with torch.no_grad():
+                rows = step if linear else u
+                if rows.shape[0] > 1:
+                    out = vmap(self.group.call)(rows, d.inputs)
+                else:  # one layer (an unbatched group has one): without vmap's overhead
+                    out = self.group.call(rows[0], d.inputs[0]).unsqueeze(0)
+                if not linear:
+                    out = out - d.outputs
+                change = (d.costates * out).flatten(1).sum(1)
+                if self.weight_decay:
+                    change = change - 0.5 * self.weight_decay * (step * (u + theta_k)).sum(1)
+                return change
+
+        change = self._totalled(local, u.shape[:-1], u)
+        if self.penalty is not None:
+            change = change - (self.penalty.value(u) - self.penalty.value(theta_k))
+        return change
+
+
+_LINEAR_ENTRIES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _linear_in_parameters(group: LayerGroup) -> bool:
+    """Whether g(x, theta) is linear in the group's rows: a Linear or convolution whose rows hold the weight
+    and the bias it has (a fixed bias would make it affine)."""
+    layer = group.template
+    return type(layer) in _LINEAR_ENTRIES and group.names == (["weight"] if layer.bias is None else ["weight", "bias"])
 
 
 def input_costates(group: LayerGroup, x: torch.Tensor, p: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:

@@ -343,6 +343,8 @@ class Optimizer(torch.optim.Optimizer):
         self._recorder = CostateRecorder(self._layers)
         named = dict(model.named_parameters())
         self._named = named
+        self._model = model
+        self._forward_only_trials = True  # until a closure fails without its parameters' gradients
         finite = {k: v for k, v in controls.items() if isinstance(v, Finite)}
         self._finite: Optional[FiniteWeights] = None
         if finite:
@@ -519,7 +521,7 @@ class Optimizer(torch.optim.Optimizer):
             gain = sum(gains)
             trial_loss = None
             with reduction.guard() as guard:
-                trial_loss = self._evaluate(closure)
+                trial_loss = self._trial_loss(closure)
             try:
                 J1 = reduction.mean_loss(trial_loss, batch, guard.error)[0] + self._parameter_cost(groups, new)
             except Exception:
@@ -637,6 +639,45 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"the closure must return the scalar loss (the mean over the batch), got a tensor of shape "
                              f"{tuple(loss.shape)}; reduce it, e.g. loss_fn(model(x), y).mean() (or reduction='mean')")
         return loss
+
+    def _trial_loss(self, closure: Callable) -> torch.Tensor:
+        """The closure's loss at trial parameters, for the decrease test: its forward pass only.
+
+        The test reads the loss and nothing else, so the parameters stop requiring gradients while the closure
+        runs and a zero term anchors the model's output to autograd: ``loss.backward()`` then stops at the
+        output instead of running the whole backward pass (a third of a closure call saved per trial). The
+        forward arithmetic is the same. The gradients stay those of theta^k (the step's start). A closure that
+        fails this way (e.g. it asks autograd for the parameters' gradients itself) is run again in full, and
+        in full from then on.
+        """
+        if not self._forward_only_trials:
+            return self._evaluate(closure)
+        params = [p for p in self._named.values() if p.requires_grad]
+        grads = [p.grad for p in params]
+
+        def anchor(module, inputs, output):
+            if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
+                return output
+            zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            return output + 0 * zero
+
+        handle = self._model.register_forward_hook(anchor)
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self._evaluate(closure)
+        except RuntimeError:
+            self._forward_only_trials = False
+        finally:
+            handle.remove()
+            for p, g in zip(params, grads):
+                p.requires_grad_(True)
+                p.grad = g
+        try:
+            return self._evaluate(closure)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
 
     def _check_stochastic_layers(self, adaptive: bool) -> None:
         """Dropout in training mode inside a layer makes its Hamiltonian random: refused. As an entry of its

@@ -258,10 +258,13 @@ def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> tor
     """H q for the row-wise L-BFGS inverse Hessians given by the pairs (S, Y, R); rows are independent. The
     initial inverse Hessian is gamma I, or gamma D^-1 with a diagonal preconditioner D [N, m] (gamma = s'y / y'y,
     s'y / y'D^-1 y: Nocedal and Wright, 7.20, in the preconditioned metric)."""
+    # vecdot and in-place addcmul: two dispatched operations per pair and loop (rows are few and short, so
+    # dispatch, not arithmetic, is the cost)
     alphas = []
+    q = q.clone()
     for s, y, r in zip(reversed(S), reversed(Y), reversed(R)):
-        a = r * (s * q).sum(-1)
-        q = q - a[:, None] * y
+        a = r * torch.linalg.vecdot(s, q)
+        q.addcmul_(a[:, None], y, value=-1)
         alphas.append(a)
     if S:
         s, y, r = S[-1], Y[-1], R[-1]
@@ -271,8 +274,8 @@ def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> tor
     elif D is not None:
         q = q / D
     for s, y, r, a in zip(S, Y, R, reversed(alphas)):
-        b = r * (y * q).sum(-1)
-        q = q + (a - b)[:, None] * s
+        b = r * torch.linalg.vecdot(y, q)
+        q.addcmul_((a - b)[:, None], s)
     return q
 
 
