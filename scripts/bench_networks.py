@@ -1,13 +1,16 @@
 """One E-MSA step against one Adam step on the CNN study's network and batch (docs/networks.md).
 
 Part 1, per step (median of --repeats after a warm-up, all methods interleaved in one
-process, one step each per round, so that machine noise hits them alike): Adam (forward + backward + update) and
+process, one step each per round, so that machine noise hits them alike; round r trains every method on
+the r-th batch of a shuffled pass, as training does): Adam (forward + backward + update) and
 pmp.nn.EMSA with the reference code's fixed rho 0.03 and with the adaptive rule, at
-``maximiser_iter`` 10 (the reference code's) and 3, and with ``closed_form=False`` (L-BFGS on the
-Linear / Conv2d entries too, instead of their exact quadratic). An E-MSA step is split into the
-closure (forward + backward, which records x_n and p_(n+1)), the maximisation of the
-layers' Hamiltonians, and, for the adaptive rule, the re-evaluation of the closure that
-decides acceptance. The target: an E-MSA step <= 5x an Adam step at batch 128.
+``maximiser_iter`` 10 (the reference code's) and 3, with the CNN study's weight decay 0.001 and without,
+and with ``closed_form=False`` (L-BFGS on the Linear / Conv2d entries too, instead of their exact
+quadratic). An E-MSA step is split into the closure (forward + backward, which records x_n and p_(n+1)),
+the maximisation of the layers' Hamiltonians, and, for the adaptive rule, the trial closure (a forward
+pass) that decides acceptance. The median is a typical step; the mean counts the steps whose first
+trial the adaptive rule rejected (a second maximisation), reported with the mean trials per step. The
+target: an E-MSA step <= 5x an Adam step at batch 128.
 pmp.nn.OCNOpt (K-FAC curvature, with and without the feedback gains, and with the Gauss-Newton value
 Hessian of the cross-entropy: ten loss-Hessian directions back-propagated a step) is timed the same way; its
 target: a step <= 3x an Adam step at batch 128. ``--methods`` picks some of the methods (Adam
@@ -60,20 +63,23 @@ class TimedClosure:
         return loss
 
 
-def step_times(makes, model_seed, x, y, repeats, restart=()):
-    """Per method: median total and closure seconds of one step, and the median number of closure calls.
+def step_times(makes, model_seed, batches, repeats, restart=()):
+    """Per method: median total and closure seconds of one step, the median number of closure calls, the mean
+    total seconds of a step and the mean number of trials (an adaptive rule's rejected trials included).
 
     The methods take turns, one step each per round (round 0 warms up: allocations, vmap tracing), so
-    that the load of a shared machine falls on all of them alike. ``restart``: the methods whose every
+    that the load of a shared machine falls on all of them alike; round r trains every method on the batch
+    ``batches(r)`` (a stream of different batches, as in training). ``restart``: the methods whose every
     step starts from the initial parameters (loaded inside the timing, ~1 ms): basic MSA diverges on this
     network within a few steps (J ~1e12 by step 4, then DivergenceError), so its steps are timed from the
     same start."""
     runs = {}
     for name, make in makes.items():
         model = residual_cnn(seed=model_seed)
-        runs[name] = (model, make(model), {k: v.clone() for k, v in model.state_dict().items()}, [], [])
+        runs[name] = (model, make(model), {k: v.clone() for k, v in model.state_dict().items()}, [], [], [])
     for round_ in range(1 + repeats):
-        for name, (model, opt, initial, closures, seconds) in runs.items():
+        x, y = batches(round_)
+        for name, (model, opt, initial, closures, seconds, trials) in runs.items():
             closure = TimedClosure(opt, model, x, y)
             start = time.perf_counter()
             if name in restart:
@@ -82,9 +88,10 @@ def step_times(makes, model_seed, x, y, repeats, restart=()):
             if round_ > 0:
                 seconds.append(time.perf_counter() - start)
                 closures.append(closure)
+                trials.append(getattr(opt, "last_step", {}).get("trials", 1))
     return {name: (statistics.median(seconds), statistics.median(c.seconds for c in closures),
-                   statistics.median(c.calls for c in closures))
-            for name, (_, _, _, closures, seconds) in runs.items()}
+                   statistics.median(c.calls for c in closures), statistics.mean(seconds), statistics.mean(trials))
+            for name, (_, _, _, closures, seconds, trials) in runs.items()}
 
 
 def accuracy(model, images, labels):
@@ -132,12 +139,24 @@ def main(argv=None):
     harness.pin_threads(args.threads)
     data = load_images(args.seed)
     if data is not None:
-        x, y = data.train_images[:args.batch], data.train_labels[:args.batch]
+        images, labels = data.train_images, data.train_labels
     else:
         g = torch.Generator().manual_seed(args.seed)
-        x, y = torch.rand(args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+        images, labels = torch.rand(8 * args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (8 * args.batch,),
+                                                                                            generator=g)
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    per_epoch = images.shape[0] // args.batch
+
+    def batches(r):  # the r-th batch of a shuffled pass (cycled)
+        idx = order[(r % per_epoch) * args.batch:(r % per_epoch + 1) * args.batch]
+        return images[idx], labels[idx]
+
+    reg = 1e-3  # the CNN study's L2 weight (its --reg), for every method
     methods = {
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=args.adam_lr),
+        "adam, wd 0.001": lambda m: torch.optim.Adam(m.parameters(), lr=args.adam_lr, weight_decay=reg),
+        "emsa rho 0.03, 10 it, wd 0.001": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10, weight_decay=reg),
+        "emsa adaptive, 10 it, wd 0.001": lambda m: pmp.nn.EMSA(m, maximiser_iter=10, weight_decay=reg),
         "emsa rho 0.03, 10 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=10),
         "emsa rho 0.03, 3 it": lambda m: pmp.nn.EMSA(m, rho=0.03, maximiser_iter=3),
         "emsa adaptive, 10 it": lambda m: pmp.nn.EMSA(m, maximiser_iter=10),
@@ -156,16 +175,21 @@ def main(argv=None):
     print(f"network: {residual_cnn()!r}".replace("\n", " ")[:200] + " ...")
     print(f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats} steps\n")
     rows = {}
-    timings = step_times(methods, args.seed, x, y, args.repeats, restart={n for n in methods if n.startswith("msa")})
-    for name, (total, closure, calls) in timings.items():
+    timings = step_times(methods, args.seed, batches, args.repeats,
+                         restart={n for n in methods if n.startswith("msa")})
+    for name, (total, closure, calls, mean, trials) in timings.items():
         rows[name] = {"step_s": total, "closure_s": closure, "closure_calls": calls,
-                      "maximisation_s": total - closure}
+                      "maximisation_s": total - closure, "mean_step_s": mean, "mean_trials": trials}
     adam = rows["adam"]["step_s"]
-    print(f"{'method':34s} {'step [ms]':>10s} {'x Adam':>7s} {'fwd+bwd [ms]':>13s} {'calls':>6s} {'maximise [ms]':>14s}")
+    adam_mean = rows["adam"]["mean_step_s"]
+    print(f"{'method':34s} {'step [ms]':>10s} {'x Adam':>7s} {'fwd+bwd [ms]':>13s} {'calls':>6s} {'maximise [ms]':>14s} "
+          f"{'mean x Adam':>12s} {'trials':>7s}")
     for name, r in rows.items():
         r["ratio_to_adam"] = r["step_s"] / adam
+        r["mean_ratio_to_adam"] = r["mean_step_s"] / adam_mean
         print(f"{name:34s} {1e3 * r['step_s']:10.1f} {r['ratio_to_adam']:7.1f} {1e3 * r['closure_s']:13.1f} "
-              f"{r['closure_calls']:6.0f} {1e3 * r['maximisation_s']:14.1f}")
+              f"{r['closure_calls']:6.0f} {1e3 * r['maximisation_s']:14.1f} {r['mean_ratio_to_adam']:12.1f} "
+              f"{r['mean_trials']:7.2f}")
     result = {"batch": args.batch, "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": rows}
     if data is not None and args.epochs > 0 and "emsa rho 0.03, 10 it" in methods:
         adam_s, _, adam_acc = train_until(methods["adam"], data, args.batch, 1, None, args.seed)

@@ -62,6 +62,13 @@ def _structure(group: LayerGroup) -> Optional[Tuple[torch.nn.Module, Optional[fl
     return None  # a fixed (excluded) bias or weight: the autograd objective handles it
 
 
+def _tanh_(z: torch.Tensor) -> torch.Tensor:
+    """tanh(z) in place, as 2 sigmoid(2 z) - 1: the CPU build's tanh is not vectorised (on 100k float32
+    values 250 us against 72 us; the same 3x in float64), and L-BFGS evaluates it about 15 times a step.
+    Its error is float32's rounding of a number of size 1 (at most 1.8e-7 against 3e-8 for torch.tanh)."""
+    return torch.sigmoid_(z.mul_(2)).mul_(2).sub_(1)
+
+
 class DerivedHamiltonian(LayerHamiltonian):
     """``LayerHamiltonian`` of a residual tanh or affine group with the hand-derived ``value_and_grad`` (module doc).
 
@@ -96,7 +103,7 @@ class DerivedHamiltonian(LayerHamiltonian):
         if self.residual:  # tanh(z) at theta^k, read by p_n, the preconditioner and L-BFGS's first evaluation
             with torch.no_grad():
                 W, b = self._weights(d.controls)
-                self._t_k = torch.tanh_(self._forward(self._x, W, b))
+                self._t_k = _tanh_(self._forward(self._x, W, b))
         if d.input_costates is None:  # not formed yet (``layer_data``): p_n here, without the vjp
             self._p_in = self._input_costates()
             self.data = d._replace(input_costates=unlay(self._p_in))  # for the autograd methods (values)
@@ -124,7 +131,7 @@ class DerivedHamiltonian(LayerHamiltonian):
         """tanh(A_W x + b) at the rows u (read only: at theta^k it is the one formed at construction)."""
         if torch.equal(u, self.data.controls):
             return self._t_k
-        return torch.tanh_(self._forward(x, W, b))
+        return _tanh_(self._forward(x, W, b))
 
     # -- the affine map A_W of all rows at once, its adjoint in x and its weight gradient --------------
     def _weights(self, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

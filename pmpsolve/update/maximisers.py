@@ -28,6 +28,7 @@ afterwards.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
@@ -196,9 +197,13 @@ class ProjectedLBFGS:
         active = torch.ones(N, dtype=torch.bool, device=x.device)
         pg0 = _projected_gradient(x, g, project).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
         iterations = 0
+        # unbounded (Reals): every component is free, and the masks below would multiply by ones
+        bounded = not (isinstance(low, float) and isinstance(high, float) and low == -math.inf and high == math.inf)
         for iterations in range(1, self.max_iter + 1):
-            free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)))
-            d = -_two_loop(g * free, S, Y, R, D) * free
+            free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0))) if bounded else True
+            d = -_two_loop(g * free if bounded else g, S, Y, R, D)
+            if bounded:
+                d = d * free
             slope = (g * d).sum(-1)
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
