@@ -49,6 +49,18 @@ class Method:
     name: ClassVar[str] = ""
     _rule_class: ClassVar[str] = ""
 
+    def __new__(cls, *args, **kwargs):
+        method = super().__new__(cls)
+        # the options the caller set (positionally or by name): a context with defaults of its own (a network's,
+        # pmp.nn) changes only the others, so pmp.EMSA(high_ratio=0.9) means 0.9 there too
+        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        object.__setattr__(method, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+        return method
+
+    def given(self) -> frozenset:
+        """The names of the options the caller set; the others are at their defaults."""
+        return getattr(self, "_given", frozenset())
+
     @property
     def rule(self) -> Type:
         """The update rule class this method runs (``pmpsolve.update.rules``)."""

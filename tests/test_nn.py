@@ -208,3 +208,16 @@ def test_cuda_steps_match_the_cpu():
             opt.step(closure_for(opt, model, x.to(device), y.to(device)))
         results.append(torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]))
     assert torch.allclose(results[0], results[1], rtol=1e-8, atol=1e-10)
+
+
+def test_method_options_the_caller_sets_are_kept_on_a_network_and_the_others_take_its_defaults():
+    """pmp.EMSA(high_ratio=0.9) means 0.9 on a network too, though 0.9 is the control problems' default; an
+    option left unset takes the network's (0.75), and Anderson acceleration asked for explicitly is refused."""
+    model = small_net()
+    assert pmp.nn.Optimizer(model, pmp.EMSA(high_ratio=0.9))._rule_options["high_ratio"] == 0.9
+    assert pmp.nn.Optimizer(model, pmp.EMSA(rho0=2.0))._rule_options["high_ratio"] == 0.75
+    assert pmp.nn.EMSA(model)._rule_options["high_ratio"] == 0.75
+    assert pmp.nn.Optimizer(model, "emsa")._rule_options["anderson"] == 0
+    with pytest.raises(ValueError, match="Anderson acceleration"):
+        pmp.nn.Optimizer(model, pmp.EMSA(anderson=5))
+    assert pmp.EMSA(high_ratio=0.9) == pmp.EMSA()  # what was set does not change what the object is

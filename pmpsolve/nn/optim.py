@@ -300,9 +300,9 @@ class Optimizer(torch.optim.Optimizer):
                              f"networks: {', '.join(map(repr, METHODS))} (pmp.EMSA(), pmp.MSA(), pmp.SQH(), "
                              "pmp.Gradient())")
         rule_class, options = method.rule, method.options()
-        # options left at the rule's defaults take the network's (NETWORK_OPTIONS)
+        # options the caller did not set take the network's defaults (NETWORK_OPTIONS)
         for key, value in NETWORK_OPTIONS.get(method.name, {}).items():
-            if options[key] == rule_class.defaults[key]:
+            if key not in method.given():
                 options[key] = value
         rho = options.get("rho")
         if rho is not None:
