@@ -95,7 +95,7 @@ class Round(NamedTuple):
 class _Iterate(NamedTuple):
     point: OuterPoint
     solution: Solution  # the inner solution
-    cost: float
+    cost: Optional[float]  # J of the problem; None until ``ConstrainedSolver._with_cost`` (one more sweep)
     violation: float
     worst: str
     terminal: torch.Tensor  # constraint values [K, cT]
@@ -146,7 +146,7 @@ class ConstrainedSolver:
             return solver.run(init, progress=progress, callback=callback)
 
     def _measure(self, point: OuterPoint, sol: Solution) -> _Iterate:
-        """Constraint values, violation, dJ/dz and J of an inner solution."""
+        """Constraint values, violation and dJ/dz of an inner solution (J: ``_with_cost``)."""
         tr = self.transcription
         z = sol.states_trajectory
         values = z.values.reshape(tr.N + 1, tr.K, -1)
@@ -161,8 +161,12 @@ class ConstrainedSolver:
             P0 = sol.costates_trajectory.values[0].reshape(tr.K, -1)
             gradient = -P0[:, tr.n:].sum(0)
         measure = self._static_measure(tr.static(point), gradient)
-        cost = self._cost(point, sol)
-        return _Iterate(point, sol, cost, viol, worst, terminal, path_grid, gradient, measure)
+        return _Iterate(point, sol, None, viol, worst, terminal, path_grid, gradient, measure)
+
+    def _with_cost(self, it: _Iterate) -> _Iterate:
+        """The iterate with J filled in: a sequential sweep of its own (0.25 s on Zermelo at N = 200), so
+        only for the iterates a round ends with (the line search in (p, T) compares merits)."""
+        return it if it.cost is not None else it._replace(cost=self._cost(it.point, it.solution))
 
     def _cost(self, point: OuterPoint, sol: Solution) -> float:
         """J without the constraint terms (one forward sweep of the plain problem)."""
@@ -256,8 +260,8 @@ class ConstrainedSolver:
         stuck = idle = 0
         # The initial controls measured (no iteration) give the penalties their scale.
         if tr.terminal_sizes or tr.path_sizes:
-            point = self._initial_penalties(point, self._measure(point, self._inner(point, u, method, 1.0, 0,
-                                                                                     False, None)))
+            initial = self._measure(point, self._inner(point, u, method, 1.0, 0, False, None))
+            point = self._initial_penalties(point, self._with_cost(initial))
         try:
             for k in range(MAX_ROUNDS):
                 t0 = time.perf_counter()
@@ -339,7 +343,7 @@ class ConstrainedSolver:
         it, method = solve_at(point, u, method)
         tr = self.transcription
         if not tr.static_dim:
-            return it, method, used
+            return self._with_cost(it), method, used
         for _ in range(STATIC_STEPS):
             if it.measure <= tol * max(1.0, abs(it.solution.cost)) or used >= budget \
                     or it.solution.status in ("interrupted", "callback"):
@@ -366,7 +370,7 @@ class ConstrainedSolver:
             else:  # merit values (accurate to second order in an inexact solve; the gradients only to first)
                 static.learn(alpha * d, curvature / float(d @ d) * alpha * d)
             it = accepted
-        return it, method, used
+        return self._with_cost(it), method, used
 
     def _group_violations(self, point: OuterPoint, it: _Iterate):
         """(terminal, path) KKT residuals of the constraints: |c| for an equality, |max(c, -mu/r)| for an
