@@ -164,19 +164,26 @@ class ConstrainedSolver:
         return _Iterate(point, sol, None, viol, worst, terminal, path_grid, gradient, measure)
 
     def _with_cost(self, it: _Iterate) -> _Iterate:
-        """The iterate with J filled in: a sequential sweep of its own (0.25 s on Zermelo at N = 200), so
-        only for the iterates a round ends with (the line search in (p, T) compares merits)."""
+        """The iterate with J filled in (a sweep of its own): only the iterates a round ends with need it (the
+        line search in (p, T) compares merits)."""
         return it if it.cost is not None else it._replace(cost=self._cost(it.point, it.solution))
 
     def _cost(self, point: OuterPoint, sol: Solution) -> float:
-        """J without the constraint terms (one forward sweep of the plain problem)."""
-        from ..sensitivity import cost
+        """J without the constraint terms: one forward sweep of the plain problem, by multiple shooting from
+        the inner solution's nodes (the constraints enter the costs only, so those are its trajectory: one
+        integration of all intervals, 20 ms at N = 200 against 250 ms for the sequential sweep; J agrees
+        with it to the ODE tolerance)."""
+        from ..sweep.pointwise import PointwiseProblem
+        from ..sweep.sweeps import Sweeper
 
-        if not (self.transcription.terminal_sizes or self.transcription.path_sizes):
+        tr = self.transcription
+        if not (tr.terminal_sizes or tr.path_sizes):
             return sol.cost
-        return cost(self.transcription.objective_problem(point), sol.controls, mesh=self.transcription.mesh,
-                    ode_method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol, dtype=self.dtype,
-                    device=self.device)
+        ode = self.ode.resolved(self.dtype)
+        pw = PointwiseProblem(tr.objective_problem(point), self.dtype, self.device)
+        sweeper = Sweeper(pw, tr.mesh, method=ode.method, rtol=ode.rtol, atol=ode.atol)
+        nodes = sol.states_trajectory.values.reshape(tr.N + 1, tr.K, -1)
+        return float(sweeper.forward(sol.controls, samples=False, nodes=nodes).cost)
 
     def _path_values(self, point: OuterPoint, sol: Solution):
         """g on the multiplier grid [K, M, cP] (at a node: the larger of its two intervals' values)
