@@ -92,6 +92,11 @@ class Transcription:
         self.terminal_equal = torch.tensor(
             [c.kind == "equal" for c, size in zip(problem.terminal_constraints, self.terminal_sizes)
              for _ in range(size)] + [False] * sum(self.path_sizes), dtype=torch.bool, device=device)
+        # Which of the user's f, L and path constraints read t (probed once): with a free T the others are
+        # called with s as it is, not s T, so that the inner problem reads its time only where they do and
+        # its points are evaluated in one call instead of under vmap (``PointwiseProblem._map_expanded``).
+        self._reads_time = {fn: self._probe_time(fn) for fn in (problem.dynamics, problem.running_cost,
+                                                                  self.path_values) if fn is not None}
 
     # ------------------------------------------------------------------ the outer variables
     def initial_point(self, penalty: float = 1.0) -> OuterPoint:
@@ -154,11 +159,20 @@ class Transcription:
     def _args(self, *args, p):
         return args if p is None else args + (p,)
 
+    def _probe_time(self, fn) -> bool:
+        """Whether fn(t, x, u[, p]) reads t (``pointwise.reads_time``, at x0 and the default parameters)."""
+        from ..sweep.pointwise import reads_time
+
+        x0 = self.problem.initial_state(self.dtype, self.device)
+        p = None if not self.q else self.initial_point().parameters.expand(self.K, self.q)
+        return reads_time(lambda t, x, u: fn(*self._args(t, x, u, p=p)), x0, self.problem.control_dim)
+
     def _at_time(self, fn, s, x, u, p, T):
         """fn(t, x, u[, p]) at the problem's time t of inner time s: t = s for a fixed T; t = s T with a
         free T, read from the first sample's T state (every sample carries the same T; the dynamics and
-        costs scale by each sample's own copy, so dJ/dT is the sum of the copies' co-states)."""
-        if T is None:
+        costs scale by each sample's own copy, so dJ/dT is the sum of the copies' co-states). A function
+        that does not read t gets s."""
+        if T is None or not self._reads_time.get(fn, True):
             return fn(*self._args(s, x, u, p=p))
         # All samples share T: use the first one's (T is a state only to carry its co-state).
         t = s * T.reshape(-1)[0]
