@@ -188,12 +188,15 @@ class Transcription:
         outs = [c.fn(*self._args(t, x, u, p=p)) for c in self.problem.path_constraints]
         return torch.cat(outs, dim=-1) if outs else x.new_zeros(x.shape[:-1] + (0,))
 
-    def path_multiplier(self, path: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """mu(s) [K, cP], piecewise linear on the grid, for a 0-d inner time s."""
+    def path_multiplier(self, path: torch.Tensor, s: torch.Tensor, batch: int = 0) -> torch.Tensor:
+        """mu(s), piecewise linear on the grid: [K, cP] for a 0-d inner time s; for times s [*S] of points
+        [*S, *B, K, n] (``batch`` = len(B)), [*S, 1 (B times), K, cP]."""
         grid = self.grid
-        i = (torch.searchsorted(grid, s.reshape(1), right=True) - 1).clamp(0, grid.numel() - 2)
-        w = ((s - grid[i]) / (grid[i + 1] - grid[i])).clamp(0, 1)
-        return (1 - w) * path.index_select(1, i).squeeze(1) + w * path.index_select(1, i + 1).squeeze(1)
+        flat = s.reshape(-1).contiguous()
+        i = (torch.searchsorted(grid, flat, right=True) - 1).clamp(0, grid.numel() - 2)
+        w = ((flat - grid[i]) / (grid[i + 1] - grid[i])).clamp(0, 1)[:, None, None]
+        mu = (1 - w) * path.index_select(1, i).transpose(0, 1) + w * path.index_select(1, i + 1).transpose(0, 1)
+        return mu[0] if s.ndim == 0 else mu.reshape(s.shape + (1,) * batch + mu.shape[1:])
 
     # ------------------------------------------------------------------ the inner problem
     def inner_problem(self, point: OuterPoint, constraints: bool = True) -> ControlProblem:
@@ -221,7 +224,8 @@ class Transcription:
             value = self._at_time(L, s, x, u, p, T) if L is not None else z.new_zeros(z.shape[:-1])
             if has_path:
                 g = self._at_time(self.path_values, s, x, u, p, T)
-                value = value + phr_inequality(g, self.path_multiplier(mu_path, s), rP).sum(-1)
+                mu = self.path_multiplier(mu_path, s, z.ndim - s.ndim - 2)
+                value = value + phr_inequality(g, mu, rP).sum(-1)
             return value * T[..., 0] if free else value
 
         def terminal(z):
@@ -242,7 +246,8 @@ class Transcription:
 
         def hinges(s, z, u):  # the path penalties' kinks: (max(0, a)^2 - mu^2) / (2 r) with a = mu + r g (T / r: time scaling)
             x, p, T = self.split(z)
-            a = self.path_multiplier(mu_path, s) + rP * self._at_time(self.path_values, s, x, u, p, T)
+            a = (self.path_multiplier(mu_path, s, z.ndim - s.ndim - 2)
+                 + rP * self._at_time(self.path_values, s, x, u, p, T))
             w = (T if free else 1.0) / rP
             return a, w.expand_as(a)
 
@@ -258,6 +263,8 @@ class Transcription:
                                control_penalty=prob.control_penalty, name=prob.name)
         if has_path:
             inner.running_cost_hinges = hinges
+        # only mu(s) reads the time: the points' times are taken as they are (the user's functions get s)
+        inner.batched_time = not any(self._reads_time.values())
         return inner
 
     def initial_problem(self) -> ControlProblem:
