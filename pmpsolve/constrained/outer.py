@@ -132,7 +132,10 @@ class ConstrainedSolver:
                               else self.stopping.violation_tol)
 
     # ------------------------------------------------------------------ one inner solve
-    def _inner(self, point: OuterPoint, init, method, tol: float, max_iter: int, progress: bool, callback):
+    def _inner(self, point: OuterPoint, init, method, tol: float, max_iter: int, progress: bool, callback,
+               start: Optional[Solution] = None):
+        """The inner solve at ``point`` from the controls ``init``; its first sweep by multiple shooting from
+        the nodes of ``start`` (the last inner solution) where given, else from x0 at every node."""
         from ..solver import Solver
 
         if self.transcription.path_sizes and isinstance(init, torch.Tensor) and init.dim() == 2:
@@ -141,6 +144,11 @@ class ConstrainedSolver:
         stop = Stop(max_iter=max_iter, tol=tol, stall_tol=self.stopping.stall_tol)
         solver = Solver(inner, method=method, mesh=self.transcription.mesh, ode=self.ode,
                         maximiser=self.maximiser, stop=stop, device=self.device, dtype=self.dtype)
+        if start is not None:  # the states of the last solution, with this point's (p, T)
+            tr = self.transcription
+            nodes = start.states_trajectory.values.reshape(tr.N + 1, tr.K, -1).clone()
+            nodes[..., tr.n:] = tr.static(point).to(nodes)
+            solver.start_nodes = nodes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "did not converge": judged by the outer loop
             return solver.run(init, progress=progress, callback=callback)
@@ -266,16 +274,19 @@ class ConstrainedSolver:
         previous_groups = None
         stuck = idle = 0
         # The initial controls measured (no iteration) give the penalties their scale.
+        previous: Optional[Solution] = None  # the last inner solution: its nodes start the next solve's sweep
         if tr.terminal_sizes or tr.path_sizes:
             initial = self._measure(point, self._inner(point, u, method, 1.0, 0, False, None))
             point = self._initial_penalties(point, self._with_cost(initial))
+            previous = initial.solution
         try:
             for k in range(MAX_ROUNDS):
                 t0 = time.perf_counter()
                 inner_tol = max(INNER_TOL_FLOOR * stopping.tol, INNER_TOL0 * INNER_TOL_SHRINK ** k)
-                it, method, used = self._minimise(point, u, method, inner_tol, budget, static, history, progress,
-                                                  callback)
+                it, method, used = self._minimise(point, u, previous, method, inner_tol, budget, static, history,
+                                                  progress, callback)
                 sol, point = it.solution, it.point
+                previous = sol
                 budget -= used
                 u = sol.controls
                 groups = self._group_violations(point, it)
@@ -332,22 +343,22 @@ class ConstrainedSolver:
         return self._solution(best, status, message, rounds, history, start)
 
     # ------------------------------------------------------------------ pieces of a round
-    def _minimise(self, point, u, method, tol, budget, static: _StaticStep, history, progress, callback):
+    def _minimise(self, point, u, previous, method, tol, budget, static: _StaticStep, history, progress, callback):
         """Minimise the merit over the controls and z = (p, T) at fixed multipliers, to ``tol``: an inner
         solve in u, then projected quasi-Newton steps in z, each judged by the inner solve it needs
         (the merit minimised over u: its gradient in z is the co-state of z at s = 0).
         Returns (iterate, warm method, iterations used)."""
         used = 0
 
-        def solve_at(pt, controls, meth):
+        def solve_at(pt, controls, start: Optional[Solution], meth):
             nonlocal used
             cap = min(budget - used, ROUND_ITERATIONS.get(meth.name, budget))
-            sol = self._inner(pt, controls, meth, tol, max(cap, 0), progress, callback)
+            sol = self._inner(pt, controls, meth, tol, max(cap, 0), progress, callback, start)
             history.extend(_renumbered(sol.history, len(history)))
             used += sol.iterations
             return self._measure(pt, sol), _warm(meth, sol, self.transcription.K, self.method)
 
-        it, method = solve_at(point, u, method)
+        it, method = solve_at(point, u, previous, method)
         tr = self.transcription
         if not tr.static_dim:
             return self._with_cost(it), method, used
@@ -362,7 +373,8 @@ class ConstrainedSolver:
                 break
             alpha, accepted, trials = 1.0, None, []
             for _ in range(LINE_SEARCH_STEPS):
-                trial, trial_method = solve_at(tr.with_static(it.point, z + alpha * d), it.solution.controls, method)
+                trial, trial_method = solve_at(tr.with_static(it.point, z + alpha * d), it.solution.controls,
+                                               it.solution, method)
                 if trial.solution.cost <= it.solution.cost + 1e-4 * alpha * slope:
                     accepted = trial
                     method = trial_method
