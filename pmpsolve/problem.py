@@ -78,6 +78,10 @@ class ControlProblem:
     #: instead of interpolating across them. The augmented-Lagrangian transcription sets it for the path
     #: penalties (``pmpsolve.constrained.transcription``).
     running_cost_hinges: Optional[Callable] = None
+    #: Whether f, L and the hinges take the times of many points at once: t of the points' leading shape
+    #: (t [P] with x [P, ..., K, n]) instead of a 0-d t under ``torch.func.vmap`` (~0.1 ms of dispatch a
+    #: call). The transcription sets it where only its own path multiplier mu(s) reads the time.
+    batched_time: bool = False
 
     def __init__(self, dynamics: Dynamics, x0, horizon: Union[float, FreeTime], controls: Optional[ControlSet] = None,
                  terminal_cost: Optional[TerminalCost] = None,

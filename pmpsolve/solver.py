@@ -175,6 +175,9 @@ class Solver:
         self.sweeper = Sweeper(self.pw, self.mesh, method=self.ode.method, rtol=self.ode.rtol, atol=self.ode.atol,
                                options=self.ode.options, quadrature=m.quadrature)
         self.tests = default_tests(self.method.name, self.rule, self.stopping.stall_tol)
+        #: the first sweep's multiple-shooting start values [N + 1, K, n] (the nodes of a nearby trajectory,
+        #: e.g. the last solve's in a sequence of related problems), or None: x0 at every node (a cold start)
+        self.start_nodes: Optional[torch.Tensor] = None
 
     def with_problem(self, problem: ControlProblem) -> "Solver":
         """A Solver with the same settings and mesh for another problem (the relaxation of a finite set)."""
@@ -197,7 +200,10 @@ class Solver:
         N, m = self.mesh.numel() - 1, self.problem.control_dim
         u = initial_controls(init, self.problem, N, m, self.dtype, self.device)
         start = time.perf_counter()
-        fw = self.sweeper.forward(u, iteration=0, cold_start=True)
+        if self.start_nodes is None:
+            fw = self.sweeper.forward(u, iteration=0, cold_start=True)
+        else:
+            fw = self.sweeper.forward(u, iteration=0, nodes=self.start_nodes)
         cost = float(fw.cost)
         record = IterationRecord(0, cost, parameters=self.rule.parameters(), seconds=fw.seconds,
                                  elapsed=time.perf_counter() - start, forward_evals=fw.evaluations,

@@ -214,6 +214,32 @@ def test_the_gradient_is_exact_where_a_path_penalty_switches_inside_intervals(ho
         assert dJ_dT == pytest.approx((J[0] - J[1]) / (2 * eps), rel=2e-4)
 
 
+def test_the_inner_problem_takes_many_times_at_once_unless_a_user_function_reads_t():
+    """Where the user's f, L and path constraints do not read t, the inner problem's points are evaluated in one
+    call (ControlProblem.batched_time: only mu(s) reads the time) and, with a free T, they get s; where one reads
+    t, every point is evaluated at its own t = s T under vmap. J and dJ/du agree (here f + 0 t reads t)."""
+    from pmpsolve.sweep.pointwise import PointwiseProblem
+
+    def inner(f):
+        problem = pmp.ControlProblem(f, torch.tensor([0.0, 1.0], dtype=F64), pmp.FreeTime(1.0, low=0.5, high=2.0),
+                                     pmp.Reals(1), running_cost=lambda t, x, u: 0.5 * (u ** 2).sum(-1),
+                                     path_constraints=[pmp.AtMost(lambda t, x, u: x[..., :1] - 1 / 9)])
+        tr = Transcription(problem, N, F64, "cpu")
+        mu = (40 * torch.sin(torch.pi * tr.grid) ** 2 - 15).clamp(min=0)
+        return tr.inner_problem(tr.initial_point(penalty=1e3).with_(path=mu.reshape(1, -1, 1), end_control=u[-1]))
+
+    N = 20
+    u = 6 * (torch.linspace(0, 1, N + 1, dtype=F64)[:-1, None] + 0.5 / N) - 4
+    f = lambda t, x, u: torch.stack([x[..., 1], u[..., 0].expand(x.shape[:-1])], dim=-1)  # noqa: E731
+    batched, mapped = inner(f), inner(lambda t, x, u: f(t, x, u) + 0 * t)
+    assert batched.batched_time and not mapped.batched_time
+    assert not PointwiseProblem(batched, F64, "cpu").dynamics_reads_time
+    assert PointwiseProblem(mapped, F64, "cpu").dynamics_reads_time
+    (J1, g1), (J2, g2) = (pmp.cost_gradient(p, u, mesh=N) for p in (batched, mapped))
+    assert J1 == pytest.approx(J2, rel=1e-14)
+    assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)
+
+
 def test_the_gradient_is_accurate_where_a_mixed_constraint_switches_inside_an_interval():
     """g = 0.1 u + x1 - 0.111 reads u: the penalty's switch enters grad_u H, whose Gauss quadrature misses the
     kink (1.5e-4 of max |dJ/du| on that interval); the interpolants of a and w integrated on fine cells there

@@ -211,3 +211,20 @@ def test_dense_output_in_batches_is_torchdiffeqs_own(method):
             assert float((ours - theirs).abs().max()) < 1e-13
         else:
             assert torch.equal(ours, theirs)
+
+
+def test_hinge_kinks_are_the_roots_of_a_on_the_scan_axis():
+    """The parallel co-state scan ends its steps where a hinge's a changes sign (``hinge_kinks``, jump_t):
+    a = z - 0.3 on interval 0 (z = 1 - 2 sigma: sigma = 0.35), 2 z^2 - 1 on interval 1 (sigma = (1 -+ 1/sqrt 2) / 2),
+    a constant 0.5 (no kink) on interval 2."""
+    from pmpsolve.sweep.costate import LINEAR_DEGREE, LinearCostate, hinge_kinks
+    K, n, c = 1, 1, 1
+    coef = torch.zeros(3, LINEAR_DEGREE + 1, K * (n * n + n + c + 2 * c * n), dtype=torch.float64)
+    a = K * (n * n + n)  # the column of a, in the Chebyshev basis T_0, T_1, ...
+    coef[0, 0, a], coef[0, 1, a] = -0.3, 1.0
+    coef[1, 2, a] = 1.0  # T_2 = 2 z^2 - 1
+    coef[2, 0, a] = 0.5
+    kinks = hinge_kinks(LinearCostate(coef, K, n, c))
+    expected = torch.tensor([(1 - 2 ** -0.5) / 2, 0.35, (1 + 2 ** -0.5) / 2], dtype=torch.float64)
+    assert torch.allclose(kinks, expected, rtol=0, atol=1e-15)
+    assert hinge_kinks(LinearCostate(coef[2:], K, n, c)).numel() == 0

@@ -92,6 +92,11 @@ class Transcription:
         self.terminal_equal = torch.tensor(
             [c.kind == "equal" for c, size in zip(problem.terminal_constraints, self.terminal_sizes)
              for _ in range(size)] + [False] * sum(self.path_sizes), dtype=torch.bool, device=device)
+        # Which of the user's f, L and path constraints read t (probed once): with a free T the others are
+        # called with s as it is, not s T, so that the inner problem reads its time only where they do and
+        # its points are evaluated in one call instead of under vmap (``PointwiseProblem._map_expanded``).
+        self._reads_time = {fn: self._probe_time(fn) for fn in (problem.dynamics, problem.running_cost,
+                                                                  self.path_values) if fn is not None}
 
     # ------------------------------------------------------------------ the outer variables
     def initial_point(self, penalty: float = 1.0) -> OuterPoint:
@@ -154,11 +159,20 @@ class Transcription:
     def _args(self, *args, p):
         return args if p is None else args + (p,)
 
+    def _probe_time(self, fn) -> bool:
+        """Whether fn(t, x, u[, p]) reads t (``pointwise.reads_time``, at x0 and the default parameters)."""
+        from ..sweep.pointwise import reads_time
+
+        x0 = self.problem.initial_state(self.dtype, self.device)
+        p = None if not self.q else self.initial_point().parameters.expand(self.K, self.q)
+        return reads_time(lambda t, x, u: fn(*self._args(t, x, u, p=p)), x0, self.problem.control_dim)
+
     def _at_time(self, fn, s, x, u, p, T):
         """fn(t, x, u[, p]) at the problem's time t of inner time s: t = s for a fixed T; t = s T with a
         free T, read from the first sample's T state (every sample carries the same T; the dynamics and
-        costs scale by each sample's own copy, so dJ/dT is the sum of the copies' co-states)."""
-        if T is None:
+        costs scale by each sample's own copy, so dJ/dT is the sum of the copies' co-states). A function
+        that does not read t gets s."""
+        if T is None or not self._reads_time.get(fn, True):
             return fn(*self._args(s, x, u, p=p))
         # All samples share T: use the first one's (T is a state only to carry its co-state).
         t = s * T.reshape(-1)[0]
@@ -174,12 +188,15 @@ class Transcription:
         outs = [c.fn(*self._args(t, x, u, p=p)) for c in self.problem.path_constraints]
         return torch.cat(outs, dim=-1) if outs else x.new_zeros(x.shape[:-1] + (0,))
 
-    def path_multiplier(self, path: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """mu(s) [K, cP], piecewise linear on the grid, for a 0-d inner time s."""
+    def path_multiplier(self, path: torch.Tensor, s: torch.Tensor, batch: int = 0) -> torch.Tensor:
+        """mu(s), piecewise linear on the grid: [K, cP] for a 0-d inner time s; for times s [*S] of points
+        [*S, *B, K, n] (``batch`` = len(B)), [*S, 1 (B times), K, cP]."""
         grid = self.grid
-        i = (torch.searchsorted(grid, s.reshape(1), right=True) - 1).clamp(0, grid.numel() - 2)
-        w = ((s - grid[i]) / (grid[i + 1] - grid[i])).clamp(0, 1)
-        return (1 - w) * path.index_select(1, i).squeeze(1) + w * path.index_select(1, i + 1).squeeze(1)
+        flat = s.reshape(-1).contiguous()
+        i = (torch.searchsorted(grid, flat, right=True) - 1).clamp(0, grid.numel() - 2)
+        w = ((flat - grid[i]) / (grid[i + 1] - grid[i])).clamp(0, 1)[:, None, None]
+        mu = (1 - w) * path.index_select(1, i).transpose(0, 1) + w * path.index_select(1, i + 1).transpose(0, 1)
+        return mu[0] if s.ndim == 0 else mu.reshape(s.shape + (1,) * batch + mu.shape[1:])
 
     # ------------------------------------------------------------------ the inner problem
     def inner_problem(self, point: OuterPoint, constraints: bool = True) -> ControlProblem:
@@ -207,7 +224,8 @@ class Transcription:
             value = self._at_time(L, s, x, u, p, T) if L is not None else z.new_zeros(z.shape[:-1])
             if has_path:
                 g = self._at_time(self.path_values, s, x, u, p, T)
-                value = value + phr_inequality(g, self.path_multiplier(mu_path, s), rP).sum(-1)
+                mu = self.path_multiplier(mu_path, s, z.ndim - s.ndim - 2)
+                value = value + phr_inequality(g, mu, rP).sum(-1)
             return value * T[..., 0] if free else value
 
         def terminal(z):
@@ -228,7 +246,8 @@ class Transcription:
 
         def hinges(s, z, u):  # the path penalties' kinks: (max(0, a)^2 - mu^2) / (2 r) with a = mu + r g (T / r: time scaling)
             x, p, T = self.split(z)
-            a = self.path_multiplier(mu_path, s) + rP * self._at_time(self.path_values, s, x, u, p, T)
+            a = (self.path_multiplier(mu_path, s, z.ndim - s.ndim - 2)
+                 + rP * self._at_time(self.path_values, s, x, u, p, T))
             w = (T if free else 1.0) / rP
             return a, w.expand_as(a)
 
@@ -244,6 +263,8 @@ class Transcription:
                                control_penalty=prob.control_penalty, name=prob.name)
         if has_path:
             inner.running_cost_hinges = hinges
+        # only mu(s) reads the time: the points' times are taken as they are (the user's functions get s)
+        inner.batched_time = not any(self._reads_time.values())
         return inner
 
     def initial_problem(self) -> ControlProblem:

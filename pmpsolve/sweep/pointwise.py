@@ -47,6 +47,7 @@ class PointwiseProblem:
         self.cost_reads_time = self.has_running_cost and reads_time(problem.running_cost, self.x0,
                                                                     problem.control_dim)
         self._hinges_read_control: Optional[bool] = None  # ``hinges_read_control``, probed once
+        self.batched_time = problem.batched_time  # f, L and the hinges take t [P] as it is: no vmap
 
     # ---------------------------------------------------------- user functions
     def dynamics(self, t: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -95,18 +96,19 @@ class PointwiseProblem:
             reads_t = self.dynamics_reads_time or self.cost_reads_time
         if not reads_t:
             return (lambda t, x: fn(t, x, u_full)), False
-        return (lambda t, x: self._map_expanded(fn, t, x, u_full, True)), True
+        return (lambda t, x: self._map_expanded(fn, t, x, u_full, True, self.batched_time)), True
+
+    def _map(self, fn, t, x, u, reads_t: bool = True):
+        return self._map_expanded(fn, t, x, _expand_control(u, x, batched=t.ndim > 0), reads_t, self.batched_time)
 
     @staticmethod
-    def _map(fn, t, x, u, reads_t: bool = True):
-        return PointwiseProblem._map_expanded(fn, t, x, _expand_control(u, x, batched=t.ndim > 0), reads_t)
-
-    @staticmethod
-    def _map_expanded(fn, t, x, u_full, reads_t: bool):
+    def _map_expanded(fn, t, x, u_full, reads_t: bool, batched: bool = False):
         if t.ndim == 0:
             return fn(t, x, u_full)
         if not reads_t:  # fn ignores t: one call over all points (x, u share their leading dims)
             return fn(t.reshape(-1)[0], x, u_full)
+        if batched:  # fn takes the points' times as they are (``ControlProblem.batched_time``)
+            return fn(t, x, u_full)
         # Every point at its own time, always: whether f or L read t cannot be told from outside
         # (torch.where(t < 1, ...) carries no gradient to t). vmap gives each call a 0-d t; the
         # problem checked on construction that the functions allow it.

@@ -113,8 +113,10 @@ class Sweeper:
         (``shooting.py``; J and X then agree with the sequential sweep's to the ODE tolerance), else
         the sweep is sequential. ``nodes`` [N + 1, K, n]: with ``start``, the start values to use instead
         of its nodes moved by the linear prediction (an update rule's own prediction of the trajectory of
-        u, e.g. DDP's forward pass). ``cold_start``: the same with x0 held at every node as the start
-        values (the solver's first sweep; more Newton steps allowed, ``ShootingPolicy.cold_newton``).
+        u, e.g. DDP's forward pass); ``nodes`` alone: the start values of a multiple-shooting sweep (the
+        nodes of a solution of the same dynamics, e.g. for J of a problem without its penalty terms).
+        ``cold_start``: the same with x0 held at every node as the start values (the solver's first sweep;
+        more Newton steps allowed, ``ShootingPolicy.cold_newton``).
         """
         clock = self._clock()
         count = EvaluationBudget(budget, "forward", iteration)
@@ -128,9 +130,9 @@ class Sweeper:
             fractions = self.state_fractions if samples else None
             policy = self.forward_policy
             try:
-                if (start is not None or cold_start) and policy.applies(self.pw, self.ode,
-                                                                        differentiable=differentiable):
-                    if start is not None:
+                if (start is not None or nodes is not None or cold_start) and policy.applies(
+                        self.pw, self.ode, differentiable=differentiable):
+                    if start is not None or nodes is not None:
                         nodes, newton = (self._start_values(start, u) if nodes is None else nodes), policy.max_newton
                     else:
                         nodes, newton = self.pw.x0.expand(self.mesh.numel(), *self.pw.x0.shape), policy.cold_newton
