@@ -233,6 +233,38 @@ def test_kept_full_step_with_a_poor_ratio_grows_mu():
     assert judged(1e-7, 0.1) < 1.0  # unmeasurable: shrinks as for any kept full step
 
 
+def test_noise_level_steps_that_never_lower_j_stop_ddp_as_stalled():
+    """Kept steps whose predicted decrease is below J's noise and that do not lower the lowest J (DDP alternating
+    between two controls whose J differs by less than the noise): after NOISE_PATIENCE of them in a row the rule
+    says it cannot improve J measurably; a measurable step, or one that lowers J, starts the count again."""
+    from pmpsolve.update import ddp
+    from pmpsolve.update.rules import NoiseFloor
+
+    problem, _ = REFERENCE_PROBLEMS["rayleigh"]()
+    _, _, rule = _expansion(problem, pmp.DDP(), 10)
+    rule.noise = NoiseFloor(1e-8)  # noise level 1e-6 at J = 10
+    rule.alpha = 1.0
+
+    def step(old, new, predicted=1e-8):
+        rule._expected = predicted
+        assert rule.judge(old, new, 0.0)
+        return rule.converged()
+
+    lowest = 10.0 - 5e-7
+    assert step(10.0, lowest) is None  # a new lowest J
+    patience = ddp.NOISE_PATIENCE
+    for i in range(patience - 1):  # up and down within the noise, never below the lowest
+        assert step(lowest + 1e-9 * (i % 2), lowest + 1e-9 * ((i + 1) % 2)) is None
+    lowest -= 1e-7
+    assert step(lowest + 1e-9, lowest) is None  # lower than any J before: the count starts again
+    for _ in range(patience - 1):
+        assert step(lowest, lowest + 1e-9) is None
+    assert step(lowest + 1e-9, lowest + 5e-10, predicted=2e-6) is None  # measurable (noise 1e-6): starts again
+    for _ in range(patience - 1):
+        assert step(lowest, lowest + 1e-9) is None
+    assert "cannot improve J measurably" in step(lowest, lowest + 1e-9)
+
+
 def _enumerated_box_qp(H, g, lower, upper):
     """The minimiser over every assignment free / at the lower / at the upper bound (exact for a convex QP)."""
     best, best_value = None, np.inf

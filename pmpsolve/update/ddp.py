@@ -83,6 +83,10 @@ _POOR_RATIO = 0.25
 _LINE_SEARCH_GROWTH = 10.0
 #: alpha's smallest factor after a rejection (the interpolated line search, ``DDP._shorter``)
 _MIN_SHORTENING = 0.1
+#: kept steps in a row whose predicted decrease is below J's noise and that do not lower the lowest J kept:
+#: DDP can no longer improve J measurably (it stops "stalled"). On Goddard's rocket DDP alternated between two
+#: controls whose J differs by 6e-9, under the noise level 1e-8, and spent inner solves at their iteration cap
+NOISE_PATIENCE = 5
 #: The closed-loop chain of the forward pass by the scan up to this concatenated state, else sequentially.
 _SCAN_STATE = 16
 #: Newton steps on the model's maps for the start values of the proposal's sweep (``DDP._trajectory``), and
@@ -186,6 +190,7 @@ class DDP(UpdateRule):
         self._iteration = 0  # the solver's iterations so far (``begin``)
         self._gauss_newton = self._switched = False  # this iteration's curvature; switched from the other
         self._trial_change, self._noise = math.inf, 0.0  # the last trial's change of J, the judge's noise level
+        self._noise_steps = 0  # kept noise-level steps in a row without a new lowest J (NOISE_PATIENCE)
         self._nodes = None  # the forward pass's nodes of the last proposal
         self._model_error = None  # the swept nodes less the model's maps at the iterate [N, D]
         bounds = controls.bounds(pw.dtype, pw.device)
@@ -253,6 +258,9 @@ class DDP(UpdateRule):
             accept = new_cost < old_cost and decrease >= float(self.options["c"]) * self._expected
         self._trial_change = new_cost - old_cost
         if accept:
+            unmeasurable = self.noise.unmeasurable(self._expected, old_cost)
+            lower = new_cost < self.noise.lowest
+            self._noise_steps = self._noise_steps + 1 if unmeasurable and not lower else 0
             self.noise.kept(old_cost, new_cost)
             # A full step: the expansion is trusted, mu shrinks, unless J decreased by less than
             # _POOR_RATIO of the prediction (measurably): then mu grows (the trust-region ratio rule).
@@ -268,6 +276,12 @@ class DDP(UpdateRule):
                 self._increase_mu()
             self._last_k = self._gains.k
         return accept
+
+    def converged(self):
+        if self._noise_steps >= NOISE_PATIENCE:
+            return (f"{self._noise_steps} kept steps in a row predicted decreases of J below its noise "
+                    f"({self._noise:.2g}) and none lowered J: DDP cannot improve J measurably from here")
+        return None
 
     def parameters(self):
         return {"mu": self.mu, "alpha": self.alpha}
