@@ -229,7 +229,7 @@ class Optimizer(torch.optim.Optimizer):
             (default: extended MSA, adaptive rho), ``pmp.MSA()`` (basic MSA, rho = 0, paper Alg. 1),
             ``pmp.SQH(...)`` (sequential quadratic Hamiltonian: eps |theta - theta^k|^2 with
             adaptive eps) or ``pmp.Gradient(lr=...)`` (the soft step: gradient descent on the loss,
-            paper Prop. 2), or their names. Options left at their defaults take the network's:
+            paper Prop. 2), or their names. Options not set on the method object take the network's:
             E-MSA without Anderson acceleration and with ``high_ratio=0.75``.
         maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
@@ -647,7 +647,7 @@ class Optimizer(torch.optim.Optimizer):
 
         The test reads the loss and nothing else, so the parameters stop requiring gradients while the closure
         runs and a zero term anchors the model's output to autograd: ``loss.backward()`` then stops at the
-        output instead of running the whole backward pass (a third of a closure call saved per trial). The
+        output instead of running the whole backward pass (about half a closure call saved per trial). The
         forward arithmetic is the same. The gradients stay those of theta^k (the step's start). A closure that
         fails this way (e.g. it asks autograd for the parameters' gradients itself) is run again in full, and
         in full from then on.
