@@ -158,6 +158,30 @@ def test_an_emsa_step_in_closed_form_equals_the_converged_iterative_step(rho):
 
 
 
+@pytest.mark.parametrize("kind", ["linear", "wide", "conv", "conv-lags"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_sums_gradient_is_the_plain_hamiltonians_and_gives_its_gain(kind, bias, monkeypatch):
+    """``QuadraticSums.gradient`` is J'p, the gradient of p . g in theta (autograd's, float64), and the gain
+    J'p . d it gives equals the gain from a pass of the layer; the sums do not depend on rho (the adaptive
+    rules' trials reuse them)."""
+    if kind == "conv-lags":
+        monkeypatch.setattr(affine, "MAX_PATCHES", 0)
+        kind = "conv"
+    for (g, objective), (_, other) in zip(_objectives(kind, bias, torch.float64, 0.5, 1e-3),
+                                          _objectives(kind, bias, torch.float64, 0.05, 1e-3)):
+        sums = affine.quadratic_sums(g, objective)
+        u0 = objective.data.controls
+        plain = LayerHamiltonian(g, objective.data)  # rho = 0, no weight decay: p . g alone
+        _, autograd = plain.value_and_grad(u0 + 0.3)  # at another theta: the same (g is affine in theta)
+        assert torch.allclose(sums.gradient, autograd, rtol=1e-12, atol=1e-12)
+        for a, b in zip(sums, affine.quadratic_sums(g, other)):
+            assert a is None and b is None or torch.equal(a, b)
+        u = u0 + 0.1 * torch.randn(u0.shape, generator=torch.Generator().manual_seed(2), dtype=u0.dtype)
+        decayed = LayerHamiltonian(g, objective.data, weight_decay=1e-3)
+        assert torch.allclose(decayed.hamiltonian_gain(u, sums.gradient), decayed.hamiltonian_gain(u),
+                              rtol=1e-10, atol=1e-13)
+
+
 def test_a_closed_form_that_falls_back_later_gets_its_input_costates(monkeypatch):
     """After its first (checked) step a closed-form group's data carries no p_n (not needed); when the closed form
     then refuses (a box that binds, say), L-BFGS runs on p_n formed then: the same step as with p_n formed eagerly."""
@@ -176,7 +200,7 @@ def test_a_closed_form_that_falls_back_later_gets_its_input_costates(monkeypatch
         seen.append(data.input_costates is None)
         return data
     monkeypatch.setattr(optim, "layer_data", spy)
-    monkeypatch.setattr(optim, "affine_maximise", lambda group, objective, check=True: None)
+    monkeypatch.setattr(optim, "affine_maximise", lambda group, objective, check=True, sums=None: None)
     opts[0].step(closure_for(opts[0], lazy, x, y))
     assert seen == [True, True]  # both groups solved in closed form before: p_n skipped
     monkeypatch.setattr(opts[1], "_input_costates", lambda group: True)

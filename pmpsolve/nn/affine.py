@@ -36,7 +36,7 @@ decay (see ``supported``): ``None``, and the caller falls back to the iterative 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 
-__all__ = ["affine_maximise", "MAX_DENSE", "MAX_SIDE"]
+__all__ = ["affine_maximise", "quadratic_sums", "QuadraticSums", "MAX_DENSE", "MAX_SIDE"]
 
 #: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
 MAX_DENSE = 2048
@@ -91,47 +91,60 @@ def _cutoff(eigenvalues: torch.Tensor, size: int, dtype: torch.dtype) -> torch.T
     return eigenvalues.abs().amax(-1, keepdim=True) * size * torch.finfo(dtype).eps
 
 
-def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
+def _linear_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "QuadraticSums":
+    """The batch sums of Linear rows that rho and eps leave alone (module docstring)."""
+    layer, data = group.template, objective.data
+    G = data.controls.shape[0]
+    O, K = layer.out_features, layer.in_features
+    x = data.inputs.reshape(G, -1, K)  # [G, N, K]
+    p = data.costates.reshape(G, -1, O)  # [G, N, O]
+    f64 = torch.float64
+    parts = [(p.transpose(1, 2) @ x).to(f64).reshape(G, -1)]  # J' p for the weight [G, O K]
+    if bias:
+        parts.append(p.sum(1).to(f64))  # [G, O]
+    inputs = x.to(f64) if K > x.shape[1] else (x.transpose(1, 2) @ x).to(f64)  # X [G, N, K], or S = X'X [G, K, K]
+    costates = (p.transpose(1, 2) @ p).to(f64)  # P'P [G, O, O]
+    extra = x.sum(1).to(f64) if bias else None  # m = sum_s x_s [G, K]
+    return QuadraticSums(torch.cat(parts, dim=1), inputs, costates, extra)
+
+
+def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sums: "QuadraticSums") -> torch.Tensor:
     """The maximising step d [G, m] of Linear rows: the Sylvester equation of the module docstring."""
     layer, data = group.template, objective.data
     rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
     G = data.controls.shape[0]
     O, K = layer.out_features, layer.in_features
-    x = data.inputs.reshape(G, -1, K)  # [G, N, K]
-    p = data.costates.reshape(G, -1, O)  # [G, N, O]
-    N = x.shape[1]
+    N = data.inputs[0].numel() // K
     u0 = data.controls
     W0 = u0[:, :O * K].reshape(G, O, K)
-    grad_W = p.transpose(1, 2) @ x  # J' p for the weight [G, O, K]
     f64 = torch.float64
-    gW = grad_W.to(f64) - wd * W0.to(f64)
+    gW = sums.gradient[:, :O * K].reshape(G, O, K) - wd * W0.to(f64)
     D = rho * N + c  # the bias block (rho N + c) I, eliminated exactly
     if bias:
         b0 = u0[:, O * K:]
-        gb = p.sum(1).to(f64) - wd * b0.to(f64)  # [G, O]
-        m = x.sum(1).to(f64)  # [G, K]
+        gb = sums.gradient[:, O * K:] - wd * b0.to(f64)  # [G, O]
+        m = sums.extra  # [G, K]
         rhs = gW - (rho / D) * gb[:, :, None] * m[:, None, :]
     else:
         rhs = gW
-    b, Vb = torch.linalg.eigh(rho * (p.transpose(1, 2) @ p).to(f64))  # B = rho P'P: [G, O], [G, O, O]
-    if K > N and rho > 0:
+    b, Vb = torch.linalg.eigh(rho * sums.costates)  # B = rho P'P: [G, O], [G, O, O]
+    if K > N:
         # A = Z'Z + c I with Z = C^(1/2) X [N, K], C = rho (I - rho/D 1 1'): its N non-trivial eigenpairs from
         # the N x N matrix Z Z' (fewer samples than features), eigenvalue c on the rest
-        X64 = x.to(f64)
+        X64 = sums.inputs
         shrink = 1 - (c / D) ** 0.5 if bias else 0.0
         Z = rho ** 0.5 * (X64 - shrink * X64.mean(1, keepdim=True))
         lam, Qn = torch.linalg.eigh(Z @ Z.transpose(1, 2))  # [G, N]
-        keep = lam > _cutoff(lam, max(K, N), x.dtype)
+        keep = lam > _cutoff(lam, max(K, N), data.inputs.dtype)
         U = (Z.transpose(1, 2) @ Qn) / torch.where(keep, lam, torch.ones_like(lam)).sqrt()[:, None, :]
         U = U * keep[:, None, :]  # [G, K, N], orthonormal columns (zero where dropped)
         a = lam + c
     else:
-        S = (x.transpose(1, 2) @ x).to(f64) if rho > 0 else x.new_zeros(G, K, K, dtype=f64)
-        A = rho * S + c * torch.eye(K, dtype=f64, device=x.device)
+        A = rho * sums.inputs + c * torch.eye(K, dtype=f64, device=u0.device)
         if bias:
             A = A - (rho * rho / D) * m[:, :, None] * m[:, None, :]
         a, U = torch.linalg.eigh(A)  # [G, K], [G, K, K]
-    cut = (a.abs().amax(-1) + b.abs().amax(-1) + c)[:, None, None] * max(K, O) * torch.finfo(x.dtype).eps
+    cut = (a.abs().amax(-1) + b.abs().amax(-1) + c)[:, None, None] * max(K, O) * torch.finfo(data.inputs.dtype).eps
 
     def divide(T, denom):
         return torch.where(denom > cut, T / torch.where(denom > cut, denom, torch.ones_like(denom)), torch.zeros_like(T))
@@ -277,53 +290,67 @@ def _shifted_gram(a: torch.Tensor, b: torch.Tensor, kernel: Tuple[int, int], pad
     return gram.reshape(G, Ca * kh * kw, Cb * kh * kw)
 
 
-def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> torch.Tensor:
+def _conv_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "QuadraticSums":
+    """The batch sums of Conv2d rows that rho and eps leave alone (module docstring)."""
+    conv, data = group.template, objective.data
+    G = data.controls.shape[0]
+    O, C = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    J = kh * kw
+    x, p = data.inputs, data.costates  # [G, B, C, H, W], [G, B, O, H', W']
+    f64 = torch.float64
+    if _by_lags(x, conv.kernel_size, conv.padding):  # no patches: J'p a weight gradient (per sample, float64 sum)
+        grad = _weight_grad(x.transpose(0, 1), p.transpose(0, 1), conv.kernel_size, conv.padding)
+        grad = grad.reshape(G, O, C * J)
+        S = _shifted_gram(x.transpose(0, 1), x.transpose(0, 1), conv.kernel_size, conv.padding)
+    else:
+        X = _patches(x, conv.kernel_size, conv.padding)  # [G, B, C J, L]
+        grad = _gram(p.reshape(G, p.shape[1], O, -1), X).to(f64)  # J'p: [G, O, C J]
+        S = _gram(X, X).to(f64)  # [G, C J, C J]
+    parts = [grad.reshape(G, -1)]
+    if bias:
+        parts.append(p.sum((1, 3, 4), dtype=f64))
+        # the bias is a constant input: its row holds each kernel offset's window sum of the batch
+        window = F.unfold(x.sum(1, dtype=f64), conv.kernel_size, padding=conv.padding).sum(-1)  # [G, C J]
+        count = torch.full((G, 1, 1), float(x.shape[1] * p.shape[3] * p.shape[4]), dtype=f64, device=x.device)
+        S = torch.cat([torch.cat([S, window[:, :, None]], dim=2),
+                       torch.cat([window[:, None, :], count], dim=2)], dim=1)  # [G, M, M]
+    # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
+    PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
+    PP = PP.reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
+    return QuadraticSums(torch.cat(parts, dim=1), S, PP, None)
+
+
+def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sums: "QuadraticSums") -> torch.Tensor:
     """The maximising step d [G, m] of Conv2d rows: the dense system of the module docstring."""
     conv, data = group.template, objective.data
     rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
     u0 = data.controls
     G = u0.shape[0]
     O, C = conv.out_channels, conv.in_channels
-    kh, kw = conv.kernel_size
-    J = kh * kw
-    x, p = data.inputs, data.costates  # [G, B, C, H, W], [G, B, O, H', W']
+    J = conv.kernel_size[0] * conv.kernel_size[1]
     f64 = torch.float64
     M = C * J + int(bias)  # columns of the augmented weight [O, M]
-    if _by_lags(x, conv.kernel_size, conv.padding):  # no patches: J'p a weight gradient (per sample, float64 sum)
-        grad = _weight_grad(x.transpose(0, 1), p.transpose(0, 1), conv.kernel_size, conv.padding)
-        grad = grad.reshape(G, O, C * J)
-        S = _shifted_gram(x.transpose(0, 1), x.transpose(0, 1), conv.kernel_size, conv.padding) if rho > 0 else None
-    else:
-        X = _patches(x, conv.kernel_size, conv.padding)  # [G, B, C J, L]
-        grad = _gram(p.reshape(G, p.shape[1], O, -1), X).to(f64)  # J'p: [G, O, C J]
-        S = _gram(X, X).to(f64) if rho > 0 else None  # [G, C J, C J]
-    if bias:
-        grad = torch.cat([grad, p.sum((1, 3, 4), dtype=f64)[..., None]], dim=2)
     Q = u0.new_zeros(G, O, M, O, M, dtype=f64)
     if rho > 0:
-        if bias:  # the bias is a constant input: its row holds each kernel offset's window sum of the batch
-            window = F.unfold(x.sum(1, dtype=f64), conv.kernel_size, padding=conv.padding).sum(-1)  # [G, C J]
-            count = torch.full((G, 1, 1), float(x.shape[1] * p.shape[3] * p.shape[4]), dtype=f64, device=x.device)
-            S = torch.cat([torch.cat([S, window[:, :, None]], dim=2),
-                           torch.cat([window[:, None, :], count], dim=2)], dim=1)  # [G, M, M]
-        # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
-        PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
-        PP = PP.reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
         # I_O (x) S and I_C (x) PP added in place on Q's diagonals (no Kronecker products formed)
-        Q.diagonal(dim1=1, dim2=3).add_(rho * S[..., None])
+        Q.diagonal(dim1=1, dim2=3).add_(rho * sums.inputs[..., None])
         co = Q[:, :, :C * J, :, :C * J].unflatten(4, (C, J)).unflatten(2, (C, J))  # [G, O, C, J, O, C, J], a view
-        co.diagonal(dim1=2, dim2=5).add_(rho * PP[..., None])
+        co.diagonal(dim1=2, dim2=5).add_(rho * sums.costates[..., None])
     Q = Q.reshape(G, O * M, O * M)
     Q.diagonal(dim1=1, dim2=2).add_(c)
+    grad = torch.cat([sums.gradient[:, :O * C * J].reshape(G, O, C * J),
+                      sums.gradient[:, O * C * J:].reshape(G, O, 1)] if bias else
+                     [sums.gradient.reshape(G, O, C * J)], dim=2)
     theta = torch.cat([u0[:, :O * C * J].reshape(G, O, C * J),
                        u0[:, O * C * J:].reshape(G, O, 1)] if bias else [u0.reshape(G, O, C * J)], dim=2)
-    rhs = (grad.to(f64) - wd * theta.to(f64)).reshape(G, O * M, 1)
+    rhs = (grad - wd * theta.to(f64)).reshape(G, O * M, 1)
     L, info = torch.linalg.cholesky_ex(Q)
     if bool((info == 0).all()):
         step = torch.cholesky_solve(rhs, L)[..., 0]
     else:  # singular: the minimum-norm maximiser
         lam, V = torch.linalg.eigh(Q)
-        cut = _cutoff(lam, O * M, x.dtype)
+        cut = _cutoff(lam, O * M, data.inputs.dtype)
         coef = (V.transpose(1, 2) @ rhs)[..., 0]
         coef = torch.where(lam > cut, coef / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(coef))
         step = (V @ coef[..., None])[..., 0]
@@ -334,21 +361,53 @@ def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> to
     return torch.cat(parts, dim=1).to(u0.dtype)
 
 
-def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool = True) -> Optional[torch.Tensor]:
+class QuadraticSums(NamedTuple):
+    """The batch sums of a Linear / Conv2d group's quadratic that neither rho nor eps changes (``quadratic_sums``).
+
+    gradient: J'p [G, m] float64, in the rows' order (weight, then bias): the gradient of the plain Hamiltonian
+    p . g in theta, the same at every theta (g is affine in it), so it also gives the gain p . J d of any step;
+    inputs: Conv2d X X' [G, M, M] (the bias's row included); Linear S = X'X [G, K, K], or X [G, N, K] itself
+    when there are fewer samples N than features K;
+    costates: Conv2d Pt Pt' [G, O, J, O, J] (kernel offsets flipped); Linear P'P [G, O, O];
+    extra: Linear with a bias m = sum_s x_s [G, K]; else None.
+    """
+
+    gradient: torch.Tensor
+    inputs: torch.Tensor
+    costates: torch.Tensor
+    extra: Optional[torch.Tensor]
+
+
+def quadratic_sums(group: LayerGroup, objective: LayerHamiltonian) -> Optional[QuadraticSums]:
+    """The sums ``affine_maximise`` solves with, formed once for a step's data (the adaptive rules' trials change
+    rho and eps, not these), or None where the closed form does not apply (``supported``)."""
+    if not supported(group, objective):
+        return None
+    with torch.no_grad():
+        if isinstance(group.template, torch.nn.Linear):
+            return _linear_sums(group, objective, _variables(group))
+        return _conv_sums(group, objective, _variables(group))
+
+
+def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool = True,
+                    sums: Optional[QuadraticSums] = None) -> Optional[torch.Tensor]:
     """The exact maximiser [G, m] of a Linear / Conv2d group's augmented Hamiltonian, or None (see module doc).
 
     ``check``: compare the objective's exact increase with the quadratic's (two evaluations of the layer and
     its input gradient); the optimizer checks a group at its first step, the structure being fixed after that.
+    ``sums``: ``quadratic_sums`` of this objective's data, formed here when not given.
     """
     if not supported(group, objective):
         return None
     bias = _variables(group)
     u0 = objective.data.controls
     with torch.no_grad():
+        if sums is None:
+            sums = quadratic_sums(group, objective)
         if isinstance(group.template, torch.nn.Linear):
-            d = _linear_step(group, objective, bias)
+            d = _linear_step(group, objective, bias, sums)
         else:
-            d = _conv_step(group, objective, bias)
+            d = _conv_step(group, objective, bias, sums)
         u = u0 + d
         if not bool(torch.isfinite(u).all()):
             return None

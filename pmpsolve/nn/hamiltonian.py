@@ -185,12 +185,14 @@ class LayerHamiltonian:
         with torch.no_grad():
             return torch.stack([self(u) for u in U])
 
-    def hamiltonian_gain(self, u: torch.Tensor) -> torch.Tensor:
+    def hamiltonian_gain(self, u: torch.Tensor, plain_gradient: Optional[torch.Tensor] = None) -> torch.Tensor:
         """H(u) - H(theta^k) of the plain Hamiltonian, every row [G]: one pass of the layer, at u.
 
         The recorded output x_{n+1} = g_n(x_n, theta^k) stands in for the pass at theta^k; a layer linear in
         its parameters (a Linear or convolution whose rows hold all of them) passes the step u - theta^k
         itself, g(x, u) - g(x, theta^k) = g(x, u - theta^k), with no difference of two nearly equal sums.
+        ``plain_gradient``: for a layer affine in its rows, J'p [G, m], the gradient of p . g in theta (the
+        same at every theta: ``affine.QuadraticSums.gradient``); the gain is then J'p . (u - theta^k), no pass.
         """
         d = self.data
         theta_k = d.controls
@@ -199,14 +201,17 @@ class LayerHamiltonian:
 
         def local():
             with torch.no_grad():
-                rows = step if linear else u
-                if rows.shape[0] > 1:
-                    out = vmap(self.group.call)(rows, d.inputs)
-                else:  # one layer (an unbatched group has one): without vmap's overhead
-                    out = self.group.call(rows[0], d.inputs[0]).unsqueeze(0)
-                if not linear:
-                    out = out - d.outputs
-                change = (d.costates * out).flatten(1).sum(1)
+                if plain_gradient is not None:
+                    change = (plain_gradient * step.to(plain_gradient.dtype)).sum(1).to(u.dtype)
+                else:
+                    rows = step if linear else u
+                    if rows.shape[0] > 1:
+                        out = vmap(self.group.call)(rows, d.inputs)
+                    else:  # one layer (an unbatched group has one): without vmap's overhead
+                        out = self.group.call(rows[0], d.inputs[0]).unsqueeze(0)
+                    if not linear:
+                        out = out - d.outputs
+                    change = (d.costates * out).flatten(1).sum(1)
                 if self.weight_decay:
                     change = change - 0.5 * self.weight_decay * (step * (u + theta_k)).sum(1)
                 return change

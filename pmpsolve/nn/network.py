@@ -108,9 +108,12 @@ class LayerObjectives:
             total = total + o.penalty_value(r).sum()
         return total
 
-    def hamiltonian_gains(self, u: torch.Tensor) -> List[float]:
-        """The plain Hamiltonian's gain of every group from theta^k to u (its first-order decrease of J)."""
-        return [float(o.hamiltonian_gain(r).sum()) for o, r in zip(self.objectives, self.data.split(u))]
+    def hamiltonian_gains(self, u: torch.Tensor,
+                          plain_gradients: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[float]:
+        """The plain Hamiltonian's gain of every group from theta^k to u (its first-order decrease of J).
+        ``plain_gradients``: per group, J'p of a group affine in its rows, or None (``hamiltonian_gain``)."""
+        plain = plain_gradients if plain_gradients is not None else [None] * len(self.objectives)
+        return [float(o.hamiltonian_gain(r, j).sum()) for o, r, j in zip(self.objectives, self.data.split(u), plain)]
 
 
 class LayerMaximiser:

@@ -47,7 +47,7 @@ from ..penalties import ControlPenalty, prox_in_box
 from ..update.rules import SQH as _SQHRule
 from ..update.rules import BasicMSA, ExtendedMSA, GradientStep, UpdateRule
 from ..update.stopping import Divergence
-from .affine import affine_maximise
+from .affine import QuadraticSums, affine_maximise, quadratic_sums
 from .discrete import DiscreteRule, FiniteWeights, resolve_scales
 from .groups import LayerGroup, group_layers
 from .hamiltonian import LayerHamiltonian, layer_data
@@ -363,6 +363,7 @@ class Optimizer(torch.optim.Optimizer):
         self._refused: set = set()  # groups (their layer indices) whose objective did not separate
         self._checked: set = set()  # groups whose exact quadratic (affine.affine_maximise) passed its check
         self._routes: Dict[tuple, str] = {}  # how each group was maximised in the last step
+        self._sums: Dict[tuple, Optional[QuadraticSums]] = {}  # the closed form's batch sums of this step
         self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
         self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
         # dropout modules (entry index, module): random in training mode
@@ -497,6 +498,7 @@ class Optimizer(torch.optim.Optimizer):
                 finite_grads = [reduction.all_reduce(g) for g in finite_grads]
         if self._adam is not None:
             self._adam.keep_gradients()
+        self._sums = {}  # formed at this step's first trial
         old = [g.parameters() for g in groups]
         datas = [layer_data(g, records, u, self._input_costates(g)) for g, u in zip(groups, old)]
         iterate = LayerIterate.of(groups, datas)
@@ -513,7 +515,9 @@ class Optimizer(torch.optim.Optimizer):
             if not rule.adaptive:
                 info["accepted"] = True
                 break
-            gains = iterate.objective(self._layer_problem, 0.0).hamiltonian_gains(iterate.join(new))
+            plain = [None if self._sums.get(tuple(g.indices)) is None else self._sums[tuple(g.indices)].gradient
+                     for g in groups]  # J'p of the closed form's groups: their gains without a pass
+            gains = iterate.objective(self._layer_problem, 0.0).hamiltonian_gains(iterate.join(new), plain)
             bad = [g for g, value in zip(groups, gains) if not math.isfinite(value)]
             if bad:
                 for g, u in zip(groups, old):
@@ -611,7 +615,10 @@ class Optimizer(torch.optim.Optimizer):
                     return u
                 self._refused.add(key)
             if self._closed_form and objective.rho > 0:
-                u = affine_maximise(g, objective, check=key not in self._checked)
+                if key not in self._sums:  # once a step: the trials of an adaptive rule change rho only
+                    self._sums[key] = quadratic_sums(g, objective)
+                sums = self._sums[key]
+                u = None if sums is None else affine_maximise(g, objective, check=key not in self._checked, sums=sums)
                 if u is not None:
                     self._checked.add(key)
                     self._routes[key] = "quadratic"
