@@ -136,7 +136,7 @@ def test_a_non_finite_hamiltonian_gain_names_the_layer(monkeypatch):
     opt = pmp.nn.EMSA(model)
     plain = LayerHamiltonian.hamiltonian_gain
     monkeypatch.setattr(LayerHamiltonian, "hamiltonian_gain",
-                        lambda self, u: plain(self, u) * (float("nan") if self.group.indices == [5] else 1.0))
+                        lambda self, u, *rest: plain(self, u, *rest) * (float("nan") if self.group.indices == [5] else 1.0))
     before = parameters(model)
     with pytest.raises(FloatingPointError, match=r"Hamiltonian gain of layer 5 \(Linear\) is not finite"):
         train(model, opt, x, y, 1)
