@@ -15,7 +15,7 @@ import torch
 
 import pmpsolve as pmp
 from pmpsolve.constrained.transcription import Transcription
-from problems.constrained import goddard, min_time_double_integrator
+from problems.constrained import bryson_denham, goddard, min_time_double_integrator
 
 F64 = torch.float64
 
@@ -306,6 +306,27 @@ def test_terminal_multipliers_satisfy_the_costate_condition():
     x, P = sol.state(mid), sol.costate(mid)
     H = 1.0 - (P * torch.stack([x[:, 1], sol.controls[:, 0]], -1)).sum(-1)
     assert float((H * (sol.mesh[1:] - sol.mesh[:-1])).sum()) / sol.horizon == pytest.approx(0.0, abs=1e-4)
+
+
+def test_path_multipliers_carry_the_costate_jump_at_the_junctions_of_an_order_two_bound():
+    """Bryson-Denham (l = 1/9): x1 <= l is of order two, its multiplier an atom at each junction (t = 1/3,
+    2/3) where P1 jumps by 2 / (9 l^2) = 18 (lambda1' = -mu: P1 from -18 to 0 to 18). The reported path
+    multipliers (piecewise linear on the nodes) integrate to the co-state's jump over each junction, and the
+    terminal multipliers are (-18, 6). Multipliers sampled at the nodes alone integrated to 18.6 here (23.6 at
+    mesh 100): the penalty's force between the nodes was missing."""
+    problem, J_star = bryson_denham(1 / 9)
+    sol = pmp.solve(problem, "ddp", mesh=200, stop=pmp.Stop(max_iter=400))
+    assert sol.converged and abs(sol.cost - J_star) <= 1e-4 * J_star
+    mu, t = sol.multipliers["path"][0, :, 0], sol.multipliers["path_times"]
+    pieces = 0.5 * (mu[1:] + mu[:-1]) * (t[1:] - t[:-1])  # exact for piecewise linear mu
+    middle = 0.5 * (t[1:] + t[:-1])
+    jump_in = float(sol.costate(0.5)[0] - sol.costate(0.2)[0])
+    jump_out = float(sol.costate(0.8)[0] - sol.costate(0.5)[0])
+    assert jump_in == pytest.approx(18.0, rel=1e-3) and jump_out == pytest.approx(18.0, rel=1e-3)
+    assert float(pieces[middle < 0.5].sum()) == pytest.approx(jump_in, rel=1e-3)
+    assert float(pieces[middle > 0.5].sum()) == pytest.approx(jump_out, rel=1e-3)
+    assert float(mu[(t > 0.36) & (t < 0.64)].abs().max()) <= 1e-6 * float(mu.max())  # atoms, not a spread
+    assert torch.allclose(sol.multipliers["terminal"][0], torch.tensor([-18.0, 6.0], dtype=F64), rtol=1e-3)
 
 
 def test_parameter_estimation_matches_least_squares():

@@ -193,14 +193,14 @@ class ConstrainedSolver:
         nodes = sol.states_trajectory.values.reshape(tr.N + 1, tr.K, -1)
         return float(sweeper.forward(sol.controls, samples=False, nodes=nodes).cost)
 
-    def _path_values(self, point: OuterPoint, sol: Solution):
-        """g on the multiplier grid [K, M, cP] (at a node: the larger of its two intervals' values)
-        and at the check points between nodes [K, N * R, cP]."""
+    def _path_samples(self, point: OuterPoint, sol: Solution):
+        """g at every interval's two ends (with the interval's control) and inside it at ``fractions``:
+        (left [N, K, cP], right [N, K, cP], inside(fractions) -> [N, R, K, cP]); None when there are no
+        path constraints."""
         tr = self.transcription
         cP = sum(tr.path_sizes)
         if not cP:
-            empty = torch.zeros(tr.K, tr.grid.numel(), 0, dtype=self.dtype, device=self.device)
-            return empty, torch.zeros(tr.K, 0, 0, dtype=self.dtype, device=self.device)
+            return None
         N, K = tr.N, tr.K
         traj = sol.states_trajectory
         u = sol.controls  # [N, m]
@@ -215,7 +215,6 @@ class ConstrainedSolver:
 
         left = g_at(tr.mesh[:-1], nodes[:-1], u)  # nodes 0..N-1 with the control on their right
         right = g_at(tr.mesh[1:], nodes[1:], u)  # nodes 1..N with the control on their left
-        at_nodes = torch.cat([left[:1], torch.maximum(left[1:], right[:-1]), right[-1:]])  # [N + 1, K, cP]
         h = tr.mesh[1:] - tr.mesh[:-1]
 
         def inside(fractions):
@@ -225,11 +224,54 @@ class ConstrainedSolver:
             controls = u[:, None, :].expand(N, len(fractions), -1).reshape(N * len(fractions), -1)
             return g_at(s, zi.reshape(N * len(fractions), K, -1), controls).reshape(N, len(fractions), K, cP)
 
+        return left, right, inside
+
+    def _path_values(self, point: OuterPoint, sol: Solution):
+        """g on the multiplier grid [K, M, cP] (at a node: the larger of its two intervals' values)
+        and at the check points between nodes [K, N * R, cP]."""
+        tr = self.transcription
+        samples = self._path_samples(point, sol)
+        if samples is None:
+            empty = torch.zeros(tr.K, tr.grid.numel(), 0, dtype=self.dtype, device=self.device)
+            return empty, torch.zeros(tr.K, 0, 0, dtype=self.dtype, device=self.device)
+        left, right, inside = samples
+        K, cP = tr.K, left.shape[-1]
+        at_nodes = torch.cat([left[:1], torch.maximum(left[1:], right[:-1]), right[-1:]])  # [N + 1, K, cP]
         parts = [at_nodes[:-1, None]] + ([inside(GRID_FRACTIONS)] if GRID_FRACTIONS else [])  # [N, 1 + R, K, cP]
         grid = torch.cat(parts, dim=1).reshape(-1, K, cP)
         grid = torch.cat([grid, at_nodes[-1:]]).permute(1, 0, 2)  # [K, M, cP]
         check = inside(CHECK_FRACTIONS).reshape(-1, K, cP).permute(1, 0, 2)
         return grid, torch.cat([grid, check], dim=1)
+
+    def _path_force(self, point: OuterPoint, sol: Solution) -> torch.Tensor:
+        """The path multipliers [K, N + 1, cP] the inner solution's co-state satisfies: the penalty's force
+        max(0, mu(s) + r g(s)), which the co-state feels between the nodes too, projected onto the nodes' hat
+        functions with a lumped mass matrix, m_i = int f phi_i / int phi_i (non-negative, and int m = int f:
+        the atom of an order-two state constraint at a junction keeps its mass, the co-state's jump). The
+        integrals are trapezoid sums on the nodes and the check points (8 pieces an interval)."""
+        tr = self.transcription
+        left, right, inside = self._path_samples(point, sol)
+        if GRID_FRACTIONS:
+            raise NotImplementedError("the path force's projection assumes multipliers on the nodes only")
+        N, K, cP = left.shape[0], tr.K, left.shape[-1]
+        fr = torch.tensor((0.0,) + CHECK_FRACTIONS + (1.0,), dtype=self.dtype, device=self.device)  # [R + 2]
+        g = torch.cat([left[:, None], inside(CHECK_FRACTIONS), right[:, None]], dim=1)  # [N, R + 2, K, cP]
+        mu = point.path.permute(1, 0, 2)  # [N + 1, K, cP]
+        mu_s = mu[:-1, None] * (1 - fr)[None, :, None, None] + mu[1:, None] * fr[None, :, None, None]
+        force = torch.clamp(mu_s + point.path_penalty * g, min=0)  # [N, R + 2, K, cP]
+        h = tr.mesh[1:] - tr.mesh[:-1]
+        weights = torch.full_like(fr, 1.0)  # the trapezoid rule on equal pieces of the interval
+        weights[0] = weights[-1] = 0.5
+        weights = weights / (fr.numel() - 1)
+        to_left = (force * (weights * (1 - fr))[None, :, None, None]).sum(1) * h[:, None, None]  # int f phi_n
+        to_right = (force * (weights * fr)[None, :, None, None]).sum(1) * h[:, None, None]  # int f phi_(n+1)
+        b = torch.zeros(N + 1, K, cP, dtype=self.dtype, device=self.device)
+        b[:-1] += to_left
+        b[1:] += to_right
+        mass = torch.zeros(N + 1, dtype=self.dtype, device=self.device)
+        mass[:-1] += 0.5 * h
+        mass[1:] += 0.5 * h
+        return (b / mass[:, None, None]).permute(1, 0, 2)
 
     def _violation(self, terminal: torch.Tensor, path: torch.Tensor):
         """The largest violation and the name of the constraint that has it."""
@@ -469,7 +511,8 @@ class ConstrainedSolver:
         if not converged:
             warnings.warn(f"solve did not converge: {message}", RuntimeWarning, stacklevel=outside_level())
         settings = {**sol.settings, "rounds": len(rounds), "violation_tol": self.violation_tol}
-        nu, mu = self._first_order(best.point, best)
+        nu, _ = self._first_order(best.point, best)
+        mu = self._path_force(best.point, sol) if tr.path_sizes else best.point.path
         cT = sum(tr.terminal_sizes)
         multipliers = None if not (tr.terminal_sizes or tr.path_sizes) else {
             "terminal": nu[:, :cT], "path": mu, "path_times": tr.grid * scale, "path_end": nu[:, cT:]}
