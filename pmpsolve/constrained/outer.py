@@ -249,10 +249,10 @@ class ConstrainedSolver:
         functions with a lumped mass matrix, m_i = int f phi_i / int phi_i (non-negative, and int m = int f:
         the atom of an order-two state constraint at a junction keeps its mass, the co-state's jump). The
         integrals are trapezoid sums on the nodes and the check points (8 pieces an interval)."""
-        tr = self.transcription
-        left, right, inside = self._path_samples(point, sol)
         if GRID_FRACTIONS:
             raise NotImplementedError("the path force's projection assumes multipliers on the nodes only")
+        tr = self.transcription
+        left, right, inside = self._path_samples(point, sol)
         N, K, cP = left.shape[0], tr.K, left.shape[-1]
         fr = torch.tensor((0.0,) + CHECK_FRACTIONS + (1.0,), dtype=self.dtype, device=self.device)  # [R + 2]
         g = torch.cat([left[:, None], inside(CHECK_FRACTIONS), right[:, None]], dim=1)  # [N, R + 2, K, cP]
@@ -260,9 +260,8 @@ class ConstrainedSolver:
         mu_s = mu[:-1, None] * (1 - fr)[None, :, None, None] + mu[1:, None] * fr[None, :, None, None]
         force = torch.clamp(mu_s + point.path_penalty * g, min=0)  # [N, R + 2, K, cP]
         h = tr.mesh[1:] - tr.mesh[:-1]
-        weights = torch.full_like(fr, 1.0)  # the trapezoid rule on equal pieces of the interval
-        weights[0] = weights[-1] = 0.5
-        weights = weights / (fr.numel() - 1)
+        pieces = fr[1:] - fr[:-1]  # the trapezoid rule on the pieces between the fractions
+        weights = 0.5 * (torch.cat([pieces, pieces.new_zeros(1)]) + torch.cat([pieces.new_zeros(1), pieces]))
         to_left = (force * (weights * (1 - fr))[None, :, None, None]).sum(1) * h[:, None, None]  # int f phi_n
         to_right = (force * (weights * fr)[None, :, None, None]).sum(1) * h[:, None, None]  # int f phi_(n+1)
         b = torch.zeros(N + 1, K, cP, dtype=self.dtype, device=self.device)

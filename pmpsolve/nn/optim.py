@@ -515,8 +515,8 @@ class Optimizer(torch.optim.Optimizer):
             if not rule.adaptive:
                 info["accepted"] = True
                 break
-            plain = [None if self._sums.get(tuple(g.indices)) is None else self._sums[tuple(g.indices)].gradient
-                     for g in groups]  # J'p of the closed form's groups: their gains without a pass
+            # J'p of the closed form's groups: their gains without a pass of the layer
+            plain = [getattr(self._sums.get(tuple(g.indices)), "gradient", None) for g in groups]
             gains = iterate.objective(self._layer_problem, 0.0).hamiltonian_gains(iterate.join(new), plain)
             bad = [g for g, value in zip(groups, gains) if not math.isfinite(value)]
             if bad:
