@@ -236,7 +236,9 @@ class Optimizer(torch.optim.Optimizer):
             adaptive eps) or ``pmp.Gradient(lr=...)`` (the soft step: gradient descent on the loss,
             paper Prop. 2), or their names. Options not set on the method object take the network's:
             E-MSA without Anderson acceleration and with ``high_ratio=0.75``.
-        maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
+        maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code). Under the
+            adaptive rule a residual tanh layer's preconditioned L-BFGS usually stops after about 3, when a
+            step adds less than 1 % of its increase so far (docs/networks.md, "Speed").
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
             reference code uses 0.005; needed to leave a symmetric start such as all zeros).
         controls: ``{parameter name: pmp.Box(low, high) | pmp.Reals() | pmp.Finite(values)}``
