@@ -9,8 +9,9 @@ Configurations: pmp.nn.EMSA with rho 0.03 and adaptive, weight decay 0 and 0.001
 with the residual layers' gradient from autograd (``pmp.nn`` without ``derived.DerivedHamiltonian``),
 every convolution Gram matrix from im2col patches (``affine.MAX_PATCHES`` unbounded) and p_n formed for
 every layer at every step: the step as it was before those three, for the record; ``unpreconditioned`` rows: the
-residual layers' L-BFGS without the Gauss-Newton diagonal that scales its steps (``derived.DerivedHamiltonian.
-precondition``); and the closed form with ``maximiser_iter`` 5 and 4 instead of the study's 10.
+residual layers' L-BFGS without its preconditioner (``derived.DerivedHamiltonian.precondition``: the Gauss-Newton
+diagonal at a fixed rho, the Kronecker-factored blocks under the adaptive rule); and the closed form with
+``maximiser_iter`` 5 and 4 instead of the study's 10.
 Target: an E-MSA step <= 5x Adam's.
 
     python scripts/bench_closed_form.py [--rounds 8] [--batch 128] [--out results/bench]
@@ -32,7 +33,7 @@ from problems.cnn import cross_entropy, residual_cnn
 def autograd_paths():
     """The residual layers on autograd's gradient and every convolution Gram matrix from im2col patches."""
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch("pmpsolve.nn.optim.derived_objective", lambda group, objective: None))
+    stack.enter_context(mock.patch("pmpsolve.nn.optim.derived_objective", lambda group, objective, *rest: None))
     stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES", float("inf")))
     stack.enter_context(mock.patch("pmpsolve.nn.affine.MAX_PATCHES_BLOCKED", float("inf")))
     stack.enter_context(mock.patch.object(pmp.nn.Optimizer, "_input_costates", lambda self, group: self.method == "emsa"))
@@ -40,7 +41,8 @@ def autograd_paths():
 
 
 def unpreconditioned():
-    """The residual layers' L-BFGS without its diagonal preconditioner."""
+    """The residual layers' L-BFGS without its preconditioner (the diagonal at a fixed rho, the Kronecker blocks
+    under the adaptive rule)."""
     from pmpsolve.nn.derived import DerivedHamiltonian
 
     return mock.patch.object(DerivedHamiltonian, "precondition", False)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import pmpsolve as pmp
 from pmpsolve.controls import control_set_from_dict
 from pmpsolve.update.maximisers import (MAXIMISERS, ClosedForm, Enumeration, HamiltonianMaximiser, IntervalObjective,
-                                 Maximiser, ProximalGradient)
+                                 Maximiser, ProjectedLBFGS, ProximalGradient)
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -272,3 +272,57 @@ def test_ball_refuses_a_control_penalty():
 def test_ball_radius_must_be_positive(bad):
     with pytest.raises(ValueError, match="radius"):
         pmp.Ball(bad, shape=(2,))
+
+
+def _coupled(seed=3, N=4, m=6, coupling=0.4):
+    """A coupled Quadratic and its -Hessian [N, m, m] (diag M, -coupling at (0, m-1) and (m-1, 0))."""
+    q = random_quadratic(seed, N, m, coupling=coupling)
+    q.M = q.M + coupling  # positive definite: every M_j > coupling
+    hessian = torch.diag_embed(q.M)
+    hessian[:, 0, -1] = hessian[:, -1, 0] = -coupling
+    return q, hessian
+
+
+def test_lbfgs_takes_a_full_preconditioners_newton_step_first():
+    """A preconditioner that is the exact inverse Hessian: with ``newton_start`` the first step is the maximiser
+    (no curvature evaluation: 2 evaluations in all, the gradient there is rounding); without it the step length
+    comes from one more evaluation along the same direction."""
+    q, hessian = _coupled()
+    optimum = torch.linalg.solve(hessian, q.g[..., None])[..., 0]
+    q.preconditioner = lambda u: (lambda v: torch.linalg.solve(hessian, v[..., None])[..., 0])
+    newton = ProjectedLBFGS(max_iter=10, newton_start=True).maximise(q, pmp.Reals(6))
+    assert torch.allclose(newton.controls, optimum, rtol=1e-12, atol=1e-12)
+    assert (newton.iterations, newton.evaluations) == (1, 2)
+    line = ProjectedLBFGS(max_iter=10).maximise(q, pmp.Reals(6))
+    assert torch.allclose(line.controls, optimum, rtol=1e-12, atol=1e-12) and line.evaluations == 3
+
+
+def test_lbfgs_relative_stop_ends_a_row_when_its_steps_add_little():
+    """With the diagonal of a coupled quadratic as the preconditioner (a tensor: steps scaled by 1 / D) L-BFGS
+    converges over several iterations; ``rtol`` stops when the last step added at most rtol times the increase so
+    far: fewer iterations, every row's value between the start and the maximum, and the criterion met at the end."""
+    q, hessian = _coupled(coupling=1.2)
+    best = q.smooth(torch.linalg.solve(hessian, q.g[..., None])[..., 0])
+    start = q.smooth(q.data.controls)
+    q.preconditioner = lambda u: q.M
+    full = ProjectedLBFGS(max_iter=30, gtol=1e-14).maximise(q, pmp.Reals(6))
+    values = []
+    original = q.value_and_grad
+
+    def tracked(u):
+        value, grad = original(u)
+        values.append(value)
+        return value, grad
+
+    q.value_and_grad = tracked
+    early = ProjectedLBFGS(max_iter=30, gtol=1e-14, rtol=0.05).maximise(q, pmp.Reals(6))
+    assert torch.allclose(full.value, best, rtol=1e-10)
+    assert early.iterations < full.iterations
+    assert (early.value > start).all() and (early.value <= best + 1e-12).all()
+    last, before = values[-1], values[-2]
+    assert ((last - before) <= 0.05 * (last - start) + 1e-12).any()
+
+
+def test_relative_stop_must_be_a_fraction():
+    with pytest.raises(ValueError, match="rtol"):
+        ProjectedLBFGS(rtol=1.0)

@@ -120,7 +120,7 @@ def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch
     opt_fast.step(closure_for(opt_fast, fast, x, y))
     assert opt_fast.last_step["routes"][(2, 3)] == "lbfgs"
     assert opt_fast.last_step["routes"][(5,)] == ("lbfgs" if wd == 0 else "quadratic")
-    monkeypatch.setattr(optim, "derived_objective", lambda group, objective: None)
+    monkeypatch.setattr(optim, "derived_objective", lambda group, objective, *rest: None)
     opt_slow = pmp.nn.EMSA(slow, rho=rho, weight_decay=wd)
     opt_slow.step(closure_for(opt_slow, slow, x, y))
     assert opt_fast.last_step["trials"] == opt_slow.last_step["trials"]
@@ -130,7 +130,7 @@ def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch
         assert (a - b).abs().max() <= 1e-9 * moved
 
 
-def _residual_objective(kind: str, bias: bool, zero_costates: bool = False):
+def _residual_objective(kind: str, bias: bool, zero_costates: bool = False, preconditioning: str = "diagonal"):
     model = _network(kind, bias)
     layers, records = recorded(model, *_data(kind))
     g = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
@@ -139,7 +139,7 @@ def _residual_objective(kind: str, bias: bool, zero_costates: bool = False):
     if zero_costates:
         data = data._replace(costates=torch.zeros_like(data.costates),
                              input_costates=torch.zeros_like(data.input_costates))
-    return derived_objective(g, LayerHamiltonian(g, data, rho=0.7, eps=0.3, weight_decay=0.01))
+    return derived_objective(g, LayerHamiltonian(g, data, rho=0.7, eps=0.3, weight_decay=0.01), preconditioning)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -150,7 +150,7 @@ def test_the_preconditioner_is_the_diagonal_of_the_hessian_where_gauss_newton_is
     here by central differences of the (autograd-checked) gradient."""
     fast = _residual_objective(kind, bias, zero_costates=True)
     u0 = fast.data.controls
-    D = fast.diagonal_curvature(u0)
+    D = fast.preconditioner(u0)
     step = 1e-4
     exact = torch.empty_like(u0)
     for j in range(u0.shape[1]):
@@ -178,14 +178,121 @@ def test_preconditioned_lbfgs_gets_further_in_the_same_iterations():
     group = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
              if isinstance(g.template, pmp.nn.Residual)][0]
     fast = derived_objective(group, LayerHamiltonian(group, layer_data(group, records, group.parameters(), True),
-                                                     rho=0.03, weight_decay=1e-3))
-    D = fast.diagonal_curvature(fast.data.controls)
+                                                     rho=0.03, weight_decay=1e-3), "diagonal")
+    D = fast.preconditioner(fast.data.controls)
     assert float(D[:, -8:].mean() / D[:, :-8].mean()) > 10  # measured 24
     start = fast.value_and_grad(fast.data.controls)[0]
     scaled = ProjectedLBFGS(max_iter=4).maximise(fast, group.controls).value
-    fast.diagonal_curvature = None
+    fast.preconditioner = None
     plain4, plain8 = (ProjectedLBFGS(max_iter=k).maximise(fast, group.controls).value for k in (4, 8))
     assert (scaled > plain8).all() and (plain8 > plain4).all() and (plain4 > start).all()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_kronecker_preconditioner_inverts_its_documented_blocks(kind, bias):
+    """The Kronecker preconditioner against its blocks assembled here from their definitions: per output unit o,
+    rho delta^2 (sigma_o X~ + a_o I) + (wd + 2 eps) I, with X~ the sum of x~ x~' over the input patches (F.unfold,
+    then a 1 for the bias), sigma_o the mean of tanh'(z_o)^2 from the layer's own module, and a_o the mean over o's
+    weights of the squared columns of the Jacobian of A_W'(s * p) in W (autograd) -- solved densely."""
+    fast = _residual_objective(kind, bias, preconditioning="kronecker")
+    rho, delta, c = fast.rho, fast.delta, fast.weight_decay + 2 * fast.eps
+    d = fast.data
+    u0 = d.controls
+    solve = fast.preconditioner(u0)
+    q = torch.randn(u0.shape, generator=torch.Generator().manual_seed(5), dtype=u0.dtype)
+    affine = fast.group.template.module[0]
+    O = affine.out_channels if kind == "conv" else affine.out_features
+    for g in range(u0.shape[0]):
+        x, p = d.inputs[g], d.costates[g]  # [B, ...]
+        params = fast.group.unflatten(u0[g])
+        W = params["module.0.weight"]
+        b = params.get("module.0.bias")
+        if kind == "conv":
+            z = torch.nn.functional.conv2d(x, W, b, padding=affine.padding)
+            patches = torch.nn.functional.unfold(x, affine.kernel_size, padding=affine.padding)  # [B, C J, L]
+            patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            s2 = (1 - torch.tanh(z) ** 2) ** 2  # [B, O, H', W']
+            sigma = s2.transpose(0, 1).reshape(O, -1).mean(1)
+            a = (1 - torch.tanh(z) ** 2) * p
+
+            def adjoint(weight):
+                return torch.nn.functional.conv_transpose2d(a, weight, padding=affine.padding)
+        else:
+            z = torch.nn.functional.linear(x, W, b)
+            patches = x.reshape(-1, x.shape[-1])
+            s2 = (1 - torch.tanh(z) ** 2) ** 2
+            sigma = s2.reshape(-1, O).mean(0)
+            a = (1 - torch.tanh(z) ** 2) * p
+
+            def adjoint(weight):
+                return a @ weight
+        if bias:
+            patches = torch.cat([patches, torch.ones_like(patches[:, :1])], dim=1)
+        X = patches.T @ patches  # [M, M]
+        M = X.shape[0]
+        jac = torch.autograd.functional.jacobian(adjoint, W).reshape(-1, W.numel())
+        a_mean = (jac ** 2).sum(0).reshape(O, -1).mean(1)
+        m = u0.shape[1]
+        index = [[o * (M - int(bias)) + i for i in range(M - int(bias))] + ([O * (M - 1) + o] if bias else [])
+                 for o in range(O)]
+        A = torch.zeros(m, m, dtype=u0.dtype)
+        for o in range(O):
+            block = rho * delta ** 2 * (sigma[o] * X + a_mean[o] * torch.eye(M, dtype=X.dtype)) + c * torch.eye(M, dtype=X.dtype)
+            A[torch.tensor(index[o])[:, None], torch.tensor(index[o])[None, :]] = block
+        expected = torch.linalg.solve(A, q[g])
+        assert torch.allclose(solve(q)[g], expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+def _study_residual_objective(preconditioning: str):
+    """The augmented Hamiltonian of a residual convolution of the CNN study's shape (8 channels, bias; small
+    inputs, as after its pooled tanh layers), rho 0.03, weight decay 1e-3."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh(),
+                                pmp.nn.Residual(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
+                                                                    torch.nn.Tanh()), delta=0.5),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = 0.1 * torch.randn(32, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+    layers, records = recorded(model, x, y)
+    group = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
+             if isinstance(g.template, pmp.nn.Residual)][0]
+    data = layer_data(group, records, group.parameters(), True)
+    return group, derived_objective(group, LayerHamiltonian(group, data, rho=0.03, weight_decay=1e-3), preconditioning)
+
+
+def test_kronecker_preconditioned_lbfgs_takes_nearly_all_of_the_increase_in_two_iterations():
+    """On the study-shaped residual convolution: 2 L-BFGS iterations from the Kronecker preconditioner's Newton step
+    (3 evaluations) take over 95 % of the increase that 200 iterations reach, where 10 diagonally preconditioned
+    iterations take less than 90 % of it (measured: 99.99999 % and 45 %; the first step alone 99.99 %)."""
+    from pmpsolve.update.maximisers import ProjectedLBFGS
+
+    group, kron = _study_residual_objective("kronecker")
+    start = kron.value_and_grad(kron.data.controls)[0]
+    best = ProjectedLBFGS(max_iter=200).maximise(kron, group.controls).value
+    two = ProjectedLBFGS(max_iter=2, newton_start=True).maximise(kron, group.controls)
+    _, diag = _study_residual_objective("diagonal")
+    ten = ProjectedLBFGS(max_iter=10).maximise(diag, group.controls).value
+    taken = (two.value - start) / (best - start)
+    assert two.evaluations == 3 and (taken > 0.95).all() and (taken <= 1 + 1e-9).all()
+    assert ((ten - start) / (best - start) < 0.9).all()
+
+
+def test_an_adaptive_rho_maximises_with_the_kronecker_preconditioner_a_fixed_rho_with_the_diagonal(monkeypatch):
+    """Which preconditioner the residual layers' L-BFGS gets: Kronecker blocks under an adaptive rho (its decrease
+    test guards the longer steps), the Gauss-Newton diagonal at a fixed rho (the reference code's step)."""
+    built = []
+    for name in ("_kronecker_blocks", "_gauss_newton_diagonal"):
+        original = getattr(DerivedHamiltonian, name)
+        monkeypatch.setattr(DerivedHamiltonian, name,
+                            lambda self, u, original=original, name=name: built.append(name) or original(self, u))
+    x, y = _data("conv")
+    for rho, expected in ((None, "_kronecker_blocks"), (0.03, "_gauss_newton_diagonal")):
+        built.clear()
+        model = _network("conv", True)
+        opt = pmp.nn.EMSA(model, rho=rho, weight_decay=1e-3)
+        opt.step(closure_for(opt, model, x, y))
+        assert built and set(built) == {expected} and opt.last_step["accepted"]
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

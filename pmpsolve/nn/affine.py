@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .groups import LayerGroup
 from .hamiltonian import LayerHamiltonian
 
-__all__ = ["affine_maximise", "quadratic_sums", "QuadraticSums", "MAX_DENSE", "MAX_SIDE"]
+__all__ = ["affine_maximise", "input_gram", "quadratic_sums", "QuadraticSums", "MAX_DENSE", "MAX_SIDE"]
 
 #: the largest convolution (parameters per layer) solved densely: a Cholesky factorisation of [m, m]
 MAX_DENSE = 2048
@@ -199,6 +199,31 @@ def _patch_gram(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, in
     return _shifted_gram(t, t, kernel, padding)
 
 
+def _with_bias_row(S: torch.Tensor, x: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """The Gram matrix S [G, C J, C J] of x's patches (x [G, B, C, H, W]) extended by the bias, a constant input:
+    its row holds each kernel offset's window sum of the batch, its diagonal the number of positions. [G, M, M]"""
+    G, B = x.shape[:2]
+    f64 = torch.float64
+    window = F.unfold(x.sum(1, dtype=f64), kernel, padding=padding)  # [G, C J, positions]
+    window_sums = window.sum(-1)
+    count = torch.full((G, 1, 1), float(B * window.shape[-1]), dtype=f64, device=x.device)
+    return torch.cat([torch.cat([S, window_sums[:, :, None]], dim=2),
+                      torch.cat([window_sums[:, None, :], count], dim=2)], dim=1)
+
+
+def input_gram(x: torch.Tensor, layer: torch.nn.Module, bias: bool) -> torch.Tensor:
+    """sum over samples (and positions) of x~ x~' [G, M, M] float64, x~ the layer's input patches (a Conv2d's im2col
+    columns, a Linear's input vector) followed by a 1 when the bias is a variable: the input factor of J'J,
+    x [G, B, C, H, W] for a Conv2d, [G, B, ..., K] for a Linear."""
+    if isinstance(layer, torch.nn.Conv2d):
+        S = _patch_gram(x, layer.kernel_size, layer.padding)
+        return _with_bias_row(S, x, layer.kernel_size, layer.padding) if bias else S
+    X = x.reshape(x.shape[0], -1, x.shape[-1])  # [G, N, K]
+    if bias:
+        X = torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
+    return (X.transpose(1, 2) @ X).to(torch.float64)
+
+
 def conv_weight_grad(out_grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int],
                      groups: int) -> torch.Tensor:
     """The weight gradient of a grouped 2-D convolution with stride and dilation 1 (out_grad [B, groups O, H', W'],
@@ -310,11 +335,7 @@ def _conv_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "Q
     parts = [grad.reshape(G, -1)]
     if bias:
         parts.append(p.sum((1, 3, 4), dtype=f64))
-        # the bias is a constant input: its row holds each kernel offset's window sum of the batch
-        window = F.unfold(x.sum(1, dtype=f64), conv.kernel_size, padding=conv.padding).sum(-1)  # [G, C J]
-        count = torch.full((G, 1, 1), float(x.shape[1] * p.shape[3] * p.shape[4]), dtype=f64, device=x.device)
-        S = torch.cat([torch.cat([S, window[:, :, None]], dim=2),
-                       torch.cat([window[:, None, :], count], dim=2)], dim=1)  # [G, M, M]
+        S = _with_bias_row(S, x, conv.kernel_size, conv.padding)
     # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
     PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
     PP = PP.reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]

@@ -40,7 +40,7 @@ from torch.func import vmap
 
 from ..controls import Box, ControlSet, Finite, Reals
 from ..errors import DivergenceError
-from ..update.maximisers import HamiltonianMaximiser
+from ..update.maximisers import HamiltonianMaximiser, ProjectedLBFGS
 from ..methods import EMSA as EMSAMethod
 from ..methods import Method, as_method
 from ..penalties import ControlPenalty, prox_in_box
@@ -68,6 +68,11 @@ NETWORK_OPTIONS = {"emsa": {"anderson": 0, "high_ratio": 0.75}}
 
 #: dropout and its variants: random in training mode
 _DROPOUT = torch.nn.modules.dropout._DropoutNd
+
+
+#: with the Kronecker-factored preconditioner (adaptive rho), an L-BFGS row stops when a step increased its
+#: augmented Hamiltonian by at most this fraction of its increase so far (docs/networks.md)
+KRONECKER_RTOL = 0.01
 
 
 def _whole(label: str, value, low: int) -> int:
@@ -231,7 +236,9 @@ class Optimizer(torch.optim.Optimizer):
             adaptive eps) or ``pmp.Gradient(lr=...)`` (the soft step: gradient descent on the loss,
             paper Prop. 2), or their names. Options not set on the method object take the network's:
             E-MSA without Anderson acceleration and with ``high_ratio=0.75``.
-        maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code).
+        maximiser_iter: iterations of each layer maximisation (L-BFGS; 10 in the reference code). Under the
+            adaptive rule a residual tanh layer's preconditioned L-BFGS usually stops after about 3, when a
+            step adds less than 1 % of its increase so far (docs/networks.md, "Speed").
         perturb: half-width a of U(-a, a) noise added to the maximisation's start (the
             reference code uses 0.005; needed to leave a symmetric start such as all zeros).
         controls: ``{parameter name: pmp.Box(low, high) | pmp.Reals() | pmp.Finite(values)}``
@@ -625,10 +632,21 @@ class Optimizer(torch.optim.Optimizer):
                     return u
             self._routes[key] = "lbfgs" if objective.penalty is None else "proximal"
             # the exact gradient without autograd (it forms p_n by hand), else autograd's on p_n from a vjp
-            objective = derived_objective(g, objective) or objective.with_input_costates()
-            maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
-                                             perturb=settings["perturb"], method="lbfgs")
-            u = maximiser.maximise(objective, generator).controls
+            # An adaptive rho guards every step with its decrease test, so the residual layers' Hamiltonians are
+            # maximised (Kronecker-factored preconditioner: its first steps take nearly all of the increase, and a
+            # row stops once a step adds little more); at a fixed rho the step length is what 10 iterations of
+            # diagonally preconditioned L-BFGS reach, as in the reference code (docs/networks.md)
+            adaptive = self._rule is not None and self._rule.adaptive
+            objective = (derived_objective(g, objective, "kronecker" if adaptive else "diagonal")
+                         or objective.with_input_costates())
+            if adaptive and getattr(objective, "preconditioner", None) is not None:
+                maximiser = ProjectedLBFGS(max_iter=settings["maximiser_iter"], perturb=settings["perturb"],
+                                           rtol=KRONECKER_RTOL, newton_start=True)
+                u = maximiser.maximise(objective, g.controls, generator).controls
+            else:
+                maximiser = HamiltonianMaximiser(g.controls, max_iter=settings["maximiser_iter"],
+                                                 perturb=settings["perturb"], method="lbfgs")
+                u = maximiser.maximise(objective, generator).controls
         except RuntimeError as err:
             raise RuntimeError(f"pmp.nn: maximising the Hamiltonian of {_layers(g)} failed: {err}. A layer must be "
                                "a function of its input that torch.func can differentiate twice (grad of a vjp) "

@@ -70,10 +70,12 @@ class IntervalObjective(Protocol):
       that a ``UserSet`` maximiser receives.
     * ``rho``, ``eps``: the E-MSA and SQH proximity weights already inside ``smooth``
       (for information; user maximisers receive them).
-    * optional ``diagonal_curvature(u [N, m]) -> [N, m]``: a positive estimate of the diagonal of
-      -Hessian of ``smooth`` at u (``ProjectedLBFGS`` scales its steps by its inverse: its initial
-      inverse Hessian); objectives whose parameters differ in curvature by orders of magnitude
-      (a layer's biases and weights) gain most from it.
+    * optional ``preconditioner(u [N, m])``: a positive definite approximation A of -Hessian of
+      ``smooth`` at u, ``ProjectedLBFGS``'s initial inverse Hessian A^-1 (built once per
+      maximisation): either its diagonal, a tensor [N, m] > 0, or a function ``solve(q [N, m])``
+      returning A^-1 q row by row (a new tensor); objectives whose parameters are strongly
+      coupled or differ in curvature by orders of magnitude (a layer's weights over correlated
+      inputs, its biases) gain most from it.
     * optional ``total(*parts, error=None) -> tuple``: in a distributed solve
       (docs/distributed.md) ``smooth`` is one rank's part of the objective (its samples)
       while every other member returns totals over all ranks; a maximiser that
@@ -156,6 +158,12 @@ class ProjectedLBFGS:
         gtol: stop a row when its projected gradient is below ``gtol`` times its
             projected gradient at the start.
         ftol: ... or when its objective changed by less than ``ftol * (1 + |value|)``.
+        rtol: ... or when its last step increased the objective by at most ``rtol`` times its increase
+            since the start (0: never; for well-preconditioned objectives, whose first steps take
+            nearly all of the increase the iterations can give).
+        newton_start: with the objective's ``preconditioner``, make the first step its Newton step
+            (a step length of 1, backtracked like any other) instead of the minimiser along it from one
+            more evaluation (``curvature``): for a preconditioner that models the whole quadratic.
         perturb: half-width a of uniform noise U(-a, a) added to the starting point
             (the reference code uses 0.005; it breaks the symmetry of an all-zero start).
     """
@@ -163,13 +171,16 @@ class ProjectedLBFGS:
     name = "lbfgs"
 
     def __init__(self, *, max_iter: int = 50, history: int = 10, gtol: float = 1e-9, ftol: float = 1e-14,
-                 perturb: float = 0.0, max_backtracks: int = 30):
+                 rtol: float = 0.0, newton_start: bool = False, perturb: float = 0.0, max_backtracks: int = 30):
         if int(max_iter) < 1:
             raise ValueError(f"maximiser `max_iter` must be >= 1, got {max_iter}")
         if perturb < 0:
             raise ValueError(f"`perturb` must be >= 0 (a half-width), got {perturb}")
+        if not 0 <= rtol < 1:
+            raise ValueError(f"`rtol` must be in [0, 1), got {rtol}")
         self.max_iter, self.history = int(max_iter), int(history)
-        self.gtol, self.ftol, self.perturb = float(gtol), float(ftol), float(perturb)
+        self.gtol, self.ftol, self.rtol, self.perturb = float(gtol), float(ftol), float(rtol), float(perturb)
+        self.newton_start = bool(newton_start)
         self.max_backtracks = int(max_backtracks)
 
     def maximise(self, objective: IntervalObjective, controls: ControlSet,
@@ -188,29 +199,34 @@ class ProjectedLBFGS:
 
         x = perturbed_start(objective, controls, self.perturb, generator)
         f, g = value_grad(x)
+        f_start = f
         N = x.shape[0]
-        # the diagonal preconditioner (None: the identity), fixed for this maximisation
-        diagonal = getattr(objective, "diagonal_curvature", None)
-        D = diagonal(start) if diagonal is not None else None
+        # the preconditioner (None: the identity), fixed for this maximisation
+        preconditioner = getattr(objective, "preconditioner", None)
+        solve = preconditioner(start) if preconditioner is not None else None
+        if isinstance(solve, torch.Tensor):  # a diagonal D: steps scaled by 1 / D
+            solve = _Diagonal(solve)
         S, Y, R = [], [], []  # curvature pairs [N, m] and 1/(s.y) [N] (0 where a row skipped the pair)
         active = torch.ones(N, dtype=torch.bool, device=x.device)
         pg0 = _projected_gradient(x, g, project).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
             free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)))
-            d = -_two_loop(g * free, S, Y, R, D) * free
+            d = -_two_loop(g * free, S, Y, R, solve) * free
             slope = (g * d).sum(-1)
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
-                d = torch.where(steepest[:, None], -g * free if D is None else -g / D * free, d)
+                d = torch.where(steepest[:, None], -g * free if solve is None else -solve(g * free) * free, d)
+            elif solve is not None and self.newton_start:
+                d = -solve(g * free) * free
             else:
-                # First step: the exact minimiser along -g (-D^-1 g with a preconditioner) of the local
+                # First step: the exact minimiser along -g (-P g with a preconditioner P) of the local
                 # quadratic model, a = -g'd / d'Hd with d'Hd from one Hessian-vector product (autograd); where
-                # that curvature is not positive, 1 / max|g| (with D: 1, the diagonal model's Newton step).
-                d = -g * free if D is None else -g / D * free
+                # that curvature is not positive, 1 / max|g| (with P: 1, the preconditioner's Newton step).
+                d = -g * free if solve is None else -solve(g * free) * free
                 curv = objective.curvature(x, d)
                 gd = -(g * d).sum(-1)
-                fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0) if D is None else torch.ones_like(curv)
+                fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0) if solve is None else torch.ones_like(curv)
                 alpha = torch.where(curv > 0, gd / torch.where(curv > 0, curv, torch.ones_like(curv)), fallback)
                 d = d * alpha[:, None]
                 evals[0] += 1
@@ -242,6 +258,8 @@ class ProjectedLBFGS:
             if len(S) > self.history:
                 S.pop(0), Y.pop(0), R.pop(0)
             small_change = (f - f_new).abs() <= self.ftol * (1 + f_new.abs())
+            if self.rtol:
+                small_change = small_change | ((f - f_new) <= self.rtol * (f_start - f_new))
             x, f, g = x_new, f_new, g_new
             pg = _projected_gradient(x, g, project).amax(-1)
             active = active & ~(pg <= self.gtol * pg0) & ~small_change
@@ -254,10 +272,25 @@ def _projected_gradient(x, g, project):
     return (x - project(x - g)).abs()
 
 
-def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> torch.Tensor:
+class _Diagonal:
+    """A diagonal preconditioner D [N, m] as a solve: q -> q / D."""
+
+    def __init__(self, D: torch.Tensor):
+        self.D = D
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        return q / self.D
+
+    def quadratic(self, y: torch.Tensor) -> torch.Tensor:
+        """y * y / D (y' D^-1 y before the sum)."""
+        return y * y / self.D
+
+
+def _two_loop(q: torch.Tensor, S, Y, R, solve: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+              ) -> torch.Tensor:
     """H q for the row-wise L-BFGS inverse Hessians given by the pairs (S, Y, R); rows are independent. The
-    initial inverse Hessian is gamma I, or gamma D^-1 with a diagonal preconditioner D [N, m] (gamma = s'y / y'y,
-    s'y / y'D^-1 y: Nocedal and Wright, 7.20, in the preconditioned metric)."""
+    initial inverse Hessian is gamma I, or gamma P with a preconditioner ``solve``: q -> P q [N, m] (gamma =
+    s'y / y'y, s'y / y'P y: Nocedal and Wright, 7.20, in the preconditioned metric)."""
     # q updated in place (addcmul_): rows are few and short, so allocations and dispatch, not arithmetic, are
     # the cost (about 25 % of a two-loop of 10 pairs)
     alphas = []
@@ -268,11 +301,11 @@ def _two_loop(q: torch.Tensor, S, Y, R, D: Optional[torch.Tensor] = None) -> tor
         alphas.append(a)
     if S:
         s, y, r = S[-1], Y[-1], R[-1]
-        yy = (y * y if D is None else y * y / D).sum(-1)
+        yy = (y * y if solve is None else solve.quadratic(y) if isinstance(solve, _Diagonal) else y * solve(y)).sum(-1)
         gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
-        q = q * gamma[:, None] if D is None else q / D * gamma[:, None]
-    elif D is not None:
-        q = q / D
+        q = (q if solve is None else solve(q)) * gamma[:, None]
+    elif solve is not None:
+        q = solve(q)
     for s, y, r, a in zip(S, Y, R, reversed(alphas)):
         b = r * torch.linalg.vecdot(y, q)
         q.addcmul_((a - b)[:, None], s)
