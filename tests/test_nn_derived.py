@@ -160,25 +160,31 @@ def test_the_preconditioner_is_the_diagonal_of_the_hessian_where_gauss_newton_is
     assert (D > 0).all() and torch.allclose(D, exact, rtol=1e-6)
 
 
-def test_preconditioned_lbfgs_gets_further_in_the_same_iterations():
-    """On a residual convolution of the CNN study's shape (8 channels, bias; co-states and all), whose biases'
-    curvature is far above its weights', 4 L-BFGS iterations scaled by the Gauss-Newton diagonal reach a larger
-    augmented Hamiltonian than 8 plain ones."""
-    from pmpsolve.update.maximisers import ProjectedLBFGS
-
+def _study_residual_objective(preconditioning: str):
+    """The augmented Hamiltonian of a residual convolution of the CNN study's shape (8 channels, bias; co-states and
+    all; small inputs, as after its pooled tanh layers: the biases' curvature far above the weights'), rho 0.03,
+    weight decay 1e-3."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh(),
                                 pmp.nn.Residual(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
                                                                     torch.nn.Tanh()), delta=0.5),
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3)).double()
     g = torch.Generator().manual_seed(1)
-    # small inputs (as after the study's pooled tanh layers): the biases' curvature far above the weights'
     x, y = 0.1 * torch.randn(32, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
     layers, records = recorded(model, x, y)
     group = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
              if isinstance(g.template, pmp.nn.Residual)][0]
-    fast = derived_objective(group, LayerHamiltonian(group, layer_data(group, records, group.parameters(), True),
-                                                     rho=0.03, weight_decay=1e-3), "diagonal")
+    data = layer_data(group, records, group.parameters(), True)
+    return group, derived_objective(group, LayerHamiltonian(group, data, rho=0.03, weight_decay=1e-3), preconditioning)
+
+
+def test_preconditioned_lbfgs_gets_further_in_the_same_iterations():
+    """On a residual convolution of the CNN study's shape (8 channels, bias; co-states and all), whose biases'
+    curvature is far above its weights', 4 L-BFGS iterations scaled by the Gauss-Newton diagonal reach a larger
+    augmented Hamiltonian than 8 plain ones."""
+    from pmpsolve.update.maximisers import ProjectedLBFGS
+
+    group, fast = _study_residual_objective("diagonal")
     D = fast.preconditioner(fast.data.controls)
     assert float(D[:, -8:].mean() / D[:, :-8].mean()) > 10  # measured 24
     start = fast.value_and_grad(fast.data.controls)[0]
@@ -242,23 +248,6 @@ def test_the_kronecker_preconditioner_inverts_its_documented_blocks(kind, bias):
             A[torch.tensor(index[o])[:, None], torch.tensor(index[o])[None, :]] = block
         expected = torch.linalg.solve(A, q[g])
         assert torch.allclose(solve(q)[g], expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
-
-
-def _study_residual_objective(preconditioning: str):
-    """The augmented Hamiltonian of a residual convolution of the CNN study's shape (8 channels, bias; small
-    inputs, as after its pooled tanh layers), rho 0.03, weight decay 1e-3."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Tanh(),
-                                pmp.nn.Residual(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
-                                                                    torch.nn.Tanh()), delta=0.5),
-                                torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3)).double()
-    g = torch.Generator().manual_seed(1)
-    x, y = 0.1 * torch.randn(32, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
-    layers, records = recorded(model, x, y)
-    group = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
-             if isinstance(g.template, pmp.nn.Residual)][0]
-    data = layer_data(group, records, group.parameters(), True)
-    return group, derived_objective(group, LayerHamiltonian(group, data, rho=0.03, weight_decay=1e-3), preconditioning)
 
 
 def test_kronecker_preconditioned_lbfgs_takes_nearly_all_of_the_increase_in_two_iterations():
