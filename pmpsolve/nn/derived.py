@@ -279,17 +279,18 @@ class DerivedHamiltonian(LayerHamiltonian):
                     s2_sums, a2_sums = s2.sum(1, dtype=f64), a2.sum(1, dtype=f64)
                     count = t.shape[1]
                 X = input_gram(self.data.inputs, self.affine, self.bias)  # [G, M, M]
-                counts = torch.full((G, 1), float(count), dtype=f64, device=u.device)
-                return torch.cat([X.flatten(1), s2_sums, a2_sums, counts], dim=1)
+                # the count, and c: in a process group each rank holds 1 / world of the weight decay and eps
+                scalars = torch.tensor([float(count), self.weight_decay + 2 * self.eps], dtype=f64, device=u.device)
+                return torch.cat([X.flatten(1), s2_sums, a2_sums, scalars.expand(G, 2)], dim=1)
 
         M = (self.data.controls.shape[1] - (O if self.bias else 0)) // O + int(self.bias)
-        fused = self._totalled(local, (G, M * M + 2 * O + 1), u.new_zeros((), dtype=f64))
+        fused = self._totalled(local, (G, M * M + 2 * O + 2), u.new_zeros((), dtype=f64))
         X = fused[:, :M * M].reshape(G, M, M)
-        sigma = fused[:, M * M:M * M + O] / fused[:, -1:]  # [G, O]
+        sigma = fused[:, M * M:M * M + O] / fused[:, -2:-1]  # [G, O]
         a_mean = fused[:, M * M + O:M * M + 2 * O]
         lam, U = torch.linalg.eigh(X)
         den = rho * delta * delta * (sigma[:, :, None] * lam.clamp_min(0)[:, None, :] + a_mean[:, :, None])
-        den = den + (self.weight_decay + 2 * self.eps)  # [G, O, M]
+        den = den + fused[:, -1:, None]  # + c, [G, O, M]
         # a floor: a direction that nothing in the batch curves keeps a finite step
         den = torch.maximum(den, torch.finfo(f64).eps * den.flatten(1).amax(-1)[:, None, None])
         n_w = O * (M - int(self.bias))
