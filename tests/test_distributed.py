@@ -58,9 +58,11 @@ NET_STEPS = 4
 NET_SPLIT = 40  # rank 0 holds points [0, 40), rank 1 [40, 96): an uneven split of one batch of 96
 NET_SCENARIOS = {
     "fixed rho": dict(rho=0.05, perturb=0.005),
-    # the adaptive rule: its residual layers on the Kronecker-factored preconditioner (totals over the ranks);
-    # closed_form=False as in a process group, where the Linear entries' closed form does not run
-    "adaptive rho": dict(weight_decay=1e-3, closed_form=False),
+    # the adaptive rule: its residual layers on the Kronecker-factored preconditioner, its Linear entries in
+    # closed form (both from sums totalled over the ranks), and with L-BFGS on every layer
+    "adaptive rho": dict(weight_decay=1e-3),
+    "adaptive rho, all L-BFGS": dict(weight_decay=1e-3, closed_form=False),
+    "fixed rho, weight decay (closed form)": dict(rho=0.05, weight_decay=1e-3, perturb=0.005),
     "sqh": dict(method="sqh", weight_decay=1e-3),
     # adam_lr: every parameter is free here, so the step is Adam on the all-reduced gradient
     "adam_lr": dict(rho=0.05, adam_lr=1e-2),

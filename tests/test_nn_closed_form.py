@@ -175,7 +175,7 @@ def test_the_sums_gradient_is_the_plain_hamiltonians_and_gives_its_gain(kind, bi
         _, autograd = plain.value_and_grad(u0 + 0.3)  # at another theta: the same (g is affine in theta)
         assert torch.allclose(sums.gradient, autograd, rtol=1e-12, atol=1e-12)
         for a, b in zip(sums, affine.quadratic_sums(g, other)):
-            assert a is None and b is None or torch.equal(a, b)
+            assert a is None and b is None or (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
         u = u0 + 0.1 * torch.randn(u0.shape, generator=torch.Generator().manual_seed(2), dtype=u0.dtype)
         decayed = LayerHamiltonian(g, objective.data, weight_decay=1e-3)
         assert torch.allclose(decayed.hamiltonian_gain(u, sums.gradient), decayed.hamiltonian_gain(u),
@@ -208,3 +208,63 @@ def test_a_closed_form_that_falls_back_later_gets_its_input_costates(monkeypatch
     assert set(opts[0].last_step["routes"].values()) == {"lbfgs"}
     for a, b in zip(lazy.parameters(), eager.parameters()):
         assert torch.equal(a, b)
+
+
+class _TwoRanks:
+    """A stand-in for a process group of two in one process: ``totals`` adds what the other rank's objective
+    passed (``partner``'s last buffer); rank 1's ``totals`` returns its own parts and keeps them."""
+
+    world_size = 2
+
+    def __init__(self, partner=None):
+        self.partner, self.last = partner, None
+
+    def guard(self):
+        from pmpsolve.sweep.reduce import ErrorGuard
+        return ErrorGuard(False)
+
+    def totals(self, *parts, error=None):
+        if error is not None:
+            raise error
+        self.last = parts
+        if self.partner is None:
+            return parts
+        return tuple(a + b for a, b in zip(parts, self.partner.last))
+
+
+@pytest.mark.parametrize("kind", ["linear", "wide", "conv", "conv-lags"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sums_totalled_over_two_ranks_are_the_whole_batchs_and_give_its_step(kind, bias, monkeypatch):
+    """The batch split in two shards, each an objective holding half the weight decay (as every rank of a
+    process group does): the totalled sums equal the whole batch's in one process (for "wide" the Gram matrix of
+    its samples, where one process keeps the samples), and the closed-form step from them is the whole batch's."""
+    if kind == "conv-lags":
+        monkeypatch.setattr(affine, "MAX_PATCHES", 0)
+        kind = "conv"
+    rho, wd = 0.05, 1e-3
+    for g, whole in _objectives(kind, bias, torch.float64, rho, wd):
+        d = whole.data
+        k = d.inputs.shape[1] // 3  # uneven shards
+        shards = [d._replace(inputs=d.inputs[:, s], outputs=d.outputs[:, s], costates=d.costates[:, s],
+                             input_costates=d.input_costates[:, s]) for s in (slice(k, None), slice(0, k))]
+        second = _TwoRanks()
+        first = _TwoRanks(partner=second)
+        affine.quadratic_sums(g, LayerHamiltonian(g, shards[0], rho=rho, weight_decay=wd / 2, reduce=second))
+        sharded = LayerHamiltonian(g, shards[1], rho=rho, weight_decay=wd / 2, reduce=first)
+        totals = affine.quadratic_sums(g, sharded)
+        expected = affine.quadratic_sums(g, whole)
+        inputs = expected.inputs
+        if kind == "wide":  # one process keeps X itself [G, N, K]
+            assert inputs.shape[1] < inputs.shape[2]
+            inputs = inputs.transpose(1, 2) @ inputs
+        assert totals.count == expected.count
+        pairs = [(totals.gradient, expected.gradient), (totals.inputs, inputs), (totals.costates, expected.costates)]
+        if bias and kind != "conv":
+            pairs.append((totals.extra, expected.extra))
+        for a, b in pairs:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14 * float(b.abs().max()))
+        step = affine._linear_step if kind != "conv" else affine._conv_step
+        d_sharded = step(g, sharded, bias, totals)
+        d_whole = step(g, whole, bias, expected)
+        assert float(d_whole.abs().max()) > 1e-3
+        assert torch.allclose(d_sharded, d_whole, rtol=1e-8, atol=1e-10 * float(d_whole.abs().max()))

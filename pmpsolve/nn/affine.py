@@ -31,11 +31,12 @@ Singular directions (c = 0 and rank-deficient batch data, e.g. the softmax co-st
 classes) carry no gradient; the step is the minimum-norm maximiser there (a pseudo-inverse), which is
 where L-BFGS started from theta^k also converges. Every solution is checked by two exact evaluations
 of the objective (its increase against the quadratic's prediction: ``check``); a layer failing it, a box
-the unconstrained maximiser leaves, an L1 / L0 penalty, a process group or a Linear without weight
+the unconstrained maximiser leaves, an L1 / L0 penalty or a Linear without weight
 decay (see ``supported``): ``None``, and the caller falls back to the iterative maximisers.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -72,7 +73,7 @@ def supported(group: LayerGroup, objective: LayerHamiltonian) -> bool:
     layer = group.template
     if type(layer) not in (torch.nn.Linear, torch.nn.Conv2d) or _variables(group) is None:
         return False
-    if objective.penalty is not None or objective._reduce is not None or not group.batched:
+    if objective.penalty is not None or not group.batched:
         return False
     if not objective.data.inputs.is_floating_point():
         return False
@@ -84,6 +85,17 @@ def supported(group: LayerGroup, objective: LayerHamiltonian) -> bool:
     # classifier of the CNN study: 392 features, 128 samples), the exact maximiser's steps there are ones
     # L-BFGS's few iterations never take, and training with a fixed rho became erratic (docs/theory.md)
     return objective.weight_decay + 2 * objective.eps > 0 and max(layer.in_features, layer.out_features) <= MAX_SIDE
+
+
+def _world(objective: LayerHamiltonian) -> int:
+    """How many ranks share the objective's weight decay and eps (each rank's objective holds 1 / world of them)."""
+    return 1 if objective._reduce is None else objective._reduce.world_size
+
+
+def _regularisation(objective: LayerHamiltonian) -> Tuple[float, float]:
+    """(weight decay, c = weight decay + 2 eps) of the whole objective (over the ranks of a process group)."""
+    world = _world(objective)
+    return objective.weight_decay * world, (objective.weight_decay + 2 * objective.eps) * world
 
 
 def _cutoff(eigenvalues: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,19 +114,21 @@ def _linear_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> 
     parts = [(p.transpose(1, 2) @ x).to(f64).reshape(G, -1)]  # J' p for the weight [G, O K]
     if bias:
         parts.append(p.sum(1).to(f64))  # [G, O]
-    inputs = x.to(f64) if K > x.shape[1] else (x.transpose(1, 2) @ x).to(f64)  # X [G, N, K], or S = X'X [G, K, K]
+    # X [G, N, K] itself when there are fewer samples than features (one process), else S = X'X [G, K, K]
+    wide = K > x.shape[1] and objective._reduce is None
+    inputs = x.to(f64) if wide else (x.transpose(1, 2) @ x).to(f64)
     costates = (p.transpose(1, 2) @ p).to(f64)  # P'P [G, O, O]
     extra = x.sum(1).to(f64) if bias else None  # m = sum_s x_s [G, K]
-    return QuadraticSums(torch.cat(parts, dim=1), inputs, costates, extra)
+    return QuadraticSums(torch.cat(parts, dim=1), inputs, costates, extra, float(x.shape[1]))
 
 
 def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sums: "QuadraticSums") -> torch.Tensor:
     """The maximising step d [G, m] of Linear rows: the Sylvester equation of the module docstring."""
     layer, data = group.template, objective.data
-    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
+    rho, (wd, c) = objective.rho, _regularisation(objective)
     G = data.controls.shape[0]
     O, K = layer.out_features, layer.in_features
-    N = data.inputs[0].numel() // K
+    N = sums.count
     u0 = data.controls
     W0 = u0[:, :O * K].reshape(G, O, K)
     f64 = torch.float64
@@ -128,14 +142,14 @@ def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sum
     else:
         rhs = gW
     b, Vb = torch.linalg.eigh(rho * sums.costates)  # B = rho P'P: [G, O], [G, O, O]
-    if K > N:
+    if sums.inputs.shape[1] != K:  # X [G, N, K] with N < K
         # A = Z'Z + c I with Z = C^(1/2) X [N, K], C = rho (I - rho/D 1 1'): its N non-trivial eigenpairs from
         # the N x N matrix Z Z' (fewer samples than features), eigenvalue c on the rest
         X64 = sums.inputs
         shrink = 1 - (c / D) ** 0.5 if bias else 0.0
         Z = rho ** 0.5 * (X64 - shrink * X64.mean(1, keepdim=True))
         lam, Qn = torch.linalg.eigh(Z @ Z.transpose(1, 2))  # [G, N]
-        keep = lam > _cutoff(lam, max(K, N), data.inputs.dtype)
+        keep = lam > _cutoff(lam, max(K, X64.shape[1]), data.inputs.dtype)
         U = (Z.transpose(1, 2) @ Qn) / torch.where(keep, lam, torch.ones_like(lam)).sqrt()[:, None, :]
         U = U * keep[:, None, :]  # [G, K, N], orthonormal columns (zero where dropped)
         a = lam + c
@@ -339,13 +353,13 @@ def _conv_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "Q
     # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
     PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
     PP = PP.reshape(G, O, J, O, J).flip(2, 4)  # [(o, j), (o', j')]
-    return QuadraticSums(torch.cat(parts, dim=1), S, PP, None)
+    return QuadraticSums(torch.cat(parts, dim=1), S, PP, None, float(x.shape[1] * p.shape[3] * p.shape[4]))
 
 
 def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sums: "QuadraticSums") -> torch.Tensor:
     """The maximising step d [G, m] of Conv2d rows: the dense system of the module docstring."""
     conv, data = group.template, objective.data
-    rho, wd, c = objective.rho, objective.weight_decay, objective.weight_decay + 2 * objective.eps
+    rho, (wd, c) = objective.rho, _regularisation(objective)
     u0 = data.controls
     G = u0.shape[0]
     O, C = conv.out_channels, conv.in_channels
@@ -390,13 +404,16 @@ class QuadraticSums(NamedTuple):
     inputs: Conv2d X X' [G, M, M] (the bias's row included); Linear S = X'X [G, K, K], or X [G, N, K] itself
     when there are fewer samples N than features K;
     costates: Conv2d Pt Pt' [G, O, J, O, J] (kernel offsets flipped); Linear P'P [G, O, O];
-    extra: Linear with a bias m = sum_s x_s [G, K]; else None.
+    extra: Linear with a bias m = sum_s x_s [G, K]; else None;
+    count: the number of terms of the sums (samples, times positions for a Conv2d).
+    In a process group every sum is the total over the ranks (S, not X, for a Linear).
     """
 
     gradient: torch.Tensor
     inputs: torch.Tensor
     costates: torch.Tensor
     extra: Optional[torch.Tensor]
+    count: float
 
 
 def quadratic_sums(group: LayerGroup, objective: LayerHamiltonian) -> Optional[QuadraticSums]:
@@ -404,10 +421,40 @@ def quadratic_sums(group: LayerGroup, objective: LayerHamiltonian) -> Optional[Q
     rho and eps, not these), or None where the closed form does not apply (``supported``)."""
     if not supported(group, objective):
         return None
+    bias = _variables(group)
+    make = _linear_sums if isinstance(group.template, torch.nn.Linear) else _conv_sums
     with torch.no_grad():
-        if isinstance(group.template, torch.nn.Linear):
-            return _linear_sums(group, objective, _variables(group))
-        return _conv_sums(group, objective, _variables(group))
+        if objective._reduce is None:
+            return make(group, objective, bias)
+        return _totalled_sums(group, objective, lambda: make(group, objective, bias))
+
+
+def _totalled_sums(group: LayerGroup, objective: LayerHamiltonian, local) -> QuadraticSums:
+    """``local()``'s sums (this rank's samples) made totals over the ranks, in one fused all-reduce."""
+    layer = group.template
+    G = objective.data.controls.shape[0]
+    bias = _variables(group)
+    if isinstance(layer, torch.nn.Linear):
+        O, K = layer.out_features, layer.in_features
+        shapes = [(O * K + O * bias,), (K, K), (O, O)] + ([(K,)] if bias else [])
+    else:
+        O, C = layer.out_channels, layer.in_channels
+        J = layer.kernel_size[0] * layer.kernel_size[1]
+        M = C * J + int(bias)
+        shapes = [(O * M,), (M, M), (O, J, O, J)]
+    sizes = [math.prod(shape) for shape in shapes]
+
+    def flat():
+        sums = local()
+        parts = [sums.gradient, sums.inputs, sums.costates] + ([sums.extra] if sums.extra is not None else [])
+        count = sums.gradient.new_full((G, 1), sums.count)
+        return torch.cat([t.reshape(G, -1) for t in parts] + [count], dim=1)
+
+    like = objective.data.controls.new_zeros((), dtype=torch.float64)
+    fused = objective._totalled(flat, (G, sum(sizes) + 1), like)
+    parts = [t.reshape(G, *shape) for t, shape in zip(fused[:, :-1].split(sizes, dim=1), shapes)]
+    extra = parts[3] if len(parts) > 3 else None
+    return QuadraticSums(parts[0], parts[1], parts[2], extra, float(fused[0, -1]))
 
 
 def affine_maximise(group: LayerGroup, objective: LayerHamiltonian, check: bool = True,
@@ -452,9 +499,17 @@ def _predicted_gain(group: LayerGroup, objective: LayerHamiltonian, d: torch.Ten
     """G . d / 2 [G]: the quadratic's gain at its maximiser (Q d = G), with G = J'p - wd theta^k."""
     data, layer = objective.data, group.template
     G = d.shape[0]
-    wd = objective.weight_decay
+    wd, _ = _regularisation(objective)
     u0 = data.controls
-    # J'p . d = p . (J d): the plain Hamiltonian's change, one forward pass of the layer at the step
+    linear = objective._totalled(lambda: _plain_change(group, objective, d), (G,), u0)
+    return 0.5 * (linear - wd * (u0 * d).sum(1))
+
+
+def _plain_change(group: LayerGroup, objective: LayerHamiltonian, d: torch.Tensor) -> torch.Tensor:
+    """J'p . d = p . (J d) [G] over this process's samples: the plain Hamiltonian's change, one forward pass of
+    the layer at the step."""
+    data, layer = objective.data, group.template
+    G = d.shape[0]
     if isinstance(layer, torch.nn.Linear):
         O, K = layer.out_features, layer.in_features
         Wd = d[:, :O * K].reshape(G, O, K)
@@ -470,4 +525,4 @@ def _predicted_gain(group: LayerGroup, objective: LayerHamiltonian, d: torch.Ten
         if d.shape[1] > n_w:
             out = out + d[:, None, n_w:, None, None]
         linear = (data.costates * out).sum(tuple(range(1, out.ndim)))
-    return 0.5 * (linear - wd * (u0 * d).sum(1))
+    return linear

@@ -192,17 +192,22 @@ class LayerHamiltonian:
         its parameters (a Linear or convolution whose rows hold all of them) passes the step u - theta^k
         itself, g(x, u) - g(x, theta^k) = g(x, u - theta^k), with no difference of two nearly equal sums.
         ``plain_gradient``: for a layer affine in its rows, J'p [G, m], the gradient of p . g in theta (the
-        same at every theta: ``affine.QuadraticSums.gradient``); the gain is then J'p . (u - theta^k), no pass.
+        same at every theta: ``affine.QuadraticSums.gradient``, a total over the ranks in a process group); the
+        gain is then J'p . (u - theta^k), no pass.
         """
         d = self.data
         theta_k = d.controls
         linear = _linear_in_parameters(self.group)
         step = u - theta_k
+        plain_change = None
+        if plain_gradient is not None:
+            plain_change = (plain_gradient * step.to(plain_gradient.dtype)).sum(1).to(u.dtype)
 
         def local():
             with torch.no_grad():
-                if plain_gradient is not None:
-                    change = (plain_gradient * step.to(plain_gradient.dtype)).sum(1).to(u.dtype)
+                if plain_change is not None:
+                    # one process: the whole change here; a process group: a total already, added after
+                    change = plain_change if self._reduce is None else torch.zeros_like(plain_change)
                 else:
                     rows = step if linear else u
                     if rows.shape[0] > 1:
@@ -217,6 +222,8 @@ class LayerHamiltonian:
                 return change
 
         change = self._totalled(local, u.shape[:-1], u)
+        if plain_change is not None and self._reduce is not None:
+            change = change + plain_change
         if self.penalty is not None:
             change = change - (self.penalty.value(u) - self.penalty.value(theta_k))
         return change

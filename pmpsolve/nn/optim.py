@@ -267,9 +267,9 @@ class Optimizer(torch.optim.Optimizer):
             ``weight_decay`` as Adam's L2 term; no second closure call.
         closed_form: True (default): a ``Linear`` or ``Conv2d`` entry (stride 1), whose augmented
             Hamiltonian is an exact concave quadratic in its parameters, is maximised by solving that
-            quadratic (``affine.affine_maximise``; unbounded or inside its box, no L1 / L0 penalty, one
-            process, a Linear only with ``weight_decay`` > 0); False: by L-BFGS like every other layer
-            (``maximiser_iter`` iterations).
+            quadratic (``affine.affine_maximise``; unbounded or inside its box, no L1 / L0 penalty, a Linear
+            only with ``weight_decay`` > 0; in a process group from batch sums totalled over the ranks);
+            False: by L-BFGS like every other layer (``maximiser_iter`` iterations).
 
     Example: the gradient rule, which is gradient descent on the loss (paper Prop. 2).
         >>> import torch, pmpsolve as pmp
