@@ -60,6 +60,32 @@ def test_the_gradient_is_autograds(kind, bias):
             assert torch.allclose(grad_fast, grad, rtol=1e-10, atol=1e-12 * grad.abs().max())
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_trial_values_are_the_values_and_the_gradient_after_them_a_fresh_objectives(kind):
+    """``trial_values`` (L-BFGS's line-search steps) at points in any order, theta^k among them: the values of
+    ``value_and_grad`` to the bit, and a gradient asked for after them (reusing the last trial's terms when at
+    its point) the gradient of a fresh objective, for the residual group and the affine entries."""
+    model = _network(kind, True)
+    layers, records = recorded(model, *_data(kind))
+    for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}):
+        u0 = g.parameters()
+
+        def build():
+            data = layer_data(g, records, u0, True)
+            return derived_objective(g, LayerHamiltonian(g, data, rho=0.7, eps=0.3, weight_decay=0.01))
+
+        gen = torch.Generator().manual_seed(5)
+        u1, u2 = (u0 + 0.3 * torch.randn(u0.shape, generator=gen, dtype=u0.dtype) for _ in range(2))
+        lazy = build()
+        for u, want_gradient in ((u1, False), (u2, True), (u1, True), (u0, False), (u2, False), (u0, True)):
+            values = lazy.trial_values(u)
+            value_fresh, grad_fresh = build().value_and_grad(u)
+            assert torch.equal(values, value_fresh)
+            if want_gradient:
+                value, grad = lazy.value_and_grad(u)
+                assert torch.equal(value, value_fresh) and torch.equal(grad, grad_fresh)
+
+
 def test_other_residual_layers_keep_autograd():
     """Another activation, a strided convolution or rho = 0: no hand-derived gradient (None), the autograd
     objective is used; in a process group the derived objective keeps the group's reduction."""

@@ -361,7 +361,10 @@ class DerivedHamiltonian(LayerHamiltonian):
                 t = self._tanh(u, x, W, b)
                 s2 = (1 - t * t) ** 2
                 a2 = s2 * p * p
-                weights = self._weight_grad(x * x, s2, W) + self._weight_grad(torch.ones_like(x), a2, W)
+                # the co-state part a2 . 1: its input is constant, so the batch is summed first
+                ones = torch.ones_like(x[:1] if self._conv else x[:, :1])
+                a2_sum = a2.sum(0, keepdim=True) if self._conv else a2.sum(1, keepdim=True)
+                weights = self._weight_grad(x * x, s2, W) + self._weight_grad(ones, a2_sum, W)
                 parts = [(rho * delta * delta) * weights]
                 if self.bias:
                     parts.append((rho * delta * delta) * self._bias_grad(s2))
