@@ -86,6 +86,33 @@ def test_trial_values_are_the_values_and_the_gradient_after_them_a_fresh_objecti
                 assert torch.equal(value, value_fresh) and torch.equal(grad, grad_fresh)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_curvature_at_the_start_is_the_second_derivative_by_autograd(kind, bias):
+    """d' (-Hessian) d of the residual group at theta^k (L-BFGS's first step length), formed from three maps of the
+    step, against autograd's second derivative of the autograd objective along d (float64, weight decay and the SQH
+    term on); away from theta^k the difference quotient, as before."""
+    model = _network(kind, bias)
+    layers, records = recorded(model, *_data(kind))
+    g = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
+         if isinstance(g.template, pmp.nn.Residual)][0]
+    u0 = g.parameters()
+    objective = LayerHamiltonian(g, layer_data(g, records, u0, True), rho=0.7, eps=0.3, weight_decay=0.01)
+    fast = derived_objective(g, objective)
+    d = torch.randn(u0.shape, generator=torch.Generator().manual_seed(6), dtype=u0.dtype)
+    alpha = torch.zeros(u0.shape[0], 1, dtype=u0.dtype, requires_grad=True)
+    with torch.enable_grad():
+        (slope,) = torch.autograd.grad(objective.smooth(u0 + alpha * d).sum(), alpha, create_graph=True)
+        (second,) = torch.autograd.grad(slope.sum(), alpha)
+    exact = -second[:, 0]
+    assert (exact > 0).all()
+    assert torch.allclose(fast.curvature(u0, d), exact, rtol=1e-10, atol=0)
+    quotient = LayerHamiltonian.curvature(fast, u0, d)  # the difference quotient: near, not equal
+    assert torch.allclose(quotient, exact, rtol=1e-2) and not torch.allclose(quotient, exact, rtol=1e-10)
+    away = u0 + 0.1 * d
+    assert torch.equal(fast.curvature(away, d), LayerHamiltonian.curvature(fast, away, d))
+
+
 def test_other_residual_layers_keep_autograd():
     """Another activation, a strided convolution or rho = 0: no hand-derived gradient (None), the autograd
     objective is used; in a process group the derived objective keeps the group's reduction."""
