@@ -164,8 +164,11 @@ def test_input_costates_by_hand_are_the_vjps(kind, bias):
 def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch):
     """A whole pmp.nn.EMSA step (10 L-BFGS iterations on the residual layers, and on the classifier without
     weight decay; fixed and adaptive rho): the same parameters as with autograd's gradient, to the rounding
-    of the two gradients (both L-BFGS runs unpreconditioned: the preconditioner is the derived objective's)."""
+    of the two gradients (both L-BFGS runs unpreconditioned: the preconditioner is the derived objective's; both
+    first step lengths from the difference quotient: the exact curvature at theta^k is the derived objective's too,
+    tested against autograd below)."""
     monkeypatch.setattr(DerivedHamiltonian, "precondition", False)
+    monkeypatch.setattr(DerivedHamiltonian, "curvature", LayerHamiltonian.curvature)
     kind = "conv"
     x, y = _data(kind)
     fast, slow, start = _network(kind, True), _network(kind, True), _network(kind, True)
