@@ -326,3 +326,43 @@ def test_lbfgs_relative_stop_ends_a_row_when_its_steps_add_little():
 def test_relative_stop_must_be_a_fraction():
     with pytest.raises(ValueError, match="rtol"):
         ProjectedLBFGS(rtol=1.0)
+
+
+class _Quartic(Quadratic):
+    """A Quadratic minus quartic * sum u^4: steep far from the start, so that L-BFGS's line search backtracks."""
+
+    quartic = 4.0
+
+    def smooth(self, u):
+        return super().smooth(u) - self.quartic * (u ** 4).sum(-1)
+
+
+@pytest.mark.parametrize("controls", [pmp.Reals(6), pmp.Box(-1.0, 1.0, shape=(6,))], ids=["reals", "box"])
+def test_lbfgs_tries_its_line_search_steps_on_trial_values_and_takes_the_same_steps(controls):
+    """An objective with ``trial_values`` (values alone, cheaper than the gradient): the line search tries its
+    steps on them and asks for the gradient at the accepted step only. Same iterates to the bit, same count of
+    evaluations; gradients only at the start and at the accepted steps."""
+    base, _ = _coupled(coupling=0.4)
+    q = _Quartic(3 * base.g, base.M, base.data.controls, coupling=base.coupling)
+    calls = {"grad": 0, "trial": 0}
+    original = q.value_and_grad
+
+    def counted(u):
+        calls["grad"] += 1
+        return original(u)
+
+    q.value_and_grad = counted
+    plain = ProjectedLBFGS(max_iter=15).maximise(q, controls)
+    without = calls["grad"]
+
+    def trial_values(u):
+        calls["trial"] += 1
+        return q.smooth(u).detach()
+
+    q.trial_values = trial_values
+    calls["grad"] = 0
+    lazy = ProjectedLBFGS(max_iter=15).maximise(q, controls)
+    assert torch.equal(lazy.controls, plain.controls) and torch.equal(lazy.value, plain.value)
+    assert (lazy.iterations, lazy.evaluations) == (plain.iterations, plain.evaluations)
+    assert calls["trial"] + 1 == without  # every evaluation but the start's was a line-search step
+    assert calls["grad"] == 1 + lazy.iterations < without  # the start, then one gradient per accepted step

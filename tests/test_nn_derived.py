@@ -60,6 +60,59 @@ def test_the_gradient_is_autograds(kind, bias):
             assert torch.allclose(grad_fast, grad, rtol=1e-10, atol=1e-12 * grad.abs().max())
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_trial_values_are_the_values_and_the_gradient_after_them_a_fresh_objectives(kind):
+    """``trial_values`` (L-BFGS's line-search steps) at points in any order, theta^k among them: the values of
+    ``value_and_grad`` to the bit, and a gradient asked for after them (reusing the last trial's terms when at
+    its point) the gradient of a fresh objective, for the residual group and the affine entries."""
+    model = _network(kind, True)
+    layers, records = recorded(model, *_data(kind))
+    for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {}):
+        u0 = g.parameters()
+
+        def build():
+            data = layer_data(g, records, u0, True)
+            return derived_objective(g, LayerHamiltonian(g, data, rho=0.7, eps=0.3, weight_decay=0.01))
+
+        gen = torch.Generator().manual_seed(5)
+        u1, u2 = (u0 + 0.3 * torch.randn(u0.shape, generator=gen, dtype=u0.dtype) for _ in range(2))
+        lazy = build()
+        for u, want_gradient in ((u1, False), (u2, True), (u1, True), (u0, False), (u2, False), (u0, True)):
+            values = lazy.trial_values(u)
+            value_fresh, grad_fresh = build().value_and_grad(u)
+            assert torch.equal(values, value_fresh)
+            if want_gradient:
+                value, grad = lazy.value_and_grad(u)
+                assert torch.equal(value, value_fresh) and torch.equal(grad, grad_fresh)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_curvature_at_the_start_is_the_second_derivative_by_autograd(kind, bias):
+    """d' (-Hessian) d of the residual group at theta^k (L-BFGS's first step length), formed from three maps of the
+    step, against autograd's second derivative of the autograd objective along d (float64, weight decay and the SQH
+    term on); away from theta^k the difference quotient, as before."""
+    model = _network(kind, bias)
+    layers, records = recorded(model, *_data(kind))
+    g = [g for g in group_layers(layers, {n: r.inputs for n, r in records.items()}, {}, {})
+         if isinstance(g.template, pmp.nn.Residual)][0]
+    u0 = g.parameters()
+    objective = LayerHamiltonian(g, layer_data(g, records, u0, True), rho=0.7, eps=0.3, weight_decay=0.01)
+    fast = derived_objective(g, objective)
+    d = torch.randn(u0.shape, generator=torch.Generator().manual_seed(6), dtype=u0.dtype)
+    alpha = torch.zeros(u0.shape[0], 1, dtype=u0.dtype, requires_grad=True)
+    with torch.enable_grad():
+        (slope,) = torch.autograd.grad(objective.smooth(u0 + alpha * d).sum(), alpha, create_graph=True)
+        (second,) = torch.autograd.grad(slope.sum(), alpha)
+    exact = -second[:, 0]
+    assert (exact > 0).all()
+    assert torch.allclose(fast.curvature(u0, d), exact, rtol=1e-10, atol=0)
+    quotient = LayerHamiltonian.curvature(fast, u0, d)  # the difference quotient: near, not equal
+    assert torch.allclose(quotient, exact, rtol=1e-2) and not torch.allclose(quotient, exact, rtol=1e-10)
+    away = u0 + 0.1 * d
+    assert torch.equal(fast.curvature(away, d), LayerHamiltonian.curvature(fast, away, d))
+
+
 def test_other_residual_layers_keep_autograd():
     """Another activation, a strided convolution or rho = 0: no hand-derived gradient (None), the autograd
     objective is used; in a process group the derived objective keeps the group's reduction."""
@@ -111,8 +164,11 @@ def test_input_costates_by_hand_are_the_vjps(kind, bias):
 def test_an_emsa_step_equals_the_step_on_autograds_gradient(rho, wd, monkeypatch):
     """A whole pmp.nn.EMSA step (10 L-BFGS iterations on the residual layers, and on the classifier without
     weight decay; fixed and adaptive rho): the same parameters as with autograd's gradient, to the rounding
-    of the two gradients (both L-BFGS runs unpreconditioned: the preconditioner is the derived objective's)."""
+    of the two gradients (both L-BFGS runs unpreconditioned: the preconditioner is the derived objective's; both
+    first step lengths from the difference quotient: the exact curvature at theta^k is the derived objective's too,
+    tested against autograd below)."""
     monkeypatch.setattr(DerivedHamiltonian, "precondition", False)
+    monkeypatch.setattr(DerivedHamiltonian, "curvature", LayerHamiltonian.curvature)
     kind = "conv"
     x, y = _data(kind)
     fast, slow, start = _network(kind, True), _network(kind, True), _network(kind, True)

@@ -175,10 +175,13 @@ def _linear_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sum
 
 
 def _patches(t: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
-    """im2col of t [G, B, C, H, W] -> [G, B, C kh kw, L] (L positions of the kernel)."""
-    G, B = t.shape[:2]
-    cols = F.unfold(t.reshape(G * B, *t.shape[2:]), kernel, padding=padding)  # [G B, C kh kw, L]
-    return cols.reshape(G, B, cols.shape[1], cols.shape[2])
+    """im2col of t [G, B, C, H, W] -> [G, B, C kh kw, L] (L positions of the kernel): the patches as a view of the
+    padded images, copied once (F.unfold's numbers, 5x faster: it loops over the images)."""
+    G, B, C = t.shape[:3]
+    (kh, kw), (ph, pw) = kernel, padding
+    padded = F.pad(t, (pw, pw, ph, ph)) if ph or pw else t
+    view = padded.unfold(3, kh, 1).unfold(4, kw, 1)  # [G, B, C, L_h, L_w, kh, kw]
+    return view.permute(0, 1, 2, 5, 6, 3, 4).reshape(G, B, C * kh * kw, -1)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -348,7 +351,7 @@ def _conv_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "Q
         S = _gram(X, X).to(f64)  # [G, C J, C J]
     parts = [grad.reshape(G, -1)]
     if bias:
-        parts.append(p.sum((1, 3, 4), dtype=f64))
+        parts.append(p.sum((3, 4)).sum(1, dtype=f64))  # per image in float32, then over the batch in float64
         S = _with_bias_row(S, x, conv.kernel_size, conv.padding)
     # the transposed convolution's patches of p, at the input's positions, kernel offsets flipped
     PP = _patch_gram(p, conv.kernel_size, (kh - 1 - conv.padding[0], kw - 1 - conv.padding[1]))
@@ -382,7 +385,10 @@ def _conv_step(group: LayerGroup, objective: LayerHamiltonian, bias: bool, sums:
     rhs = (grad - wd * theta.to(f64)).reshape(G, O * M, 1)
     L, info = torch.linalg.cholesky_ex(Q)
     if bool((info == 0).all()):
-        step = torch.cholesky_solve(rhs, L)[..., 0]
+        # two triangular solves: the numbers of cholesky_solve in a seventh of its time (584 x 584: 0.05 ms
+        # against 0.35 ms)
+        step = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False),
+                                             upper=True)[..., 0]
     else:  # singular: the minimum-norm maximiser
         lam, V = torch.linalg.eigh(Q)
         cut = _cutoff(lam, O * M, data.inputs.dtype)

@@ -123,9 +123,10 @@ class DerivedHamiltonian(LayerHamiltonian):
         self.preconditioner = ((self._kronecker_blocks if preconditioning == "kronecker" else self._gauss_newton_diagonal)
                                if self.residual and self.precondition else None)
         # At theta^k the feasibility residuals e and r vanish by construction (x_{n+1} = g(x_n, theta^k),
-        # p_n = grad_x H(theta^k)), up to the rounding of recomputing them: with the Kronecker preconditioner
-        # the first evaluation skips them (a forward map, an adjoint and a weight gradient fewer)
-        self._plain_start = self.residual and preconditioning == "kronecker"
+        # p_n = grad_x H(theta^k)), up to the rounding of recomputing them: the first evaluation skips them
+        # (an adjoint, a forward map and a weight gradient fewer)
+        self._plain_start = self.residual
+        self._parts = None  # (u, the terms of the values at u that its gradient reuses): ``trial_values``
 
     def _input_costates(self) -> torch.Tensor:
         """p_n = grad_x H(x_n, p_{n+1}, theta^k) in the grouped layout: p + delta A_W' (s * p) (A_W' p for an
@@ -196,9 +197,18 @@ class DerivedHamiltonian(LayerHamiltonian):
         self._last = (u.clone(), values, grads)
         return values, grads
 
-    def _local_value_and_grad(self, u: torch.Tensor) -> torch.Tensor:
-        """[G, 1 + m]: this process's values and gradients (its samples; weight decay and eps are divided
-        among the ranks by the caller)."""
+    def trial_values(self, u: torch.Tensor) -> torch.Tensor:
+        """The values of ``value_and_grad`` at u [G] without the gradient (an adjoint map and two weight gradients
+        fewer): L-BFGS's line search tries its steps with them, and ``value_and_grad`` at the accepted step reuses
+        what they computed."""
+        u = u.detach()
+        return self._totalled(lambda: self._regularised_values(u, self._local_terms(u)[0]), u.shape[:-1], u)
+
+    def _local_terms(self, u: torch.Tensor) -> tuple:
+        """(this process's values at u [G] before the weight decay and SQH terms, the terms the gradient reuses),
+        kept for the last u."""
+        if self._parts is not None and torch.equal(self._parts[0], u):
+            return self._parts[1]
         rho, delta = self.rho, self.delta
         with torch.no_grad():
             W, b = self._weights(u)
@@ -206,41 +216,97 @@ class DerivedHamiltonian(LayerHamiltonian):
             if self._plain_start and torch.equal(u, self.data.controls):  # e = r = 0: the plain Hamiltonian's
                 t = self._t_k
                 values = self._row_sums(p * t).mul_(delta).add_(self._xp)
-                dz = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1).mul_(p).mul_(delta)
-                grads = [self._weight_grad(x, dz, W)] + ([self._bias_grad(dz)] if self.bias else [])
-                return self._regularised(u, values, torch.cat(grads, dim=1))
-            if self.residual:  # fused and in place where possible: L-BFGS evaluates this about 15 times a step
+                terms = (values, W, t)
+            elif self.residual:  # fused and in place where possible: L-BFGS evaluates this about 15 times a step
                 t = self._tanh(u, x, W, b)
                 s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)  # 1 - t^2
                 a = s * p
                 e = torch.add(self._y_x, t, alpha=-delta)
                 r = torch.add(self._p_in_p, self._adjoint(a, W), alpha=-delta)
-                terms = (e * e).addcmul_(r, r).mul_(-0.5 * rho).addcmul_(p, t, value=delta)
-                values = self._row_sums(terms) + self._xp
-                tvp = self._forward(r, W).mul_(t).mul_(p)
-                dz = torch.add(p, e, alpha=rho).add_(tvp, alpha=-2 * rho).mul_(s).mul_(delta)
+                squares = (e * e).addcmul_(r, r).mul_(-0.5 * rho).addcmul_(p, t, value=delta)
+                values = self._row_sums(squares) + self._xp
+                terms = (values, W, t, s, a, e, r)
             else:
                 z = self._forward(x, W, b)
-                a = p
                 e = y - z
                 r = p_in - self._adjoint(p, W)
                 values = self._row_sums(p * z - 0.5 * rho * (e * e)) - 0.5 * rho * self._row_sums(r * r)
+                terms = (values, W, e, r)
+        self._parts = (u.clone(), terms)
+        return terms
+
+    def _local_value_and_grad(self, u: torch.Tensor) -> torch.Tensor:
+        """[G, 1 + m]: this process's values and gradients (its samples; weight decay and eps are divided
+        among the ranks by the caller)."""
+        rho, delta = self.rho, self.delta
+        terms = self._local_terms(u)
+        values, W = terms[:2]
+        x, p = self._x, self._p
+        with torch.no_grad():
+            if len(terms) == 3:  # the plain Hamiltonian's at theta^k
+                t = terms[2]
+                dz = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1).mul_(p).mul_(delta)
+                grads = [self._weight_grad(x, dz, W)] + ([self._bias_grad(dz)] if self.bias else [])
+                return self._regularised(u, values, torch.cat(grads, dim=1))
+            if self.residual:
+                t, s, a, e, r = terms[2:]
+                tvp = self._forward(r, W).mul_(t).mul_(p)
+                dz = torch.add(p, e, alpha=rho).add_(tvp, alpha=-2 * rho).mul_(s).mul_(delta)
+            else:
+                e, r = terms[2:]
+                a = p
                 dz = p + rho * e
             grads = [self._weight_grad(x, dz, W) + (rho * delta) * self._weight_grad(r, a, W)]
             if self.bias:
                 grads.append(self._bias_grad(dz))
             return self._regularised(u, values, torch.cat(grads, dim=1))
 
+    def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """d' (-Hessian) d per row [G] (L-BFGS's first step length). At theta^k of a residual entry, where e = r = 0,
+        exactly, from three maps of the step (v = A_D x + b_D, z's change along d):
+
+            -Htilde''[d, d] = -p . g'' + rho |g'|^2 + rho |r'|^2 + (wd + 2 eps) |d|^2,
+            g' = delta s v,  g'' = -2 delta t s v^2,  r' = -delta (A_D' (s p) + A_W' (-2 t s v p)),
+
+        in a third of the difference quotient's work (an evaluation of the value and gradient); elsewhere the
+        difference quotient of ``LayerHamiltonian``."""
+        u, d = u.detach(), d.detach()
+        if not (self._plain_start and torch.equal(u, self.data.controls)):
+            return super().curvature(u, d)
+        rho, delta = self.rho, self.delta
+
+        def local():
+            with torch.no_grad():
+                W, _ = self._weights(u)
+                D, b_D = self._weights(d)
+                t, p = self._t_k, self._p
+                s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)
+                v = self._forward(self._x, D, b_D)
+                tsv = (t * s).mul_(v)  # t s v: g'' = -2 delta t s v^2
+                r_change = self._adjoint(s * p, D).add_(self._adjoint(tsv * p, W), alpha=-2)  # -r' / delta
+                terms = (s * v).square_().mul_(rho * delta * delta).addcmul_(p, tsv * v, value=2 * delta)
+                values = self._row_sums(terms) + (rho * delta * delta) * self._row_sums(r_change * r_change)
+                return values + (self.weight_decay + 2 * self.eps) * (d * d).sum(1)
+
+        return self._totalled(local, u.shape[:-1], u)
+
     def _regularised(self, u: torch.Tensor, values: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """[G, 1 + m]: values [G] and gradients [G, m] with the weight decay and SQH terms."""
+        values = self._regularised_values(u, values)
+        if self.weight_decay:
+            grads = grads - self.weight_decay * u
+        if self.eps:
+            grads = grads - 2 * self.eps * (u - self.data.controls)
+        return torch.cat([values[:, None], grads], dim=1)
+
+    def _regularised_values(self, u: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """values [G] with the weight decay and SQH terms."""
         if self.weight_decay:
             values = values - 0.5 * self.weight_decay * (u * u).sum(1)
-            grads = grads - self.weight_decay * u
         if self.eps:
             diff = u - self.data.controls
             values = values - self.eps * (diff * diff).sum(1)
-            grads = grads - 2 * self.eps * diff
-        return torch.cat([values[:, None], grads], dim=1)
+        return values
 
     def _kronecker_blocks(self, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``ProjectedLBFGS``'s preconditioner at theta^k: the inverse of a Kronecker-factored Gauss-Newton
@@ -324,7 +390,10 @@ class DerivedHamiltonian(LayerHamiltonian):
                 t = self._tanh(u, x, W, b)
                 s2 = (1 - t * t) ** 2
                 a2 = s2 * p * p
-                weights = self._weight_grad(x * x, s2, W) + self._weight_grad(torch.ones_like(x), a2, W)
+                # the co-state part a2 . 1: its input is constant, so the batch is summed first
+                ones = torch.ones_like(x[:1] if self._conv else x[:, :1])
+                a2_sum = a2.sum(0, keepdim=True) if self._conv else a2.sum(1, keepdim=True)
+                weights = self._weight_grad(x * x, s2, W) + self._weight_grad(ones, a2_sum, W)
                 parts = [(rho * delta * delta) * weights]
                 if self.bias:
                     parts.append((rho * delta * delta) * self._bias_grad(s2))

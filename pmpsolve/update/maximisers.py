@@ -76,6 +76,10 @@ class IntervalObjective(Protocol):
       returning A^-1 q row by row (a new tensor); objectives whose parameters are strongly
       coupled or differ in curvature by orders of magnitude (a layer's weights over correlated
       inputs, its biases) gain most from it.
+    * optional ``trial_values(u [N, m]) -> [N]``: the values of ``value_and_grad`` alone, for an
+      objective whose gradient costs more than its value and whose ``value_and_grad`` at the same
+      u then reuses what the values computed: ``ProjectedLBFGS`` tries its line search's steps
+      with it and asks for the gradient at the accepted step only.
     * optional ``total(*parts, error=None) -> tuple``: in a distributed solve
       (docs/distributed.md) ``smooth`` is one rank's part of the objective (its samples)
       while every other member returns totals over all ranks; a maximiser that
@@ -197,10 +201,21 @@ class ProjectedLBFGS:
             value, g = objective.value_and_grad(v)
             return -value, -g
 
+        trial_values = getattr(objective, "trial_values", None)
+
+        def trial(v):  # phi at a line search's step, with its gradient unless the objective has trial values
+            if trial_values is None:
+                return value_grad(v)
+            evals[0] += 1
+            return -trial_values(v), None
+
         x = perturbed_start(objective, controls, self.perturb, generator)
         f, g = value_grad(x)
         f_start = f
         N = x.shape[0]
+        # Reals: no bound can hold a variable (every one is free, the projections are the identity)
+        unbounded = (isinstance(low, float) and low == -float("inf") and isinstance(high, float)
+                     and high == float("inf"))
         # the preconditioner (None: the identity), fixed for this maximisation
         preconditioner = getattr(objective, "preconditioner", None)
         solve = preconditioner(start) if preconditioner is not None else None
@@ -211,19 +226,23 @@ class ProjectedLBFGS:
         pg0 = _projected_gradient(x, g, project).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
-            free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)))
-            d = -_two_loop(g * free, S, Y, R, solve) * free
+            if unbounded:
+                g_free, on_free = g, (lambda v: v)
+            else:
+                free = ~(((x <= low) & (g > 0)) | ((x >= high) & (g < 0)))
+                g_free, on_free = g * free, (lambda v, free=free: v * free)
+            d = on_free(-_two_loop(g_free, S, Y, R, solve))
             slope = (g * d).sum(-1)
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
-                d = torch.where(steepest[:, None], -g * free if solve is None else -solve(g * free) * free, d)
+                d = torch.where(steepest[:, None], -g_free if solve is None else on_free(-solve(g_free)), d)
             elif solve is not None and self.newton_start:
-                d = -solve(g * free) * free
+                d = on_free(-solve(g_free))
             else:
                 # First step: the exact minimiser along -g (-P g with a preconditioner P) of the local
                 # quadratic model, a = -g'd / d'Hd with d'Hd from one Hessian-vector product (autograd); where
                 # that curvature is not positive, 1 / max|g| (with P: 1, the preconditioner's Newton step).
-                d = -g * free if solve is None else -solve(g * free) * free
+                d = -g_free if solve is None else on_free(-solve(g_free))
                 curv = objective.curvature(x, d)
                 gd = -(g * d).sum(-1)
                 fallback = 1.0 / g.abs().amax(-1).clamp_min(1.0) if solve is None else torch.ones_like(curv)
@@ -233,17 +252,20 @@ class ProjectedLBFGS:
             d = d * active[:, None]
             step = torch.ones(N, dtype=x.dtype, device=x.device)
             x_new = project(x + d)
-            f_new, g_new = value_grad(x_new)
+            f_new, g_new = trial(x_new)
             for _ in range(self.max_backtracks):
                 ok = f_new <= f + 1e-4 * (g * (x_new - x)).sum(-1)
                 if bool(ok.all()):
                     break
                 step = torch.where(ok, step, step * 0.5)
                 x_try = torch.where(ok[:, None], x_new, project(x + step[:, None] * d))
-                f_new, g_new = value_grad(x_try)
+                f_new, g_new = trial(x_try)
                 x_new = x_try
             else:
                 ok = f_new <= f + 1e-4 * (g * (x_new - x)).sum(-1)
+            if g_new is None:  # the gradient at the accepted step (the values stay the trial's)
+                g_new = -objective.value_and_grad(x_new)[1]
+            if not bool(ok.all()):
                 # Rows without an acceptable step keep their point and stop.
                 x_new = torch.where(ok[:, None], x_new, x)
                 f_new = torch.where(ok, f_new, f)
