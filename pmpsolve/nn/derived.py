@@ -122,11 +122,13 @@ class DerivedHamiltonian(LayerHamiltonian):
             raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
         self.preconditioner = ((self._kronecker_blocks if preconditioning == "kronecker" else self._gauss_newton_diagonal)
                                if self.residual and self.precondition else None)
-        # At theta^k the feasibility residuals e and r vanish by construction (x_{n+1} = g(x_n, theta^k),
-        # p_n = grad_x H(theta^k)), up to the rounding of recomputing them: the first evaluation skips them
-        # (an adjoint, a forward map and a weight gradient fewer)
-        self._plain_start = self.residual
         self._parts = None  # (u, the terms of the values at u that its gradient reuses): ``trial_values``
+
+    def _at_start(self, u: torch.Tensor) -> bool:
+        """Whether u is theta^k of a residual entry. There the feasibility residuals e and r vanish by construction
+        (x_{n+1} = g(x_n, theta^k), p_n = grad_x H(theta^k)), up to the rounding of recomputing them: the first
+        evaluation skips them (an adjoint, a forward map and a weight gradient fewer) and the curvature is exact."""
+        return self.residual and torch.equal(u, self.data.controls)
 
     def _input_costates(self) -> torch.Tensor:
         """p_n = grad_x H(x_n, p_{n+1}, theta^k) in the grouped layout: p + delta A_W' (s * p) (A_W' p for an
@@ -202,21 +204,21 @@ class DerivedHamiltonian(LayerHamiltonian):
         fewer): L-BFGS's line search tries its steps with them, and ``value_and_grad`` at the accepted step reuses
         what they computed."""
         u = u.detach()
-        return self._totalled(lambda: self._regularised_values(u, self._local_terms(u)[0]), u.shape[:-1], u)
+        return self._totalled(lambda: self._regularised_values(u, self._local_terms(u)[1]), u.shape[:-1], u)
 
     def _local_terms(self, u: torch.Tensor) -> tuple:
-        """(this process's values at u [G] before the weight decay and SQH terms, the terms the gradient reuses),
-        kept for the last u."""
+        """(kind, this process's values at u [G] before the weight decay and SQH terms, the terms the gradient
+        reuses), kept for the last u; kind: "start" (theta^k of a residual entry), "residual" or "affine"."""
         if self._parts is not None and torch.equal(self._parts[0], u):
             return self._parts[1]
         rho, delta = self.rho, self.delta
         with torch.no_grad():
             W, b = self._weights(u)
             x, y, p, p_in = self._x, self._y, self._p, self._p_in
-            if self._plain_start and torch.equal(u, self.data.controls):  # e = r = 0: the plain Hamiltonian's
+            if self._at_start(u):  # e = r = 0: the plain Hamiltonian's
                 t = self._t_k
                 values = self._row_sums(p * t).mul_(delta).add_(self._xp)
-                terms = (values, W, t)
+                terms = ("start", values, W, t)
             elif self.residual:  # fused and in place where possible: L-BFGS evaluates this about 15 times a step
                 t = self._tanh(u, x, W, b)
                 s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)  # 1 - t^2
@@ -225,13 +227,13 @@ class DerivedHamiltonian(LayerHamiltonian):
                 r = torch.add(self._p_in_p, self._adjoint(a, W), alpha=-delta)
                 squares = (e * e).addcmul_(r, r).mul_(-0.5 * rho).addcmul_(p, t, value=delta)
                 values = self._row_sums(squares) + self._xp
-                terms = (values, W, t, s, a, e, r)
+                terms = ("residual", values, W, t, s, a, e, r)
             else:
                 z = self._forward(x, W, b)
                 e = y - z
                 r = p_in - self._adjoint(p, W)
                 values = self._row_sums(p * z - 0.5 * rho * (e * e)) - 0.5 * rho * self._row_sums(r * r)
-                terms = (values, W, e, r)
+                terms = ("affine", values, W, e, r)
         self._parts = (u.clone(), terms)
         return terms
 
@@ -239,21 +241,20 @@ class DerivedHamiltonian(LayerHamiltonian):
         """[G, 1 + m]: this process's values and gradients (its samples; weight decay and eps are divided
         among the ranks by the caller)."""
         rho, delta = self.rho, self.delta
-        terms = self._local_terms(u)
-        values, W = terms[:2]
+        kind, values, W, *rest = self._local_terms(u)
         x, p = self._x, self._p
         with torch.no_grad():
-            if len(terms) == 3:  # the plain Hamiltonian's at theta^k
-                t = terms[2]
+            if kind == "start":  # the plain Hamiltonian's
+                (t,) = rest
                 dz = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1).mul_(p).mul_(delta)
                 grads = [self._weight_grad(x, dz, W)] + ([self._bias_grad(dz)] if self.bias else [])
                 return self._regularised(u, values, torch.cat(grads, dim=1))
-            if self.residual:
-                t, s, a, e, r = terms[2:]
+            if kind == "residual":
+                t, s, a, e, r = rest
                 tvp = self._forward(r, W).mul_(t).mul_(p)
                 dz = torch.add(p, e, alpha=rho).add_(tvp, alpha=-2 * rho).mul_(s).mul_(delta)
             else:
-                e, r = terms[2:]
+                e, r = rest
                 a = p
                 dz = p + rho * e
             grads = [self._weight_grad(x, dz, W) + (rho * delta) * self._weight_grad(r, a, W)]
@@ -271,7 +272,7 @@ class DerivedHamiltonian(LayerHamiltonian):
         in a third of the difference quotient's work (an evaluation of the value and gradient); elsewhere the
         difference quotient of ``LayerHamiltonian``."""
         u, d = u.detach(), d.detach()
-        if not (self._plain_start and torch.equal(u, self.data.controls)):
+        if not self._at_start(u):
             return super().curvature(u, d)
         rho, delta = self.rho, self.delta
 

@@ -263,7 +263,7 @@ class ProjectedLBFGS:
                 x_new = x_try
             else:
                 ok = f_new <= f + 1e-4 * (g * (x_new - x)).sum(-1)
-            if g_new is None:  # the gradient at the accepted step (the values stay the trial's)
+            if g_new is None:  # the gradient at the accepted step (the values stay the trial's; counted with it)
                 g_new = -objective.value_and_grad(x_new)[1]
             if not bool(ok.all()):
                 # Rows without an acceptable step keep their point and stop.
