@@ -110,6 +110,25 @@ def test_rho_zero_is_basic_msa():
     assert not torch.equal(results[0], torch.cat([p.detach().reshape(-1) for p in small_net().parameters()]))
 
 
+def test_a_layer_frozen_between_steps_keeps_its_parameters_and_a_new_batch_shape_regroups():
+    """The optimizer reuses its grouping of the layers between steps; freezing a layer (requires_grad False)
+    or a batch of another size must still be seen at the next step."""
+    x, y = data(64)
+    model = small_net()
+    opt = pmp.nn.EMSA(model, rho=0.1, weight_decay=1e-3)
+    opt.step(closure_for(opt, model, x, y))
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[2].parameters()]
+    others = [p.detach().clone() for p in model[3].parameters()]
+    opt.step(closure_for(opt, model, x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), frozen))
+    assert not all(torch.equal(p, q) for p, q in zip(model[3].parameters(), others))
+    opt.step(closure_for(opt, model, x[:32], y[:32]))  # another batch size: the layers' inputs change shape
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), frozen))
+    assert opt.last_step["accepted"] and math.isfinite(opt.last_step["J"])
+
+
 def test_emsa_trains_two_moons_to_95_percent_with_default_options():
     """A problem the defaults were not tuned on: 512 points, full batch, 60 steps."""
     x, y = data(512, seed=1)

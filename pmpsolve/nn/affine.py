@@ -344,7 +344,8 @@ def _conv_sums(group: LayerGroup, objective: LayerHamiltonian, bias: bool) -> "Q
     if _by_lags(x, conv.kernel_size, conv.padding):  # no patches: J'p a weight gradient (per sample, float64 sum)
         grad = _weight_grad(x.transpose(0, 1), p.transpose(0, 1), conv.kernel_size, conv.padding)
         grad = grad.reshape(G, O, C * J)
-        S = _shifted_gram(x.transpose(0, 1), x.transpose(0, 1), conv.kernel_size, conv.padding)
+        xt = x.transpose(0, 1)
+        S = _shifted_gram(xt, xt, conv.kernel_size, conv.padding)  # the same tensor: its Gram (lags dy >= 0)
     else:
         X = _patches(x, conv.kernel_size, conv.padding)  # [G, B, C J, L]
         grad = _gram(p.reshape(G, p.shape[1], O, -1), X).to(f64)  # J'p: [G, O, C J]

@@ -65,11 +65,12 @@ def _structure(group: LayerGroup) -> Optional[Tuple[torch.nn.Module, Optional[fl
     return None  # a fixed (excluded) bias or weight: the autograd objective handles it
 
 
-def _tanh_(z: torch.Tensor) -> torch.Tensor:
-    """tanh(z) in place, as 2 sigmoid(2 z) - 1: the CPU build's tanh is not vectorised (on 100k float32
-    values 250 us against 72 us; the same 3x in float64), and L-BFGS evaluates it about 15 times a step.
-    Its error is float32's rounding of a number of size 1 (at most 1.8e-7 against 3e-8 for torch.tanh)."""
-    return torch.sigmoid_(z.mul_(2)).mul_(2).sub_(1)
+def _tanh_of_doubled_(z2: torch.Tensor) -> torch.Tensor:
+    """tanh(z) in place from z2 = 2 z, as 2 sigmoid(2 z) - 1: the CPU build's tanh is not vectorised (on 100k
+    float32 values 250 us against 72 us; the same 3x in float64), and L-BFGS evaluates it about 15 times a step.
+    Its error is float32's rounding of a number of size 1 (at most 1.8e-7 against 3e-8 for torch.tanh). The
+    caller forms 2 z by the affine map with doubled weights (exact: a power of two), a pass over z fewer."""
+    return torch.sigmoid_(z2).mul_(2).sub_(1)
 
 
 class DerivedHamiltonian(LayerHamiltonian):
@@ -107,7 +108,7 @@ class DerivedHamiltonian(LayerHamiltonian):
         if self.residual:  # tanh(z) at theta^k, read by p_n, the preconditioner and L-BFGS's first evaluation
             with torch.no_grad():
                 W, b = self._weights(d.controls)
-                self._t_k = _tanh_(self._forward(self._x, W, b))
+                self._t_k = self._tanh_at(self._x, W, b)
         if d.input_costates is None:  # not formed yet (``layer_data``): p_n here, without the vjp
             self._p_in = self._input_costates()
             self.data = d._replace(input_costates=unlay(self._p_in))  # for the autograd methods (values)
@@ -145,7 +146,10 @@ class DerivedHamiltonian(LayerHamiltonian):
         """tanh(A_W x + b) at the rows u (read only: at theta^k it is the one formed at construction)."""
         if torch.equal(u, self.data.controls):
             return self._t_k
-        return _tanh_(self._forward(x, W, b))
+        return self._tanh_at(x, W, b)
+
+    def _tanh_at(self, x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        return _tanh_of_doubled_(self._forward(x, W * 2, None if b is None else b * 2))
 
     # -- the affine map A_W of all rows at once, its adjoint in x and its weight gradient --------------
     def _weights(self, u: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -224,7 +228,8 @@ class DerivedHamiltonian(LayerHamiltonian):
                 s = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1)  # 1 - t^2
                 a = s * p
                 e = torch.add(self._y_x, t, alpha=-delta)
-                r = torch.add(self._p_in_p, self._adjoint(a, W), alpha=-delta)
+                r = self._adjoint(a, W)
+                r = torch.add(self._p_in_p, r, alpha=-delta, out=r)  # in the adjoint's buffer
                 squares = (e * e).addcmul_(r, r).mul_(-0.5 * rho).addcmul_(p, t, value=delta)
                 values = self._row_sums(squares) + self._xp
                 terms = ("residual", values, W, t, s, a, e, r)
@@ -251,15 +256,16 @@ class DerivedHamiltonian(LayerHamiltonian):
                 return self._regularised(u, values, torch.cat(grads, dim=1))
             if kind == "residual":
                 t, s, a, e, r = rest
-                tvp = self._forward(r, W).mul_(t).mul_(p)
-                dz = torch.add(p, e, alpha=rho).add_(tvp, alpha=-2 * rho).mul_(s).mul_(delta)
+                # dz / delta = s * (p + rho e - 2 rho t v p), v = A_W r, in the buffer of A_W r (-2 rho in the weights)
+                dz = self._forward(r, W * (-2 * rho)).mul_(t).mul_(p).add_(p).add_(e, alpha=rho).mul_(s)
             else:
                 e, r = rest
                 a = p
                 dz = p + rho * e
-            grads = [self._weight_grad(x, dz, W) + (rho * delta) * self._weight_grad(r, a, W)]
+            # delta (1 for an affine entry) multiplies the sums, not the images
+            grads = [(self._weight_grad(x, dz, W) + rho * self._weight_grad(r, a, W)).mul_(delta)]
             if self.bias:
-                grads.append(self._bias_grad(dz))
+                grads.append(self._bias_grad(dz).mul_(delta))
             return self._regularised(u, values, torch.cat(grads, dim=1))
 
     def curvature(self, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

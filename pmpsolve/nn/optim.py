@@ -373,6 +373,7 @@ class Optimizer(torch.optim.Optimizer):
         self._sums: Dict[tuple, Optional[QuadraticSums]] = {}  # the closed form's batch sums of this step
         self._vmap_checked: set = set()  # groups (their layer indices) tried once under torch.func.vmap
         self._unbatched: set = set()  # layers vmap has no batching rule for (e.g. a wrapped GRU): run alone
+        self._grouping = None  # (what the grouping read, the groups): ``_group_layers``
         # dropout modules (entry index, module): random in training mode
         self._dropouts = [(n, module) for n, entry in enumerate(model) for module in entry.modules()
                           if isinstance(module, _DROPOUT)]
@@ -434,6 +435,7 @@ class Optimizer(torch.optim.Optimizer):
         self._refused = {tuple(k) for k in extra["refused"]}
         self._vmap_checked = {tuple(k) for k in extra["vmap_checked"]}
         self._unbatched = set(extra["unbatched"])
+        self._grouping = None
         if self._finite is not None:
             self._finite.load_state_dict(extra["finite"])
         if self._adam is not None:
@@ -483,11 +485,7 @@ class Optimizer(torch.optim.Optimizer):
         self._check_costates(records, loss_value)
         inputs = {n: r.inputs for n, r in records.items()}
         proximity = self._proximity()
-        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched,
-                              proximity)
-        if self._batchable(groups, records):
-            groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude,
-                                  self._unbatched, proximity)
+        groups = self._group_layers(inputs, records, proximity)
         # no layer to maximise (every parameter finite-set or under adam_lr): no rule
         rule = self._rule_for(global_batch, groups) if groups else None
         if fixed_rho and rule is not None:
@@ -579,6 +577,24 @@ class Optimizer(torch.optim.Optimizer):
             if self._pending_rule_state is not None:
                 self._rule.load_state(self._pending_rule_state)
         return self._rule
+
+    def _group_layers(self, inputs: Mapping[int, torch.Tensor], records, proximity: Optional[float]):
+        """``group_layers`` of this step's inputs. The grouping reads nothing else that changes between steps but
+        the inputs' shapes, which parameters are trainable and the layers vmap refused, so the last step's groups
+        are reused while those stay the same (rebuilding them, with each module's repr, cost about 1 % of an
+        E-MSA step), except with relative penalties, resolved at the current parameters and proximity."""
+        key = (tuple((n, tuple(x.shape), x.dtype, x.device) for n, x in inputs.items()),
+               tuple(p.requires_grad for p in self._named.values()), frozenset(self._unbatched), proximity)
+        if self._grouping is not None and self._grouping[0] == key:
+            return self._grouping[1]
+        groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude, self._unbatched,
+                              proximity)
+        if self._batchable(groups, records):
+            groups = group_layers(self._layers, inputs, self._controls, self._penalties, self._exclude,
+                                  self._unbatched, proximity)
+        relative = any(getattr(pen, "relative", False) for pen in self._penalties.values())
+        self._grouping = None if relative else (key, groups)
+        return groups
 
     def _proximity(self) -> Optional[float]:
         """SQH's proximity weight c = eps + weight_decay / 2 at the start of this step (the unit of relative

@@ -32,7 +32,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtim
 
 import torch
 
-from ..controls import ControlSet
+from ..controls import ControlSet, Reals
 
 __all__ = ["IntervalObjective", "Maximiser", "MaximiserResult", "MAXIMISERS", "ProjectedLBFGS", "ProximalGradient",
            "ClosedForm", "Enumeration", "UserMaximiser", "HamiltonianMaximiser", "MaximisationData",
@@ -213,17 +213,17 @@ class ProjectedLBFGS:
         f, g = value_grad(x)
         f_start = f
         N = x.shape[0]
-        # Reals: no bound can hold a variable (every one is free, the projections are the identity)
-        unbounded = (isinstance(low, float) and low == -float("inf") and isinstance(high, float)
-                     and high == float("inf"))
+        # Reals (or a box without finite bounds): no bound can hold a variable, every one is free
+        unbounded = isinstance(controls, Reals) or _unbounded(low, high)
         # the preconditioner (None: the identity), fixed for this maximisation
         preconditioner = getattr(objective, "preconditioner", None)
         solve = preconditioner(start) if preconditioner is not None else None
         if isinstance(solve, torch.Tensor):  # a diagonal D: steps scaled by 1 / D
             solve = _Diagonal(solve)
-        S, Y, R = [], [], []  # curvature pairs [N, m] and 1/(s.y) [N] (0 where a row skipped the pair)
+        S, Y, R = [], [], []  # curvature pairs [N, m] and (r, r s, r y), r = 1/(s.y) [N, 1] (0 where a row skipped the pair)
         active = torch.ones(N, dtype=torch.bool, device=x.device)
-        pg0 = _projected_gradient(x, g, project).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
+        projected_gradient = (lambda x, g: g.abs()) if unbounded else (lambda x, g: _projected_gradient(x, g, project))
+        pg0 = projected_gradient(x, g).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
             if unbounded:
@@ -235,7 +235,8 @@ class ProjectedLBFGS:
             slope = (g * d).sum(-1)
             steepest = slope >= 0  # not a descent direction (or a row with no pairs yet): steepest descent
             if S:
-                d = torch.where(steepest[:, None], -g_free if solve is None else on_free(-solve(g_free)), d)
+                if bool(steepest.any()):
+                    d = torch.where(steepest[:, None], -g_free if solve is None else on_free(-solve(g_free)), d)
             elif solve is not None and self.newton_start:
                 d = on_free(-solve(g_free))
             else:
@@ -250,41 +251,52 @@ class ProjectedLBFGS:
                 d = d * alpha[:, None]
                 evals[0] += 1
             d = d * active[:, None]
-            step = torch.ones(N, dtype=x.dtype, device=x.device)
             x_new = project(x + d)
             f_new, g_new = trial(x_new)
+            step = None  # the step lengths, formed at the first backtrack
             for _ in range(self.max_backtracks):
                 ok = f_new <= f + 1e-4 * (g * (x_new - x)).sum(-1)
                 if bool(ok.all()):
                     break
+                if step is None:
+                    step = torch.ones(N, dtype=x.dtype, device=x.device)
                 step = torch.where(ok, step, step * 0.5)
                 x_try = torch.where(ok[:, None], x_new, project(x + step[:, None] * d))
                 f_new, g_new = trial(x_try)
                 x_new = x_try
             else:
                 ok = f_new <= f + 1e-4 * (g * (x_new - x)).sum(-1)
-            if g_new is None:  # the gradient at the accepted step (the values stay the trial's; counted with it)
-                g_new = -objective.value_and_grad(x_new)[1]
-            if not bool(ok.all()):
+            all_ok = bool(ok.all())
+            if not all_ok:
                 # Rows without an acceptable step keep their point and stop.
                 x_new = torch.where(ok[:, None], x_new, x)
                 f_new = torch.where(ok, f_new, f)
-                g_new = torch.where(ok[:, None], g_new, g)
                 active = active & ok
-            s, y = x_new - x, g_new - g
-            sy = (s * y).sum(-1)
-            keep = sy > 1e-12 * s.norm(dim=-1) * y.norm(dim=-1)
-            S.append(s)
-            Y.append(y)
-            R.append(torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)), torch.zeros_like(sy)))
-            if len(S) > self.history:
-                S.pop(0), Y.pop(0), R.pop(0)
             small_change = (f - f_new).abs() <= self.ftol * (1 + f_new.abs())
             if self.rtol:
                 small_change = small_change | ((f - f_new) <= self.rtol * (f_start - f_new))
+            active = active & ~small_change
+            if g_new is None:
+                if iterations == self.max_iter or not bool(active.any()):
+                    # no iteration follows: the gradient at the accepted step would go unused
+                    x, f = x_new, f_new
+                    break
+                # the gradient at the accepted step (the values stay the trial's; counted with it)
+                g_new = -objective.value_and_grad(x_new)[1]
+            if not all_ok:
+                g_new = torch.where(ok[:, None], g_new, g)
+            s, y = x_new - x, g_new - g
+            sy = (s * y).sum(-1, keepdim=True)
+            keep = sy > 1e-12 * s.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
+            r = torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+            S.append(s)
+            Y.append(y)
+            R.append((r, r * s, r * y))
+            if len(S) > self.history:
+                S.pop(0), Y.pop(0), R.pop(0)
             x, f, g = x_new, f_new, g_new
-            pg = _projected_gradient(x, g, project).amax(-1)
-            active = active & ~(pg <= self.gtol * pg0) & ~small_change
+            pg = projected_gradient(x, g).amax(-1)
+            active = active & ~(pg <= self.gtol * pg0)
             if not bool(active.any()):
                 break
         return MaximiserResult(x, -f, iterations, evals[0])
@@ -312,26 +324,35 @@ def _two_loop(q: torch.Tensor, S, Y, R, solve: Optional[Callable[[torch.Tensor],
               ) -> torch.Tensor:
     """H q for the row-wise L-BFGS inverse Hessians given by the pairs (S, Y, R); rows are independent. The
     initial inverse Hessian is gamma I, or gamma P with a preconditioner ``solve``: q -> P q [N, m] (gamma =
-    s'y / y'y, s'y / y'P y: Nocedal and Wright, 7.20, in the preconditioned metric)."""
-    # q updated in place (addcmul_): rows are few and short, so allocations and dispatch, not arithmetic, are
-    # the cost (about 25 % of a two-loop of 10 pairs)
+    s'y / y'y, s'y / y'P y: Nocedal and Wright, 7.20, in the preconditioned metric). R holds per pair
+    (r, r s, r y) with r = 1 / s'y [N, 1] (0 where a row skipped the pair)."""
+    # q updated in place (addcmul_) and r folded into the pairs: rows are few and short in a network's layers,
+    # so the number of tensor operations, not arithmetic, is the cost
     alphas = []
     q = q.clone()
-    for s, y, r in zip(reversed(S), reversed(Y), reversed(R)):
-        a = r * torch.linalg.vecdot(s, q)
-        q.addcmul_(a[:, None], y, value=-1)
+    for y, (_, rs, _) in zip(reversed(Y), reversed(R)):
+        a = (rs * q).sum(-1, keepdim=True)
+        q.addcmul_(a, y, value=-1)
         alphas.append(a)
     if S:
-        s, y, r = S[-1], Y[-1], R[-1]
-        yy = (y * y if solve is None else solve.quadratic(y) if isinstance(solve, _Diagonal) else y * solve(y)).sum(-1)
+        y, r = Y[-1], R[-1][0]
+        yy = (y * y if solve is None else solve.quadratic(y) if isinstance(solve, _Diagonal) else y * solve(y)).sum(
+            -1, keepdim=True)
         gamma = torch.where(r > 0, 1.0 / (r * yy).clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(r))
-        q = (q if solve is None else solve(q)) * gamma[:, None]
+        q = (q if solve is None else solve(q)) * gamma
     elif solve is not None:
         q = solve(q)
-    for s, y, r, a in zip(S, Y, R, reversed(alphas)):
-        b = r * torch.linalg.vecdot(y, q)
-        q.addcmul_((a - b)[:, None], s)
+    for s, (_, _, ry), a in zip(S, R, reversed(alphas)):
+        q.addcmul_(a - (ry * q).sum(-1, keepdim=True), s)
     return q
+
+
+def _unbounded(low, high) -> bool:
+    """Whether the bounds (floats or tensors [m]) are -inf and inf everywhere: nothing to project."""
+    inf = float("inf")
+    if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+        return bool(((torch.as_tensor(low) == -inf) & (torch.as_tensor(high) == inf)).all())
+    return low == -inf and high == inf
 
 
 class ProximalGradient:
