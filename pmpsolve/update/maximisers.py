@@ -220,7 +220,8 @@ class ProjectedLBFGS:
         solve = preconditioner(start) if preconditioner is not None else None
         if isinstance(solve, torch.Tensor):  # a diagonal D: steps scaled by 1 / D
             solve = _Diagonal(solve)
-        S, Y, R = [], [], []  # curvature pairs [N, m] and (r, r s, r y), r = 1/(s.y) [N, 1] (0 where a row skipped the pair)
+        # curvature pairs [N, m] and (r, r s, r y) with r = 1/(s.y) [N, 1] (0 where a row skipped the pair)
+        S, Y, R = [], [], []
         active = torch.ones(N, dtype=torch.bool, device=x.device)
         projected_gradient = (lambda x, g: g.abs()) if unbounded else (lambda x, g: _projected_gradient(x, g, project))
         pg0 = projected_gradient(x, g).amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
