@@ -44,7 +44,7 @@ SOURCES = {
     "constrained": ["bench_constrained.json", "bench_constrained_methods.json", "bench_constrained_ddp.json",
                     "bench_constrained_line_search.json", "bench_constrained_hinges.json",
                     "bench_constrained_settled.json", "bench_constrained_speed.json",
-                    "bench_constrained_warm.json"],
+                    "bench_constrained_warm.json", "bench_constrained_static.json"],
     "ddp": ["bench_control_ddp_first.json", "bench_control_ddp.json", "bench_control_ddp_line_search.json",
             "bench_control_ddp_forward_solves.json", "bench_control_ddp_model_maps.json",
             "bench_control_ddp_trust_region.json"],

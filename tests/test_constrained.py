@@ -174,6 +174,30 @@ def test_dJ_dT_and_dJ_dp_are_the_costates_of_the_static_states():
         assert float(gradient[i]) == pytest.approx((J[0] - J[1]) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
+def test_ddp_curvature_in_T_is_the_second_derivative_of_the_optimal_merit():
+    """The outer loop's curvature in z from DDP (``Transcription.static_hessian`` of its value function at the
+    first node, both samples' copies of T) against central second differences of J minimised over the
+    controls at T +- eps (each a tight inner solve)."""
+    problem = pmp.ControlProblem(
+        _di, torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=F64), pmp.FreeTime(2.0, low=0.5, high=5.0), pmp.Reals(1),
+        running_cost=lambda t, x, u: 0.2 + 0.5 * u[..., 0] ** 2, terminal_cost=lambda x: 5.0 * (x * x).sum(-1))
+    tr = Transcription(problem, 40, F64, "cpu")
+    point = tr.initial_point()
+
+    def optimum(T):
+        inner = tr.inner_problem(tr.with_static(point, torch.tensor([T], dtype=F64)))
+        solver = pmp.Solver(inner, method="ddp", mesh=tr.mesh, stop=pmp.Stop(tol=1e-13, max_iter=30))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return solver.run(), solver
+
+    sol, solver = optimum(2.0)
+    curvature = float(tr.static_hessian(solver.rule.value_hessian()))
+    eps = 1e-3
+    second = (optimum(2.0 + eps)[0].cost + optimum(2.0 - eps)[0].cost - 2 * sol.cost) / eps ** 2
+    assert curvature == pytest.approx(second, rel=1e-5)
+
+
 def _central_differences(problem, u, mesh, eps):
     """dJ/du_n [N] by central differences of J, each cost at tight ODE tolerances."""
     tight = dict(rtol=1e-12, atol=1e-14)

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.integrate
 import scipy.linalg
 import torch
 
@@ -34,7 +35,7 @@ def _random_lq(seed=0, n=3, m=2, T=2.0):
 def _discrete_lq(A, B, Q, R, S, x0, T, N):
     """The piecewise-constant LQ problem on N uniform intervals, solved exactly: x_{n+1} = Ad x_n + Bd u_n and
     the stage cost 1/2 (x_n, u_n)' M (x_n, u_n) from Van Loan's block exponential, then the discrete Riccati
-    recursion. Returns (u* [N, m], gains K_n [N, m, n], J*)."""
+    recursion. Returns (u* [N, m], gains K_n [N, m, n], J*, the value's Hessian P_0 [n, n] at the first node)."""
     n, m = B.shape
     h = T / N
     Abar = np.zeros((n + m, n + m))
@@ -55,7 +56,7 @@ def _discrete_lq(A, B, Q, R, S, x0, T, N):
     for K in gains:
         controls.append(K @ x)
         x = Ad @ x + Bd @ controls[-1]
-    return np.array(controls), np.array(gains), 0.5 * x0 @ P @ x0
+    return np.array(controls), np.array(gains), 0.5 * x0 @ P @ x0, P
 
 
 def _expansion(problem, method, mesh, init=None, later=False):
@@ -74,7 +75,7 @@ def _expansion(problem, method, mesh, init=None, later=False):
 def test_one_step_on_linear_quadratic_is_the_discrete_riccati_solution():
     A, B, Q, R, S, x0, T = _random_lq()
     N = 20
-    controls, _, optimum = _discrete_lq(A, B, Q, R, S, x0, T, N)
+    controls, _, optimum, _ = _discrete_lq(A, B, Q, R, S, x0, T, N)
     problem = linear_quadratic_problem(A, B, Q, R, x0, T, S=S)
     # model_steps=4: the curvature of the expansion to 4e-9 (its RK4 error); the default's 1 step: 1e-6
     for method, tol in ((pmp.DDP(model_steps=4), 1e-7), (pmp.DDP(), 1e-5)):
@@ -114,9 +115,42 @@ def test_feedback_gain_is_the_derivative_of_the_optimal_first_control():
                               mesh=N, stop=pmp.Stop(max_iter=1)).controls[0].numpy() for sign in (1, -1)]
         columns.append((first[0] - first[1]) / (2 * eps))
     differences = np.stack(columns, axis=1)
-    _, riccati, _ = _discrete_lq(A, B, Q, R, S, x0, T, N)
+    _, riccati, _, _ = _discrete_lq(A, B, Q, R, S, x0, T, N)
     assert np.abs(K0 - differences).max() < 1e-6 * np.abs(K0).max()
     assert np.abs(K0 - riccati[0]).max() < 1e-6 * np.abs(K0).max()
+
+
+def test_value_hessian_is_the_riccati_matrix_at_the_first_node():
+    """``DDP.value_hessian`` (the outer loop's curvature in a free T or parameters): V_0 = d2 J*/d x0^2, the
+    discrete Riccati matrix P_0 of the piecewise-constant problem, and the continuous one's P(0) (the Riccati
+    ODE integrated by scipy) to O(h^2)."""
+    A, B, Q, R, S, x0, T = _random_lq(seed=2)
+    N = 20
+    # two iterations (tol below J's rounding): the first takes the Gauss-Newton curvature, which gives no V_0
+    stop = pmp.Stop(max_iter=2, tol=1e-15)
+    solver = pmp.Solver(linear_quadratic_problem(A, B, Q, R, x0, T, S=S), method=pmp.DDP(model_steps=4), mesh=N,
+                        stop=stop)
+    assert solver.rule.value_hessian() is None  # before a backward pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        solver.run()
+    V0 = solver.rule.value_hessian().numpy()
+    P0 = _discrete_lq(A, B, Q, R, S, x0, T, N)[3]
+    assert np.abs(V0 - P0).max() < 2e-7 * np.abs(P0).max()
+
+    def riccati(t, p):
+        P = p.reshape(A.shape)
+        return -(A.T @ P + P @ A - P @ B @ np.linalg.solve(R, B.T @ P) + Q).ravel()
+
+    continuous = scipy.integrate.solve_ivp(riccati, (T, 0.0), S.ravel(), rtol=1e-12, atol=1e-12).y[:, -1]
+    errors = []
+    for mesh in (20, 40):
+        solver = pmp.Solver(linear_quadratic_problem(A, B, Q, R, x0, T, S=S), method="ddp", mesh=mesh, stop=stop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            solver.run()
+        errors.append(np.abs(solver.rule.value_hessian().numpy() - continuous.reshape(A.shape)).max())
+    assert 3.0 < errors[0] / errors[1] < 5.0, errors  # second order in h
 
 
 def _along_forward_pass(problem, N, start, alpha=1e-2, forward_solves=0):

@@ -122,6 +122,13 @@ class Transcription:
             parts.append(torch.tensor([point.horizon], dtype=self.dtype, device=self.device))
         return torch.cat(parts)
 
+    def static_hessian(self, V0: torch.Tensor) -> torch.Tensor:
+        """The Hessian [q (+1), q (+1)] in z = (p, T) of a function of the inner problem's initial state, from
+        its Hessian V0 [K (n + q (+1)), same] in the samples' concatenated states: each sample carries a copy
+        of z, and the copies move together."""
+        d = self.n + self.static_dim
+        return V0.reshape(self.K, d, self.K, d)[:, self.n:, :, self.n:].sum((0, 2))
+
     def static_bounds(self):
         """Lower and upper bounds of (p, T), each [q (+1)]."""
         low, high = [], []

@@ -99,13 +99,16 @@ class Gains(NamedTuple):
     """The backward pass's result: k [N, m], K [N, m, D], the predicted change of J per unit alpha
     (``linear``: sum k'q_u) and per alpha^2 (``quadratic``: 1/2 sum k'Q_uu k), and ``deficiency``: 0
     when every regularised Q_uu was positive definite (on the free set of a box), else the largest
-    shift of mu (in Q_uu / h_n) that would have made one so."""
+    shift of mu (in Q_uu / h_n) that would have made one so. ``value``: V_0 [D, D], the Hessian of the
+    model's minimum over the control changes in the initial state's change (the value function at the
+    first node)."""
 
     k: torch.Tensor
     K: torch.Tensor
     linear: float
     quadratic: float
     deficiency: float
+    value: Optional[torch.Tensor] = None
 
     @property
     def positive(self) -> bool:
@@ -144,10 +147,11 @@ def backward_pass(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, terminal: t
         lower = upper = G.new_zeros(0)
     if start is None:
         start = torch.zeros_like(G)
-    ks, Ks, qus, Quus, deficiency = riccati_loop()(Z, H, G, terminal, lengths, float(mu), boxed, lower, upper, start)
+    ks, Ks, qus, Quus, deficiency, V0 = riccati_loop()(Z, H, G, terminal, lengths, float(mu), boxed, lower, upper,
+                                                       start)
     linear = float((ks * qus).sum())
     quadratic = float(0.5 * torch.einsum("ni,nij,nj->", ks, Quus, ks))
-    return Gains(ks, Ks, linear, quadratic, float(deficiency))
+    return Gains(ks, Ks, linear, quadratic, float(deficiency), V0)
 
 
 @register_rule
@@ -192,6 +196,7 @@ class DDP(UpdateRule):
         self._trial_change, self._noise = math.inf, 0.0  # the last trial's change of J, the judge's noise level
         self._noise_steps = 0  # kept noise-level steps in a row without a new lowest J (NOISE_PATIENCE)
         self._nodes = None  # the forward pass's nodes of the last proposal
+        self._value = None  # V_0 of the last backward pass with the exact curvature (``value_hessian``)
         self._model_error = None  # the swept nodes less the model's maps at the iterate [N, D]
         bounds = controls.bounds(pw.dtype, pw.device)
         self._box = bounds if isinstance(controls, Box) else None
@@ -242,6 +247,8 @@ class DDP(UpdateRule):
             else:
                 self._increase_mu(gains.deficiency)
         gains = self._gains
+        if exact and not self._gauss_newton:
+            self._value = gains.value
         self._expected = -(self.alpha * gains.linear + self.alpha ** 2 * gains.quadratic)
         return self._rollout(data.controls, gains, self.alpha)
 
@@ -285,6 +292,14 @@ class DDP(UpdateRule):
 
     def parameters(self):
         return {"mu": self.mu, "alpha": self.alpha}
+
+    def value_hessian(self) -> Optional[torch.Tensor]:
+        """V_0 [K n, K n]: the Hessian of J, minimised over the controls, in the initial state (the samples'
+        states concatenated), from the last backward pass with the exact curvature; None before one. (The
+        Gauss-Newton curvature drops the co-state's weight on the dynamics' second derivatives, which couple
+        a static state such as a scaled final time to the others.) The outer loop's steps in the static
+        variables (``constrained.outer``) take their curvature from it."""
+        return self._value
 
     def _shorter(self, alpha: float) -> float:
         """The next alpha after the step alpha was rejected: the minimiser of the parabola through J's

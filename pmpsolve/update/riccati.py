@@ -27,11 +27,12 @@ def _box_gains(Quu: torch.Tensor, qu: torch.Tensor, Qux: torch.Tensor, lower: to
 
 def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor, lengths: torch.Tensor, mu: float,
              boxed: bool, lower: torch.Tensor, upper: torch.Tensor, start: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loop of ``ddp.backward_pass``, sequential over the intervals by nature, scripted (TorchScript:
     2.5x faster than the same loop in Python at N = 200, D = 2, where dispatching the operations is the
     whole cost). No host sync but in the box QP of several controls. Returns k [N, m], K [N, m, D],
-    q_u [N, m], Q_uu [N, m, m] (regularised) and the largest shift of mu (in Q_uu / h_n) a Q_uu needed (0-d).
+    q_u [N, m], Q_uu [N, m, m] (regularised), the largest shift of mu (in Q_uu / h_n) a Q_uu needed (0-d)
+    and V_0 [D, D], the value's Hessian at the first node.
 
     Each operation on these tiny matrices costs about a microsecond whatever its size, so the loop is
     arranged for few of them (about 10 per interval for one control): the value's gradient s rides
@@ -105,7 +106,7 @@ def _riccati(Z: torch.Tensor, H: torch.Tensor, G: torch.Tensor, V: torch.Tensor,
     # gains divide by zero
     singular = (smallest <= 0).to(smallest.dtype) * 1e-30
     deficiency = (torch.clamp(-smallest / lengths, min=0.0) + singular).max()
-    return Kks[:, :, D], Kks[:, :, :D], u_all[:, :, D], Quu_all, deficiency
+    return Kks[:, :, D], Kks[:, :, :D], u_all[:, :, D], Quu_all, deficiency, Vs.narrow(1, 0, D)
 
 
 @functools.lru_cache(maxsize=None)
