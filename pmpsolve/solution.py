@@ -79,8 +79,8 @@ class Solution:
         status: "converged", "max_iter", "stalled" (no further decrease found), "unbounded" (J fell
             far below J(u^0): the problem looks unbounded below), "callback" or
             "interrupted" (KeyboardInterrupt: the best controls so far are returned); with
-            constraints also "infeasible" (the least-violation controls) and "max_rounds" (the
-            outer loop's round limit).
+            constraints also "infeasible" (the least-violation controls), "max_rounds" (the
+            outer loop's round limit) and "stalled" for rounds that no longer gain (docs/theory.md).
         relaxed_cost: for a finite control set solved by relaxation (the default), J of the
             relaxed problem over the convex hull: a lower bound when that solve is globally optimal.
         horizon: T, the fixed final time or the optimal one (``pmp.FreeTime``).

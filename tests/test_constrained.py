@@ -405,6 +405,54 @@ def test_a_stalled_inner_solve_settles_its_round_within_the_settled_measure(stat
     assert _settled(SimpleNamespace(status=status, optimality=optimality, cost=cost)) is settled
 
 
+#: (violation, inner measure) of the rounds of E-MSA on Bryson-Denham at mesh 200 (J about 4), without the stop on
+#: flat rounds: the violation met 1e-6 in round 21, the measure stayed at 1e-2 to round 59
+EMSA_BRYSON_DENHAM = [
+    (0.372, 0.01), (0.107, 0.00038), (0.115, 2.2e-05), (0.101, 1.3e-05), (0.0238, 2.8e-05), (0.0109, 1.4e-05),
+    (0.0031, 3.2e-06), (0.00073, 0.0037), (0.000344, 0.0028), (0.000103, 0.005), (5.15e-05, 0.00018),
+    (1.84e-05, 0.0048), (1.16e-05, 0.03), (6.48e-06, 0.017), (5.07e-06, 0.0057), (3.56e-06, 0.00072),
+    (2.71e-06, 0.023), (1.87e-06, 0.025), (1.15e-06, 0.039), (1.06e-06, 0.019), (1.32e-06, 0.02), (7.55e-07, 0.014),
+    (7.5e-07, 0.012), (6.92e-07, 0.027), (5.6e-07, 0.018), (5.46e-07, 0.015), (5.46e-07, 0.014), (5.23e-07, 0.018),
+    (3.63e-07, 0.033), (1.2e-06, 0.019), (3.39e-07, 0.013), (3.06e-07, 0.0071), (2.96e-07, 0.0079), (9.81e-07, 0.011),
+    (8.55e-07, 0.011), (5.01e-07, 0.013), (5.41e-07, 0.038), (4.2e-07, 0.012), (1.36e-06, 0.013)]
+#: the same with DDP (converged in round 17)
+DDP_BRYSON_DENHAM = [
+    (0.371, 1.3e-4), (0.108, 2.6e-6), (0.115, 2.3e-6), (0.101, 1.9e-5), (0.0238, 1.4e-7), (0.0109, 3.6e-7),
+    (0.0031, 3.7e-9), (0.000732, 1.1e-8), (0.00034, 2.7e-8), (0.000103, 6.3e-8), (5.12e-05, 2.3e-8),
+    (1.76e-05, 1.6e-7), (9.17e-06, 1.2e-7), (6.01e-06, 3.3e-7), (2.8e-06, 8.4e-8), (1.65e-06, 1.3e-7),
+    (9.62e-07, 1.7e-4), (5.32e-07, 1.7e-7)]
+
+
+@pytest.mark.parametrize("rounds, first_flat", [
+    (EMSA_BRYSON_DENHAM, 27),  # rounds 18-27: the violation met 1e-6 in round 21, the measure 20-200x its best
+    (DDP_BRYSON_DENHAM, None),
+    ([(1e-4 * 0.7 ** k, 1e-2) for k in range(20)], None),  # the violation falls 30 % a round (met in round 13)
+    ([(1e-7, 1e-2 * 0.84 ** k) for k in range(40)], None),  # feasible, the measure halves every 4 rounds
+    ([(1e-3, 1e-2)] * 40, None),  # far from feasibility: the penalties' growth decides (``infeasible``)
+    ([(1e-5, 1e-3)] * 40, 10),  # no gain at all: the ten rounds after the first
+])
+def test_the_loop_ends_after_ten_rounds_without_gain_near_feasibility(rounds, first_flat):
+    from pmpsolve.constrained.outer import _Progress
+    trend = _Progress(1e-6)
+    flat = [trend.flat(v, m / 4) for v, m in rounds]
+    assert (flat.index(True) if any(flat) else None) == first_flat
+
+
+def test_flat_rounds_end_the_solve_as_stalled_with_the_best_iterate(monkeypatch):
+    """The loop's end on flat rounds (forced after round 1 here): status "stalled", the reason in the message, the
+    least-violation iterate returned."""
+    from pmpsolve.constrained import outer
+    calls = []
+    monkeypatch.setattr(outer._Progress, "flat", lambda self, v, m: calls.append(v) or len(calls) >= 2)
+    problem, _ = min_time_double_integrator(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = pmp.solve(problem, mesh=8, stop=pmp.Stop(max_iter=500))
+    assert sol.status == "stalled" and not sol.converged and len(sol.rounds) == 2
+    assert "no progress in the last 10 rounds" in sol.message and "method='ddp'" in sol.message
+    assert sol.violation == min(calls)
+
+
 def test_ctrl_c_returns_the_best_iterate_so_far():
     problem, _ = min_time_double_integrator(1.0)
     calls = []

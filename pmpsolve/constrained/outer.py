@@ -24,7 +24,8 @@ first-order measure of the Lagrangian (the inner solve's optimality measure, whi
 updated multipliers is the Lagrangian's, and the projected gradient in (p, T)) is at most
 ``tol * max(1, |J|)``. When the penalties grow and the violation stops decreasing the problem
 is declared ``infeasible``: the least-violation iterate is returned with the constraint that
-is violated most named in the message.
+is violated most named in the message. When ten rounds near feasibility gain neither violation nor
+measure (a first-order inner rule on a stiff state-constraint penalty) the loop ends ``stalled``.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 from ..arguments import outside_level, resolve_device
+from ..controls import Box, Reals
 from ..methods import as_method
 from ..options import DEFAULT_TOLERANCES, ODE, Maximiser, Stop
 from ..solution import Solution
@@ -70,6 +72,11 @@ STUCK_ROUNDS = 4
 IDLE_ROUNDS = 3
 #: ... while the violation is above this multiple of ``violation_tol`` (below it, tighter inner solves help)
 STUCK_FACTOR = 100.0
+#: rounds in a row near feasibility (violation at most STUCK_FACTOR * violation_tol) in which neither the violation
+#: (above violation_tol) nor the first-order measure fell to half its best in the earlier such rounds: the loop stops
+#: ("stalled"). E-MSA on Bryson-Denham (mesh 200) met the violation in round 21 and kept its measure at 1e-2 to the
+#: 60th round; at mesh 20 and 40 the violation stayed at 7e-5 and 3e-6 (docs/theory.md, "Which inner method").
+FLAT_ROUNDS = 10
 #: an inner solve that stalled with its optimality measure at most this times max(1, |J|) settled its round for
 #: the penalty growth as a converged one does: E-MSA stalls on a penalised state constraint near the round's
 #: minimiser, and with the penalty frozen at 1e4 Bryson-Denham's violation fell 3-8 % a round (1.2e-4 after 60
@@ -325,6 +332,7 @@ class ConstrainedSolver:
         self.acceleration = _MultiplierAcceleration(tr, ANDERSON_MEMORY)
         previous_groups = None
         stuck = idle = 0
+        trend = _Progress(self.violation_tol)
         # The initial controls measured (no iteration) give the penalties their scale.
         previous: Optional[Solution] = None  # the last inner solution: its nodes start the next solve's sweep
         if tr.terminal_sizes or tr.path_sizes:
@@ -362,6 +370,17 @@ class ConstrainedSolver:
                     status = "stalled"
                     message = (f"the inner solves made no progress in {idle} rounds in a row "
                                f"({sol.message.split(';')[0]})")
+                    break
+                kkt = max(sol.optimality / max(1.0, abs(sol.cost)), it.measure / max(1.0, abs(it.cost)))
+                if trend.flat(it.violation, kkt):
+                    status = "stalled"
+                    newton = method.name != "ddp" and isinstance(self.problem.controls, (Reals, Box))
+                    message = (f"no progress in the last {FLAT_ROUNDS} rounds near feasibility: violation "
+                               f"{it.violation:.3g} (tol {self.violation_tol:.3g}), first-order measure "
+                               f"{kkt:.3g} * max(1, |J|) (tol {stopping.tol:.3g}); the inner solves "
+                               f"({method.name}) stall on the penalised problem (penalties "
+                               f"{_max(point.terminal_penalty):.3g}, {_max(point.path_penalty):.3g})"
+                               + ("; method='ddp' takes Newton steps there" if newton else ""))
                     break
                 if budget <= 0:
                     status, message = "max_iter", f"reached max_iter = {stopping.max_iter} in round {k}"
@@ -541,6 +560,25 @@ def _settled(sol: Solution) -> bool:
     """Whether an inner solve ended at its round's minimiser: converged, or stalled within SETTLED_MEASURE."""
     return sol.status == "converged" or (
         sol.status == "stalled" and sol.optimality <= SETTLED_MEASURE * max(1.0, abs(sol.cost)))
+
+
+class _Progress:
+    """Whether the outer loop still gains near feasibility: a round records its violation (clamped at the
+    tolerance: below it there is nothing to gain) and its first-order measure; ``flat`` says when the last
+    ``FLAT_ROUNDS`` rounds were all within STUCK_FACTOR of the tolerance and none halved either number's best
+    over the earlier rounds near feasibility (the slow but steady decrease of a converging loop halves the
+    violation within a few rounds)."""
+
+    def __init__(self, violation_tol: float):
+        self.tol = violation_tol
+        self.rounds: List[tuple] = []  # (violation clamped at tol, measure, near feasibility)
+
+    def flat(self, violation: float, measure: float) -> bool:
+        self.rounds.append((max(violation, self.tol), measure, violation <= STUCK_FACTOR * self.tol))
+        last, earlier = self.rounds[-FLAT_ROUNDS:], [r for r in self.rounds[:-FLAT_ROUNDS] if r[2]]
+        if len(last) < FLAT_ROUNDS or not earlier or not all(near for _, _, near in last):
+            return False
+        return all(min(r[i] for r in last) > 0.5 * min(r[i] for r in earlier) for i in (0, 1))
 
 
 class _MultiplierAcceleration:
