@@ -254,6 +254,8 @@ class ParallelScanCostate:
         # The mesh's jump and step times mean nothing on the common sigma axis [0, 1]; the hinges' kinks do.
         options = {k: v for k, v in self.ode.options.items() if k not in ("jump_t", "first_step", "step_t")}
         options["norm"] = lambda e: e.reshape(N, -1).pow(2).mean(-1).sqrt().amax()
+        if not linear.hinges:  # the first step as in flows.all_intervals_options (Goddard: 152 DDP its, not 57)
+            options["step_memory"] = self.ode.step_memory("costate scan")
         kinks = hinge_kinks(linear)
         if kinks.numel():
             options["jump_t"] = kinks

@@ -23,12 +23,18 @@ from .pointwise import PointwiseProblem
 __all__ = ["interval_flows", "interval_derivatives", "rk4_maps", "IntervalDerivatives", "all_intervals_options"]
 
 
-def all_intervals_options(ode: ODE, N: int, copies: int = 1) -> dict:
+def all_intervals_options(ode: ODE, N: int, copies: int = 1, kind: Optional[str] = None) -> dict:
     """The solver options of a solve of all N intervals at once on sigma in [0, 1]: the mesh's jump and
     step times mean nothing on that axis; the error is the nominal copy's (per-interval RMS, as the
-    sequential sweep's per step, then the worst interval)."""
+    sequential sweep's per step, then the worst interval). With a ``kind``, the first step is the last
+    such solve's (``StepMemory``): only for right-hand sides without kinks between the nodes (a running
+    cost with hinges, ``PointwiseProblem.has_hinges``, whose kinks no step ends at here; long steps across
+    them passed the error test and left Bryson-Denham's inner solves at the penalty 1e9 stalled)."""
     options = {k: v for k, v in ode.options.items() if k not in ("jump_t", "first_step", "step_t")}
     options["norm"] = lambda e: e.reshape(N, copies, -1)[:, 0].pow(2).mean(-1).sqrt().amax()
+    memory = None if kind is None else ode.step_memory(kind)
+    if memory is not None:
+        options["step_memory"] = memory
     return options
 
 
@@ -56,7 +62,8 @@ def interval_flows(pw: PointwiseProblem, ode: ODE, starts: torch.Tensor, u: torc
     Y0 = starts if not pw.has_running_cost else torch.cat([starts, starts.new_zeros(N, K, 1)], dim=-1)
     unit = torch.stack([mesh.new_zeros(()), mesh.new_ones(())])
     with torch.enable_grad() if graph else torch.no_grad():
-        end = ode.solve(rhs, Y0, unit, options=all_intervals_options(ode, N))[-1]
+        kind = None if pw.has_hinges else "flows"
+        end = ode.solve(rhs, Y0, unit, options=all_intervals_options(ode, N, kind=kind))[-1]
     running = end[..., n] if pw.has_running_cost else end.new_zeros(N, K)
     return end[..., :n], running
 

@@ -197,7 +197,7 @@ def solve_state_shooting(pw: PointwiseProblem, ode: ODE, u: torch.Tensor, budget
         f, L = evaluate(t, Y[..., :n])
         return scale_h * torch.cat([f, L.unsqueeze(-1)], dim=-1)
 
-    options = all_intervals_options(ode, N, copies)
+    options = all_intervals_options(ode, N, copies, kind=None if pw.has_hinges else "shooting")
     inner = mesh.new_zeros(0) if fractions is None else fractions.to(mesh.dtype)
     unit = torch.cat([mesh.new_zeros(1), inner, mesh.new_ones(1)])
     eps = torch.finfo(mesh.dtype).eps ** (1 / 3 if central else 1 / 2)  # truncation and rounding balanced
