@@ -12,6 +12,9 @@ provides:
   output; the steps do not change, so neither do the node values), fixed-step
   methods interpolate their step (cubic Hermite with the step's one-sided end
   slopes). Its error is the solver's, not the mesh's.
+- ``StepMemory``: the first step of the solves of all mesh intervals at once on
+  the unit axis (``ODE.step_memory``), taken from the last such solve instead of
+  torchdiffeq's initial-step heuristic.
 - ``EvaluationBudget``: counts right-hand-side evaluations and raises
   SweepBudgetError past a limit. This is the engine's step limit: torchdiffeq's
   own (``max_num_steps``) is a bare ``assert``, gone under ``python -O``.
@@ -67,7 +70,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed torch
         f"torchdiffeq's solver classes); the installed version is {_version} ({_err}). Install a supported "
         f"one: pip install 'torchdiffeq{SUPPORTED_TORCHDIFFEQ}'") from _err
 
-__all__ = ["ODE", "METHODS", "is_adaptive", "integrate", "EvaluationBudget", "IntegrationFailure",
+__all__ = ["ODE", "METHODS", "is_adaptive", "integrate", "EvaluationBudget", "IntegrationFailure", "StepMemory",
            "DEFAULT_BUDGET", "SUPPORTED_TORCHDIFFEQ"]
 
 METHODS = tuple(SOLVERS)
